@@ -1,0 +1,1 @@
+//! Certificates: root CA, per-cluster CA copy, registry server certificates (SPEC §5).

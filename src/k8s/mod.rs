@@ -1,0 +1,1 @@
+//! Thin Kubernetes access: server-side apply, reads, workload-cluster clients.

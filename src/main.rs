@@ -1,0 +1,31 @@
+use clap::Parser;
+use registry_addon::cli::{Cli, Command};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    registry_addon::telemetry::init(&cli.log_format);
+    // One process-wide rustls provider: ring, also used by the Kubernetes and registry clients.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => registry_addon::webhook::serve(args).await,
+            Command::Sync(args) => registry_addon::sync::run(args).await,
+            Command::Render(args) => registry_addon::render::run_cli(args).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! Every fixed name and default of the product, in one place (SPEC §1–§6).
+
+/// Field manager of every server-side apply.
+pub const FIELD_MANAGER: &str = "registry-addon";
+
+/// Default topology variable holding `addons.registry`.
+pub const DEFAULT_VARIABLE_NAME: &str = "clusterConfig";
+/// Namespace of the extension when neither `--namespace` nor `$POD_NAMESPACE` says otherwise.
+pub const DEFAULT_NAMESPACE: &str = "registry-addon-system";
+
+/// Root CA Secret in the extension's namespace (`ca.crt`, `tls.crt`, `tls.key`).
+pub const ROOT_CA_SECRET: &str = "registry-addon-root-ca";
+/// Suffix of the per-cluster CA copy in the Cluster's namespace: `<cluster>-registry-addon-ca`.
+pub const CLUSTER_CA_SECRET_SUFFIX: &str = "-registry-addon-ca";
+/// Suffix of CAPI's kubeconfig Secret: `<cluster>-kubeconfig`, key `value`.
+pub const KUBECONFIG_SECRET_SUFFIX: &str = "-kubeconfig";
+pub const KUBECONFIG_SECRET_KEY: &str = "value";
+
+/// Namespace of the registry on the workload cluster.
+pub const REGISTRY_NAMESPACE: &str = "registry-system";
+/// TLS Secret of the registry on the workload cluster.
+pub const REGISTRY_TLS_SECRET: &str = "registry-tls";
+/// StatefulSet and ClusterIP Service name.
+pub const REGISTRY_NAME: &str = "registry";
+/// Headless Service giving each replica a stable DNS name.
+pub const REGISTRY_HEADLESS_SERVICE: &str = "registry-headless";
+/// Port the registry container listens on (headless Service too).
+pub const REGISTRY_PORT: u16 = 5000;
+/// Port of the ClusterIP Service on the fixed IP.
+pub const REGISTRY_SERVICE_PORT: u16 = 443;
+
+/// Label CAPI puts on objects of a cluster; HelmChartProxy selects on it.
+pub const CLUSTER_NAME_LABEL: &str = "cluster.x-k8s.io/cluster-name";
+
+/// Default registry image (CNCF Distribution).
+pub const DEFAULT_REGISTRY_IMAGE: &str = "registry:2.8.3";
+
+/// Runtime SDK API group/version of every request and response.
+pub const HOOKS_API_VERSION: &str = "hooks.runtime.cluster.x-k8s.io/v1alpha1";
+/// Path prefix of discovery and handlers.
+pub const HOOKS_PATH_PREFIX: &str = "/hooks.runtime.cluster.x-k8s.io/v1alpha1/";
+
+/// Defaults of the `addons.registry` variable (SPEC §3).
+pub const DEFAULT_REPLICAS: u8 = 2;
+pub const MAX_REPLICAS: u8 = 7;
+pub const DEFAULT_STORAGE_SIZE: &str = "100Gi";
+pub const DEFAULT_SYNC_INTERVAL: &str = "2m";
+/// The registry's Service IP is this many addresses after the service CIDR's network address.
+pub const SERVICE_IP_OFFSET: u128 = 20;
+
+/// Server certificate lifetime (SPEC §5) and how far it is backdated.
+pub const SERVER_CERT_DAYS: i64 = 730;
+pub const CERT_BACKDATE_MINUTES: i64 = 5;
+/// Root CA lifetime.
+pub const ROOT_CA_DAYS: i64 = 3650;
+
+/// Largest request body the webhook reads.
+pub const MAX_REQUEST_BYTES: usize = 10 * 1024 * 1024;
+
+pub fn cluster_ca_secret(cluster: &str) -> String {
+    format!("{cluster}{CLUSTER_CA_SECRET_SUFFIX}")
+}
+
+pub fn kubeconfig_secret(cluster: &str) -> String {
+    format!("{cluster}{KUBECONFIG_SECRET_SUFFIX}")
+}

@@ -1,0 +1,8 @@
+//! The registry objects for one cluster, rendered once for `render`, the direct deployer and
+//! the Helm values.
+
+use crate::cli::RenderArgs;
+
+pub async fn run_cli(_args: RenderArgs) -> anyhow::Result<()> {
+    anyhow::bail!("render is not implemented yet")
+}
