@@ -1,0 +1,210 @@
+//! Prometheus metrics of the syncer and the small HTTP server that exposes them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use super::round::RoundReport;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    pub peer: String,
+}
+
+pub struct SyncMetrics {
+    registry: Registry,
+    rounds: Counter,
+    bytes: Counter,
+    blobs: Counter,
+    blobs_mounted: Counter,
+    manifests: Counter,
+    errors: Family<PeerLabel, Counter>,
+    peer_up: Family<PeerLabel, Gauge>,
+    round_duration: Histogram,
+    last_success: Gauge<f64, AtomicU64>,
+    last_round: Gauge<f64, AtomicU64>,
+}
+
+impl Default for SyncMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SyncMetrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("registry_sync");
+        let m = SyncMetrics {
+            rounds: Counter::default(),
+            bytes: Counter::default(),
+            blobs: Counter::default(),
+            blobs_mounted: Counter::default(),
+            manifests: Counter::default(),
+            errors: Family::default(),
+            peer_up: Family::default(),
+            round_duration: Histogram::new(exponential_buckets(0.05, 2.0, 16)),
+            last_success: Gauge::default(),
+            last_round: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("rounds", "Sync rounds run", m.rounds.clone());
+        registry.register(
+            "copied_bytes",
+            "Blob bytes copied from peers into the local registry",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "copied_blobs",
+            "Blobs uploaded to the local registry",
+            m.blobs.clone(),
+        );
+        registry.register(
+            "mounted_blobs",
+            "Blobs mounted from another repository of the local registry",
+            m.blobs_mounted.clone(),
+        );
+        registry.register(
+            "copied_manifests",
+            "Manifests pushed to the local registry",
+            m.manifests.clone(),
+        );
+        registry.register(
+            "errors",
+            "Failures while syncing from a peer (after retries)",
+            m.errors.clone(),
+        );
+        registry.register(
+            "peer_up",
+            "1 when the last round synced the peer without error",
+            m.peer_up.clone(),
+        );
+        registry.register(
+            "round_duration_seconds",
+            "Duration of sync rounds",
+            m.round_duration.clone(),
+        );
+        registry.register(
+            "last_success_timestamp_seconds",
+            "Unix time at which the last round without any error finished",
+            m.last_success.clone(),
+        );
+        registry.register(
+            "last_round_timestamp_seconds",
+            "Unix time at which the last round finished",
+            m.last_round.clone(),
+        );
+        SyncMetrics { registry, ..m }
+    }
+
+    /// Declares the peers up front so that their series exist before the first error.
+    pub fn register_peers<'a>(&self, peers: impl IntoIterator<Item = &'a str>) {
+        for peer in peers {
+            let label = PeerLabel {
+                peer: peer.to_string(),
+            };
+            let _ = self.errors.get_or_create(&label);
+            let _ = self.peer_up.get_or_create(&label);
+        }
+    }
+
+    pub fn record(&self, report: &RoundReport) {
+        self.rounds.inc();
+        self.bytes.inc_by(report.bytes_copied);
+        self.blobs.inc_by(report.blobs_copied);
+        self.blobs_mounted.inc_by(report.blobs_mounted);
+        self.manifests.inc_by(report.manifests_copied);
+        for peer in &report.peers {
+            let label = PeerLabel {
+                peer: peer.name.clone(),
+            };
+            self.errors
+                .get_or_create(&label)
+                .inc_by(peer.errors.len() as u64);
+            self.peer_up
+                .get_or_create(&label)
+                .set(i64::from(peer.errors.is_empty()));
+        }
+        self.round_duration.observe(report.duration.as_secs_f64());
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
+        self.last_round.set(now);
+        if report.is_success() {
+            self.last_success.set(now);
+        }
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Serves `/metrics` (and `/healthz`) over plain HTTP until the process ends.
+pub async fn serve(addr: SocketAddr, metrics: Arc<SyncMetrics>) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving sync metrics");
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(err) => {
+                    tracing::warn!(error = %err, "metrics listener: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let metrics = metrics.clone();
+                        async move { Ok::<_, std::convert::Infallible>(answer(&req, &metrics)) }
+                    });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            });
+        }
+    });
+    Ok(())
+}
+
+fn answer(req: &Request<hyper::body::Incoming>, metrics: &SyncMetrics) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match req.uri().path() {
+        "/metrics" => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.encode(),
+        ),
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_string(),
+        ),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    resp
+}

@@ -1,0 +1,243 @@
+//! The replica syncer (`registry-addon sync`), SPEC §8: keeps the local registry a superset
+//! of its peers.
+//!
+//! Peers come from `--peer` flags, or, in the StatefulSet sidecar, from the pod's own name
+//! (`POD_NAME`, ordinal after the last `-`), the replica count (`REGISTRY_REPLICAS`), the
+//! headless Service and the namespace (`POD_NAMESPACE`): every other ordinal at
+//! `https://<statefulset>-<i>.<headless>.<namespace>.svc:5000`.
+//!
+//! Credentials: `--credentials-file` (a `user:password` line, or JSON — see
+//! [`config::CredentialSet::parse`]), else `REGISTRY_USERNAME` and `REGISTRY_PASSWORD`.
+
+pub mod config;
+pub mod metrics;
+pub mod round;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use crate::names;
+use crate::oci::{ClientOptions, Credentials, Registry, build_http_client};
+pub use config::{CredentialSet, StatefulSetPeers};
+pub use metrics::SyncMetrics;
+pub use round::{PeerReport, RoundReport, Syncer};
+
+/// Command-line of `registry-addon sync`.
+#[derive(Debug, Clone, Args)]
+pub struct SyncArgs {
+    /// The registry this replica serves.
+    #[arg(long, default_value = "https://127.0.0.1:5000")]
+    pub local: String,
+    /// A peer registry to copy from (repeatable).
+    #[arg(long = "peer")]
+    pub peers: Vec<String>,
+    /// Derive the peers from the StatefulSet this pod belongs to (see --pod-name,
+    /// --replicas, --headless-service, --namespace), skipping this pod.
+    #[arg(long)]
+    pub statefulset_peers: bool,
+    /// This pod's name, `<statefulset>-<ordinal>`.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// Number of StatefulSet replicas.
+    #[arg(long, env = "REGISTRY_REPLICAS")]
+    pub replicas: Option<u32>,
+    /// Headless Service giving each replica a DNS name.
+    #[arg(long, default_value = names::REGISTRY_HEADLESS_SERVICE)]
+    pub headless_service: String,
+    /// Namespace of the StatefulSet.
+    #[arg(long, env = "POD_NAMESPACE", default_value = names::REGISTRY_NAMESPACE)]
+    pub namespace: String,
+    /// Port of the peers derived from the StatefulSet.
+    #[arg(long, default_value_t = names::REGISTRY_PORT)]
+    pub peer_port: u16,
+    /// Scheme of the peers derived from the StatefulSet.
+    #[arg(long, default_value = "https", value_parser = ["https", "http"])]
+    pub peer_scheme: String,
+    /// CA bundle (PEM) trusted for the local registry and the peers; the system roots
+    /// otherwise.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// Registry credentials: a `user:password` line, `{"username":…,"password":…}`, or a
+    /// Docker config (`{"auths":{"host:port":{"auth":"base64(user:password)"}}}`).
+    /// Without it, `REGISTRY_USERNAME` and `REGISTRY_PASSWORD` are used when set.
+    #[arg(long, env = "REGISTRY_CREDENTIALS_FILE")]
+    pub credentials_file: Option<PathBuf>,
+    /// Run one round and exit: status 1 when any peer failed.
+    #[arg(long)]
+    pub once: bool,
+    /// Time between the end of a round and the start of the next (Go duration).
+    #[arg(long, default_value = names::DEFAULT_SYNC_INTERVAL, value_parser = parse_duration, conflicts_with = "once")]
+    pub interval: Duration,
+    /// Concurrent metadata requests, and separately concurrent blob transfers, per registry.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub concurrency: u16,
+    /// Serve Prometheus metrics on this address at /metrics.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Tries per request (and per blob transfer) on transient failures.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub attempts: u32,
+    /// First retry delay, doubled on each further retry (Go duration).
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    pub retry_backoff: Duration,
+    /// Upload blobs in PATCH chunks instead of one PUT (for registries that need it; chosen
+    /// automatically when a registry refuses a monolithic upload).
+    #[arg(long)]
+    pub chunked_uploads: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    crate::duration::parse_go_duration(s)
+}
+
+impl SyncArgs {
+    /// The peers to sync from: explicit ones, plus the StatefulSet's when asked for.
+    pub fn peer_urls(&self) -> anyhow::Result<Vec<String>> {
+        let mut peers = self.peers.clone();
+        if self.statefulset_peers {
+            let sts = StatefulSetPeers {
+                pod_name: self
+                    .pod_name
+                    .clone()
+                    .context("--statefulset-peers needs --pod-name or POD_NAME")?,
+                replicas: self
+                    .replicas
+                    .context("--statefulset-peers needs --replicas or REGISTRY_REPLICAS")?,
+                headless_service: self.headless_service.clone(),
+                namespace: self.namespace.clone(),
+                scheme: self.peer_scheme.clone(),
+                port: self.peer_port,
+            };
+            peers.extend(sts.peer_urls().map_err(anyhow::Error::msg)?);
+        }
+        let local = self.local.trim_end_matches('/');
+        peers.retain(|p| p.trim_end_matches('/') != local);
+        peers.dedup();
+        Ok(peers)
+    }
+
+    fn credentials(&self) -> anyhow::Result<CredentialSet> {
+        if let Some(path) = &self.credentials_file {
+            return CredentialSet::from_file(path).map_err(anyhow::Error::msg);
+        }
+        let user = std::env::var("REGISTRY_USERNAME")
+            .ok()
+            .filter(|u| !u.is_empty());
+        let password = std::env::var("REGISTRY_PASSWORD").ok();
+        Ok(match (user, password) {
+            (Some(username), Some(password)) => CredentialSet {
+                all: Some(Credentials { username, password }),
+                ..CredentialSet::default()
+            },
+            (Some(_), None) => bail!("REGISTRY_USERNAME is set but REGISTRY_PASSWORD is not"),
+            _ => CredentialSet::default(),
+        })
+    }
+
+    /// Builds the syncer: one client per registry, sharing the HTTP connection pool.
+    pub fn build(&self) -> anyhow::Result<Syncer> {
+        let peers = self.peer_urls()?;
+        let ca = match &self.ca_file {
+            Some(path) => {
+                Some(std::fs::read(path).with_context(|| format!("CA file {}", path.display()))?)
+            }
+            None => None,
+        };
+        let http = build_http_client(ca.as_deref()).map_err(anyhow::Error::msg)?;
+        let credentials = self.credentials()?;
+        let base = ClientOptions {
+            concurrency: usize::from(self.concurrency),
+            credentials: None,
+            attempts: self.attempts,
+            backoff: self.retry_backoff,
+            chunked_uploads: self.chunked_uploads,
+            ..ClientOptions::default()
+        };
+        let registry = |url: &str| -> anyhow::Result<Arc<Registry>> {
+            let probe = Registry::new(url, http.clone(), &base).map_err(anyhow::Error::msg)?;
+            let options = ClientOptions {
+                credentials: credentials.for_host(&probe.host()),
+                ..base.clone()
+            };
+            Ok(Arc::new(
+                Registry::new(url, http.clone(), &options).map_err(anyhow::Error::msg)?,
+            ))
+        };
+        let local = registry(&self.local)?;
+        let peers = peers
+            .iter()
+            .map(|p| registry(p))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Syncer::new(
+            local,
+            peers,
+            usize::from(self.concurrency),
+            self.attempts,
+            self.retry_backoff,
+        ))
+    }
+}
+
+/// Logs one structured line summing up a round, and a line per failure.
+pub fn log_round(report: &RoundReport) {
+    for peer in &report.peers {
+        for error in &peer.errors {
+            tracing::warn!(peer = %peer.name, error = %error, "sync error");
+        }
+    }
+    tracing::info!(
+        peers = report.peers.len(),
+        failed_peers = ?report.failed_peers(),
+        repositories = report.repositories,
+        tags = report.tags,
+        tags_copied = report.tags_copied,
+        manifests_copied = report.manifests_copied,
+        blobs_copied = report.blobs_copied,
+        blobs_mounted = report.blobs_mounted,
+        bytes_copied = report.bytes_copied,
+        errors = report.error_count(),
+        duration_ms = report.duration.as_millis() as u64,
+        "sync round finished"
+    );
+}
+
+pub async fn run(args: SyncArgs) -> anyhow::Result<()> {
+    let syncer = args.build()?;
+    if syncer.peers().is_empty() {
+        tracing::warn!("no peers to sync from");
+    }
+    let metrics = Arc::new(SyncMetrics::new());
+    metrics.register_peers(syncer.peers().iter().map(|p| p.name()));
+    if let Some(addr) = args.metrics_listen {
+        metrics::serve(addr, metrics.clone())
+            .await
+            .with_context(|| format!("metrics listener on {addr}"))?;
+    }
+    tracing::info!(
+        local = syncer.local().name(),
+        peers = ?syncer.peers().iter().map(|p| p.name()).collect::<Vec<_>>(),
+        "syncing"
+    );
+    loop {
+        let report = syncer.round().await;
+        metrics.record(&report);
+        log_round(&report);
+        if args.once {
+            if report.is_success() {
+                return Ok(());
+            }
+            bail!(
+                "sync round failed for {} of {} peers: {}",
+                report.failed_peers().len(),
+                report.peers.len(),
+                report.failed_peers().join(", ")
+            );
+        }
+        tokio::time::sleep(args.interval).await;
+    }
+}

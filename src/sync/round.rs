@@ -1,0 +1,585 @@
+//! One sync round: make the local registry hold every repository, tag and manifest of every
+//! peer, copying only what is missing.
+//!
+//! Order is what keeps an interrupted round harmless: a manifest is pushed only after its
+//! blobs (image) or child manifests (index) exist locally, so a reader of the local registry
+//! never finds a manifest it cannot pull. Work left undone is found again by the next round,
+//! because the tag still differs.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use oci_spec::image::Digest;
+use tokio::sync::OnceCell;
+
+use crate::oci::verify::VerifiedStream;
+use crate::oci::{
+    Manifest, OciError, Reference, Registry, UploadStart, dependencies, valid_repository, valid_tag,
+};
+
+/// What one round did, per peer and in total.
+#[derive(Debug, Clone, Default)]
+pub struct RoundReport {
+    pub peers: Vec<PeerReport>,
+    /// Distinct repositories seen on the peers.
+    pub repositories: usize,
+    /// Tags examined, summed over peers.
+    pub tags: usize,
+    /// Tags pointed at a new manifest locally.
+    pub tags_copied: u64,
+    /// Manifests pushed locally (tagged ones and the children of indexes).
+    pub manifests_copied: u64,
+    /// Blobs uploaded to the local registry.
+    pub blobs_copied: u64,
+    /// Blobs made present by a cross-repository mount, without transferring them.
+    pub blobs_mounted: u64,
+    pub bytes_copied: u64,
+    /// Blob downloads from peers (including failed attempts).
+    pub blob_gets: u64,
+    /// `tags/list` pages fetched from peers.
+    pub tag_lists: u64,
+    /// Manifest HEADs sent to peers.
+    pub peer_manifest_heads: u64,
+    /// Manifest HEADs sent to the local registry.
+    pub local_manifest_heads: u64,
+    pub duration: Duration,
+}
+
+/// The part of a round that concerns one peer.
+#[derive(Debug, Clone, Default)]
+pub struct PeerReport {
+    pub name: String,
+    pub repositories: usize,
+    pub tags: usize,
+    /// One message per failure (after retries); each names registry, repository, reference.
+    pub errors: Vec<String>,
+}
+
+impl RoundReport {
+    /// No peer failed.
+    pub fn is_success(&self) -> bool {
+        self.peers.iter().all(|p| p.errors.is_empty())
+    }
+
+    pub fn error_count(&self) -> usize {
+        self.peers.iter().map(|p| p.errors.len()).sum()
+    }
+
+    pub fn failed_peers(&self) -> Vec<&str> {
+        self.peers
+            .iter()
+            .filter(|p| !p.errors.is_empty())
+            .map(|p| p.name.as_str())
+            .collect()
+    }
+}
+
+/// Keeps a local registry a superset of its peers, round after round.
+pub struct Syncer {
+    local: Arc<Registry>,
+    peers: Vec<Arc<Registry>>,
+    concurrency: usize,
+    attempts: u32,
+    backoff: Duration,
+    /// Per (peer, repository, tag): the digest both sides last agreed on. A local tag that
+    /// moved away from it while the peer's did not was pushed here more recently, and is
+    /// kept rather than reverted.
+    agreed: Mutex<HashMap<(usize, String, String), Digest>>,
+}
+
+impl Syncer {
+    pub fn new(
+        local: Arc<Registry>,
+        peers: Vec<Arc<Registry>>,
+        concurrency: usize,
+        attempts: u32,
+        backoff: Duration,
+    ) -> Self {
+        Syncer {
+            local,
+            peers,
+            concurrency: concurrency.max(1),
+            attempts: attempts.max(1),
+            backoff,
+            agreed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn local(&self) -> &Registry {
+        &self.local
+    }
+
+    pub fn peers(&self) -> &[Arc<Registry>] {
+        &self.peers
+    }
+
+    /// Runs one round over every peer concurrently; a failing peer does not stop the others.
+    pub async fn round(&self) -> RoundReport {
+        let started = Instant::now();
+        let before = self.request_totals();
+        let round = Round {
+            syncer: self,
+            state: RoundState::default(),
+        };
+        let peer_reports = futures::future::join_all(
+            self.peers
+                .iter()
+                .enumerate()
+                .map(|(i, peer)| round.sync_peer(i, peer)),
+        )
+        .await;
+        let after = self.request_totals();
+        let s = &round.state;
+        RoundReport {
+            repositories: lock(&s.repositories).len(),
+            tags: peer_reports.iter().map(|p| p.tags).sum(),
+            peers: peer_reports,
+            tags_copied: s.tags_copied.load(Ordering::Relaxed),
+            manifests_copied: s.manifests_copied.load(Ordering::Relaxed),
+            blobs_copied: s.blobs_copied.load(Ordering::Relaxed),
+            blobs_mounted: s.blobs_mounted.load(Ordering::Relaxed),
+            bytes_copied: s.bytes_copied.load(Ordering::Relaxed),
+            blob_gets: after.0 - before.0,
+            tag_lists: after.1 - before.1,
+            peer_manifest_heads: after.2 - before.2,
+            local_manifest_heads: after.3 - before.3,
+            duration: started.elapsed(),
+        }
+    }
+
+    fn request_totals(&self) -> (u64, u64, u64, u64) {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut t = (0, 0, 0, load(&self.local.stats.manifest_heads));
+        for p in &self.peers {
+            t.0 += load(&p.stats.blob_gets);
+            t.1 += load(&p.stats.tag_lists);
+            t.2 += load(&p.stats.manifest_heads);
+        }
+        t
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing here can be left half-updated by a panic; keep going with the data.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A once-per-round piece of work shared by every task that needs it: the first runs it,
+/// the others wait for its result; a failure leaves it to be tried again.
+type Shared<K, V> = Mutex<HashMap<K, Arc<OnceCell<V>>>>;
+
+fn shared<K: Hash + Eq + Clone, V>(map: &Shared<K, V>, key: &K) -> Arc<OnceCell<V>> {
+    lock(map).entry(key.clone()).or_default().clone()
+}
+
+/// What the local registry is known to hold during one round.
+#[derive(Default)]
+struct RoundState {
+    repositories: Mutex<HashSet<String>>,
+    /// Local digest of each (repository, tag), HEADed once for all peers.
+    local_tags: Shared<(String, String), Option<Digest>>,
+    /// Tag updates in progress, so two peers with the same content do not copy it twice.
+    tag_copies: Shared<(String, String, Digest), ()>,
+    /// Manifests by digest known present locally, per repository.
+    manifests: Shared<(String, Digest), ()>,
+    /// Blobs known present locally, per repository.
+    blobs_present: Mutex<HashSet<(String, Digest)>>,
+    /// A local repository holding each blob: the source of cross-repository mounts.
+    blob_home: Mutex<HashMap<Digest, String>>,
+    /// Blob transfers in progress, by digest, resolving to the repository received into.
+    blob_copies: Shared<Digest, String>,
+    tags_copied: AtomicU64,
+    manifests_copied: AtomicU64,
+    blobs_copied: AtomicU64,
+    blobs_mounted: AtomicU64,
+    bytes_copied: AtomicU64,
+}
+
+struct Round<'a> {
+    syncer: &'a Syncer,
+    state: RoundState,
+}
+
+impl Round<'_> {
+    fn local(&self) -> &Registry {
+        &self.syncer.local
+    }
+
+    async fn sync_peer(&self, index: usize, peer: &Registry) -> PeerReport {
+        let mut report = PeerReport {
+            name: peer.name().to_string(),
+            ..PeerReport::default()
+        };
+        let repos = match peer.catalog().await {
+            Ok(repos) => repos,
+            Err(err) => {
+                tracing::warn!(peer = peer.name(), error = %err, "cannot list the peer's repositories");
+                report.errors.push(err.to_string());
+                return report;
+            }
+        };
+        let concurrency = self.syncer.concurrency;
+        let mut results = futures::stream::iter(repos)
+            .map(|repo| self.sync_repository(index, peer, repo))
+            .buffer_unordered(concurrency);
+        while let Some((tags, errors)) = results.next().await {
+            report.repositories += 1;
+            report.tags += tags;
+            report.errors.extend(errors);
+        }
+        report
+    }
+
+    async fn sync_repository(
+        &self,
+        index: usize,
+        peer: &Registry,
+        repo: String,
+    ) -> (usize, Vec<String>) {
+        if !valid_repository(&repo) {
+            let msg = format!("registry {}: invalid repository name {repo:?}", peer.name());
+            tracing::warn!(peer = peer.name(), "{msg}");
+            return (0, vec![msg]);
+        }
+        lock(&self.state.repositories).insert(repo.clone());
+        let tags = match peer.tags(&repo).await {
+            Ok(tags) => tags,
+            Err(err) => {
+                tracing::warn!(peer = peer.name(), repo, error = %err, "cannot list tags");
+                return (0, vec![err.to_string()]);
+            }
+        };
+        let count = tags.len();
+        let errors: Vec<String> = futures::stream::iter(tags)
+            .map(|tag| {
+                let repo = &repo;
+                async move {
+                    if !valid_tag(&tag) {
+                        return Err(format!(
+                            "registry {}: {repo}: invalid tag {tag:?}",
+                            peer.name()
+                        ));
+                    }
+                    self.sync_tag(index, peer, repo, &tag).await.map_err(|err| {
+                        tracing::warn!(peer = peer.name(), repo, tag, error = %err, "tag not synced");
+                        format!("{repo}:{tag}: {err}")
+                    })
+                }
+            })
+            .buffer_unordered(self.syncer.concurrency)
+            .filter_map(|r| async move { r.err() })
+            .collect()
+            .await;
+        (count, errors)
+    }
+
+    async fn local_tag(&self, repo: &str, tag: &str) -> Result<Option<Digest>, OciError> {
+        let cell = shared(&self.state.local_tags, &(repo.to_string(), tag.to_string()));
+        let digest = cell
+            .get_or_try_init(|| async {
+                match self.local().head_manifest(repo, tag).await? {
+                    None => Ok(None),
+                    Some(head) => match head.digest {
+                        Some(d) => Ok(Some(d)),
+                        // A registry that does not say: ask for the bytes.
+                        None => Ok(Some(self.local().get_manifest(repo, tag).await?.digest)),
+                    },
+                }
+            })
+            .await?;
+        Ok(digest.clone())
+    }
+
+    async fn sync_tag(
+        &self,
+        index: usize,
+        peer: &Registry,
+        repo: &str,
+        tag: &str,
+    ) -> Result<(), OciError> {
+        let Some(head) = peer.head_manifest(repo, tag).await? else {
+            // Deleted on the peer since the listing.
+            return Ok(());
+        };
+        let peer_digest = match head.digest {
+            Some(d) => d,
+            None => peer.get_manifest(repo, tag).await?.digest,
+        };
+        let local_digest = self.local_tag(repo, tag).await?;
+        let key = (index, repo.to_string(), tag.to_string());
+        if local_digest.as_ref() == Some(&peer_digest) {
+            lock(&self.syncer.agreed).insert(key, peer_digest);
+            return Ok(());
+        }
+        if local_digest.is_some() && lock(&self.syncer.agreed).get(&key) == Some(&peer_digest) {
+            tracing::debug!(
+                peer = peer.name(),
+                repo,
+                tag,
+                "local tag is newer than the peer's; keeping it"
+            );
+            return Ok(());
+        }
+        let cell = shared(
+            &self.state.tag_copies,
+            &(repo.to_string(), tag.to_string(), peer_digest.clone()),
+        );
+        cell.get_or_try_init(|| async {
+            // By digest: the tag may move on the peer meanwhile; this content is fixed.
+            let manifest = peer.get_manifest(repo, peer_digest.as_ref()).await?;
+            self.ensure_dependencies(peer, repo, &manifest).await?;
+            self.local().put_manifest(repo, tag, &manifest).await?;
+            self.state.tags_copied.fetch_add(1, Ordering::Relaxed);
+            self.state.manifests_copied.fetch_add(1, Ordering::Relaxed);
+            // The manifest is now present by digest too.
+            let _ = shared(
+                &self.state.manifests,
+                &(repo.to_string(), peer_digest.clone()),
+            )
+            .set(());
+            tracing::debug!(peer = peer.name(), repo, tag, digest = %peer_digest, "tag copied");
+            Ok::<(), OciError>(())
+        })
+        .await?;
+        lock(&self.syncer.agreed).insert(key, peer_digest);
+        Ok(())
+    }
+
+    /// Makes every child manifest and blob of `manifest` present locally. Goes on with the
+    /// others when one fails, so that the next round has less to do, then reports the first
+    /// failure.
+    async fn ensure_dependencies(
+        &self,
+        peer: &Registry,
+        repo: &str,
+        manifest: &Manifest,
+    ) -> Result<(), OciError> {
+        let deps = dependencies(&manifest.media_type, &manifest.bytes).map_err(|reason| {
+            OciError::Invalid {
+                registry: peer.name().to_string(),
+                what: format!("manifest {repo}@{}", manifest.digest),
+                reason,
+            }
+        })?;
+        let children = futures::future::join_all(
+            deps.manifests
+                .iter()
+                .map(|c| self.ensure_manifest(peer, repo, c)),
+        );
+        let blobs =
+            futures::future::join_all(deps.blobs.iter().map(|b| self.ensure_blob(peer, repo, b)));
+        let (children, blobs) = futures::join!(children, blobs);
+        children
+            .into_iter()
+            .chain(blobs)
+            .collect::<Result<Vec<()>, _>>()?;
+        Ok(())
+    }
+
+    /// A child manifest present locally by digest, copied depth-first if missing.
+    fn ensure_manifest<'s>(
+        &'s self,
+        peer: &'s Registry,
+        repo: &'s str,
+        child: &'s Reference,
+    ) -> BoxFuture<'s, Result<(), OciError>> {
+        async move {
+            let cell = shared(
+                &self.state.manifests,
+                &(repo.to_string(), child.digest.clone()),
+            );
+            cell.get_or_try_init(|| async {
+                let digest = child.digest.as_ref();
+                if self.local().head_manifest(repo, digest).await?.is_some() {
+                    return Ok(());
+                }
+                let manifest = peer.get_manifest(repo, digest).await?;
+                self.ensure_dependencies(peer, repo, &manifest).await?;
+                self.local().put_manifest(repo, digest, &manifest).await?;
+                self.state.manifests_copied.fetch_add(1, Ordering::Relaxed);
+                Ok::<(), OciError>(())
+            })
+            .await?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    /// A blob present in the local repository: already there, mounted from another local
+    /// repository, or streamed from the peer.
+    async fn ensure_blob(
+        &self,
+        peer: &Registry,
+        repo: &str,
+        blob: &Reference,
+    ) -> Result<(), OciError> {
+        let key = (repo.to_string(), blob.digest.clone());
+        if lock(&self.state.blobs_present).contains(&key) {
+            return Ok(());
+        }
+        if self.local().blob_exists(repo, &blob.digest).await? {
+            self.blob_is_in(repo, &blob.digest);
+            return Ok(());
+        }
+        let cell = shared(&self.state.blob_copies, &blob.digest);
+        let home = cell
+            .get_or_try_init(|| self.copy_blob(peer, repo, blob))
+            .await?
+            .clone();
+        if home != repo {
+            // Another task brought the blob into another repository meanwhile.
+            self.mount_or_copy(peer, repo, blob, &home).await?;
+        }
+        self.blob_is_in(repo, &blob.digest);
+        Ok(())
+    }
+
+    fn blob_is_in(&self, repo: &str, digest: &Digest) {
+        lock(&self.state.blobs_present).insert((repo.to_string(), digest.clone()));
+        lock(&self.state.blob_home)
+            .entry(digest.clone())
+            .or_insert_with(|| repo.to_string());
+    }
+
+    /// Brings a blob missing locally into `repo`; resolves to `repo`.
+    async fn copy_blob(
+        &self,
+        peer: &Registry,
+        repo: &str,
+        blob: &Reference,
+    ) -> Result<String, OciError> {
+        let home = lock(&self.state.blob_home).get(&blob.digest).cloned();
+        match home {
+            Some(home) if home != repo => self.mount_or_copy(peer, repo, blob, &home).await?,
+            _ => self.upload_blob(peer, repo, blob, None).await?,
+        }
+        Ok(repo.to_string())
+    }
+
+    async fn mount_or_copy(
+        &self,
+        peer: &Registry,
+        repo: &str,
+        blob: &Reference,
+        from: &str,
+    ) -> Result<(), OciError> {
+        match self
+            .local()
+            .start_upload(repo, Some((&blob.digest, from)))
+            .await?
+        {
+            UploadStart::Mounted => {
+                self.state.blobs_mounted.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            // The registry declined the mount and opened an ordinary upload instead.
+            UploadStart::Session(session) => {
+                self.upload_blob(peer, repo, blob, Some(session)).await
+            }
+        }
+    }
+
+    /// Streams a blob from the peer into the local repository, retrying the whole transfer
+    /// (new download, new upload session) on transient failures.
+    async fn upload_blob(
+        &self,
+        peer: &Registry,
+        repo: &str,
+        blob: &Reference,
+        mut session: Option<reqwest::Url>,
+    ) -> Result<(), OciError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let url = match session.take() {
+                Some(url) => url,
+                None => match self.local().start_upload(repo, None).await? {
+                    UploadStart::Session(url) => url,
+                    UploadStart::Mounted => return Ok(()),
+                },
+            };
+            match self.transfer(peer, repo, blob, url.clone()).await {
+                Ok(bytes) => {
+                    self.state.blobs_copied.fetch_add(1, Ordering::Relaxed);
+                    self.state.bytes_copied.fetch_add(bytes, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(err) => {
+                    self.local().cancel_upload(repo, url).await;
+                    let switch_to_chunks = matches!(err, OciError::MonolithicRefused { .. });
+                    if attempt >= self.syncer.attempts || !(err.is_transient() || switch_to_chunks)
+                    {
+                        return Err(err);
+                    }
+                    tracing::debug!(peer = peer.name(), repo, digest = %blob.digest, attempt, error = %err, "blob transfer failed, retrying");
+                    if !switch_to_chunks {
+                        let delay = self
+                            .syncer
+                            .backoff
+                            .saturating_mul(1 << (attempt - 1).min(10));
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One streamed transfer: peer GET → digest check → local PUT (or PATCH chunks).
+    /// Returns the bytes moved.
+    async fn transfer(
+        &self,
+        peer: &Registry,
+        repo: &str,
+        blob: &Reference,
+        session: reqwest::Url,
+    ) -> Result<u64, OciError> {
+        // Always peer first, then local: every transfer goes the same way, so permits are
+        // taken in one order and cannot deadlock.
+        let _peer_permit = peer.blob_permit().await;
+        let _local_permit = self.local().blob_permit().await;
+        let download = peer.get_blob(repo, &blob.digest).await?;
+        let what = format!("blob {repo}@{}", blob.digest);
+        if let (Some(expected), Some(served)) = (blob.size, download.size) {
+            if expected != served {
+                return Err(OciError::Invalid {
+                    registry: peer.name().to_string(),
+                    what,
+                    reason: format!("serves {served} bytes, the manifest says {expected}"),
+                });
+            }
+        }
+        let size = blob.size.or(download.size);
+        let (verified, report) = VerifiedStream::new(download.stream, blob.digest.clone(), size);
+        let local = self.local();
+        let result = if local.chunked_uploads() {
+            local
+                .upload_chunked(repo, session, &blob.digest, size, verified)
+                .await
+        } else {
+            local
+                .upload_monolithic(
+                    repo,
+                    session,
+                    &blob.digest,
+                    size,
+                    reqwest::Body::wrap_stream(verified),
+                )
+                .await
+        };
+        if let Some((expected, actual)) = report.mismatch() {
+            return Err(OciError::DigestMismatch {
+                registry: peer.name().to_string(),
+                what,
+                expected,
+                actual,
+            });
+        }
+        result?;
+        Ok(report.bytes())
+    }
+}
