@@ -1,8 +1,8 @@
 //! The Runtime SDK server: HTTPS with reloadable certificates, discovery derived from the
 //! handler table, and routing of hook requests to `hooks::dispatch`.
 
-use crate::cli::ServeArgs;
+pub mod handlers;
+pub mod server;
+pub mod tls;
 
-pub async fn serve(_args: ServeArgs) -> anyhow::Result<()> {
-    anyhow::bail!("serve is not implemented yet")
-}
+pub use server::{Running, serve, start};
