@@ -64,3 +64,17 @@ pub fn cluster_ca_secret(cluster: &str) -> String {
 pub fn kubeconfig_secret(cluster: &str) -> String {
     format!("{cluster}{KUBECONFIG_SECRET_SUFFIX}")
 }
+
+/// Pod-template annotation carrying the server certificate's hash, so a renewal rolls the pods.
+pub const CERTIFICATE_HASH_ANNOTATION: &str = "registry-addon/certificate-hash";
+/// Port of the sync sidecar's Prometheus metrics.
+pub const SYNC_METRICS_PORT: u16 = 9441;
+/// Taint and label of control-plane nodes.
+pub const CONTROL_PLANE_NODE_ROLE: &str = "node-role.kubernetes.io/control-plane";
+
+/// containerd's hosts directory on every node.
+pub const CONTAINERD_CERTS_DIR: &str = "/etc/containerd/certs.d";
+/// containerd configuration fragment setting `config_path`, imported by the main config.
+pub const CONTAINERD_MIRROR_CONFIG: &str = "/etc/containerd/conf.d/registry-addon.toml";
+/// Script run before kubeadm that makes containerd load the fragment.
+pub const CONTAINERD_MIRROR_SCRIPT: &str = "/etc/containerd/registry-addon-configure.sh";

@@ -1,42 +1,460 @@
 //! The registry workload (SPEC §6) as Kubernetes objects, and the same inputs as the values
 //! of the registry Helm chart under `helm/registry`. The chart renders the same objects from
-//! these values; a test holds the two together.
+//! these values; a test (`tests/chart_values.rs` with `tests/charts/`) holds the two together.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use serde::Serialize;
-use serde_json::Value;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 
 use crate::cli::AddonOptions;
+use crate::names;
 use crate::wire::variable::RegistryConfig;
 
 /// The registry chart's values, exactly as `helm/registry/values.yaml` names them.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RegistryValues {
+    /// CNCF Distribution image.
+    pub image: String,
+    /// Image of the `registry-addon sync` sidecar.
+    pub sync_image: String,
+    pub image_pull_policy: String,
     pub replicas: u8,
+    /// The fixed ClusterIP nodes pull from.
+    #[serde(rename = "serviceIP")]
     pub service_ip: String,
     /// SHA-256 of the server certificate: a pod-template annotation, so a renewal rolls the pods.
     pub certificate_hash: String,
+    /// Go duration between two sync rounds.
+    pub sync_interval: String,
+    pub storage: StorageValues,
+    pub control_plane: ControlPlaneValues,
+    pub resources: ResourceValues,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageValues {
+    pub size: String,
+    /// Empty: the cluster's default StorageClass.
+    pub storage_class_name: String,
+}
+
+/// Where the replicas may run: at AfterControlPlaneInitialized only control-plane nodes
+/// exist, so they are tolerated by default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ControlPlaneValues {
+    /// Tolerate the control-plane `NoSchedule` taint.
+    pub tolerate: bool,
+    /// Prefer control-plane nodes (soft node affinity).
+    pub prefer: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResourceValues {
+    pub registry: ContainerResources,
+    pub sync: ContainerResources,
+}
+
+/// Requests and limits of one container. An empty map is written as `null`: Helm merges an
+/// empty map with the chart's defaults, while `null` removes them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ContainerResources {
+    #[serde(
+        default,
+        serialize_with = "empty_as_null",
+        deserialize_with = "null_as_empty"
+    )]
+    pub requests: BTreeMap<String, String>,
+    #[serde(
+        default,
+        serialize_with = "empty_as_null",
+        deserialize_with = "null_as_empty"
+    )]
+    pub limits: BTreeMap<String, String>,
+}
+
+fn empty_as_null<S: serde::Serializer>(
+    map: &BTreeMap<String, String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    if map.is_empty() {
+        s.serialize_none()
+    } else {
+        map.serialize(s)
+    }
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    Ok(Option::<BTreeMap<String, String>>::deserialize(d)?.unwrap_or_default())
+}
+
+impl ContainerResources {
+    fn new(requests: &[(&str, &str)]) -> Self {
+        ContainerResources {
+            requests: requests
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            limits: BTreeMap::new(),
+        }
+    }
+
+    /// A container's `resources` without empty maps, or none at all (as the chart's `with`
+    /// blocks do).
+    fn to_value(&self) -> Option<Value> {
+        let mut resources = serde_json::Map::new();
+        if !self.requests.is_empty() {
+            resources.insert("requests".into(), json!(self.requests));
+        }
+        if !self.limits.is_empty() {
+            resources.insert("limits".into(), json!(self.limits));
+        }
+        (!resources.is_empty()).then_some(Value::Object(resources))
+    }
 }
 
 impl RegistryValues {
     pub fn new(
-        _options: &AddonOptions,
+        options: &AddonOptions,
         registry: &RegistryConfig,
         service_ip: IpAddr,
         certificate_hash: String,
     ) -> Self {
         RegistryValues {
+            image: options.registry_image.clone(),
+            sync_image: options.sync_image.clone(),
+            image_pull_policy: "IfNotPresent".into(),
             replicas: registry.replicas,
             service_ip: service_ip.to_string(),
             certificate_hash,
+            sync_interval: registry.sync_interval.clone(),
+            storage: StorageValues {
+                size: registry.storage.size.clone(),
+                storage_class_name: registry
+                    .storage
+                    .storage_class_name
+                    .clone()
+                    .unwrap_or_default(),
+            },
+            control_plane: ControlPlaneValues {
+                tolerate: true,
+                prefer: false,
+            },
+            resources: ResourceValues {
+                registry: ContainerResources::new(&[("cpu", "100m"), ("memory", "128Mi")]),
+                sync: ContainerResources::new(&[("cpu", "20m"), ("memory", "64Mi")]),
+            },
         }
     }
 }
 
+/// Labels of every object; the first two also select the pods.
+fn labels() -> Value {
+    json!({
+        "app.kubernetes.io/name": names::REGISTRY_NAME,
+        "app.kubernetes.io/part-of": "registry-addon",
+        "app.kubernetes.io/component": "registry",
+    })
+}
+
+fn selector_labels() -> Value {
+    json!({
+        "app.kubernetes.io/name": names::REGISTRY_NAME,
+        "app.kubernetes.io/part-of": "registry-addon",
+    })
+}
+
+fn metadata(name: &str) -> Value {
+    json!({
+        "name": name,
+        "namespace": names::REGISTRY_NAMESPACE,
+        "labels": labels(),
+    })
+}
+
 /// Every object of the registry workload in namespace `registry-system`, in apply order
 /// (not the Namespace and not the `registry-tls` Secret, which the hooks manage).
-pub fn registry_objects(_values: &RegistryValues) -> Vec<Value> {
-    Vec::new()
+pub fn registry_objects(values: &RegistryValues) -> Vec<Value> {
+    vec![
+        headless_service(),
+        service(values),
+        pod_disruption_budget(),
+        stateful_set(values),
+    ]
+}
+
+fn headless_service() -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(names::REGISTRY_HEADLESS_SERVICE),
+        "spec": {
+            "clusterIP": "None",
+            // Peers must find each other while they start, before they are Ready.
+            "publishNotReadyAddresses": true,
+            "selector": selector_labels(),
+            "ports": [{
+                "name": "registry",
+                "port": names::REGISTRY_PORT,
+                "targetPort": "registry",
+                "protocol": "TCP",
+            }],
+        },
+    })
+}
+
+fn service(values: &RegistryValues) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(names::REGISTRY_NAME),
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": values.service_ip,
+            "selector": selector_labels(),
+            "ports": [{
+                "name": "https",
+                "port": names::REGISTRY_SERVICE_PORT,
+                "targetPort": "registry",
+                "protocol": "TCP",
+            }],
+        },
+    })
+}
+
+fn pod_disruption_budget() -> Value {
+    json!({
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": metadata(names::REGISTRY_NAME),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": selector_labels()},
+        },
+    })
+}
+
+fn stateful_set(values: &RegistryValues) -> Value {
+    let probe = |initial_delay: u32, period: u32| {
+        json!({
+            "httpGet": {"path": "/v2/", "port": "registry", "scheme": "HTTPS"},
+            "initialDelaySeconds": initial_delay,
+            "periodSeconds": period,
+            "timeoutSeconds": 5,
+            "failureThreshold": 3,
+        })
+    };
+    let container_security = json!({
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "capabilities": {"drop": ["ALL"]},
+    });
+    let mut registry = json!({
+        "name": "registry",
+        "image": values.image,
+        "imagePullPolicy": values.image_pull_policy,
+        "env": [
+            {"name": "REGISTRY_HTTP_ADDR", "value": format!(":{}", names::REGISTRY_PORT)},
+            {"name": "REGISTRY_HTTP_TLS_CERTIFICATE", "value": "/certs/tls.crt"},
+            {"name": "REGISTRY_HTTP_TLS_KEY", "value": "/certs/tls.key"},
+            {"name": "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY", "value": "/var/lib/registry"},
+        ],
+        "ports": [{"name": "registry", "containerPort": names::REGISTRY_PORT, "protocol": "TCP"}],
+        "readinessProbe": probe(2, 10),
+        "livenessProbe": probe(10, 20),
+        "securityContext": container_security,
+        "volumeMounts": [
+            {"name": "data", "mountPath": "/var/lib/registry"},
+            {"name": "tls", "mountPath": "/certs", "readOnly": true},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    });
+    let mut sync = json!({
+        "name": "sync",
+        "image": values.sync_image,
+        "imagePullPolicy": values.image_pull_policy,
+        "args": [
+            "sync",
+            "--statefulset-peers",
+            "--headless-service", names::REGISTRY_HEADLESS_SERVICE,
+            "--replicas", values.replicas.to_string(),
+            "--interval", values.sync_interval,
+            "--ca-file", "/certs/ca.crt",
+            "--local", format!("https://127.0.0.1:{}", names::REGISTRY_PORT),
+            "--metrics-listen", format!("0.0.0.0:{}", names::SYNC_METRICS_PORT),
+        ],
+        "env": [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        ],
+        "ports": [{"name": "sync-metrics", "containerPort": names::SYNC_METRICS_PORT, "protocol": "TCP"}],
+        "securityContext": container_security,
+        "volumeMounts": [{"name": "tls", "mountPath": "/certs", "readOnly": true}],
+    });
+
+    for (container, resources) in [
+        (&mut registry, &values.resources.registry),
+        (&mut sync, &values.resources.sync),
+    ] {
+        if let Some(resources) = resources.to_value() {
+            container["resources"] = resources;
+        }
+    }
+
+    let mut affinity = json!({
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [{
+                "weight": 100,
+                "podAffinityTerm": {
+                    "topologyKey": "kubernetes.io/hostname",
+                    "labelSelector": {"matchLabels": selector_labels()},
+                },
+            }],
+        },
+    });
+    if values.control_plane.prefer {
+        affinity["nodeAffinity"] = json!({
+            "preferredDuringSchedulingIgnoredDuringExecution": [{
+                "weight": 50,
+                "preference": {"matchExpressions": [
+                    {"key": names::CONTROL_PLANE_NODE_ROLE, "operator": "Exists"},
+                ]},
+            }],
+        });
+    }
+
+    let mut pod_spec = json!({
+        "automountServiceAccountToken": false,
+        "enableServiceLinks": false,
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": 65532,
+            "runAsGroup": 65532,
+            "fsGroup": 65532,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "affinity": affinity,
+        "containers": [registry, sync],
+        "volumes": [
+            {"name": "tls", "secret": {"secretName": names::REGISTRY_TLS_SECRET}},
+            {"name": "tmp", "emptyDir": {}},
+        ],
+    });
+    if values.control_plane.tolerate {
+        pod_spec["tolerations"] = json!([{
+            "key": names::CONTROL_PLANE_NODE_ROLE,
+            "operator": "Exists",
+            "effect": "NoSchedule",
+        }]);
+    }
+
+    let mut claim_spec = json!({
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": values.storage.size}},
+    });
+    if !values.storage.storage_class_name.is_empty() {
+        claim_spec["storageClassName"] = json!(values.storage.storage_class_name);
+    }
+
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": metadata(names::REGISTRY_NAME),
+        "spec": {
+            "replicas": values.replicas,
+            "serviceName": names::REGISTRY_HEADLESS_SERVICE,
+            // Replicas are peers, not a chain: start and replace them all at once.
+            "podManagementPolicy": "Parallel",
+            "updateStrategy": {"type": "RollingUpdate"},
+            "selector": {"matchLabels": selector_labels()},
+            "template": {
+                "metadata": {
+                    "labels": labels(),
+                    "annotations": {names::CERTIFICATE_HASH_ANNOTATION: values.certificate_hash},
+                },
+                "spec": pod_spec,
+            },
+            "volumeClaimTemplates": [{
+                "metadata": {"name": "data", "labels": labels()},
+                "spec": claim_spec,
+            }],
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::variable::registry_from_config;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Options {
+        #[command(flatten)]
+        addon: AddonOptions,
+    }
+
+    fn values(registry: Value) -> RegistryValues {
+        let options = Options::parse_from(["test"]).addon;
+        let config = json!({"addons": {"registry": registry}});
+        let registry = registry_from_config(Some(&config)).unwrap().unwrap();
+        RegistryValues::new(
+            &options,
+            &registry,
+            "10.96.0.20".parse().unwrap(),
+            "abc".into(),
+        )
+    }
+
+    #[test]
+    fn every_object_is_namespaced_in_registry_system() {
+        for object in registry_objects(&values(json!({}))) {
+            assert!(object["apiVersion"].is_string() && object["kind"].is_string());
+            assert!(object["metadata"]["name"].is_string());
+            assert_eq!(object["metadata"]["namespace"], names::REGISTRY_NAMESPACE);
+        }
+    }
+
+    #[test]
+    fn values_follow_the_variable() {
+        let v = values(
+            json!({"replicas": 3, "storage": {"size": "5Gi", "storageClassName": "fast"}, "syncInterval": "30s"}),
+        );
+        let objects = registry_objects(&v);
+        let sts = objects.iter().find(|o| o["kind"] == "StatefulSet").unwrap();
+        assert_eq!(sts["spec"]["replicas"], 3);
+        let claim = &sts["spec"]["volumeClaimTemplates"][0]["spec"];
+        assert_eq!(claim["storageClassName"], "fast");
+        assert_eq!(claim["resources"]["requests"]["storage"], "5Gi");
+        let args = sts["spec"]["template"]["spec"]["containers"][1]["args"]
+            .as_array()
+            .unwrap();
+        let after = |flag: &str| args.iter().position(|a| a == flag).map(|i| &args[i + 1]);
+        assert_eq!(after("--replicas").unwrap(), "3");
+        assert_eq!(after("--interval").unwrap(), "30s");
+        let annotations = &sts["spec"]["template"]["metadata"]["annotations"];
+        assert_eq!(annotations[names::CERTIFICATE_HASH_ANNOTATION], "abc");
+        let svc = objects
+            .iter()
+            .find(|o| o["metadata"]["name"] == "registry" && o["kind"] == "Service")
+            .unwrap();
+        assert_eq!(svc["spec"]["clusterIP"], "10.96.0.20");
+    }
+
+    #[test]
+    fn default_storage_class_is_omitted() {
+        let objects = registry_objects(&values(json!({})));
+        let sts = objects.iter().find(|o| o["kind"] == "StatefulSet").unwrap();
+        assert!(
+            sts["spec"]["volumeClaimTemplates"][0]["spec"]
+                .get("storageClassName")
+                .is_none()
+        );
+    }
 }

@@ -1,0 +1,32 @@
+{{/* Labels of every object. */}}
+{{- define "registry.labels" -}}
+app.kubernetes.io/name: registry
+app.kubernetes.io/part-of: registry-addon
+app.kubernetes.io/component: registry
+{{- end }}
+
+{{/* Labels selecting the registry pods. */}}
+{{- define "registry.selectorLabels" -}}
+app.kubernetes.io/name: registry
+app.kubernetes.io/part-of: registry-addon
+{{- end }}
+
+{{/* The server certificate names registry-system; another namespace would not match it. */}}
+{{- define "registry.namespace" -}}
+{{- if ne .Release.Namespace "registry-system" }}
+{{- fail (printf "the registry chart must be installed in namespace registry-system, not %s: its TLS certificate names that namespace" .Release.Namespace) }}
+{{- end }}
+{{- .Release.Namespace }}
+{{- end }}
+
+{{/* A container's resources without empty maps. */}}
+{{- define "registry.resources" -}}
+{{- with .requests }}
+requests:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .limits }}
+limits:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}

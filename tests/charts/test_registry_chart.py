@@ -1,0 +1,135 @@
+"""The registry workload chart (helm/registry): lint, schema, valid objects, and equality with
+the objects registry-addon renders itself (src/render/registry.rs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import helm_python
+import pytest
+import yaml
+
+from helpers import REGISTRY_CHART, REPO, first_difference, key, render, validate
+
+NAMESPACE = "registry-system"
+BASE = {"serviceIP": "10.96.0.20", "certificateHash": "0123abcd"}
+
+
+def test_lint_is_clean():
+    report = helm_python.lint(REGISTRY_CHART, BASE, strict=True, namespace=NAMESPACE)
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        BASE,
+        {**BASE, "replicas": 1, "storage": {"size": "5Gi", "storageClassName": "fast"}},
+        {**BASE, "serviceIP": "fd00:10:96::14", "replicas": 7, "controlPlane": {"tolerate": False, "prefer": True}},
+    ],
+    ids=["defaults", "one-replica", "ipv6-seven"],
+)
+def test_rendered_objects_are_valid(values):
+    objects = render(REGISTRY_CHART, values, NAMESPACE)
+    assert [key(o) for o in objects] == [
+        "PodDisruptionBudget registry-system/registry",
+        "Service registry-system/registry",
+        "Service registry-system/registry-headless",
+        "StatefulSet registry-system/registry",
+    ]
+    for obj in objects:
+        validate(obj)
+
+
+def test_statefulset_follows_values():
+    values = {**BASE, "replicas": 3, "syncInterval": "45s", "storage": {"size": "20Gi", "storageClassName": "fast"}}
+    sts = next(o for o in render(REGISTRY_CHART, values, NAMESPACE) if o["kind"] == "StatefulSet")
+    assert sts["spec"]["replicas"] == 3
+    pod = sts["spec"]["template"]
+    assert pod["metadata"]["annotations"]["registry-addon/certificate-hash"] == "0123abcd"
+    registry, sync = pod["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in registry["env"]}
+    assert env["REGISTRY_HTTP_TLS_CERTIFICATE"] == "/certs/tls.crt"
+    args = sync["args"]
+    assert args[args.index("--replicas") + 1] == "3"
+    assert args[args.index("--interval") + 1] == "45s"
+    claim = sts["spec"]["volumeClaimTemplates"][0]["spec"]
+    assert claim["storageClassName"] == "fast"
+    assert claim["resources"]["requests"]["storage"] == "20Gi"
+    assert pod["spec"]["tolerations"][0]["key"] == "node-role.kubernetes.io/control-plane"
+
+
+@pytest.mark.parametrize(
+    "values, complaint",
+    [
+        ({"replicas": 2}, "/serviceIP"),
+        ({**BASE, "replicas": 0}, "/replicas"),
+        ({**BASE, "replicas": 8}, "/replicas"),
+        ({**BASE, "replicas": "2"}, "/replicas"),
+        ({**BASE, "serviceIP": "registry.local"}, "/serviceIP"),
+        ({**BASE, "serviceIP": "10.96.0.256"}, "/serviceIP"),
+        ({**BASE, "storage": {"size": "lots"}}, "/storage/size"),
+        ({**BASE, "storage": {"size": "10Gi", "storageClassName": "Fast_SSD"}}, "/storage/storageClassName"),
+        ({**BASE, "syncInterval": "soon"}, "/syncInterval"),
+        ({**BASE, "imagePullPolicy": "Sometimes"}, "/imagePullPolicy"),
+        ({**BASE, "replica": 3}, "replica"),
+    ],
+)
+def test_schema_rejects_bad_values(values, complaint):
+    with helm_python.Chart.load(REGISTRY_CHART) as chart:
+        with pytest.raises(helm_python.HelmValuesError, match=complaint):
+            chart.validate_schema(values)
+        with pytest.raises(helm_python.HelmValuesError):
+            chart.render(values, name="registry", namespace=NAMESPACE)
+
+
+def test_other_namespace_is_refused():
+    with pytest.raises(helm_python.HelmRenderError, match="registry-system"):
+        render(REGISTRY_CHART, BASE, "default")
+
+
+@pytest.fixture(scope="module")
+def rust_cases(tmp_path_factory) -> Path:
+    """Values and objects written by `cargo test --test chart_values`."""
+    given = os.environ.get("CHART_CHECK_DIR")
+    if given and any(Path(given).glob("*/objects.json")):
+        return Path(given)
+    out = tmp_path_factory.mktemp("chart-check")
+    subprocess.run(
+        ["cargo", "test", "--quiet", "--test", "chart_values"],
+        cwd=REPO,
+        env={**os.environ, "CHART_CHECK_DIR": str(out)},
+        check=True,
+    )
+    return out
+
+
+def test_rust_objects_equal_chart_objects(rust_cases):
+    cases = sorted(p.parent for p in rust_cases.glob("*/objects.json"))
+    assert len(cases) >= 3, f"no cases written to {rust_cases}"
+    for case in cases:
+        values = helm_python.values_from_yaml((case / "values.yaml").read_text())
+        chart_objects = {key(o): o for o in render(REGISTRY_CHART, values, NAMESPACE)}
+        rust_objects = {key(o): o for o in json.loads((case / "objects.json").read_text())}
+        assert sorted(rust_objects) == sorted(chart_objects), case.name
+        for name, obj in rust_objects.items():
+            difference = first_difference(obj, chart_objects[name])
+            assert difference is None, f"{case.name}: {name}: Rust != chart at {difference}"
+
+
+def test_chart_defaults_equal_rust_defaults(rust_cases):
+    """The defaults of values.yaml and of RegistryValues::new give the same release."""
+    rust = helm_python.values_from_yaml((rust_cases / "defaults" / "values.yaml").read_text())
+    fixed = {field: rust[field] for field in ("serviceIP", "certificateHash")}
+    with helm_python.Chart.load(REGISTRY_CHART) as chart:
+        assert without_nulls(chart.merge_values(rust)) == without_nulls(chart.merge_values(fixed))
+
+
+def without_nulls(value):
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    return value
