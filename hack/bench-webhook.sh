@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Hook server benchmark: discovery and a no-op hook over TLS with keep-alive, 64 concurrent
+# clients (wrk), against a trivial TLS server (nginx answering a static body) run in the same
+# script. Prints requests/s, p50 and p99 for both and our figures as ratios to nginx, plus our
+# idle RSS and time from start to first answer.
+#   hack/bench-webhook.sh [seconds per run, default 10]
+# Needs: wrk, nginx (Debian packages wrk, nginx-light), openssl, curl.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${1:-10}
+for tool in wrk nginx openssl curl; do
+  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install wrk nginx-light openssl curl)" >&2; exit 1; }
+done
+
+cargo build --release --bin registry-addon >/dev/null
+BIN=target/release/registry-addon
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+# One certificate for both servers.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
+  -keyout "$WORK/tls.key" -out "$WORK/tls.crt" 2>/dev/null
+
+PORT=19443 NGINX_PORT=19444
+start_ns=$(date +%s%N)
+"$BIN" serve --listen 127.0.0.1:$PORT --metrics-listen 127.0.0.1:19440 \
+  --tls-cert-file "$WORK/tls.crt" --tls-key-file "$WORK/tls.key" 2>"$WORK/serve.log" &
+PIDS+=($!); SERVE_PID=$!
+DISCOVERY=https://127.0.0.1:$PORT/hooks.runtime.cluster.x-k8s.io/v1alpha1/discovery
+until curl -sf --cacert "$WORK/tls.crt" -X POST "$DISCOVERY" -o /dev/null 2>/dev/null; do sleep 0.005; done
+first_ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
+sleep 1
+idle_rss_kib=$(awk '/VmRSS/ {print $2}' /proc/$SERVE_PID/status)
+
+cat >"$WORK/nginx.conf" <<NGINX
+worker_processes 2;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$NGINX_PORT ssl;
+    ssl_certificate $WORK/tls.crt;
+    ssl_certificate_key $WORK/tls.key;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    location / { default_type application/json; return 200 '{"apiVersion":"hooks.runtime.cluster.x-k8s.io/v1alpha1","kind":"DiscoveryResponse","status":"Success","message":""}'; }
+  }
+}
+NGINX
+nginx -c "$WORK/nginx.conf" -g 'daemon off;' &
+PIDS+=($!)
+until curl -sfk -X POST "https://127.0.0.1:$NGINX_PORT/" -o /dev/null 2>/dev/null; do sleep 0.05; done
+
+# A BeforeClusterCreate whose cluster has the addon off: decoded, checked, answered.
+python3 - "$WORK/noop.json" <<'PY'
+import json, sys
+cluster = json.load(open("../shared/capi/fixtures/cluster-v1beta2.json"))
+cluster["spec"]["topology"]["variables"] = []
+json.dump({"apiVersion": "hooks.runtime.cluster.x-k8s.io/v1alpha1", "kind": "BeforeClusterCreateRequest",
+           "settings": {}, "cluster": cluster}, open(sys.argv[1], "w"))
+PY
+lua_for() { # body file → wrk script
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+body = open(sys.argv[1]).read()
+open(sys.argv[2], "w").write('wrk.method = "POST"\nwrk.body = %s\n' % json.dumps(body))
+PY
+}
+echo '{}' >"$WORK/empty.json"
+lua_for "$WORK/empty.json" "$WORK/discovery.lua"
+lua_for "$WORK/noop.json" "$WORK/noop.lua"
+
+# wrk output → "rps p50_ms p99_ms"
+measure() {
+  wrk -t2 -c64 -d"${DURATION}s" --latency -s "$2" "$1" >"$WORK/wrk.out"
+  python3 - "$WORK/wrk.out" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+def ms(v):
+    n, unit = re.match(r"([\d.]+)(us|ms|s)", v).groups()
+    return float(n) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+p50 = ms(re.search(r"50%\s+(\S+)", text).group(1))
+p99 = ms(re.search(r"99%\s+(\S+)", text).group(1))
+errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+if errors: sys.exit("non-2xx answers: " + errors.group(1))
+print(f"{rps:.0f} {p50:.3f} {p99:.3f}")
+PY
+}
+read -r n_rps n_p50 n_p99 < <(measure "https://127.0.0.1:$NGINX_PORT/" "$WORK/discovery.lua")
+read -r d_rps d_p50 d_p99 < <(measure "$DISCOVERY" "$WORK/discovery.lua")
+read -r h_rps h_p50 h_p99 < <(measure "https://127.0.0.1:$PORT/hooks.runtime.cluster.x-k8s.io/v1alpha1/beforeclustercreate/before-cluster-create?timeout=10s" "$WORK/noop.lua")
+load_rss_kib=$(awk '/VmHWM/ {print $2}' /proc/$SERVE_PID/status)
+
+python3 - <<PY
+n = ($n_rps, $n_p50, $n_p99)
+rows = [("nginx static body", n), ("discovery", ($d_rps, $d_p50, $d_p99)), ("no-op BeforeClusterCreate", ($h_rps, $h_p50, $h_p99))]
+print(f"{'64 clients, TLS keep-alive':28} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'req/s÷nginx':>12} {'p99÷nginx':>10}")
+for name, (rps, p50, p99) in rows:
+    print(f"{name:28} {rps:9.0f} {p50:8.3f} {p99:8.3f} {rps/n[0]:12.2f} {p99/n[2]:10.2f}")
+print(f"first answer after start: {$first_ms} ms (target <= 100)")
+print(f"idle RSS: {$idle_rss_kib/1024:.1f} MiB (target <= 30); peak RSS under load: {$load_rss_kib/1024:.1f} MiB")
+print(f"p99 targets (<= 2 ms): discovery {'met' if $d_p99 <= 2 else 'MISSED'}, no-op hook {'met' if $h_p99 <= 2 else 'MISSED'}")
+PY
