@@ -74,7 +74,9 @@ pub const CONTROL_PLANE_NODE_ROLE: &str = "node-role.kubernetes.io/control-plane
 
 /// containerd's hosts directory on every node.
 pub const CONTAINERD_CERTS_DIR: &str = "/etc/containerd/certs.d";
-/// containerd configuration fragment setting `config_path`, imported by the main config.
-pub const CONTAINERD_MIRROR_CONFIG: &str = "/etc/containerd/conf.d/registry-addon.toml";
-/// Script run before kubeadm that makes containerd load the fragment.
-pub const CONTAINERD_MIRROR_SCRIPT: &str = "/etc/containerd/registry-addon-configure.sh";
+/// containerd's main configuration file.
+pub const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
+/// Directory of the addon's containerd fragments (one per containerd major) and script.
+pub const CONTAINERD_ADDON_DIR: &str = "/etc/containerd/registry-addon";
+/// Where the script puts the fragment matching the node's containerd, and imports it from.
+pub const CONTAINERD_DROP_IN: &str = "/etc/containerd/conf.d/registry-addon.toml";

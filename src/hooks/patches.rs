@@ -1,20 +1,508 @@
 //! GeneratePatches: containerd mirror configuration for bootstrap templates (SPEC §7).
+//!
+//! Each KubeadmControlPlaneTemplate and KubeadmConfigTemplate gets the files of
+//! [`containerd::node_files`] and a `preKubeadmCommands` entry running the script among them.
+//! The JSON patches keep the user's files and commands, apply whether the lists exist or not,
+//! and add nothing twice when the template already carries the addon's entries.
 
-use crate::hooks::HookContext;
-use crate::wire::runtime::{GeneratePatchesRequest, Hook, Response};
+pub mod containerd;
+
+use std::net::IpAddr;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::PostParams;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use time::OffsetDateTime;
+
+use crate::certs::CertificateAuthority;
+use crate::hooks::{HookContext, Management};
+use crate::names;
+use crate::wire::runtime::{
+    GeneratePatchesRequest, GeneratePatchesRequestItem, GeneratePatchesResponseItem, Hook,
+    PatchType, Response, Variable,
+};
 use crate::wire::variable::registry_from_config;
+
+/// The bootstrap templates the addon patches, and where their KubeadmConfigSpec lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Template {
+    ControlPlane,
+    Worker,
+}
+
+impl Template {
+    fn of(object: &Value) -> Option<Template> {
+        let api_version = object.get("apiVersion")?.as_str()?;
+        let group = api_version.split('/').next()?;
+        match (group, object.get("kind")?.as_str()?) {
+            ("controlplane.cluster.x-k8s.io", "KubeadmControlPlaneTemplate") => {
+                Some(Template::ControlPlane)
+            }
+            ("bootstrap.cluster.x-k8s.io", "KubeadmConfigTemplate") => Some(Template::Worker),
+            _ => None,
+        }
+    }
+
+    /// Path of the KubeadmConfigSpec inside the template.
+    fn config_spec(self) -> &'static [&'static str] {
+        match self {
+            Template::ControlPlane => &["spec", "template", "spec", "kubeadmConfigSpec"],
+            Template::Worker => &["spec", "template", "spec"],
+        }
+    }
+}
+
+/// The parts of the `builtin` variable the addon reads.
+#[derive(Debug, Default, Deserialize)]
+struct Builtin {
+    #[serde(default)]
+    cluster: BuiltinCluster,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct BuiltinCluster {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: String,
+    #[serde(default)]
+    network: BuiltinNetwork,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct BuiltinNetwork {
+    #[serde(default)]
+    services: Vec<String>,
+}
 
 pub async fn generate_patches(ctx: &HookContext, request: &GeneratePatchesRequest) -> Response {
     let hook = Hook::GeneratePatches;
-    let name = &ctx.config.addon.variable_name;
-    let value = request.variables.iter().find(|v| &v.name == name).map(|v| &v.value);
-    match registry_from_config(value) {
-        Ok(None) => {
-            let mut response = Response::success(hook, "");
-            response.items = Some(Vec::new());
-            response
+    let mut items = Vec::new();
+    // One request holds the templates of one cluster: read its CA once.
+    let mut ca_pem: Option<String> = None;
+    for item in &request.items {
+        let Some(template) = Template::of(&item.object) else {
+            continue;
+        };
+        match patch_item(ctx, request, item, template, &mut ca_pem).await {
+            Ok(Some(patch)) => items.push(patch),
+            Ok(None) => {}
+            Err(message) => return Response::failure(hook, message),
         }
-        Ok(Some(_)) => Response::failure(hook, "GeneratePatches is not implemented yet"),
-        Err(e) => Response::failure(hook, format!("invalid variable {name}: {e}")),
+    }
+    let mut response = Response::success(hook, "");
+    response.items = Some(items);
+    response
+}
+
+async fn patch_item(
+    ctx: &HookContext,
+    request: &GeneratePatchesRequest,
+    item: &GeneratePatchesRequestItem,
+    template: Template,
+    ca_pem: &mut Option<String>,
+) -> Result<Option<GeneratePatchesResponseItem>, String> {
+    let variables = merge_variables(&request.variables, &item.variables);
+    let variable = &ctx.config.addon.variable_name;
+    let holder = describe_holder(item);
+    let config = variables
+        .iter()
+        .find(|v| &v.name == variable)
+        .map(|v| &v.value);
+    let Some(registry) = registry_from_config(config)
+        .map_err(|e| format!("{holder}: invalid variable {variable}: {e}"))?
+    else {
+        return Ok(None);
+    };
+    let builtin: Builtin = variables
+        .iter()
+        .find(|v| v.name == "builtin")
+        .map(|v| serde_json::from_value(v.value.clone()))
+        .transpose()
+        .map_err(|e| format!("{holder}: malformed builtin variable: {e}"))?
+        .unwrap_or_default();
+    let cluster = &builtin.cluster;
+    if cluster.name.is_empty() {
+        return Err(format!("{holder}: builtin.cluster.name is missing"));
+    }
+    let namespace = if cluster.namespace.is_empty() {
+        item.holder_reference.namespace.as_str()
+    } else {
+        cluster.namespace.as_str()
+    };
+    let key = format!("cluster {namespace}/{}", cluster.name);
+    let service_ip: IpAddr = registry
+        .resolve_service_ip(&cluster.network.services)
+        .map_err(|e| format!("{key}: {e}"))?;
+    let ca = match ca_pem {
+        Some(ca) => ca.clone(),
+        None => {
+            let ca = node_ca(ctx, namespace, &cluster.name)
+                .await
+                .map_err(|e| format!("{key}: {e}"))?;
+            *ca_pem = Some(ca.clone());
+            ca
+        }
+    };
+
+    let files = containerd::node_files(service_ip, &ca)
+        .into_iter()
+        .map(|f| serde_json::to_value(f).expect("a file always serializes"))
+        .collect();
+    let spec = template.config_spec();
+    let mut ops = Vec::new();
+    merge_list(
+        &item.object,
+        &[spec, &["files"]].concat(),
+        files,
+        same_path,
+        &mut ops,
+    )
+    .map_err(|e| format!("{holder}: {e}"))?;
+    let command = vec![Value::String(containerd::pre_kubeadm_command())];
+    merge_list(
+        &item.object,
+        &[spec, &["preKubeadmCommands"]].concat(),
+        command,
+        |a, b| a == b,
+        &mut ops,
+    )
+    .map_err(|e| format!("{holder}: {e}"))?;
+    if ops.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(GeneratePatchesResponseItem {
+        uid: item.uid.clone(),
+        patch_type: PatchType::JSONPatch,
+        patch: serde_json::to_vec(&ops).expect("a patch always serializes"),
+    }))
+}
+
+fn describe_holder(item: &GeneratePatchesRequestItem) -> String {
+    let kind = item
+        .object
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or("template");
+    let h = &item.holder_reference;
+    if h.name.is_empty() {
+        format!("{kind} (item {})", item.uid)
+    } else {
+        format!("{kind} of {} {}/{}", h.kind, h.namespace, h.name)
+    }
+}
+
+/// Request-level variables overridden by the item's, as CAPI merges them for inline patches:
+/// `builtin` is merged key by key (the item adds e.g. `builtin.machineDeployment`), any other
+/// variable is replaced.
+fn merge_variables(global: &[Variable], item: &[Variable]) -> Vec<Variable> {
+    let mut merged: Vec<Variable> = global.to_vec();
+    for var in item {
+        match merged.iter_mut().find(|v| v.name == var.name) {
+            Some(existing) if var.name == "builtin" => deep_merge(&mut existing.value, &var.value),
+            Some(existing) => existing.value = var.value.clone(),
+            None => merged.push(var.clone()),
+        }
+    }
+    merged
+}
+
+fn deep_merge(into: &mut Value, from: &Value) {
+    match (into, from) {
+        (Value::Object(into), Value::Object(from)) => {
+            for (k, v) in from {
+                match into.get_mut(k) {
+                    Some(existing) => deep_merge(existing, v),
+                    None => {
+                        into.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (into, from) => *into = from.clone(),
+    }
+}
+
+fn same_path(a: &Value, b: &Value) -> bool {
+    a.get("path").is_some_and(|p| Some(p) == b.get("path"))
+}
+
+fn pointer(segments: &[&str]) -> String {
+    segments
+        .iter()
+        .map(|s| format!("/{}", s.replace('~', "~0").replace('/', "~1")))
+        .collect()
+}
+
+/// JSON patch operations putting `items` into the list at `path` of `object`: the whole list
+/// (with any missing parents) when there is none, else each item appended, or replaced in
+/// place when an entry that is `same` differs, or left alone when it is already there.
+fn merge_list(
+    object: &Value,
+    path: &[&str],
+    items: Vec<Value>,
+    same: impl Fn(&Value, &Value) -> bool,
+    ops: &mut Vec<Value>,
+) -> Result<(), String> {
+    let mut current = object;
+    for (depth, segment) in path.iter().enumerate() {
+        let here = pointer(&path[..depth]);
+        let Value::Object(map) = current else {
+            return Err(format!("{} is not an object", display(&here)));
+        };
+        match map.get(*segment) {
+            None | Some(Value::Null) => {
+                let value = path[depth + 1..]
+                    .iter()
+                    .rev()
+                    .fold(Value::Array(items), |inner, key| {
+                        Value::Object(Map::from_iter([(key.to_string(), inner)]))
+                    });
+                ops.push(json!({"op": "add", "path": pointer(&path[..=depth]), "value": value}));
+                return Ok(());
+            }
+            Some(next) => current = next,
+        }
+    }
+    let list_path = pointer(path);
+    let Value::Array(existing) = current else {
+        return Err(format!("{list_path} is not a list"));
+    };
+    for item in items {
+        match existing.iter().position(|e| same(e, &item)) {
+            Some(i) if existing[i] == item => {}
+            Some(i) => ops
+                .push(json!({"op": "replace", "path": format!("{list_path}/{i}"), "value": item})),
+            None => ops.push(json!({"op": "add", "path": format!("{list_path}/-"), "value": item})),
+        }
+    }
+    Ok(())
+}
+
+fn display(pointer: &str) -> &str {
+    if pointer.is_empty() {
+        "the object"
+    } else {
+        pointer
+    }
+}
+
+/// The CA nodes must trust: `ca.crt` of `<cluster>-registry-addon-ca`.
+///
+/// CAPI computes the topology, patches included, before it calls BeforeClusterCreate, which
+/// copies the CA to the cluster's namespace. Until that copy exists the root CA it will copy
+/// is used, and generated if absent, so the first cluster does not wait for a hook that only
+/// runs after its patches.
+async fn node_ca(ctx: &HookContext, namespace: &str, cluster: &str) -> Result<String, String> {
+    let client = match &ctx.management {
+        Management::Client(client) => client.clone(),
+        Management::Unavailable(why) => {
+            return Err(format!("the management cluster is unreachable: {why}"));
+        }
+    };
+    let name = names::cluster_ca_secret(cluster);
+    let secrets = kube::Api::<Secret>::namespaced(client.clone(), namespace);
+    let describe = |ns: &str, name: &str| format!("secret {ns}/{name} on the management cluster");
+    match secrets.get_opt(&name).await {
+        Ok(Some(secret)) => {
+            return secret_text(&secret, "ca.crt")
+                .ok_or_else(|| format!("{}: key ca.crt is missing", describe(namespace, &name)));
+        }
+        Ok(None) => {}
+        Err(e) => return Err(format!("{}: {e}", describe(namespace, &name))),
+    }
+
+    let root_ns = ctx.config.namespace.as_str();
+    let root_name = names::ROOT_CA_SECRET;
+    let roots = kube::Api::<Secret>::namespaced(client, root_ns);
+    let root = match roots.get_opt(root_name).await {
+        Ok(Some(secret)) => secret,
+        Ok(None) => create_root_ca(ctx, &roots)
+            .await
+            .map_err(|e| format!("{}: {e}", describe(root_ns, root_name)))?,
+        Err(e) => return Err(format!("{}: {e}", describe(root_ns, root_name))),
+    };
+    secret_text(&root, "ca.crt")
+        .or_else(|| secret_text(&root, "tls.crt"))
+        .ok_or_else(|| {
+            format!(
+                "{}: keys ca.crt and tls.crt are missing",
+                describe(root_ns, root_name)
+            )
+        })
+}
+
+/// Generates the root CA Secret; when another caller created it first, returns theirs.
+async fn create_root_ca(ctx: &HookContext, roots: &kube::Api<Secret>) -> Result<Secret, String> {
+    let ca =
+        CertificateAuthority::generate(ctx.config.addon.key_algorithm, OffsetDateTime::now_utc())
+            .map_err(|e| format!("generating the root CA: {e}"))?;
+    let bytes = |s: &str| ByteString(s.as_bytes().to_vec());
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(names::ROOT_CA_SECRET.into()),
+            namespace: Some(ctx.config.namespace.clone()),
+            labels: Some(
+                [(
+                    "app.kubernetes.io/managed-by".to_string(),
+                    names::FIELD_MANAGER.to_string(),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(
+            [
+                ("ca.crt".to_string(), bytes(ca.cert_pem())),
+                ("tls.crt".to_string(), bytes(ca.cert_pem())),
+                ("tls.key".to_string(), bytes(ca.key_pem().expose())),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    let params = PostParams {
+        field_manager: Some(names::FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    match roots.create(&params, &secret).await {
+        Ok(created) => Ok(created),
+        Err(kube::Error::Api(status)) if status.code == 409 => roots
+            .get(names::ROOT_CA_SECRET)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn secret_text(secret: &Secret, key: &str) -> Option<String> {
+    let from_data = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .and_then(|b| String::from_utf8(b.0.clone()).ok());
+    // The API server folds `stringData` into `data`; stand-ins may not.
+    let from_string_data = || {
+        secret
+            .string_data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .cloned()
+    };
+    from_data
+        .or_else(from_string_data)
+        .filter(|s| !s.trim().is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn apply(object: &mut Value, ops: &[Value]) {
+        for op in ops {
+            let path = op["path"].as_str().unwrap();
+            let (parent, last) = path.rsplit_once('/').unwrap();
+            let target = object.pointer_mut(parent).unwrap();
+            match (op["op"].as_str().unwrap(), target) {
+                ("add", Value::Array(list)) if last == "-" => list.push(op["value"].clone()),
+                ("replace", Value::Array(list)) => {
+                    list[last.parse::<usize>().unwrap()] = op["value"].clone()
+                }
+                ("add", Value::Object(map)) => {
+                    map.insert(last.to_string(), op["value"].clone());
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn merge_list_builds_missing_parents_and_skips_present_items() {
+        let mut object = json!({"spec": {"template": {}}});
+        let mut ops = Vec::new();
+        let path = ["spec", "template", "spec", "files"];
+        merge_list(
+            &object,
+            &path,
+            vec![json!({"path": "/a"})],
+            same_path,
+            &mut ops,
+        )
+        .unwrap();
+        assert_eq!(
+            ops,
+            [
+                json!({"op": "add", "path": "/spec/template/spec", "value": {"files": [{"path": "/a"}]}})
+            ]
+        );
+        apply(&mut object, &ops);
+        let mut again = Vec::new();
+        merge_list(
+            &object,
+            &path,
+            vec![json!({"path": "/a"})],
+            same_path,
+            &mut again,
+        )
+        .unwrap();
+        assert!(again.is_empty());
+        merge_list(
+            &object,
+            &path,
+            vec![json!({"path": "/a", "content": "x"}), json!({"path": "/b"})],
+            same_path,
+            &mut again,
+        )
+        .unwrap();
+        assert_eq!(again[0]["op"], "replace");
+        assert_eq!(again[1]["path"], "/spec/template/spec/files/-");
+    }
+
+    #[test]
+    fn merge_list_refuses_non_lists() {
+        let object = json!({"spec": {"files": "nope"}});
+        let e = merge_list(
+            &object,
+            &["spec", "files"],
+            vec![],
+            same_path,
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+        assert_eq!(e, "/spec/files is not a list");
+    }
+
+    #[test]
+    fn builtin_is_merged_and_other_variables_replaced() {
+        let global = vec![
+            Variable {
+                name: "builtin".into(),
+                value: json!({"cluster": {"name": "c1"}}),
+            },
+            Variable {
+                name: "clusterConfig".into(),
+                value: json!({"addons": {"registry": {}}}),
+            },
+        ];
+        let item = vec![
+            Variable {
+                name: "builtin".into(),
+                value: json!({"machineDeployment": {"class": "md"}}),
+            },
+            Variable {
+                name: "clusterConfig".into(),
+                value: json!({}),
+            },
+        ];
+        let merged = merge_variables(&global, &item);
+        assert_eq!(
+            merged[0].value,
+            json!({"cluster": {"name": "c1"}, "machineDeployment": {"class": "md"}})
+        );
+        assert_eq!(merged[1].value, json!({}));
     }
 }

@@ -1,0 +1,248 @@
+//! What a node needs to pull through the cluster's registry (SPEC §7): containerd's
+//! `hosts.toml` for every registry (`_default`), the registry's CA, the `config_path`
+//! fragments for containerd 1.x and 2.x, and the script that makes containerd load them.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::names;
+
+/// A containerd `hosts.toml` (`certs.d/<namespace>/hosts.toml`), as far as the addon writes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostsFile {
+    /// The upstream; absent in `_default`, where containerd falls back to the image's own
+    /// registry after the hosts below.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    /// Mirrors, tried in order, keyed by URL.
+    #[serde(default)]
+    pub host: BTreeMap<String, HostEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostEntry {
+    pub capabilities: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
+}
+
+/// A file for cloud-init's `write_files`, as KubeadmConfigSpec `files` holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeFile {
+    pub path: String,
+    pub owner: String,
+    pub permissions: String,
+    pub content: String,
+}
+
+/// The registry's host as containerd and URLs spell it: `10.96.0.20`, `[fd00:10:96::14]`.
+pub fn mirror_host(service_ip: IpAddr) -> String {
+    match service_ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    }
+}
+
+/// The mirror URL nodes pull from (port 443).
+pub fn mirror_url(service_ip: IpAddr) -> String {
+    format!("https://{}", mirror_host(service_ip))
+}
+
+/// Where the registry's CA lands: in the directory containerd also reads for pulls that name
+/// the registry directly (`<host>/<repo>:<tag>`).
+pub fn ca_path(service_ip: IpAddr) -> String {
+    format!(
+        "{}/{}/ca.crt",
+        names::CONTAINERD_CERTS_DIR,
+        mirror_host(service_ip)
+    )
+}
+
+/// `hosts.toml` sending every pull and resolve first to `mirror_url`, trusting `ca_file`.
+pub fn hosts_toml(mirror_url: &str, ca_file: &str) -> String {
+    let file = HostsFile {
+        server: None,
+        host: BTreeMap::from([(
+            mirror_url.to_string(),
+            HostEntry {
+                capabilities: vec!["pull".into(), "resolve".into()],
+                ca: Some(ca_file.to_string()),
+            },
+        )]),
+    };
+    let body = toml::to_string(&file).expect("a hosts file always serializes");
+    format!(
+        "# Managed by registry-addon: pull through the cluster's registry, then upstream.\n{body}"
+    )
+}
+
+/// The containerd configuration fragment setting `config_path` for containerd `major`
+/// (1: config version 2, CRI plugin `io.containerd.grpc.v1.cri`; 2: config version 3, images
+/// plugin `io.containerd.cri.v1.images`).
+pub fn containerd_fragment(major: u8) -> String {
+    let (version, plugin) = if major >= 2 {
+        (3, "io.containerd.cri.v1.images")
+    } else {
+        (2, "io.containerd.grpc.v1.cri")
+    };
+    let mut registry = toml::Table::new();
+    registry.insert(
+        "config_path".into(),
+        names::CONTAINERD_CERTS_DIR.to_string().into(),
+    );
+    let mut plugin_table = toml::Table::new();
+    plugin_table.insert("registry".into(), registry.into());
+    let mut plugins = toml::Table::new();
+    plugins.insert(plugin.into(), plugin_table.into());
+    let mut config = toml::Table::new();
+    config.insert("version".into(), toml::Value::Integer(version));
+    config.insert("plugins".into(), plugins.into());
+    let body = toml::to_string(&config).expect("a table always serializes");
+    format!(
+        "# Managed by registry-addon: containerd {major}.x reads registry hosts from certs.d.\n{body}"
+    )
+}
+
+/// Path of the fragment for containerd `major`.
+pub fn fragment_path(major: u8) -> String {
+    format!("{}/containerd-{major}.toml", names::CONTAINERD_ADDON_DIR)
+}
+
+/// Path of the script run before kubeadm.
+pub fn script_path() -> String {
+    format!("{}/configure.sh", names::CONTAINERD_ADDON_DIR)
+}
+
+/// The `preKubeadmCommands` entry running the script.
+pub fn pre_kubeadm_command() -> String {
+    format!("/bin/sh {}", script_path())
+}
+
+/// The script that makes containerd load the right fragment.
+///
+/// `config_path` is only read from containerd's main configuration or a file it `imports`,
+/// and which plugin holds it depends on the containerd major version, unknown until the node
+/// boots. A drop-in alone is ignored unless the main configuration imports it, so the script
+/// copies the matching fragment to `conf.d`, adds it to `imports` unless the main
+/// configuration already imports it (directly or through `conf.d/*.toml`, as image-builder
+/// writes it), creates a minimal main configuration when there is none, and restarts
+/// containerd if it already runs. `REGISTRY_ADDON_ROOT` prefixes every path (for tests); the
+/// restart happens only without it.
+pub fn configure_script() -> String {
+    const SCRIPT: &str = r#"#!/bin/sh
+# Managed by registry-addon: makes containerd read registry hosts from @CERTS_DIR@.
+set -eu
+root="${REGISTRY_ADDON_ROOT:-}"
+config="$root@CONFIG@"
+dropin="$root@DROP_IN@"
+fragments="$root@ADDON_DIR@"
+
+major="$(containerd --version 2>/dev/null | awk '{print $3}' | sed -e 's/^v//' -e 's/\..*//')" || major=""
+case "$major" in
+  ''|*[!0-9]*) major=1 ;;
+esac
+if [ "$major" -ge 2 ]; then version=3; fragment=containerd-2.toml; else version=2; fragment=containerd-1.toml; fi
+
+mkdir -p "$(dirname "$dropin")"
+cp "$fragments/$fragment" "$dropin"
+
+glob="$(dirname "$dropin")/*.toml"
+if [ ! -s "$config" ]; then
+  mkdir -p "$(dirname "$config")"
+  printf 'version = %s\nimports = ["%s"]\n' "$version" "$dropin" > "$config"
+elif grep -Fq "\"$dropin\"" "$config" || grep -Fq "\"$glob\"" "$config"; then
+  : # already imported
+elif grep -Eq '^[[:space:]]*imports[[:space:]]*=[[:space:]]*\[' "$config"; then
+  sed -i -E \
+    -e "s|^([[:space:]]*imports[[:space:]]*=[[:space:]]*\[)[[:space:]]*\]|\1\"$dropin\"]|" \
+    -e t \
+    -e "s|^([[:space:]]*imports[[:space:]]*=[[:space:]]*\[)|\1\"$dropin\", |" \
+    "$config"
+else
+  # Keys before the first table are top-level: prepending keeps the file valid.
+  { printf 'imports = ["%s"]\n' "$dropin"; cat "$config"; } > "$config.registry-addon"
+  mv "$config.registry-addon" "$config"
+fi
+
+if [ -z "$root" ] && command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet containerd; then
+  systemctl restart containerd
+fi
+"#;
+    SCRIPT
+        .replace("@CERTS_DIR@", names::CONTAINERD_CERTS_DIR)
+        .replace("@CONFIG@", names::CONTAINERD_CONFIG)
+        .replace("@DROP_IN@", names::CONTAINERD_DROP_IN)
+        .replace("@ADDON_DIR@", names::CONTAINERD_ADDON_DIR)
+}
+
+/// Every file a node gets, for the registry at `service_ip` whose CA is `ca_pem`.
+pub fn node_files(service_ip: IpAddr, ca_pem: &str) -> Vec<NodeFile> {
+    let file = |path: String, permissions: &str, content: String| NodeFile {
+        path,
+        owner: "root:root".into(),
+        permissions: permissions.into(),
+        content,
+    };
+    let ca = ca_path(service_ip);
+    vec![
+        file(
+            format!("{}/_default/hosts.toml", names::CONTAINERD_CERTS_DIR),
+            "0644",
+            hosts_toml(&mirror_url(service_ip), &ca),
+        ),
+        file(ca, "0644", ca_pem.to_string()),
+        file(fragment_path(1), "0644", containerd_fragment(1)),
+        file(fragment_path(2), "0644", containerd_fragment(2)),
+        file(script_path(), "0700", configure_script()),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_toml_reads_back() {
+        let ip: IpAddr = "10.96.0.20".parse().unwrap();
+        let text = hosts_toml(&mirror_url(ip), &ca_path(ip));
+        let parsed: HostsFile = toml::from_str(&text).unwrap();
+        assert_eq!(parsed.server, None);
+        let entry = &parsed.host["https://10.96.0.20"];
+        assert_eq!(entry.capabilities, ["pull", "resolve"]);
+        assert_eq!(
+            entry.ca.as_deref(),
+            Some("/etc/containerd/certs.d/10.96.0.20/ca.crt")
+        );
+        assert!(text.contains("[host.\"https://10.96.0.20\"]"), "{text}");
+    }
+
+    #[test]
+    fn ipv6_hosts_are_bracketed() {
+        let ip: IpAddr = "fd00:10:96::14".parse().unwrap();
+        assert_eq!(mirror_url(ip), "https://[fd00:10:96::14]");
+        assert_eq!(
+            ca_path(ip),
+            "/etc/containerd/certs.d/[fd00:10:96::14]/ca.crt"
+        );
+        let parsed: HostsFile = toml::from_str(&hosts_toml(&mirror_url(ip), &ca_path(ip))).unwrap();
+        assert!(parsed.host.contains_key("https://[fd00:10:96::14]"));
+    }
+
+    #[test]
+    fn fragments_set_config_path_for_each_containerd() {
+        let v1: toml::Table = toml::from_str(&containerd_fragment(1)).unwrap();
+        assert_eq!(v1["version"].as_integer(), Some(2));
+        assert_eq!(
+            v1["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["config_path"].as_str(),
+            Some("/etc/containerd/certs.d")
+        );
+        let v2: toml::Table = toml::from_str(&containerd_fragment(2)).unwrap();
+        assert_eq!(v2["version"].as_integer(), Some(3));
+        assert_eq!(
+            v2["plugins"]["io.containerd.cri.v1.images"]["registry"]["config_path"].as_str(),
+            Some("/etc/containerd/certs.d")
+        );
+    }
+}
