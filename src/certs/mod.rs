@@ -175,7 +175,7 @@ impl CertificateAuthority {
 
     /// Whether a PEM bundle (e.g. a `ca.crt` value) contains this CA's certificate.
     pub fn is_in_bundle(&self, bundle_pem: &str) -> bool {
-        pem_certificates(bundle_pem).is_ok_and(|blocks| blocks.iter().any(|b| *b == self.cert_der))
+        pem_certificates(bundle_pem).is_ok_and(|blocks| blocks.contains(&self.cert_der))
     }
 
     /// Issues a registry server certificate for `subject` (SPEC §5): 730 days, backdated

@@ -1,22 +1,565 @@
 //! BeforeClusterCreate, AfterControlPlaneInitialized, BeforeClusterUpgrade and
 //! BeforeClusterDelete (SPEC §4).
+//!
+//! Every handler reads first and writes only what differs, so CAPI's repeated calls converge
+//! and a call on an up-to-date cluster sends no write. Calls for one cluster are serialized by
+//! a per-cluster lock; the root CA is created with create-if-absent so two extension replicas
+//! cannot each generate one.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use tracing::info;
+
+use crate::certs::{self, CertInfo, CertificateAuthority, CertifiedKey, PrivateKeyPem};
+use crate::cli::Deployer;
 use crate::hooks::{HookContext, LifecycleCall, Management};
-use crate::wire::runtime::Response;
+use crate::k8s::{self, ClusterApi, Outcome, Place};
+use crate::names;
+use crate::render::objects::{self, secret_data};
+use crate::render::registry::{RegistryValues, registry_objects};
+use crate::wire::runtime::{Hook, Response};
 
-/// State shared by lifecycle calls (e.g. cached workload clients).
+/// How long BeforeClusterUpgrade asks CAPI to wait before calling again.
+pub const RETRY_AFTER_SECONDS: i32 = 15;
+/// Budget used when the caller gives none.
+const DEFAULT_BUDGET: Duration = Duration::from_secs(10);
+
+/// State shared by lifecycle calls: per-cluster locks and cached workload clients.
 #[derive(Default)]
-pub struct State {}
+pub struct State {
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    workloads: Mutex<HashMap<String, CachedWorkload>>,
+    root_ca: tokio::sync::Mutex<()>,
+}
 
-pub async fn handle(ctx: &HookContext, call: LifecycleCall<'_>) -> Response {
-    if let Management::Unavailable(reason) = &ctx.management {
-        return Response::failure(
-            call.hook,
-            format!("cluster {}: management cluster unreachable: {reason}", call.cluster.key()),
+struct CachedWorkload {
+    /// SHA-256 of the kubeconfig the client was built from.
+    fingerprint: [u8; 32],
+    client: kube::Client,
+}
+
+impl State {
+    fn cluster_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        locks.entry(key.to_string()).or_default().clone()
+    }
+
+    fn cached_workload(&self, key: &str, fingerprint: &[u8; 32]) -> Option<kube::Client> {
+        let workloads = self.workloads.lock().unwrap_or_else(|e| e.into_inner());
+        workloads
+            .get(key)
+            .filter(|cached| &cached.fingerprint == fingerprint)
+            .map(|cached| cached.client.clone())
+    }
+
+    fn cache_workload(&self, key: &str, fingerprint: [u8; 32], client: kube::Client) {
+        let mut workloads = self.workloads.lock().unwrap_or_else(|e| e.into_inner());
+        workloads.insert(
+            key.to_string(),
+            CachedWorkload {
+                fingerprint,
+                client,
+            },
         );
     }
-    Response::failure(
-        call.hook,
-        format!("cluster {}: {} is not implemented yet", call.cluster.key(), call.hook),
-    )
+
+    /// Drops what is kept for a deleted cluster.
+    fn forget(&self, key: &str) {
+        self.workloads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+        self.locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+
+    /// Number of cached workload clients (for tests and metrics).
+    pub fn cached_workload_clients(&self) -> usize {
+        self.workloads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+}
+
+/// Why a hook could not finish.
+#[derive(Debug, thiserror::Error)]
+enum HookError {
+    #[error(transparent)]
+    Kube(#[from] k8s::Error),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    CaMismatch(String),
+}
+
+impl HookError {
+    fn is_transient(&self) -> bool {
+        match self {
+            HookError::Kube(e) => e.is_transient(),
+            HookError::Invalid(_) | HookError::CaMismatch(_) => false,
+        }
+    }
+
+    fn on_workload(&self) -> bool {
+        match self {
+            HookError::Kube(e) => e.place == Place::Workload,
+            _ => false,
+        }
+    }
+}
+
+pub async fn handle(ctx: &HookContext, call: LifecycleCall<'_>) -> Response {
+    let hook = call.hook;
+    let key = call.cluster.key();
+    let client = match &ctx.management {
+        Management::Client(client) => client.clone(),
+        Management::Unavailable(reason) => {
+            return Response::failure(
+                hook,
+                format!("cluster {key}: management cluster unreachable: {reason}"),
+            );
+        }
+    };
+    let deployer = match ctx.deployer(&call.request.settings) {
+        Ok(deployer) => deployer,
+        Err(message) => return Response::failure(hook, format!("cluster {key}: {message}")),
+    };
+    let budget = if call.budget.is_zero() {
+        DEFAULT_BUDGET
+    } else {
+        call.budget
+    };
+    // Answer well inside the caller's timeout, whatever the APIs do.
+    let deadline = budget.mul_f64(0.8);
+    let handler = Handler {
+        ctx,
+        call: &call,
+        key: key.clone(),
+        deployer,
+        management: ClusterApi::new(client, Place::Management),
+        budget: deadline,
+    };
+    let lock = ctx.state.cluster_lock(&key);
+    let work = async {
+        let _guard = lock.lock().await;
+        handler.run().await
+    };
+    match tokio::time::timeout(deadline, work).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => handler.error_response(e),
+        Err(_) => {
+            let message = format!(
+                "cluster {key}: {hook} did not finish within {:.1}s; it will be retried",
+                deadline.as_secs_f64()
+            );
+            if hook == Hook::BeforeClusterUpgrade {
+                Response::retry(hook, RETRY_AFTER_SECONDS, message)
+            } else {
+                Response::failure(hook, message)
+            }
+        }
+    }
+}
+
+struct Handler<'a> {
+    ctx: &'a HookContext,
+    call: &'a LifecycleCall<'a>,
+    key: String,
+    deployer: Deployer,
+    management: ClusterApi,
+    budget: Duration,
+}
+
+impl Handler<'_> {
+    async fn run(&self) -> Result<Response, HookError> {
+        let hook = self.call.hook;
+        match hook {
+            Hook::BeforeClusterCreate => {
+                let ca = self.root_ca().await?;
+                self.ensure_cluster_ca(&ca).await?;
+                Ok(Response::success(
+                    hook,
+                    format!(
+                        "cluster {}: CA Secret {}/{} is in place",
+                        self.key,
+                        self.call.cluster.namespace(),
+                        names::cluster_ca_secret(self.call.cluster.name())
+                    ),
+                ))
+            }
+            Hook::AfterControlPlaneInitialized => {
+                let ca = self.root_ca().await?;
+                self.ensure_cluster_ca(&ca).await?;
+                let workload = self.workload().await?;
+                self.deploy(&ca, &workload, None).await?;
+                Ok(Response::success(
+                    hook,
+                    format!(
+                        "cluster {}: registry deployed ({})",
+                        self.key,
+                        self.deployer_name()
+                    ),
+                ))
+            }
+            Hook::BeforeClusterUpgrade => {
+                let ca = self.root_ca().await?;
+                self.ensure_cluster_ca(&ca).await?;
+                let workload = self.workload().await?;
+                let fraction = self.ctx.config.addon.renew_fraction;
+                self.deploy(&ca, &workload, Some(fraction)).await?;
+                self.wait_ready(&workload).await
+            }
+            Hook::BeforeClusterDelete => self.cleanup().await,
+            other => Ok(Response::failure(
+                other,
+                format!("{other} is not a lifecycle hook"),
+            )),
+        }
+    }
+
+    fn deployer_name(&self) -> &'static str {
+        match self.deployer {
+            Deployer::Helmchartproxy => "HelmChartProxy",
+            Deployer::Direct => "applied directly",
+        }
+    }
+
+    fn error_response(&self, e: HookError) -> Response {
+        let hook = self.call.hook;
+        let message = format!("cluster {}: {e}", self.key);
+        // An upgrade waits for the workload cluster rather than failing on a passing outage.
+        if hook == Hook::BeforeClusterUpgrade && e.is_transient() && e.on_workload() {
+            return Response::retry(hook, RETRY_AFTER_SECONDS, message);
+        }
+        Response::failure(hook, message)
+    }
+
+    /// The root CA: read from `registry-addon-root-ca`, generated when absent. An existing
+    /// Secret (cert-manager's or the operator's) is used as is, never regenerated.
+    async fn root_ca(&self) -> Result<CertificateAuthority, HookError> {
+        let namespace = self.ctx.config.namespace.as_str();
+        let describe = || {
+            format!(
+                "secret {namespace}/{} on the management cluster",
+                names::ROOT_CA_SECRET
+            )
+        };
+        let _guard = self.ctx.state.root_ca.lock().await;
+        let existing = self
+            .management
+            .get("v1", "Secret", Some(namespace), names::ROOT_CA_SECRET)
+            .await?;
+        let secret = match existing {
+            Some(secret) => secret,
+            None => {
+                let algorithm = self.ctx.config.addon.key_algorithm;
+                let ca = CertificateAuthority::generate(algorithm, OffsetDateTime::now_utc())
+                    .map_err(|e| HookError::Invalid(format!("{}: {e}", describe())))?;
+                let object = objects::root_ca_secret(namespace, &ca);
+                match self.management.create_or_get(&object).await? {
+                    None => {
+                        info!(cluster = %self.key, secret = %describe(), "generated the root CA");
+                        return Ok(ca);
+                    }
+                    // Another replica created it first: use theirs.
+                    Some(secret) => secret,
+                }
+            }
+        };
+        let cert = secret_data(&secret, "tls.crt");
+        let key = secret_data(&secret, "tls.key");
+        let (Some(cert), Some(key)) = (cert, key) else {
+            return Err(HookError::Invalid(format!(
+                "{}: keys tls.crt and tls.key are required",
+                describe()
+            )));
+        };
+        CertificateAuthority::from_pem(&cert, &key)
+            .map_err(|e| HookError::Invalid(format!("{}: {e}", describe())))
+    }
+
+    /// Applies `<cluster>-registry-addon-ca`; fails when it holds another CA than the root.
+    async fn ensure_cluster_ca(&self, ca: &CertificateAuthority) -> Result<(), HookError> {
+        let cluster = self.call.cluster;
+        let desired = objects::cluster_ca_secret(cluster, ca.cert_pem());
+        let name = names::cluster_ca_secret(cluster.name());
+        let existing = self
+            .management
+            .get("v1", "Secret", Some(cluster.namespace()), &name)
+            .await?;
+        if let Some(existing) = &existing {
+            if let Some(current) = secret_data(existing, "ca.crt").filter(|c| !c.trim().is_empty())
+                && !ca.is_in_bundle(&current)
+            {
+                return Err(HookError::CaMismatch(format!(
+                    "CA mismatch: secret {}/{name} holds a CA certificate that is not the root CA \
+                     in secret {}/{} (was the cluster moved to another management cluster? copy \
+                     its original root CA Secret there); no certificate was issued",
+                    cluster.namespace(),
+                    self.ctx.config.namespace,
+                    names::ROOT_CA_SECRET
+                )));
+            }
+            if k8s::contains(existing, &desired) {
+                return Ok(());
+            }
+        }
+        self.management.apply(&desired).await?;
+        info!(cluster = %self.key, secret = %format!("{}/{name}", cluster.namespace()), "applied the cluster CA Secret");
+        Ok(())
+    }
+
+    /// The workload cluster's API, from `<cluster>-kubeconfig`; the client is cached until
+    /// the kubeconfig changes.
+    async fn workload(&self) -> Result<ClusterApi, HookError> {
+        let cluster = self.call.cluster;
+        let name = names::kubeconfig_secret(cluster.name());
+        let describe = format!(
+            "secret {}/{name} on the management cluster",
+            cluster.namespace()
+        );
+        let secret = self
+            .management
+            .get("v1", "Secret", Some(cluster.namespace()), &name)
+            .await?
+            .ok_or_else(|| {
+                HookError::Invalid(format!(
+                    "{describe}: not found; the workload cluster cannot be reached without it"
+                ))
+            })?;
+        let kubeconfig = secret_data(&secret, names::KUBECONFIG_SECRET_KEY).ok_or_else(|| {
+            HookError::Invalid(format!(
+                "{describe}: key {} is missing or not UTF-8",
+                names::KUBECONFIG_SECRET_KEY
+            ))
+        })?;
+        let fingerprint: [u8; 32] = Sha256::digest(kubeconfig.as_bytes()).into();
+        if let Some(client) = self.ctx.state.cached_workload(&self.key, &fingerprint) {
+            return Ok(ClusterApi::new(client, Place::Workload));
+        }
+        let timeout = self.budget.mul_f64(0.5).max(Duration::from_secs(1));
+        let client = k8s::client_from_kubeconfig(&kubeconfig, timeout)
+            .await
+            .map_err(|e| HookError::Invalid(format!("{describe}: {e}")))?;
+        self.ctx
+            .state
+            .cache_workload(&self.key, fingerprint, client.clone());
+        info!(cluster = %self.key, "built a client for the workload cluster");
+        Ok(ClusterApi::new(client, Place::Workload))
+    }
+
+    fn service_ip(&self) -> Result<IpAddr, HookError> {
+        self.call
+            .registry
+            .resolve_service_ip(self.call.cluster.service_cidrs())
+            .map_err(|e| HookError::Invalid(e.to_string()))
+    }
+
+    /// Namespace, `registry-tls` (kept while usable, renewed inside the renewal window when
+    /// `renew_fraction` is set) and the registry itself.
+    async fn deploy(
+        &self,
+        ca: &CertificateAuthority,
+        workload: &ClusterApi,
+        renew_fraction: Option<f64>,
+    ) -> Result<(), HookError> {
+        let service_ip = self.service_ip()?;
+        let subject = certs::registry_subject_names(self.call.registry.replicas, service_ip);
+
+        if workload.ensure(&objects::registry_namespace()).await? == Outcome::Applied {
+            info!(cluster = %self.key, namespace = names::REGISTRY_NAMESPACE, "applied the registry Namespace on the workload cluster");
+        }
+
+        let tls_name = names::REGISTRY_TLS_SECRET;
+        let ns = names::REGISTRY_NAMESPACE;
+        let existing = workload.get("v1", "Secret", Some(ns), tls_name).await?;
+        let now = OffsetDateTime::now_utc();
+        let kept = match &existing {
+            None => Err("it does not exist"),
+            Some(secret) => usable_certificate(secret, ca, &subject, now, renew_fraction),
+        };
+        let cert = match kept {
+            Ok(cert) => cert,
+            Err(reason) => {
+                let algorithm = self.ctx.config.addon.key_algorithm;
+                let cert = ca.issue_server(&subject, algorithm, now).map_err(|e| {
+                    HookError::Invalid(format!("issuing the registry certificate: {e}"))
+                })?;
+                info!(cluster = %self.key, secret = %format!("{ns}/{tls_name}"), reason, "issued a registry server certificate");
+                cert
+            }
+        };
+        // The type of a Secret is immutable: replace one that is not kubernetes.io/tls.
+        if let Some(secret) = &existing
+            && secret["type"].as_str() != Some("kubernetes.io/tls")
+        {
+            workload.delete("v1", "Secret", Some(ns), tls_name).await?;
+            info!(cluster = %self.key, secret = %format!("{ns}/{tls_name}"), "deleted a registry TLS Secret of the wrong type");
+        }
+        let secret = objects::registry_tls_secret(&cert, ca.cert_pem());
+        if existing.as_ref().is_none_or(|e| !k8s::contains(e, &secret)) {
+            workload.apply(&secret).await?;
+            info!(cluster = %self.key, secret = %format!("{ns}/{tls_name}"), "applied the registry TLS Secret on the workload cluster");
+        }
+
+        let hash = CertInfo::from_pem(&cert.cert_pem)
+            .map_err(|e| HookError::Invalid(format!("registry certificate: {e}")))?
+            .sha256_hex();
+        let values =
+            RegistryValues::new(&self.ctx.config.addon, self.call.registry, service_ip, hash);
+        match self.deployer {
+            Deployer::Helmchartproxy => {
+                let proxy =
+                    objects::helm_chart_proxy(self.call.cluster, &self.ctx.config.addon, &values)
+                        .map_err(|e| {
+                        HookError::Invalid(format!("rendering the HelmChartProxy values: {e}"))
+                    })?;
+                if self.management.ensure(&proxy).await? == Outcome::Applied {
+                    info!(cluster = %self.key, helmchartproxy = %k8s::ObjectId::of(&proxy), "applied the HelmChartProxy");
+                }
+            }
+            Deployer::Direct => {
+                for object in registry_objects(&values) {
+                    if workload.ensure(&object).await? == Outcome::Applied {
+                        info!(cluster = %self.key, object = %k8s::ObjectId::of(&object), "applied a registry object on the workload cluster");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Success once the StatefulSet `registry-system/registry` runs every replica of the
+    /// current spec; otherwise a retry that says what is missing.
+    async fn wait_ready(&self, workload: &ClusterApi) -> Result<Response, HookError> {
+        let hook = self.call.hook;
+        let ns = names::REGISTRY_NAMESPACE;
+        let name = names::REGISTRY_NAME;
+        let statefulset = workload
+            .get("apps/v1", "StatefulSet", Some(ns), name)
+            .await?;
+        let wanted = u64::from(self.call.registry.replicas);
+        let waiting = match &statefulset {
+            None => Some("it does not exist yet".to_string()),
+            Some(sts) => statefulset_not_ready(sts, wanted),
+        };
+        Ok(match waiting {
+            None => Response::success(
+                hook,
+                format!(
+                    "cluster {}: registry is ready ({wanted} replicas)",
+                    self.key
+                ),
+            ),
+            Some(why) => Response::retry(
+                hook,
+                RETRY_AFTER_SECONDS,
+                format!(
+                    "cluster {}: waiting for statefulset {ns}/{name} on the workload cluster to be ready: {why}",
+                    self.key
+                ),
+            ),
+        })
+    }
+
+    /// Deletes the HelmChartProxy (its Helm release is uninstalled while the workload cluster
+    /// still exists) and forgets the cluster. The cluster CA Secret goes with its ownerReference.
+    async fn cleanup(&self) -> Result<Response, HookError> {
+        let hook = self.call.hook;
+        let cluster = self.call.cluster;
+        let name = objects::helm_chart_proxy_name(cluster);
+        let existing = self
+            .management
+            .get(
+                objects::HELM_CHART_PROXY_API_VERSION,
+                "HelmChartProxy",
+                Some(cluster.namespace()),
+                &name,
+            )
+            .await?;
+        if let Some(proxy) = existing
+            && proxy["metadata"]["deletionTimestamp"].is_null()
+        {
+            self.management
+                .delete(
+                    objects::HELM_CHART_PROXY_API_VERSION,
+                    "HelmChartProxy",
+                    Some(cluster.namespace()),
+                    &name,
+                )
+                .await?;
+            info!(cluster = %self.key, helmchartproxy = %format!("{}/{name}", cluster.namespace()), "deleted the HelmChartProxy");
+        }
+        self.ctx.state.forget(&self.key);
+        Ok(Response::success(
+            hook,
+            format!("cluster {}: registry addon cleaned up", self.key),
+        ))
+    }
+}
+
+/// Why a StatefulSet is not ready for `wanted` replicas, or `None` when it is.
+fn statefulset_not_ready(sts: &serde_json::Value, wanted: u64) -> Option<String> {
+    let number = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let generation = number(&sts["metadata"]["generation"]);
+    let observed = number(&sts["status"]["observedGeneration"]);
+    let replicas = sts["spec"]["replicas"].as_u64().unwrap_or(1);
+    let ready = number(&sts["status"]["readyReplicas"]);
+    let updated = number(&sts["status"]["updatedReplicas"]);
+    if replicas != wanted {
+        return Some(format!("it has {replicas} replicas, {wanted} wanted"));
+    }
+    if observed < generation {
+        return Some(format!(
+            "generation {generation} not yet observed (observed {observed})"
+        ));
+    }
+    if ready < replicas || updated < replicas {
+        return Some(format!(
+            "{ready}/{replicas} replicas ready, {updated}/{replicas} updated"
+        ));
+    }
+    None
+}
+
+/// The certificate in a `registry-tls` Secret when it can stay, else why it must be replaced.
+fn usable_certificate(
+    secret: &serde_json::Value,
+    ca: &CertificateAuthority,
+    subject: &certs::SubjectNames,
+    now: OffsetDateTime,
+    renew_fraction: Option<f64>,
+) -> Result<CertifiedKey, &'static str> {
+    let cert_pem = secret_data(secret, "tls.crt").ok_or("it has no tls.crt")?;
+    let key_pem = secret_data(secret, "tls.key").ok_or("it has no tls.key")?;
+    let info = CertInfo::from_pem(&cert_pem).map_err(|_| "its certificate cannot be read")?;
+    if !info.key_matches(&key_pem) {
+        return Err("its private key does not match the certificate");
+    }
+    if !info.is_signed_by(ca) {
+        return Err("it is not signed by the cluster's CA");
+    }
+    if info.names != *subject {
+        return Err("its SANs do not match the replicas and Service IP");
+    }
+    if !info.is_valid_at(now) {
+        return Err("it is expired or not yet valid");
+    }
+    if let Some(fraction) = renew_fraction
+        && info.in_renewal_window(now, fraction)
+    {
+        return Err("it is inside its renewal window");
+    }
+    Ok(CertifiedKey {
+        cert_pem,
+        key_pem: PrivateKeyPem::new(key_pem),
+    })
 }

@@ -1,6 +1,7 @@
 //! The registry objects for one cluster, rendered once for `render`, the direct deployer and
 //! the Helm values.
 
+pub mod objects;
 pub mod registry;
 
 use crate::cli::RenderArgs;

@@ -1,0 +1,953 @@
+//! Lifecycle hooks against two in-memory API servers (management and workload), driven
+//! through `hooks::dispatch` with realistic requests. The workload client is built from the
+//! kubeconfig Secret and talks to the workload stand-in over loopback HTTP.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use axum::http::Method;
+use registry_addon::certs::{self, CertInfo, CertificateAuthority};
+use registry_addon::cli::KeyAlgorithm;
+use registry_addon::hooks::{HookConfig, HookContext, Management, dispatch};
+use registry_addon::k8s::{ClusterApi, Place};
+use registry_addon::names;
+use registry_addon::render::objects;
+use registry_addon::render::registry::{RegistryValues, registry_objects};
+use registry_addon::wire::cluster::Cluster;
+use registry_addon::wire::runtime::Hook;
+use registry_addon::wire::variable::registry_from_config;
+use serde_json::{Value, json};
+use support::*;
+use time::OffsetDateTime;
+
+const LIFECYCLE: [Hook; 4] = [
+    Hook::BeforeClusterCreate,
+    Hook::AfterControlPlaneInitialized,
+    Hook::BeforeClusterUpgrade,
+    Hook::BeforeClusterDelete,
+];
+
+fn assert_success(response: &Value) {
+    assert_eq!(response["status"], "Success", "{response:#}");
+}
+
+fn assert_failure(response: &Value, needle: &str) {
+    assert_eq!(response["status"], "Failure", "{response:#}");
+    let message = response["message"].as_str().unwrap_or_default();
+    assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+    assert!(!message.contains("PRIVATE KEY"), "{message}");
+}
+
+fn root_ca(env: &Env) -> CertificateAuthority {
+    let secret = env.management.get(&root_ca_path()).expect("root CA secret");
+    CertificateAuthority::from_pem(
+        &unb64(&secret["data"]["tls.crt"]),
+        &unb64(&secret["data"]["tls.key"]),
+    )
+    .expect("root CA")
+}
+
+/// The registry-tls Secret replaced by a certificate of the given names and issue date.
+fn plant_certificate(
+    env: &Env,
+    ca: &CertificateAuthority,
+    replicas: u8,
+    ip: &str,
+    issued: OffsetDateTime,
+) -> String {
+    let names = certs::registry_subject_names(replicas, ip.parse().unwrap());
+    let cert = ca
+        .issue_server(&names, KeyAlgorithm::EcdsaP256, issued)
+        .unwrap();
+    env.workload.update(&tls_path(), |secret| {
+        secret["data"]["tls.crt"] = json!(b64(&cert.cert_pem));
+        secret["data"]["tls.key"] = json!(b64(cert.key_pem.expose()));
+    });
+    cert.cert_pem
+}
+
+#[tokio::test]
+async fn before_cluster_create_generates_the_root_ca_and_copies_it() {
+    let env = Env::new().await;
+    let response = env.call(Hook::BeforeClusterCreate).await;
+    assert_success(&response);
+    assert_eq!(response["retryAfterSeconds"], 0);
+
+    let root = env.management.get(&root_ca_path()).unwrap();
+    assert_eq!(root["type"], "kubernetes.io/tls");
+    for key in ["ca.crt", "tls.crt", "tls.key"] {
+        assert!(root["data"][key].is_string(), "{key}");
+    }
+    let ca = root_ca(&env);
+    let info = CertInfo::from_pem(ca.cert_pem()).unwrap();
+    assert!(info.lifetime() >= time::Duration::days(3650));
+
+    let copy = env.management.get(&cluster_ca_path()).unwrap();
+    let data = copy["data"].as_object().unwrap();
+    assert_eq!(data.keys().collect::<Vec<_>>(), ["ca.crt"]);
+    assert_eq!(unb64(&copy["data"]["ca.crt"]), ca.cert_pem());
+    assert_eq!(
+        copy["metadata"]["ownerReferences"],
+        json!([{"apiVersion": "cluster.x-k8s.io/v1beta2", "kind": "Cluster", "name": "wl-1", "uid": "00000000-0000-0000-0000-000000001234"}])
+    );
+    // Nothing happens on the workload cluster before it exists.
+    assert!(env.workload.requests().is_empty());
+
+    env.clear_logs();
+    assert_success(&env.call(Hook::BeforeClusterCreate).await);
+    assert_eq!(env.writes(), 0, "{:?}", env.management.requests());
+}
+
+#[tokio::test]
+async fn owner_reference_follows_the_request_api_version() {
+    let env = Env::with(&[], "cluster-v1beta1.json").await;
+    assert_success(&env.call(Hook::BeforeClusterCreate).await);
+    let copy = env.management.get(&cluster_ca_path()).unwrap();
+    assert_eq!(
+        copy["metadata"]["ownerReferences"][0]["apiVersion"],
+        "cluster.x-k8s.io/v1beta1"
+    );
+}
+
+#[tokio::test]
+async fn an_existing_root_ca_is_used_as_is() {
+    // cert-manager style: openssl-made CA with a SEC1 key, ca.crt beside tls.crt.
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("ca.key");
+    let crt = dir.path().join("ca.crt");
+    let ok = Command::new("openssl")
+        .args([
+            "ecparam",
+            "-genkey",
+            "-name",
+            "prime256v1",
+            "-noout",
+            "-out",
+        ])
+        .arg(&key)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-new",
+            "-subj",
+            "/CN=operator CA",
+            "-days",
+            "30",
+            "-key",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let cert_pem = std::fs::read_to_string(&crt).unwrap();
+    let key_pem = std::fs::read_to_string(&key).unwrap();
+    assert!(key_pem.contains("EC PRIVATE KEY"));
+
+    let env = Env::new().await;
+    env.management.put(
+        &format!("/api/v1/namespaces/{EXTENSION_NAMESPACE}/secrets"),
+        json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": names::ROOT_CA_SECRET},
+            "type": "kubernetes.io/tls",
+            "data": {"tls.crt": b64(&cert_pem), "tls.key": b64(&key_pem), "ca.crt": b64(&cert_pem)},
+        }),
+    );
+    let before = env.management.get(&root_ca_path()).unwrap();
+    assert_success(&env.call(Hook::BeforeClusterCreate).await);
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert_eq!(
+        env.management.get(&root_ca_path()).unwrap(),
+        before,
+        "never regenerated"
+    );
+    let copy = env.management.get(&cluster_ca_path()).unwrap();
+    assert_eq!(
+        certs::pem_certificates(&unb64(&copy["data"]["ca.crt"])).unwrap(),
+        certs::pem_certificates(&cert_pem).unwrap()
+    );
+    let server = CertInfo::from_pem(&env.tls_cert_pem()).unwrap();
+    assert!(server.is_signed_by(&root_ca(&env)));
+}
+
+#[tokio::test]
+async fn rsa_keys_on_request() {
+    let env = Env::with(&["--key-algorithm", "rsa2048"], "cluster-v1beta2.json").await;
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    let root = env.management.get(&root_ca_path()).unwrap();
+    let out = openssl_text(&unb64(&root["data"]["tls.crt"]));
+    assert!(
+        out.contains("rsaEncryption") && out.contains("2048 bit"),
+        "{out}"
+    );
+    let out = openssl_text(&env.tls_cert_pem());
+    assert!(out.contains("rsaEncryption"), "{out}");
+}
+
+fn openssl_text(pem: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.pem");
+    std::fs::write(&path, pem).unwrap();
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn after_control_plane_initialized_deploys_with_a_helmchartproxy() {
+    let env = Env::new().await;
+    assert_success(&env.call(Hook::BeforeClusterCreate).await);
+    env.clear_logs();
+
+    let response = env.call(Hook::AfterControlPlaneInitialized).await;
+    assert_success(&response);
+    assert!(response.get("retryAfterSeconds").is_none());
+    let (first_mgmt, first_wl) = env.request_counts();
+
+    let namespace = env
+        .workload
+        .get("/api/v1/namespaces/registry-system")
+        .unwrap();
+    assert_eq!(namespace["kind"], "Namespace");
+    let tls = env.workload.get(&tls_path()).unwrap();
+    assert_eq!(tls["type"], "kubernetes.io/tls");
+    let mut keys: Vec<_> = tls["data"].as_object().unwrap().keys().cloned().collect();
+    keys.sort();
+    assert_eq!(keys, ["ca.crt", "tls.crt", "tls.key"]);
+    let ca = root_ca(&env);
+    assert_eq!(unb64(&tls["data"]["ca.crt"]), ca.cert_pem());
+
+    // The real openssl trusts the chain and sees every SAN.
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.crt");
+    let cert_file = dir.path().join("tls.crt");
+    std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+    std::fs::write(&cert_file, unb64(&tls["data"]["tls.crt"])).unwrap();
+    let verify = Command::new("openssl")
+        .args(["verify", "-purpose", "sslserver", "-CAfile"])
+        .arg(&ca_file)
+        .arg(&cert_file)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let sans = Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+        .arg(&cert_file)
+        .output()
+        .unwrap();
+    let sans = String::from_utf8_lossy(&sans.stdout);
+    for expected in [
+        "DNS:registry.registry-system.svc.cluster.local",
+        "DNS:registry-2.registry-headless.registry-system.svc",
+        "DNS:registry-0",
+        "IP Address:10.128.0.20",
+        "IP Address:127.0.0.1",
+    ] {
+        assert!(sans.contains(expected), "{expected} missing in {sans}");
+    }
+    assert!(!sans.contains("registry-3"), "{sans}");
+    let text = openssl_text(&unb64(&tls["data"]["tls.crt"]));
+    assert!(text.contains("TLS Web Server Authentication"), "{text}");
+
+    // The HelmChartProxy: owned by the Cluster, selecting it, values carrying the hash.
+    let hcp = env.management.get(&hcp_path()).unwrap();
+    assert_eq!(
+        hcp["metadata"]["ownerReferences"][0]["uid"],
+        "00000000-0000-0000-0000-000000001234"
+    );
+    assert_eq!(
+        hcp["spec"]["clusterSelector"]["matchLabels"]["cluster.x-k8s.io/cluster-name"],
+        "wl-1"
+    );
+    assert_eq!(hcp["spec"]["releaseName"], "registry");
+    assert_eq!(hcp["spec"]["namespace"], "registry-system");
+    assert_eq!(
+        hcp["spec"]["repoURL"],
+        "oci://ghcr.io/registry-addon/charts"
+    );
+    let values: Value =
+        serde_yaml::from_str(hcp["spec"]["valuesTemplate"].as_str().unwrap()).unwrap();
+    let hash = CertInfo::from_pem(&env.tls_cert_pem())
+        .unwrap()
+        .sha256_hex();
+    assert_eq!(values["certificateHash"], hash);
+    assert_eq!(values["replicas"], 3);
+    assert_eq!(values["serviceIP"], "10.128.0.20");
+
+    // Every write is server-side apply (or the create of the root CA).
+    for request in env
+        .management
+        .requests()
+        .iter()
+        .chain(&env.workload.requests())
+    {
+        if request.method == Method::PATCH {
+            assert_eq!(request.content_type, "application/apply-patch+yaml");
+            assert!(
+                request.query.contains("fieldManager=registry-addon"),
+                "{request:?}"
+            );
+            assert!(request.query.contains("force=true"), "{request:?}");
+        }
+    }
+
+    env.clear_logs();
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert_eq!(
+        env.writes(),
+        0,
+        "{:?} {:?}",
+        env.management.requests(),
+        env.workload.requests()
+    );
+    let (again_mgmt, again_wl) = env.request_counts();
+    assert_eq!(
+        env.tls_cert_pem(),
+        unb64(&tls["data"]["tls.crt"]),
+        "a valid certificate is kept"
+    );
+
+    env.make_registry_ready(3);
+    env.clear_logs();
+    assert_success(&env.call(Hook::BeforeClusterUpgrade).await);
+    assert_eq!(env.writes(), 0);
+    let (bcu_mgmt, bcu_wl) = env.request_counts();
+    println!(
+        "API requests per hook call (management + workload): first ACPI {first_mgmt} + {first_wl}, \
+         repeated ACPI {again_mgmt} + {again_wl}, BCU with nothing to renew {bcu_mgmt} + {bcu_wl}"
+    );
+}
+
+#[tokio::test]
+async fn helmchartproxy_validates_against_its_crd() {
+    let crd: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(fixture_path(
+            "addons.cluster.x-k8s.io_helmchartproxies.yaml",
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let version = crd["spec"]["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "v1alpha1")
+        .unwrap();
+    let schema = version["schema"]["openAPIV3Schema"].clone();
+    let validator = jsonschema::validator_for(&strip_k8s_extensions(schema)).unwrap();
+
+    let cluster = Cluster::from_value(&cluster_fixture("cluster-v1beta2.json")).unwrap();
+    let registry = registry_from_config(cluster.variable("clusterConfig"))
+        .unwrap()
+        .unwrap();
+    let options = options(&["--chart-repository", "https://charts.example.com"]);
+    let ip = registry
+        .resolve_service_ip(cluster.service_cidrs())
+        .unwrap();
+    let values = RegistryValues::new(&options, &registry, ip, "abc".into());
+    let hcp = objects::helm_chart_proxy(&cluster, &options, &values).unwrap();
+    let errors: Vec<String> = validator.iter_errors(&hcp).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{errors:?}");
+}
+
+/// Kubernetes' `x-kubernetes-*` keywords are not JSON Schema; `int-or-string` becomes "any".
+fn strip_k8s_extensions(mut schema: Value) -> Value {
+    fn walk(v: &mut Value) {
+        match v {
+            Value::Object(map) => {
+                if map.get("x-kubernetes-int-or-string") == Some(&json!(true)) {
+                    map.remove("type");
+                }
+                map.retain(|k, _| !k.starts_with("x-kubernetes-"));
+                map.values_mut().for_each(walk);
+            }
+            Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    walk(&mut schema);
+    schema
+}
+
+#[tokio::test]
+async fn direct_deployer_applies_every_registry_object() {
+    let mut env = Env::new().await;
+    env.settings = json!({"deployer": "direct"});
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert!(env.management.get(&hcp_path()).is_none());
+
+    let cluster = Cluster::from_value(&env.cluster).unwrap();
+    let registry = registry_from_config(cluster.variable("clusterConfig"))
+        .unwrap()
+        .unwrap();
+    let hash = CertInfo::from_pem(&env.tls_cert_pem())
+        .unwrap()
+        .sha256_hex();
+    let values = RegistryValues::new(
+        &env.ctx.config.addon,
+        &registry,
+        "10.128.0.20".parse().unwrap(),
+        hash,
+    );
+    for object in registry_objects(&values) {
+        let id = registry_addon::k8s::ObjectId::of(&object);
+        let resource = registry_addon::k8s::api_resource(&id.api_version, &id.kind);
+        let prefix = if resource.group.is_empty() {
+            "/api/v1".to_string()
+        } else {
+            format!("/apis/{}/{}", resource.group, resource.version)
+        };
+        let path = match &id.namespace {
+            Some(ns) => format!("{prefix}/namespaces/{ns}/{}/{}", resource.plural, id.name),
+            None => format!("{prefix}/{}/{}", resource.plural, id.name),
+        };
+        let stored = env
+            .workload
+            .get(&path)
+            .unwrap_or_else(|| panic!("{id} not applied"));
+        assert!(registry_addon::k8s::contains(&stored, &object), "{id}");
+    }
+
+    env.make_registry_ready(3);
+    env.clear_logs();
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert_eq!(env.writes(), 0, "{:?}", env.workload.requests());
+}
+
+#[tokio::test]
+async fn concurrent_calls_converge() {
+    let env = Env::new().await;
+    let calls = (0..6).map(|i| {
+        let hook = if i % 2 == 0 {
+            Hook::AfterControlPlaneInitialized
+        } else {
+            Hook::BeforeClusterCreate
+        };
+        env.call(hook)
+    });
+    for response in futures::future::join_all(calls).await {
+        assert_success(&response);
+    }
+    let cert = env.tls_cert_pem();
+    assert!(
+        CertInfo::from_pem(&cert)
+            .unwrap()
+            .is_signed_by(&root_ca(&env))
+    );
+    env.clear_logs();
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert_eq!(env.writes(), 0);
+    assert_eq!(env.tls_cert_pem(), cert);
+}
+
+#[tokio::test]
+async fn concurrent_clusters_share_one_root_ca() {
+    let env = Env::new().await;
+    let mut other = cluster_fixture("cluster-v1beta2.json");
+    other["metadata"]["name"] = json!("wl-2");
+    other["metadata"]["uid"] = json!("uid-wl-2");
+    let body = |cluster: &Value| {
+        serde_json::to_vec(&json!({"kind": "BeforeClusterCreateRequest", "cluster": cluster}))
+            .unwrap()
+    };
+    let (a, b) = (body(&env.cluster), body(&other));
+    let (ra, rb) = tokio::join!(
+        dispatch(
+            &env.ctx,
+            Hook::BeforeClusterCreate,
+            &a,
+            Duration::from_secs(10)
+        ),
+        dispatch(
+            &env.ctx,
+            Hook::BeforeClusterCreate,
+            &b,
+            Duration::from_secs(10)
+        ),
+    );
+    assert_success(&serde_json::to_value(ra).unwrap());
+    assert_success(&serde_json::to_value(rb).unwrap());
+    let ca = root_ca(&env);
+    for name in ["wl-1", "wl-2"] {
+        let copy = env
+            .management
+            .get(&secret_path("default", &names::cluster_ca_secret(name)))
+            .unwrap();
+        assert_eq!(unb64(&copy["data"]["ca.crt"]), ca.cert_pem(), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn addon_off_writes_nothing() {
+    let mut env = Env::new().await;
+    env.set_registry(Value::Null);
+    for hook in LIFECYCLE {
+        let response = env.call(hook).await;
+        assert_success(&response);
+        assert!(response["message"].as_str().unwrap().contains("off"));
+    }
+    assert!(env.management.requests().is_empty());
+    assert!(env.workload.requests().is_empty());
+}
+
+#[tokio::test]
+async fn invalid_variable_fails_naming_the_field() {
+    let mut env = Env::new().await;
+    env.set_registry(json!({"replicas": 9}));
+    for hook in LIFECYCLE {
+        assert_failure(
+            &env.call(hook).await,
+            "addons.registry.replicas: must be an integer from 1 to 7",
+        );
+    }
+    assert!(env.management.requests().is_empty());
+    env.set_registry(json!({"serviceIP": "192.168.1.1"}));
+    assert_failure(
+        &env.call(Hook::AfterControlPlaneInitialized).await,
+        "addons.registry.serviceIP",
+    );
+    assert!(
+        env.workload.get(&tls_path()).is_none(),
+        "nothing half-applied"
+    );
+}
+
+#[tokio::test]
+async fn management_unreachable_fails() {
+    let env = Env::new().await;
+    let ctx = HookContext::new(
+        HookConfig {
+            namespace: EXTENSION_NAMESPACE.into(),
+            addon: options(&[]),
+        },
+        Management::Unavailable("no kubeconfig".into()),
+    );
+    let response = dispatch(
+        &ctx,
+        Hook::BeforeClusterCreate,
+        &env.request(Hook::BeforeClusterCreate),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_failure(
+        &serde_json::to_value(response).unwrap(),
+        "management cluster unreachable",
+    );
+}
+
+#[tokio::test]
+async fn missing_kubeconfig_secret_is_named() {
+    let env = Env::new().await;
+    env.management
+        .remove(&secret_path(CLUSTER_NS, "wl-1-kubeconfig"));
+    for hook in [
+        Hook::AfterControlPlaneInitialized,
+        Hook::BeforeClusterUpgrade,
+    ] {
+        assert_failure(
+            &env.call(hook).await,
+            "secret default/wl-1-kubeconfig on the management cluster: not found",
+        );
+    }
+}
+
+#[tokio::test]
+async fn workload_api_errors() {
+    let env = Env::new().await;
+    // ACPI cannot finish: Failure naming the object and the cluster, CAPI calls again.
+    env.workload
+        .fail_next(Some(Method::GET), "/secrets/registry-tls", 1, 500);
+    assert_failure(
+        &env.call(Hook::AfterControlPlaneInitialized).await,
+        "cluster default/wl-1: secret registry-system/registry-tls on the workload cluster: get: 500",
+    );
+    env.workload
+        .fail_next(Some(Method::PATCH), "/secrets/registry-tls", 1, 403);
+    assert_failure(
+        &env.call(Hook::AfterControlPlaneInitialized).await,
+        "apply: 403",
+    );
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+
+    // BCU: an unavailable workload API is waited for, not a failure.
+    env.workload
+        .fail_next(None, "/secrets/registry-tls", 1, 500);
+    let response = env.call(Hook::BeforeClusterUpgrade).await;
+    assert_eq!(response["status"], "Success", "{response}");
+    let retry = response["retryAfterSeconds"].as_i64().unwrap();
+    assert!((10..=30).contains(&retry), "{response}");
+
+    // A workload API that does not answer at all.
+    let mut env = Env::new().await;
+    assert_success(&env.call(Hook::BeforeClusterCreate).await);
+    env.put_kubeconfig(
+        &env.workload
+            .kubeconfig()
+            .replace(&env.workload.url, "http://127.0.0.1:9"),
+    );
+    assert_failure(
+        &env.call(Hook::AfterControlPlaneInitialized).await,
+        "on the workload cluster",
+    );
+    let response = env.call(Hook::BeforeClusterUpgrade).await;
+    assert_eq!(response["status"], "Success", "{response}");
+    assert!(response["retryAfterSeconds"].as_i64().unwrap() > 0);
+    env.set_registry(json!({}));
+}
+
+#[tokio::test]
+async fn ca_mismatch_fails_and_issues_nothing() {
+    let env = Env::new().await;
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    let cert = env.tls_cert_pem();
+    // As after `clusterctl move` without the root CA: a new management cluster, a new root.
+    env.management.remove(&root_ca_path());
+    env.clear_logs();
+    for hook in [
+        Hook::AfterControlPlaneInitialized,
+        Hook::BeforeClusterUpgrade,
+    ] {
+        assert_failure(&env.call(hook).await, "CA mismatch");
+    }
+    assert_eq!(env.tls_cert_pem(), cert);
+    assert_eq!(env.workload.writes(), 0);
+    let copy = env.management.get(&cluster_ca_path()).unwrap();
+    assert!(!root_ca(&env).is_in_bundle(&unb64(&copy["data"]["ca.crt"])));
+}
+
+#[tokio::test]
+async fn renewal() {
+    let env = Env::new().await;
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    env.make_registry_ready(3);
+    let ca = root_ca(&env);
+    let now = OffsetDateTime::now_utc();
+
+    // 600 days left: kept.
+    let kept = plant_certificate(&env, &ca, 3, "10.128.0.20", now - time::Duration::days(130));
+    assert_success(&env.call(Hook::BeforeClusterUpgrade).await);
+    assert_eq!(env.tls_cert_pem(), kept);
+
+    // 100 days left: ACPI keeps it (still usable), BCU renews.
+    let old = plant_certificate(&env, &ca, 3, "10.128.0.20", now - time::Duration::days(630));
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert_eq!(env.tls_cert_pem(), old);
+    let response = env.call(Hook::BeforeClusterUpgrade).await;
+    assert_eq!(response["status"], "Success");
+    let renewed = env.tls_cert_pem();
+    assert_ne!(renewed, old);
+    let info = CertInfo::from_pem(&renewed).unwrap();
+    assert!(info.remaining(now) > time::Duration::days(729));
+    // The new hash reaches the chart values, so the pods roll.
+    let hcp = env.management.get(&hcp_path()).unwrap();
+    assert!(
+        hcp["spec"]["valuesTemplate"]
+            .as_str()
+            .unwrap()
+            .contains(&info.sha256_hex())
+    );
+
+    // Wrong SANs (a replica missing, another service IP): renewed, by ACPI too.
+    for (replicas, ip) in [(2, "10.128.0.20"), (3, "10.128.0.21")] {
+        let wrong = plant_certificate(&env, &ca, replicas, ip, now);
+        assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+        assert_ne!(env.tls_cert_pem(), wrong);
+        assert!(
+            CertInfo::from_pem(&env.tls_cert_pem()).unwrap().names
+                == certs::registry_subject_names(3, "10.128.0.20".parse().unwrap())
+        );
+    }
+
+    // Signed by another CA: renewed.
+    let stranger = CertificateAuthority::generate(KeyAlgorithm::EcdsaP256, now).unwrap();
+    let foreign = plant_certificate(&env, &stranger, 3, "10.128.0.20", now);
+    assert_success(&env.call(Hook::BeforeClusterUpgrade).await);
+    assert_ne!(env.tls_cert_pem(), foreign);
+    assert!(
+        CertInfo::from_pem(&env.tls_cert_pem())
+            .unwrap()
+            .is_signed_by(&ca)
+    );
+}
+
+#[tokio::test]
+async fn renew_fraction_is_configurable() {
+    let env = Env::with(&["--renew-fraction", "0.1"], "cluster-v1beta2.json").await;
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    env.make_registry_ready(3);
+    let ca = root_ca(&env);
+    let kept = plant_certificate(
+        &env,
+        &ca,
+        3,
+        "10.128.0.20",
+        OffsetDateTime::now_utc() - time::Duration::days(630),
+    );
+    assert_success(&env.call(Hook::BeforeClusterUpgrade).await);
+    assert_eq!(env.tls_cert_pem(), kept);
+}
+
+#[tokio::test]
+async fn replicas_one_three_seven() {
+    for replicas in [1u8, 3, 7] {
+        let mut env = Env::new().await;
+        env.set_registry(json!({"replicas": replicas}));
+        assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+        let info = CertInfo::from_pem(&env.tls_cert_pem()).unwrap();
+        assert_eq!(
+            info.names,
+            certs::registry_subject_names(replicas, "10.128.0.20".parse().unwrap())
+        );
+        let last = format!(
+            "registry-{}.registry-headless.registry-system.svc.cluster.local",
+            replicas - 1
+        );
+        assert!(info.names.dns.contains(&last));
+        assert!(!info.names.dns.contains(&format!("registry-{replicas}")));
+        // 4 service names x 2 services + per replica 1 + 3, as DNS SANs.
+        assert_eq!(info.names.dns.len(), 7 + 4 * usize::from(replicas));
+    }
+}
+
+#[tokio::test]
+async fn ipv6_service_cidr() {
+    let mut env = Env::new().await;
+    env.set_service_cidr("fd00:10:96::/108");
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    let info = CertInfo::from_pem(&env.tls_cert_pem()).unwrap();
+    assert!(
+        info.names.ips.contains(&"fd00:10:96::14".parse().unwrap()),
+        "{:?}",
+        info.names.ips
+    );
+    let hcp = env.management.get(&hcp_path()).unwrap();
+    assert!(
+        hcp["spec"]["valuesTemplate"]
+            .as_str()
+            .unwrap()
+            .contains("fd00:10:96::14")
+    );
+}
+
+#[tokio::test]
+async fn before_cluster_upgrade_blocks_until_the_registry_is_ready() {
+    let env = Env::new().await;
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+
+    let response = env.call(Hook::BeforeClusterUpgrade).await;
+    assert_eq!(response["status"], "Success");
+    assert_eq!(response["retryAfterSeconds"], 15);
+    assert!(
+        response["message"]
+            .as_str()
+            .unwrap()
+            .contains("statefulset registry-system/registry"),
+        "{response}"
+    );
+
+    env.make_registry_ready(3);
+    env.workload.update(&statefulset_path(), |sts| {
+        sts["status"]["readyReplicas"] = json!(2);
+    });
+    let response = env.call(Hook::BeforeClusterUpgrade).await;
+    assert!(
+        response["message"]
+            .as_str()
+            .unwrap()
+            .contains("2/3 replicas ready"),
+        "{response}"
+    );
+    assert_eq!(response["retryAfterSeconds"], 15);
+
+    env.make_registry_ready(3);
+    env.workload.update(&statefulset_path(), |sts| {
+        sts["metadata"]["generation"] = json!(5);
+    });
+    let response = env.call(Hook::BeforeClusterUpgrade).await;
+    assert!(
+        response["message"]
+            .as_str()
+            .unwrap()
+            .contains("not yet observed"),
+        "{response}"
+    );
+
+    env.make_registry_ready(3);
+    let response = env.call(Hook::BeforeClusterUpgrade).await;
+    assert_success(&response);
+    assert_eq!(response["retryAfterSeconds"], 0);
+}
+
+#[tokio::test]
+async fn before_cluster_delete_removes_the_helmchartproxy() {
+    let env = Env::new().await;
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert_eq!(env.ctx.state.cached_workload_clients(), 1);
+    assert!(env.management.get(&hcp_path()).is_some());
+
+    let response = env.call(Hook::BeforeClusterDelete).await;
+    assert_success(&response);
+    assert_eq!(response["retryAfterSeconds"], 0);
+    assert!(env.management.get(&hcp_path()).is_none());
+    assert_eq!(env.ctx.state.cached_workload_clients(), 0);
+    // The root CA stays (other clusters use it); the CA copy goes with its ownerReference.
+    assert!(env.management.get(&root_ca_path()).is_some());
+    assert!(
+        env.workload
+            .requests()
+            .iter()
+            .all(|r| !r.is_write() || !r.path.contains("delete"))
+    );
+
+    env.clear_logs();
+    assert_success(&env.call(Hook::BeforeClusterDelete).await);
+    assert_eq!(env.writes(), 0);
+}
+
+#[tokio::test]
+async fn kubeconfig_change_rebuilds_the_workload_client() {
+    let env = Env::new().await;
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    let replacement = support::apiserver::ApiServer::start().await;
+    env.put_kubeconfig(&replacement.kubeconfig());
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert!(
+        replacement.get(&tls_path()).is_some(),
+        "the new kubeconfig is used"
+    );
+}
+
+#[tokio::test]
+async fn registry_tls_of_the_wrong_type_is_replaced() {
+    let env = Env::new().await;
+    env.workload.put(
+        "/api/v1/namespaces/registry-system/secrets",
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "registry-tls"}, "type": "Opaque", "data": {}}),
+    );
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert_eq!(
+        env.workload.get(&tls_path()).unwrap()["type"],
+        "kubernetes.io/tls"
+    );
+}
+
+/// Exact protocol: the apply request and how API errors are classified.
+mod protocol {
+    use super::*;
+    use http::{Request, Response};
+    use kube::client::Body;
+
+    async fn respond(
+        handle: &mut tower_test::mock::Handle<Request<Body>, Response<Body>>,
+        status: u16,
+        body: Value,
+    ) -> Request<Body> {
+        let (request, send) = handle.next_request().await.expect("a request");
+        let response = Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Body::from(serde_json::to_vec(&body).unwrap()))
+            .unwrap();
+        send.send_response(response);
+        request
+    }
+
+    fn status(code: u16) -> Value {
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "busy", "reason": "TooManyRequests", "code": code})
+    }
+
+    #[tokio::test]
+    async fn apply_is_server_side_apply_with_force() {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let api = ClusterApi::new(kube::Client::new(service, "default"), Place::Workload);
+        let secret = objects::registry_namespace();
+        let task = tokio::spawn(async move { api.apply(&secret).await });
+        let request = tokio::time::timeout(
+            Duration::from_secs(5),
+            respond(&mut handle, 200, objects::registry_namespace()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(request.method(), "PATCH");
+        assert_eq!(request.uri().path(), "/api/v1/namespaces/registry-system");
+        let query = request.uri().query().unwrap();
+        assert!(query.contains("fieldManager=registry-addon"), "{query}");
+        assert!(query.contains("force=true"), "{query}");
+        assert_eq!(
+            request.headers()["content-type"],
+            "application/apply-patch+yaml"
+        );
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn throttling_and_unavailability_are_transient() {
+        for (code, transient) in [
+            (429, true),
+            (503, true),
+            (500, true),
+            (403, false),
+            (422, false),
+        ] {
+            let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+            let api = ClusterApi::new(kube::Client::new(service, "default"), Place::Workload);
+            let task = tokio::spawn(async move {
+                api.get("v1", "Secret", Some("registry-system"), "registry-tls")
+                    .await
+            });
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                respond(&mut handle, code, status(code)),
+            )
+            .await
+            .unwrap();
+            let error = task.await.unwrap().unwrap_err();
+            assert_eq!(error.is_transient(), transient, "{code}");
+            assert_eq!(error.code(), Some(code));
+            assert!(
+                error.to_string().starts_with(
+                    "secret registry-system/registry-tls on the workload cluster: get: "
+                ),
+                "{error}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn ensure_skips_the_write_when_nothing_differs() {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let api = ClusterApi::new(kube::Client::new(service, "default"), Place::Workload);
+        let mut current = objects::registry_namespace();
+        current["metadata"]["uid"] = json!("u");
+        current["metadata"]["resourceVersion"] = json!("7");
+        current["metadata"]["labels"]["kubernetes.io/metadata.name"] = json!("registry-system");
+        current["spec"] = json!({"finalizers": ["kubernetes"]});
+        let task = tokio::spawn(async move { api.ensure(&objects::registry_namespace()).await });
+        let request = respond(&mut handle, 200, current).await;
+        assert_eq!(request.method(), "GET");
+        // No second request: the mock would hang, the task must finish on its own.
+        let outcome = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(outcome, registry_addon::k8s::Outcome::Unchanged);
+    }
+}

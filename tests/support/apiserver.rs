@@ -1,0 +1,933 @@
+//! An in-memory stand-in for a Kubernetes API server, served over loopback HTTP so that a real
+//! `kube::Client` (built from a URL or a kubeconfig) talks to it.
+//!
+//! Models: generic `/api/v1` and `/apis/<group>/<version>` paths, namespaced and
+//! cluster-scoped; get; list with label selectors (sorted); create; PUT with resourceVersion
+//! conflicts; merge patch; server-side apply keeping each manager's last applied
+//! configuration, so fields a manager stops applying are removed unless another manager
+//! applies them; the status subresource; delete with finalizers; resourceVersion bumped only
+//! on a real change and generation on a change outside metadata and status; `Status` error
+//! bodies; a request log; error injection. Not modelled: field-ownership conflicts,
+//! keyed-list merging, defaulting, validation, garbage collection, watch.
+
+use std::collections::BTreeMap;
+use std::future::IntoFuture;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+/// One request as the server saw it.
+#[derive(Debug, Clone)]
+pub struct Logged {
+    pub method: Method,
+    pub path: String,
+    pub query: String,
+    pub content_type: String,
+}
+
+impl Logged {
+    pub fn is_write(&self) -> bool {
+        self.method != Method::GET
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Key {
+    group_version: String,
+    plural: String,
+    namespace: String,
+    name: String,
+}
+
+#[derive(Debug, Clone)]
+struct Stored {
+    object: Value,
+    /// Last applied configuration of each server-side-apply field manager.
+    applied: BTreeMap<String, Value>,
+}
+
+struct Fault {
+    method: Option<Method>,
+    path: String,
+    remaining: usize,
+    status: u16,
+}
+
+#[derive(Default)]
+struct Store {
+    objects: BTreeMap<Key, Stored>,
+    resource_version: u64,
+    uid: u64,
+    log: Vec<Logged>,
+    faults: Vec<Fault>,
+}
+
+/// A running stand-in. Dropping it stops the server.
+pub struct ApiServer {
+    store: Arc<Mutex<Store>>,
+    pub url: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ApiServer {
+    pub async fn start() -> ApiServer {
+        let store = Arc::new(Mutex::new(Store::default()));
+        let router = Router::new().fallback(handle).with_state(store.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let url = format!("http://{}", listener.local_addr().expect("local addr"));
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).into_future().await;
+        });
+        ApiServer { store, url, task }
+    }
+
+    fn store(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A client over HTTP, as `kube::Config` builds it.
+    pub fn client(&self) -> kube::Client {
+        let config = kube::Config::new(self.url.parse().expect("url"));
+        kube::Client::try_from(config).expect("client")
+    }
+
+    /// A kubeconfig pointing at this server.
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: workload\n  cluster:\n    server: {}\nusers:\n- name: admin\n  user:\n    token: stand-in\ncontexts:\n- name: workload\n  context:\n    cluster: workload\n    user: admin\ncurrent-context: workload\n",
+            self.url
+        )
+    }
+
+    /// Every request so far.
+    pub fn requests(&self) -> Vec<Logged> {
+        self.store().log.clone()
+    }
+
+    pub fn clear_log(&self) {
+        self.store().log.clear();
+    }
+
+    /// Number of requests that change something (anything but GET).
+    pub fn writes(&self) -> usize {
+        self.store().log.iter().filter(|r| r.is_write()).count()
+    }
+
+    /// The next `n` requests whose path ends with `path` (and of `method`, if given) answer
+    /// `status` with a `Status` body.
+    pub fn fail_next(&self, method: Option<Method>, path: &str, n: usize, status: u16) {
+        self.store().faults.push(Fault {
+            method,
+            path: path.to_string(),
+            remaining: n,
+            status,
+        });
+    }
+
+    /// The stored object at an API path, e.g. `/api/v1/namespaces/ns/secrets/name`.
+    pub fn get(&self, path: &str) -> Option<Value> {
+        let target = Target::parse(path)?;
+        let key = target.key()?;
+        self.store().objects.get(&key).map(|s| s.object.clone())
+    }
+
+    /// Stores an object as is (a test's precondition), bumping its resourceVersion.
+    pub fn put(&self, path_of_collection: &str, mut object: Value) {
+        let target = Target::parse(path_of_collection).expect("collection path");
+        let name = object["metadata"]["name"]
+            .as_str()
+            .expect("name")
+            .to_string();
+        let mut store = self.store();
+        store.resource_version += 1;
+        store.uid += 1;
+        let rv = store.resource_version.to_string();
+        let meta = object["metadata"].as_object_mut().expect("metadata");
+        meta.insert("resourceVersion".into(), json!(rv));
+        meta.entry("uid")
+            .or_insert(json!(format!("uid-{}", store.uid)));
+        meta.entry("generation").or_insert(json!(1));
+        if let Some(ns) = &target.namespace {
+            meta.insert("namespace".into(), json!(ns));
+        }
+        let key = Key {
+            group_version: target.group_version.clone(),
+            plural: target.plural.clone(),
+            namespace: target.namespace.clone().unwrap_or_default(),
+            name,
+        };
+        let applied = store
+            .objects
+            .get(&key)
+            .map(|s| s.applied.clone())
+            .unwrap_or_default();
+        store.objects.insert(key, Stored { object, applied });
+    }
+
+    /// Changes a stored object in place (e.g. sets its status, as a controller would).
+    pub fn update(&self, path: &str, change: impl FnOnce(&mut Value)) {
+        let target = Target::parse(path).expect("path");
+        let key = target.key().expect("object path");
+        let mut store = self.store();
+        store.resource_version += 1;
+        let rv = store.resource_version.to_string();
+        let stored = store.objects.get_mut(&key).expect("object exists");
+        change(&mut stored.object);
+        stored.object["metadata"]["resourceVersion"] = json!(rv);
+    }
+
+    /// Removes an object without going through the API.
+    pub fn remove(&self, path: &str) {
+        let key = Target::parse(path)
+            .and_then(|t| t.key())
+            .expect("object path");
+        self.store().objects.remove(&key);
+    }
+}
+
+/// What a path addresses.
+#[derive(Debug, Clone)]
+struct Target {
+    group_version: String,
+    plural: String,
+    namespace: Option<String>,
+    name: Option<String>,
+    subresource: Option<String>,
+}
+
+impl Target {
+    fn parse(path: &str) -> Option<Target> {
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (group_version, rest) = match segments.as_slice() {
+            ["api", version, rest @ ..] => (version.to_string(), rest),
+            ["apis", group, version, rest @ ..] => (format!("{group}/{version}"), rest),
+            _ => return None,
+        };
+        let owned = |s: &&str| s.to_string();
+        let target = match rest {
+            // /namespaces/<ns>/status is the Namespace's own subresource.
+            ["namespaces", ns, sub @ ("status" | "finalize")] => Target {
+                group_version,
+                plural: "namespaces".into(),
+                namespace: None,
+                name: Some(ns.to_string()),
+                subresource: Some(sub.to_string()),
+            },
+            ["namespaces", ns, plural, tail @ ..] if tail.len() <= 2 => Target {
+                group_version,
+                plural: plural.to_string(),
+                namespace: Some(ns.to_string()),
+                name: tail.first().map(owned),
+                subresource: tail.get(1).map(owned),
+            },
+            [plural, tail @ ..] if tail.len() <= 2 => Target {
+                group_version,
+                plural: plural.to_string(),
+                namespace: None,
+                name: tail.first().map(owned),
+                subresource: tail.get(1).map(owned),
+            },
+            _ => return None,
+        };
+        Some(target)
+    }
+
+    fn key(&self) -> Option<Key> {
+        Some(Key {
+            group_version: self.group_version.clone(),
+            plural: self.plural.clone(),
+            namespace: self.namespace.clone().unwrap_or_default(),
+            name: self.name.clone()?,
+        })
+    }
+}
+
+fn status_error(code: u16, reason: &str, message: impl Into<String>) -> Response {
+    let body = json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message.into(),
+        "reason": reason,
+        "code": code,
+    });
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, axum::Json(body)).into_response()
+}
+
+fn ok(code: StatusCode, body: Value) -> Response {
+    (code, axum::Json(body)).into_response()
+}
+
+fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn handle(
+    State(store): State<Arc<Mutex<Store>>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri.path().to_string();
+    let query = uri.query().unwrap_or("").to_string();
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let mut store = store.lock().unwrap_or_else(|e| e.into_inner());
+    store.log.push(Logged {
+        method: method.clone(),
+        path: path.clone(),
+        query: query.clone(),
+        content_type: content_type.clone(),
+    });
+    if let Some(fault) = store.faults.iter_mut().find(|f| {
+        f.remaining > 0 && path.ends_with(&f.path) && f.method.as_ref().is_none_or(|m| *m == method)
+    }) {
+        fault.remaining -= 1;
+        let status = fault.status;
+        return status_error(
+            status,
+            "InjectedFault",
+            format!("injected failure on {path}"),
+        );
+    }
+    let Some(target) = Target::parse(&path) else {
+        return status_error(404, "NotFound", format!("the server could not find {path}"));
+    };
+    let body: Option<Value> = if body.is_empty() {
+        None
+    } else if content_type.contains("yaml") {
+        match serde_yaml::from_slice(&body) {
+            Ok(v) => Some(v),
+            Err(e) => return status_error(400, "BadRequest", format!("invalid YAML body: {e}")),
+        }
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(v) => Some(v),
+            Err(e) => return status_error(400, "BadRequest", format!("invalid JSON body: {e}")),
+        }
+    };
+    match (method.clone(), target.name.is_some()) {
+        (Method::GET, true) => store.get(&target),
+        (Method::GET, false) => store.list(&target, &query),
+        (Method::POST, false) => store.create(&target, body, &query),
+        (Method::PUT, true) => store.replace(&target, body),
+        (Method::PATCH, true) => store.patch(&target, body, &content_type, &query),
+        (Method::DELETE, true) => store.delete(&target),
+        _ => status_error(
+            405,
+            "MethodNotAllowed",
+            format!("{method} {path} is not supported"),
+        ),
+    }
+}
+
+fn kind_of(plural: &str) -> String {
+    // Only needed for empty lists; objects carry their kind.
+    let singular = plural
+        .strip_suffix("ies")
+        .map(|s| format!("{s}y"))
+        .or_else(|| plural.strip_suffix('s').map(str::to_string))
+        .unwrap_or_else(|| plural.to_string());
+    let mut chars = singular.chars();
+    chars
+        .next()
+        .map(|c| c.to_ascii_uppercase().to_string() + chars.as_str())
+        .unwrap_or_default()
+}
+
+fn describe(target: &Target) -> String {
+    format!(
+        "{} \"{}\"",
+        target.plural,
+        target.name.as_deref().unwrap_or_default()
+    )
+}
+
+impl Store {
+    fn next_rv(&mut self) -> String {
+        self.resource_version += 1;
+        self.resource_version.to_string()
+    }
+
+    fn get(&self, target: &Target) -> Response {
+        let key = target.key().expect("named");
+        match self.objects.get(&key) {
+            Some(stored) => ok(StatusCode::OK, stored.object.clone()),
+            None => status_error(404, "NotFound", format!("{} not found", describe(target))),
+        }
+    }
+
+    fn list(&self, target: &Target, query: &str) -> Response {
+        let selector = query_param(query, "labelSelector").unwrap_or_default();
+        let requirements = match parse_selector(&selector) {
+            Ok(r) => r,
+            Err(e) => return status_error(400, "BadRequest", e),
+        };
+        let items: Vec<Value> = self
+            .objects
+            .iter()
+            .filter(|(k, _)| {
+                k.group_version == target.group_version
+                    && k.plural == target.plural
+                    && target
+                        .namespace
+                        .as_ref()
+                        .is_none_or(|ns| *ns == k.namespace)
+            })
+            .map(|(_, s)| s.object.clone())
+            .filter(|o| {
+                let labels = o["metadata"]["labels"]
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default();
+                requirements.iter().all(|r| r.matches(&labels))
+            })
+            .collect();
+        let kind = items
+            .first()
+            .and_then(|o| o["kind"].as_str().map(str::to_string))
+            .unwrap_or_else(|| kind_of(&target.plural));
+        ok(
+            StatusCode::OK,
+            json!({
+                "apiVersion": target.group_version,
+                "kind": format!("{kind}List"),
+                "metadata": {"resourceVersion": self.resource_version.to_string()},
+                "items": items,
+            }),
+        )
+    }
+
+    fn create(&mut self, target: &Target, body: Option<Value>, query: &str) -> Response {
+        let Some(mut object) = body.filter(Value::is_object) else {
+            return status_error(400, "BadRequest", "a body is required");
+        };
+        let Some(name) = object["metadata"]["name"].as_str().map(str::to_string) else {
+            return status_error(422, "Invalid", "metadata.name: Required value");
+        };
+        let named = Target {
+            name: Some(name),
+            ..target.clone()
+        };
+        let key = named.key().expect("named");
+        if self.objects.contains_key(&key) {
+            return status_error(
+                409,
+                "AlreadyExists",
+                format!("{} already exists", describe(&named)),
+            );
+        }
+        self.uid += 1;
+        let uid = format!("uid-{}", self.uid);
+        let rv = self.next_rv();
+        let meta = object["metadata"].as_object_mut().expect("metadata");
+        meta.insert("uid".into(), json!(uid));
+        meta.insert("resourceVersion".into(), json!(rv));
+        meta.insert("generation".into(), json!(1));
+        meta.insert("creationTimestamp".into(), json!("2026-01-01T00:00:00Z"));
+        if let Some(ns) = &target.namespace {
+            meta.insert("namespace".into(), json!(ns));
+        }
+        let _ = query_param(query, "fieldManager");
+        fold_string_data(&mut object);
+        self.objects.insert(
+            key,
+            Stored {
+                object: object.clone(),
+                applied: BTreeMap::new(),
+            },
+        );
+        ok(StatusCode::CREATED, object)
+    }
+
+    fn replace(&mut self, target: &Target, body: Option<Value>) -> Response {
+        let Some(new) = body.filter(Value::is_object) else {
+            return status_error(400, "BadRequest", "a body is required");
+        };
+        let key = target.key().expect("named");
+        let Some(stored) = self.objects.get(&key) else {
+            return status_error(404, "NotFound", format!("{} not found", describe(target)));
+        };
+        let current_rv = stored.object["metadata"]["resourceVersion"].clone();
+        if let Some(rv) = new["metadata"]["resourceVersion"].as_str()
+            && Some(rv) != current_rv.as_str()
+        {
+            return status_error(
+                409,
+                "Conflict",
+                format!(
+                    "Operation cannot be fulfilled on {}: the object has been modified; please apply your changes to the latest version and try again",
+                    describe(target)
+                ),
+            );
+        }
+        let old = stored.object.clone();
+        let mut new = new;
+        fold_string_data(&mut new);
+        let merged = restrict(&old, new, target.subresource.as_deref());
+        self.commit(key, old, merged, None)
+    }
+
+    fn patch(
+        &mut self,
+        target: &Target,
+        body: Option<Value>,
+        content_type: &str,
+        query: &str,
+    ) -> Response {
+        let Some(patch) = body else {
+            return status_error(400, "BadRequest", "a body is required");
+        };
+        let key = target.key().expect("named");
+        let existing = self.objects.get(&key).cloned();
+        if content_type.starts_with("application/apply-patch") {
+            let Some(manager) = query_param(query, "fieldManager").filter(|m| !m.is_empty()) else {
+                return status_error(
+                    400,
+                    "BadRequest",
+                    "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+                );
+            };
+            if patch["metadata"]["name"].as_str() != target.name.as_deref() {
+                return status_error(
+                    400,
+                    "BadRequest",
+                    "the name of the object does not match the URL",
+                );
+            }
+            let (old, previous, mut applied) = match &existing {
+                Some(stored) => (
+                    stored.object.clone(),
+                    stored.applied.get(&manager).cloned().unwrap_or(Value::Null),
+                    stored.applied.clone(),
+                ),
+                None => (Value::Null, Value::Null, BTreeMap::new()),
+            };
+            let others: Vec<Value> = applied
+                .iter()
+                .filter(|(m, _)| **m != manager)
+                .map(|(_, v)| v.clone())
+                .collect();
+            let mut object = if old.is_null() {
+                json!({})
+            } else {
+                old.clone()
+            };
+            prune(&mut object, &previous, &patch, &others, 0);
+            merge_into(&mut object, &patch);
+            fold_string_data(&mut object);
+            applied.insert(manager, patch);
+            if existing.is_none() {
+                self.uid += 1;
+                let meta = object["metadata"].as_object_mut().expect("metadata");
+                meta.insert("uid".into(), json!(format!("uid-{}", self.uid)));
+                meta.insert("generation".into(), json!(1));
+                meta.insert("creationTimestamp".into(), json!("2026-01-01T00:00:00Z"));
+                if let Some(ns) = &target.namespace {
+                    meta.insert("namespace".into(), json!(ns));
+                }
+                let rv = self.next_rv();
+                object["metadata"]["resourceVersion"] = json!(rv);
+                self.objects.insert(
+                    key,
+                    Stored {
+                        object: object.clone(),
+                        applied,
+                    },
+                );
+                return ok(StatusCode::CREATED, object);
+            }
+            let merged = restrict(&old, object, target.subresource.as_deref());
+            return self.commit(key, old, merged, Some(applied));
+        }
+        let Some(stored) = existing else {
+            return status_error(404, "NotFound", format!("{} not found", describe(target)));
+        };
+        if content_type.starts_with("application/merge-patch")
+            || content_type.starts_with("application/strategic-merge-patch")
+        {
+            let old = stored.object.clone();
+            let mut object = old.clone();
+            merge_patch(&mut object, &patch);
+            fold_string_data(&mut object);
+            let merged = restrict(&old, object, target.subresource.as_deref());
+            return self.commit(key, old, merged, None);
+        }
+        status_error(
+            415,
+            "UnsupportedMediaType",
+            format!("unsupported patch type {content_type}"),
+        )
+    }
+
+    fn delete(&mut self, target: &Target) -> Response {
+        let key = target.key().expect("named");
+        let Some(stored) = self.objects.get(&key).cloned() else {
+            return status_error(404, "NotFound", format!("{} not found", describe(target)));
+        };
+        let finalizers = stored.object["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty());
+        if finalizers {
+            let mut object = stored.object.clone();
+            if object["metadata"]["deletionTimestamp"].is_null() {
+                object["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+                let rv = self.next_rv();
+                object["metadata"]["resourceVersion"] = json!(rv);
+                self.objects.get_mut(&key).expect("exists").object = object.clone();
+            }
+            return ok(StatusCode::OK, object);
+        }
+        self.objects.remove(&key);
+        ok(StatusCode::OK, stored.object)
+    }
+
+    /// Stores `new` if it differs from `old`: resourceVersion bumped, generation bumped when
+    /// something outside metadata and status changed.
+    fn commit(
+        &mut self,
+        key: Key,
+        old: Value,
+        mut new: Value,
+        applied: Option<BTreeMap<String, Value>>,
+    ) -> Response {
+        // Identity fields cannot change.
+        for field in [
+            "name",
+            "namespace",
+            "uid",
+            "creationTimestamp",
+            "resourceVersion",
+            "generation",
+        ] {
+            match old["metadata"].get(field) {
+                Some(v) => new["metadata"][field] = v.clone(),
+                None => {
+                    if let Some(m) = new["metadata"].as_object_mut() {
+                        m.remove(field);
+                    }
+                }
+            }
+        }
+        let stored = self.objects.get(&key).cloned().expect("exists");
+        let applied = applied.unwrap_or(stored.applied);
+        if new == old {
+            self.objects.insert(
+                key,
+                Stored {
+                    object: new.clone(),
+                    applied,
+                },
+            );
+            return ok(StatusCode::OK, new);
+        }
+        let spec_changed =
+            without(&old, &["metadata", "status"]) != without(&new, &["metadata", "status"]);
+        if spec_changed {
+            let generation = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
+            new["metadata"]["generation"] = json!(generation);
+        }
+        let rv = self.next_rv();
+        new["metadata"]["resourceVersion"] = json!(rv);
+        self.objects.insert(
+            key,
+            Stored {
+                object: new.clone(),
+                applied,
+            },
+        );
+        ok(StatusCode::OK, new)
+    }
+}
+
+fn without(object: &Value, fields: &[&str]) -> Value {
+    let mut object = object.clone();
+    if let Some(map) = object.as_object_mut() {
+        for field in fields {
+            map.remove(*field);
+        }
+    }
+    object
+}
+
+/// The main resource cannot change `status`; the status subresource changes only `status`.
+fn restrict(old: &Value, new: Value, subresource: Option<&str>) -> Value {
+    match subresource {
+        Some("status") => {
+            let mut object = old.clone();
+            match new.get("status") {
+                Some(status) => object["status"] = status.clone(),
+                None => {
+                    if let Some(m) = object.as_object_mut() {
+                        m.remove("status");
+                    }
+                }
+            }
+            object
+        }
+        _ => {
+            let mut object = new;
+            match old.get("status") {
+                Some(status) => object["status"] = status.clone(),
+                None => {
+                    if let Some(m) = object.as_object_mut() {
+                        m.remove("status");
+                    }
+                }
+            }
+            object
+        }
+    }
+}
+
+/// Secrets: `stringData` is folded into base64 `data`, as the API server does.
+fn fold_string_data(object: &mut Value) {
+    if object["kind"] != "Secret" {
+        return;
+    }
+    let Some(map) = object.as_object_mut() else {
+        return;
+    };
+    if let Some(Value::Object(string_data)) = map.remove("stringData") {
+        use base64::Engine;
+        let data = map.entry("data").or_insert_with(|| json!({}));
+        for (k, v) in string_data {
+            let text = v.as_str().unwrap_or_default().to_string();
+            data[k] = json!(base64::engine::general_purpose::STANDARD.encode(text));
+        }
+    }
+}
+
+/// Removes from `object` what `previous` applied and `current` no longer does, unless another
+/// manager applies it.
+fn prune(object: &mut Value, previous: &Value, current: &Value, others: &[Value], depth: usize) {
+    let (Some(previous), Some(target)) = (previous.as_object(), object.as_object_mut()) else {
+        return;
+    };
+    for (key, prev_value) in previous {
+        if depth == 0 && (key == "apiVersion" || key == "kind") {
+            continue;
+        }
+        let other_values: Vec<Value> = others.iter().filter_map(|o| o.get(key).cloned()).collect();
+        match current.get(key) {
+            None => {
+                if other_values.is_empty() {
+                    target.remove(key);
+                }
+            }
+            Some(cur) => {
+                if let Some(child) = target.get_mut(key)
+                    && prev_value.is_object()
+                    && cur.is_object()
+                {
+                    prune(child, prev_value, cur, &other_values, depth + 1);
+                }
+            }
+        }
+    }
+}
+
+/// Applied configuration merged into the object: maps merge, everything else replaces.
+fn merge_into(object: &mut Value, applied: &Value) {
+    match (object, applied) {
+        (Value::Object(target), Value::Object(source)) => {
+            for (k, v) in source {
+                match target.get_mut(k) {
+                    Some(existing) if existing.is_object() && v.is_object() => {
+                        merge_into(existing, v)
+                    }
+                    _ => {
+                        target.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (object, applied) => *object = applied.clone(),
+    }
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge_patch(object: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *object = patch.clone();
+        return;
+    };
+    if !object.is_object() {
+        *object = Value::Object(Map::new());
+    }
+    let target = object.as_object_mut().expect("object");
+    for (k, v) in patch {
+        if v.is_null() {
+            target.remove(k);
+        } else {
+            merge_patch(target.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    }
+}
+
+enum Requirement {
+    Equals(String, String),
+    NotEquals(String, String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    NotExists(String),
+}
+
+impl Requirement {
+    fn matches(&self, labels: &Map<String, Value>) -> bool {
+        let value = |k: &str| labels.get(k).and_then(Value::as_str);
+        match self {
+            Requirement::Equals(k, v) => value(k) == Some(v.as_str()),
+            Requirement::NotEquals(k, v) => value(k) != Some(v.as_str()),
+            Requirement::In(k, vs) => value(k).is_some_and(|x| vs.iter().any(|v| v == x)),
+            Requirement::NotIn(k, vs) => value(k).is_none_or(|x| vs.iter().all(|v| v != x)),
+            Requirement::Exists(k) => labels.contains_key(k),
+            Requirement::NotExists(k) => !labels.contains_key(k),
+        }
+    }
+}
+
+/// Label selector syntax: `a=b`, `a==b`, `a!=b`, `a in (x,y)`, `a notin (x)`, `a`, `!a`.
+fn parse_selector(selector: &str) -> Result<Vec<Requirement>, String> {
+    let mut parts = Vec::new();
+    let mut depth = 0;
+    let mut current = String::new();
+    for c in selector.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(std::mem::take(&mut current));
+                continue;
+            }
+            _ => {}
+        }
+        current.push(c);
+    }
+    parts.push(current);
+    let set = |s: &str| -> Result<Vec<String>, String> {
+        let s = s.trim();
+        let inner = s
+            .strip_prefix('(')
+            .and_then(|s| s.strip_suffix(')'))
+            .ok_or_else(|| format!("invalid set {s:?}"))?;
+        Ok(inner.split(',').map(|v| v.trim().to_string()).collect())
+    };
+    let mut out = Vec::new();
+    for part in parts.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
+        if let Some((k, v)) = part.split_once(" notin ") {
+            out.push(Requirement::NotIn(k.trim().into(), set(v)?));
+        } else if let Some((k, v)) = part.split_once(" in ") {
+            out.push(Requirement::In(k.trim().into(), set(v)?));
+        } else if let Some((k, v)) = part.split_once("!=") {
+            out.push(Requirement::NotEquals(k.trim().into(), v.trim().into()));
+        } else if let Some((k, v)) = part.split_once("==") {
+            out.push(Requirement::Equals(k.trim().into(), v.trim().into()));
+        } else if let Some((k, v)) = part.split_once('=') {
+            out.push(Requirement::Equals(k.trim().into(), v.trim().into()));
+        } else if let Some(k) = part.strip_prefix('!') {
+            out.push(Requirement::NotExists(k.trim().into()));
+        } else {
+            out.push(Requirement::Exists(part.into()));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        let t = Target::parse("/api/v1/namespaces/ns/secrets/s").unwrap();
+        assert_eq!(
+            (t.plural.as_str(), t.namespace.as_deref(), t.name.as_deref()),
+            ("secrets", Some("ns"), Some("s"))
+        );
+        let t = Target::parse("/api/v1/namespaces/registry-system").unwrap();
+        assert_eq!(
+            (t.plural.as_str(), t.namespace, t.name.as_deref()),
+            ("namespaces", None, Some("registry-system"))
+        );
+        let t = Target::parse("/apis/apps/v1/namespaces/ns/statefulsets/r/status").unwrap();
+        assert_eq!(
+            (t.group_version.as_str(), t.subresource.as_deref()),
+            ("apps/v1", Some("status"))
+        );
+    }
+
+    #[test]
+    fn selectors() {
+        let labels: Map<String, Value> =
+            serde_json::from_value(json!({"a": "1", "b": "2"})).unwrap();
+        let check = |s: &str| {
+            parse_selector(s)
+                .unwrap()
+                .iter()
+                .all(|r| r.matches(&labels))
+        };
+        assert!(check("a=1,b in (2,3)"));
+        assert!(check("a,!c,b notin (3)"));
+        assert!(!check("a!=1"));
+        assert!(!check("b in (3, 4)"));
+    }
+
+    #[test]
+    fn apply_prunes_what_a_manager_drops() {
+        let mut object = json!({"spec": {"a": 1, "b": 2, "c": 3}});
+        let previous = json!({"spec": {"a": 1, "b": 2}});
+        let current = json!({"spec": {"a": 5}});
+        prune(&mut object, &previous, &current, &[], 0);
+        merge_into(&mut object, &current);
+        assert_eq!(object, json!({"spec": {"a": 5, "c": 3}}));
+    }
+}
