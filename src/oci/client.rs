@@ -37,6 +37,8 @@ pub struct ClientOptions {
     pub chunked_uploads: bool,
     /// Size of one PATCH chunk.
     pub chunk_size: u64,
+    /// Entries asked for per page of `_catalog` and `tags/list`.
+    pub page_size: u32,
 }
 
 impl Default for ClientOptions {
@@ -48,6 +50,7 @@ impl Default for ClientOptions {
             backoff: Duration::from_millis(500),
             chunked_uploads: false,
             chunk_size: 16 * 1024 * 1024,
+            page_size: 1000,
         }
     }
 }
@@ -159,6 +162,7 @@ pub struct Registry {
     backoff: Duration,
     chunked: AtomicBool,
     chunk_size: u64,
+    page_size: u32,
     pub stats: RequestStats,
 }
 
@@ -173,7 +177,6 @@ pub fn push_scope(repo: &str) -> String {
 }
 
 const CATALOG_SCOPE: &str = "registry:catalog:*";
-const PAGE_SIZE: u32 = 1000;
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -211,6 +214,7 @@ impl Registry {
             backoff: options.backoff,
             chunked: AtomicBool::new(options.chunked_uploads),
             chunk_size: options.chunk_size.max(1),
+            page_size: options.page_size.max(1),
             stats: RequestStats::default(),
         })
     }
@@ -322,7 +326,9 @@ impl Registry {
         loop {
             attempt += 1;
             let mut request = build();
+            let mut sent_basic = false;
             if let Some(value) = self.auth_header(what, scope).await? {
+                sent_basic = value.starts_with("Basic ");
                 request = request.header(header::AUTHORIZATION, value);
             }
             match request.send().await {
@@ -337,7 +343,8 @@ impl Registry {
                 Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED && !challenged => {
                     challenged = true;
                     attempt -= 1;
-                    self.answer_challenge(what, scope, resp.headers()).await?;
+                    self.answer_challenge(what, scope, resp.headers(), sent_basic)
+                        .await?;
                 }
                 Ok(resp) if is_transient_status(resp.status()) && attempt < self.attempts => {
                     tracing::debug!(registry = %self.name, what, attempt, status = resp.status().as_u16(), "registry busy or failing, retrying");
@@ -398,6 +405,7 @@ impl Registry {
         what: &str,
         scope: &str,
         headers: &HeaderMap,
+        sent_basic: bool,
     ) -> Result<(), OciError> {
         let challenges: Vec<_> = headers
             .get_all(header::WWW_AUTHENTICATE)
@@ -438,11 +446,11 @@ impl Registry {
                     "the registry asks for credentials and none are configured",
                 ));
             }
-            let mut state = self.lock_auth();
-            if state.basic {
+            if sent_basic {
                 return Err(auth_error("credentials refused"));
             }
-            state.basic = true;
+            // Another request may have learnt this meanwhile; either way, retry with them.
+            self.lock_auth().basic = true;
             return Ok(());
         }
         Err(auth_error("HTTP 401 without a Basic or Bearer challenge"))
@@ -499,7 +507,7 @@ impl Registry {
     /// Every repository, following `Link` pagination.
     pub async fn catalog(&self) -> Result<Vec<String>, OciError> {
         let what = "list repositories";
-        let mut url = self.url(&format!("v2/_catalog?n={PAGE_SIZE}"))?;
+        let mut url = self.url(&format!("v2/_catalog?n={}", self.page_size))?;
         let mut repos = Vec::new();
         for _page in 0..100_000 {
             bump(&self.stats.catalog);
@@ -538,7 +546,7 @@ impl Registry {
     pub async fn tags(&self, repo: &str) -> Result<Vec<String>, OciError> {
         let what = format!("list tags of {repo}");
         let scope = pull_scope(repo);
-        let mut url = self.url(&format!("v2/{repo}/tags/list?n={PAGE_SIZE}"))?;
+        let mut url = self.url(&format!("v2/{repo}/tags/list?n={}", self.page_size))?;
         let mut tags = Vec::new();
         for _page in 0..100_000 {
             bump(&self.stats.tag_lists);

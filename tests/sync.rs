@@ -1,0 +1,472 @@
+//! `registry-addon sync` against real registries (Debian `docker-registry`, pushed to with
+//! skopeo and with the crate's own client).
+
+mod sync_support;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use registry_addon::oci::{ClientOptions, Credentials, Registry, build_http_client};
+use registry_addon::sync::Syncer;
+use sync_support::*;
+
+fn syncer(local: &str, peers: &[&str], ca: &[u8], options: ClientOptions) -> Syncer {
+    let http = build_http_client(Some(ca)).unwrap();
+    let reg = |url: &str| Arc::new(Registry::new(url, http.clone(), &options).unwrap());
+    Syncer::new(
+        reg(local),
+        peers.iter().map(|p| reg(p)).collect(),
+        options.concurrency,
+        options.attempts,
+        options.backoff,
+    )
+}
+
+/// Peer A: multi-platform OCI index (pushed by skopeo from an OCI layout), another index
+/// pushed directly and tagged twice, a Docker manifest list, a Docker v2 image sharing a layer
+/// with another repository, and a bigger layer.
+async fn seed_peer_a(a: &Registry, process: &RegistryProcess, tls: &TestTls, dir: &Path) {
+    let base = random_bytes(1, 300_000);
+    let amd = Image::new("amd64", vec![base.clone(), random_bytes(2, 70_000)], false);
+    let arm = Image::new("arm64", vec![base.clone(), random_bytes(3, 80_000)], false);
+    let layout = dir.join("layout");
+    write_oci_layout(&layout, "1.0", &[("amd64", &amd), ("arm64", &arm)]);
+    skopeo_push(&layout, "1.0", process, "skopeo/hello", Some(tls));
+
+    let d1 = Image::new("amd64", vec![base.clone(), random_bytes(4, 50_000)], false);
+    let d2 = Image::new("arm64", vec![base.clone(), random_bytes(5, 50_000)], false);
+    push_index(
+        a,
+        "library/alpine",
+        "3.19",
+        &[("amd64", &d1), ("arm64", &d2)],
+        false,
+    )
+    .await;
+    push_index(
+        a,
+        "library/alpine",
+        "latest",
+        &[("amd64", &d1), ("arm64", &d2)],
+        false,
+    )
+    .await;
+
+    let w1 = Image::new("amd64", vec![base.clone(), random_bytes(6, 10_000)], true);
+    let w2 = Image::new("arm", vec![random_bytes(7, 20_000)], true);
+    push_index(a, "apps/web", "v2", &[("amd64", &w1), ("arm", &w2)], true).await;
+    w1.push(a, "apps/web", "v1").await;
+
+    Image::new(
+        "amd64",
+        vec![random_bytes(8, 3 * 1024 * 1024 + 17), base],
+        false,
+    )
+    .push(a, "tools/big", "1")
+    .await;
+}
+
+/// Peer B (plain HTTP): some of A's content again, and its own repositories with enough
+/// tags to need several pages.
+async fn seed_peer_b(b: &Registry) {
+    let base = random_bytes(1, 300_000);
+    let w1 = Image::new("amd64", vec![base.clone(), random_bytes(6, 10_000)], true);
+    w1.push(b, "apps/web", "v1").await;
+    let api = Image::new("amd64", vec![base.clone(), random_bytes(9, 40_000)], false);
+    for tag in ["v1", "v1.1", "v1.2", "stable", "edge"] {
+        api.push(b, "apps/api", tag).await;
+    }
+    Image::new("amd64", vec![random_bytes(10, 1000)], false)
+        .push(b, "b-only/thing", "t1")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_round_copies_everything_and_a_second_copies_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = TestTls::new(&tmp.path().join("tls"));
+    let ca = tls.ca_pem();
+    let tls_opts = RegistryOptions {
+        tls: Some(&tls),
+        ..Default::default()
+    };
+    let peer_a = RegistryProcess::start(&tmp.path().join("a"), &tls_opts);
+    let peer_b = RegistryProcess::start(&tmp.path().join("b"), &RegistryOptions::default());
+    let local = RegistryProcess::start(&tmp.path().join("local"), &tls_opts);
+    let a = client(&peer_a.url, Some(&ca), None);
+    let b = client(&peer_b.url, None, None);
+    let l = client(&local.url, Some(&ca), None);
+    seed_peer_a(&a, &peer_a, &tls, tmp.path()).await;
+    seed_peer_b(&b).await;
+
+    // Small pages: the real registry's Link pagination is followed.
+    let options = ClientOptions {
+        page_size: 2,
+        ..ClientOptions::default()
+    };
+    let s = syncer(&local.url, &[&peer_a.url, &peer_b.url], &ca, options);
+    let first = s.round().await;
+    assert!(first.is_success(), "{first:#?}");
+
+    let mut expected = tag_digests(&a).await;
+    let from_b = tag_digests(&b).await;
+    for (key, digest) in &from_b {
+        if let Some(other) = expected.insert(key.clone(), digest.clone()) {
+            assert_eq!(&other, digest, "test corpus: peers agree on shared tags");
+        }
+    }
+    assert_eq!(tag_digests(&l).await, expected);
+    assert!(expected.contains_key(&("skopeo/hello".into(), "1.0".into())));
+    assert_eq!(expected.len(), 12);
+    // Content types are kept (Docker ones included), and every manifest is complete.
+    for (repo, tag) in [
+        ("apps/web", "v2"),
+        ("apps/web", "v1"),
+        ("library/alpine", "3.19"),
+    ] {
+        let want = a.get_manifest(repo, tag).await.unwrap();
+        let got = l.get_manifest(repo, tag).await.unwrap();
+        assert_eq!(got.media_type, want.media_type, "{repo}:{tag}");
+        assert_eq!(got.bytes, want.bytes, "{repo}:{tag}");
+    }
+    assert_eq!(
+        l.get_manifest("apps/web", "v2").await.unwrap().media_type,
+        DOCKER_LIST
+    );
+    assert!(assert_pullable(&l).await >= 12);
+    // Shared layers were mounted across repositories, not transferred again.
+    assert!(first.blobs_mounted > 0, "{first:#?}");
+    assert_eq!(first.repositories, 6);
+    assert_eq!(
+        first.tags,
+        expected.len() + 1,
+        "apps/web:v1 is on both peers"
+    );
+
+    let second = s.round().await;
+    assert!(second.is_success(), "{second:#?}");
+    assert_eq!(second.blob_gets, 0, "{second:#?}");
+    assert_eq!(second.bytes_copied, 0);
+    assert_eq!(second.manifests_copied, 0);
+    assert_eq!(second.blobs_copied + second.blobs_mounted, 0);
+    // One manifest HEAD per tag per peer, and one local HEAD per tag.
+    assert_eq!(second.peer_manifest_heads as usize, second.tags);
+    assert_eq!(second.local_manifest_heads as usize, expected.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_uploads_copy_large_blobs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = TestTls::new(&tmp.path().join("tls"));
+    let ca = tls.ca_pem();
+    let opts = RegistryOptions {
+        tls: Some(&tls),
+        ..Default::default()
+    };
+    let peer = RegistryProcess::start(&tmp.path().join("p"), &opts);
+    let local = RegistryProcess::start(&tmp.path().join("l"), &opts);
+    let p = client(&peer.url, Some(&ca), None);
+    let img = Image::new(
+        "amd64",
+        vec![random_bytes(11, 2_500_000), random_bytes(12, 10)],
+        false,
+    );
+    let digest = img.push(&p, "chunked/img", "1").await;
+    let options = ClientOptions {
+        chunked_uploads: true,
+        chunk_size: 1024 * 1024,
+        ..ClientOptions::default()
+    };
+    let report = syncer(&local.url, &[&peer.url], &ca, options).round().await;
+    assert!(report.is_success(), "{report:#?}");
+    assert_eq!(report.bytes_copied, 2_500_010 + img.config.len() as u64);
+    let l = client(&local.url, Some(&ca), None);
+    assert_eq!(
+        tag_digests(&l).await.into_values().collect::<Vec<_>>(),
+        vec![digest]
+    );
+    assert_pullable(&l).await;
+}
+
+fn sync_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_registry-addon"));
+    cmd.arg("sync")
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env_remove("REGISTRY_USERNAME")
+        .env_remove("REGISTRY_PASSWORD")
+        .env_remove("POD_NAME")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Kills a child process when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_rounds_leave_no_dangling_manifest_and_the_next_round_converges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = TestTls::new(&tmp.path().join("tls"));
+    let ca = tls.ca_pem();
+    let opts = RegistryOptions {
+        tls: Some(&tls),
+        ..Default::default()
+    };
+    let peer = RegistryProcess::start(&tmp.path().join("p"), &opts);
+    let local = RegistryProcess::start(&tmp.path().join("l"), &opts);
+    let p = client(&peer.url, Some(&ca), None);
+    let l = client(&local.url, Some(&ca), None);
+    // Enough data that a round takes a while: indexes over images with several MiB layers.
+    for r in 0..8u64 {
+        let repo = format!("kill/repo{r}");
+        let imgs: Vec<Image> = (0..2u64)
+            .map(|i| {
+                let seed = 100 + r * 10 + i;
+                Image::new(
+                    "amd64",
+                    vec![
+                        random_bytes(seed, 4 << 20),
+                        random_bytes(seed + 1000, 3 << 20),
+                    ],
+                    r % 2 == 0,
+                )
+            })
+            .collect();
+        push_index(
+            &p,
+            &repo,
+            "multi",
+            &[("amd64", &imgs[0]), ("arm64", &imgs[1])],
+            r % 2 == 0,
+        )
+        .await;
+        imgs[0].push(&p, &repo, "single").await;
+    }
+    let expected = tag_digests(&p).await;
+    let ca_file = tls.ca_file.to_str().unwrap();
+    let args = [
+        "--once",
+        "--local",
+        &local.url,
+        "--peer",
+        &peer.url,
+        "--ca-file",
+        ca_file,
+        "--concurrency",
+        "2",
+    ];
+
+    let mut killed_mid_round = 0;
+    for delay_ms in [100u64, 200, 300, 400, 500] {
+        let mut child = Killed(sync_command(&args).spawn().unwrap());
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        if child.0.try_wait().unwrap().is_none() {
+            killed_mid_round += 1;
+        }
+        drop(child);
+        // Let the registry finish requests the killed client had already sent.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Whatever the kill interrupted, nothing visible locally is half there.
+        assert_pullable(&l).await;
+    }
+    assert!(
+        killed_mid_round >= 2,
+        "the syncer finished too fast to be interrupted"
+    );
+    let partial = tag_digests(&l).await.len();
+    eprintln!(
+        "{killed_mid_round} kills mid-round; {partial} of {} tags there before the last round",
+        expected.len()
+    );
+
+    let out = sync_command(&args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        tag_digests(&l).await,
+        expected,
+        "converged after {partial} tags were there"
+    );
+    assert_eq!(assert_pullable(&l).await, 8 * 3);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("sync round finished"), "{log}");
+}
+
+async fn fetch_metrics(addr: &str) -> Option<String> {
+    let resp = reqwest::get(format!("http://{addr}/metrics")).await.ok()?;
+    resp.text().await.ok()
+}
+
+fn metric_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l[series.len()..].trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_peer_is_reported_while_the_others_sync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let peer = RegistryProcess::start(&tmp.path().join("p"), &RegistryOptions::default());
+    let local = RegistryProcess::start(&tmp.path().join("l"), &RegistryOptions::default());
+    let p = client(&peer.url, None, None);
+    let l = client(&local.url, None, None);
+    Image::new("amd64", vec![random_bytes(20, 5000)], false)
+        .push(&p, "up/img", "1")
+        .await;
+    let down = format!("http://127.0.0.1:{}", free_port());
+    let args = [
+        "--local",
+        &local.url,
+        "--peer",
+        &down,
+        "--peer",
+        &peer.url,
+        "--attempts",
+        "2",
+        "--retry-backoff",
+        "50ms",
+    ];
+
+    let mut once = args.to_vec();
+    once.push("--once");
+    let out = sync_command(&once).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "--once must fail when a peer is down: {log}"
+    );
+    assert!(log.contains(&down), "the down peer is named: {log}");
+    assert_eq!(tag_digests(&l).await, tag_digests(&p).await);
+
+    // The loop keeps going, and the metrics say which peer fails.
+    Image::new("amd64", vec![random_bytes(21, 5000)], false)
+        .push(&p, "up/img", "2")
+        .await;
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let mut looping = args.to_vec();
+    looping.extend(["--interval", "300ms", "--metrics-listen", &metrics_addr]);
+    let _child = Killed(sync_command(&looping).spawn().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let errors_series = format!("registry_sync_errors_total{{peer=\"{down}\"}}");
+    let up_series = format!("registry_sync_peer_up{{peer=\"{}\"}}", peer.url);
+    loop {
+        if let Some(m) = fetch_metrics(&metrics_addr).await {
+            let rounds = metric_value(&m, "registry_sync_rounds_total").unwrap_or(0.0);
+            let errors = metric_value(&m, &errors_series).unwrap_or(0.0);
+            if rounds >= 2.0 && errors >= 2.0 {
+                assert_eq!(metric_value(&m, &up_series), Some(1.0), "{m}");
+                assert!(m.contains("registry_sync_round_duration_seconds"), "{m}");
+                assert!(
+                    metric_value(&m, "registry_sync_copied_manifests_total").unwrap_or(0.0) >= 1.0,
+                    "{m}"
+                );
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never showed the failing peer"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(tag_digests(&l).await, tag_digests(&p).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registries_with_basic_auth() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = TestTls::new(&tmp.path().join("tls"));
+    let ca = tls.ca_pem();
+    let htpasswd = tmp.path().join("htpasswd");
+    write_htpasswd(&htpasswd, "syncer", "s3cret:pw");
+    let opts = RegistryOptions {
+        tls: Some(&tls),
+        htpasswd: Some(&htpasswd),
+        ..Default::default()
+    };
+    let peer = RegistryProcess::start(&tmp.path().join("p"), &opts);
+    let local = RegistryProcess::start(&tmp.path().join("l"), &opts);
+    let creds = Credentials {
+        username: "syncer".into(),
+        password: "s3cret:pw".into(),
+    };
+    let p = client(&peer.url, Some(&ca), Some(creds.clone()));
+    let l = client(&local.url, Some(&ca), Some(creds));
+    let base = random_bytes(30, 100_000);
+    let i1 = Image::new("amd64", vec![base.clone(), random_bytes(31, 1000)], true);
+    let i2 = Image::new("arm64", vec![base, random_bytes(32, 1000)], true);
+    push_index(
+        &p,
+        "secure/app",
+        "v1",
+        &[("amd64", &i1), ("arm64", &i2)],
+        true,
+    )
+    .await;
+    i1.push(&p, "secure/other", "v1").await;
+
+    let ca_file = tls.ca_file.to_str().unwrap();
+    let args = [
+        "--once",
+        "--local",
+        &local.url,
+        "--peer",
+        &peer.url,
+        "--ca-file",
+        ca_file,
+        "--attempts",
+        "1",
+    ];
+    // Without credentials: refused, and said so.
+    let out = sync_command(&args).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(log.contains("credentials"), "{log}");
+
+    let creds_file = tmp.path().join("creds");
+    std::fs::write(&creds_file, "syncer:s3cret:pw\n").unwrap();
+    let mut with_file = args.to_vec();
+    with_file.extend(["--credentials-file", creds_file.to_str().unwrap()]);
+    let out = sync_command(&with_file).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(!log.contains("s3cret"), "the password must never be logged");
+    assert_eq!(tag_digests(&l).await, tag_digests(&p).await);
+    assert_pullable(&l).await;
+
+    // The same through the environment.
+    let local2 = RegistryProcess::start(&tmp.path().join("l2"), &opts);
+    let out = sync_command(&[
+        "--once",
+        "--local",
+        &local2.url,
+        "--peer",
+        &peer.url,
+        "--ca-file",
+        ca_file,
+    ])
+    .env("REGISTRY_USERNAME", "syncer")
+    .env("REGISTRY_PASSWORD", "s3cret:pw")
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

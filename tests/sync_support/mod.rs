@@ -1,0 +1,510 @@
+//! Real registries for the sync tests: CNCF Distribution (`docker-registry`) processes on
+//! loopback, a throw-away CA, and images built and pushed by the tests.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use registry_addon::oci::{
+    ClientOptions, Credentials, Manifest, Registry, UploadStart, build_http_client, dependencies,
+    is_index,
+};
+use sha2::Digest as _;
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+
+pub fn sha256(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
+}
+
+/// Deterministic incompressible bytes.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A CA and a server certificate for 127.0.0.1 and localhost, as PEM files.
+pub struct TestTls {
+    pub dir: PathBuf,
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// A directory holding only `ca.crt`, for skopeo's `--dest-cert-dir`.
+    pub cert_dir: PathBuf,
+}
+
+impl TestTls {
+    pub fn new(dir: &Path) -> TestTls {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
+            KeyUsagePurpose,
+        };
+        std::fs::create_dir_all(dir).unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "sync test CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+        let mut params =
+            CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "registry");
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &ca).unwrap();
+        let ca_file = dir.join("ca.pem");
+        let cert_file = dir.join("tls.crt");
+        let key_file = dir.join("tls.key");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        let cert_dir = dir.join("certs.d");
+        std::fs::create_dir_all(&cert_dir).unwrap();
+        std::fs::write(cert_dir.join("ca.crt"), ca.pem()).unwrap();
+        TestTls {
+            dir: dir.to_path_buf(),
+            ca_file,
+            cert_file,
+            key_file,
+            cert_dir,
+        }
+    }
+
+    pub fn ca_pem(&self) -> Vec<u8> {
+        std::fs::read(&self.ca_file).unwrap()
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[derive(Default)]
+pub struct RegistryOptions<'a> {
+    pub tls: Option<&'a TestTls>,
+    /// An htpasswd file: Basic auth.
+    pub htpasswd: Option<&'a Path>,
+    /// Write the access log to `registry.log` (for counting requests).
+    pub access_log: bool,
+}
+
+/// A `docker-registry` process, killed when dropped.
+pub struct RegistryProcess {
+    child: Child,
+    pub url: String,
+    pub port: u16,
+    pub root: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Drop for RegistryProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl RegistryProcess {
+    /// Starts a registry storing under `dir` and waits until it answers.
+    pub fn start(dir: &Path, options: &RegistryOptions<'_>) -> RegistryProcess {
+        std::fs::create_dir_all(dir).unwrap();
+        let root = dir.join("storage");
+        let log = dir.join("registry.log");
+        for _try in 0..5 {
+            let port = free_port();
+            let mut config = format!(
+                "version: 0.1\n\
+                 log:\n  level: error\n  accesslog:\n    disabled: {}\n\
+                 storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  \
+                 maintenance:\n    uploadpurging:\n      enabled: false\n\
+                 http:\n  addr: 127.0.0.1:{port}\n  secret: sync-test-secret\n",
+                !options.access_log,
+                root.display()
+            );
+            if let Some(tls) = options.tls {
+                config.push_str(&format!(
+                    "  tls:\n    certificate: {}\n    key: {}\n",
+                    tls.cert_file.display(),
+                    tls.key_file.display()
+                ));
+            }
+            if let Some(htpasswd) = options.htpasswd {
+                config.push_str(&format!(
+                    "auth:\n  htpasswd:\n    realm: sync-test\n    path: {}\n",
+                    htpasswd.display()
+                ));
+            }
+            let config_file = dir.join("config.yml");
+            std::fs::write(&config_file, config).unwrap();
+            let log_file = std::fs::File::create(&log).unwrap();
+            let child = Command::new("/usr/bin/docker-registry")
+                .arg("serve")
+                .arg(&config_file)
+                .stdin(Stdio::null())
+                .stdout(log_file.try_clone().unwrap())
+                .stderr(log_file)
+                .spawn()
+                .expect("docker-registry must be installed (Debian package docker-registry)");
+            let scheme = if options.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            let mut process = RegistryProcess {
+                child,
+                url: format!("{scheme}://127.0.0.1:{port}"),
+                port,
+                root: root.clone(),
+                log: log.clone(),
+            };
+            if process.wait_ready() {
+                return process;
+            }
+        }
+        panic!(
+            "docker-registry did not start; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    fn wait_ready(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false; // e.g. the port was taken meanwhile
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+/// An htpasswd file with one bcrypt entry, made with `htpasswd` (Debian apache2-utils).
+pub fn write_htpasswd(path: &Path, user: &str, password: &str) {
+    let out = Command::new("htpasswd")
+        .args(["-nbB", user, password])
+        .output()
+        .expect("htpasswd must be installed (Debian package apache2-utils)");
+    assert!(out.status.success(), "htpasswd failed");
+    std::fs::write(path, out.stdout).unwrap();
+}
+
+/// A client to push test content and inspect registries.
+pub fn client(url: &str, ca: Option<&[u8]>, creds: Option<Credentials>) -> Arc<Registry> {
+    let http = build_http_client(ca).unwrap();
+    let options = ClientOptions {
+        credentials: creds,
+        attempts: 1,
+        ..ClientOptions::default()
+    };
+    Arc::new(Registry::new(url, http, &options).unwrap())
+}
+
+pub async fn push_blob(reg: &Registry, repo: &str, data: &[u8]) -> String {
+    let digest = sha256(data);
+    let parsed = digest.parse().unwrap();
+    if reg.blob_exists(repo, &parsed).await.unwrap() {
+        return digest;
+    }
+    match reg.start_upload(repo, None).await.unwrap() {
+        UploadStart::Session(url) => reg
+            .upload_monolithic(
+                repo,
+                url,
+                &parsed,
+                Some(data.len() as u64),
+                reqwest::Body::from(data.to_vec()),
+            )
+            .await
+            .unwrap(),
+        UploadStart::Mounted => {}
+    }
+    digest
+}
+
+pub async fn push_manifest(
+    reg: &Registry,
+    repo: &str,
+    reference: &str,
+    media_type: &str,
+    body: &[u8],
+) -> String {
+    let digest = sha256(body);
+    let manifest = Manifest {
+        media_type: media_type.to_string(),
+        digest: digest.parse().unwrap(),
+        bytes: bytes::Bytes::copy_from_slice(body),
+    };
+    reg.put_manifest(repo, reference, &manifest).await.unwrap();
+    digest
+}
+
+/// A descriptor as JSON.
+pub fn descriptor(media_type: &str, data: &[u8]) -> serde_json::Value {
+    serde_json::json!({"mediaType": media_type, "digest": sha256(data), "size": data.len()})
+}
+
+/// An image: config and layers, as a manifest body (OCI or Docker types).
+pub struct Image {
+    pub config: Vec<u8>,
+    pub layers: Vec<Vec<u8>>,
+    pub docker: bool,
+}
+
+impl Image {
+    pub fn new(arch: &str, layers: Vec<Vec<u8>>, docker: bool) -> Image {
+        let diff_ids: Vec<String> = layers.iter().map(|l| sha256(l)).collect();
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": arch, "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            "config": {}
+        }))
+        .unwrap();
+        Image {
+            config,
+            layers,
+            docker,
+        }
+    }
+
+    pub fn media_type(&self) -> &'static str {
+        if self.docker {
+            DOCKER_MANIFEST
+        } else {
+            OCI_MANIFEST
+        }
+    }
+
+    pub fn manifest(&self) -> Vec<u8> {
+        let (config_type, layer_type) = if self.docker {
+            (DOCKER_CONFIG, DOCKER_LAYER)
+        } else {
+            (OCI_CONFIG, OCI_LAYER)
+        };
+        let layers: Vec<_> = self
+            .layers
+            .iter()
+            .map(|l| descriptor(layer_type, l))
+            .collect();
+        serde_json::to_vec_pretty(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": self.media_type(),
+            "config": descriptor(config_type, &self.config),
+            "layers": layers,
+        }))
+        .unwrap()
+    }
+
+    /// Pushes blobs, then the manifest under `reference`; returns the manifest digest.
+    pub async fn push(&self, reg: &Registry, repo: &str, reference: &str) -> String {
+        push_blob(reg, repo, &self.config).await;
+        for layer in &self.layers {
+            push_blob(reg, repo, layer).await;
+        }
+        push_manifest(reg, repo, reference, self.media_type(), &self.manifest()).await
+    }
+}
+
+/// An index (or Docker manifest list) body over platform images.
+pub fn index_body(images: &[(&str, &Image)], docker: bool) -> Vec<u8> {
+    let manifests: Vec<_> = images
+        .iter()
+        .map(|(arch, img)| {
+            let mut d = descriptor(img.media_type(), &img.manifest());
+            d["platform"] = serde_json::json!({"architecture": arch, "os": "linux"});
+            d
+        })
+        .collect();
+    serde_json::to_vec_pretty(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": if docker { DOCKER_LIST } else { OCI_INDEX },
+        "manifests": manifests,
+    }))
+    .unwrap()
+}
+
+/// Pushes a multi-platform image: each platform by digest, then the index under `tag`.
+pub async fn push_index(
+    reg: &Registry,
+    repo: &str,
+    tag: &str,
+    images: &[(&str, &Image)],
+    docker: bool,
+) -> String {
+    for (_, img) in images {
+        let digest = sha256(&img.manifest());
+        img.push(reg, repo, &digest).await;
+    }
+    let body = index_body(images, docker);
+    push_manifest(
+        reg,
+        repo,
+        tag,
+        if docker { DOCKER_LIST } else { OCI_INDEX },
+        &body,
+    )
+    .await
+}
+
+/// Writes an OCI image layout holding a multi-platform index tagged `tag`.
+pub fn write_oci_layout(dir: &Path, tag: &str, images: &[(&str, &Image)]) {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |data: &[u8]| {
+        let d = sha256(data);
+        std::fs::write(blobs.join(d.trim_start_matches("sha256:")), data).unwrap();
+    };
+    for (_, img) in images {
+        put(&img.config);
+        for l in &img.layers {
+            put(l);
+        }
+        put(&img.manifest());
+    }
+    let index = index_body(images, false);
+    put(&index);
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let mut top = descriptor(OCI_INDEX, &index);
+    top["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": tag});
+    let layout_index = serde_json::json!({"schemaVersion": 2, "manifests": [top]});
+    std::fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&layout_index).unwrap(),
+    )
+    .unwrap();
+}
+
+/// Copies `oci:<layout>:<tag>` into the registry with skopeo, all platforms, digests kept.
+pub fn skopeo_push(
+    layout: &Path,
+    tag: &str,
+    registry: &RegistryProcess,
+    repo: &str,
+    tls: Option<&TestTls>,
+) {
+    let dest = format!("docker://127.0.0.1:{}/{repo}:{tag}", registry.port);
+    let mut cmd = Command::new("skopeo");
+    cmd.args([
+        "--insecure-policy",
+        "copy",
+        "--all",
+        "--preserve-digests",
+        "-q",
+    ]);
+    match tls {
+        Some(tls) => {
+            cmd.arg("--dest-cert-dir").arg(&tls.cert_dir);
+        }
+        None => {
+            cmd.arg("--dest-tls-verify=false");
+        }
+    }
+    cmd.arg(format!("oci:{}:{tag}", layout.display()))
+        .arg(&dest);
+    let out = cmd
+        .output()
+        .expect("skopeo must be installed (Debian package skopeo)");
+    assert!(
+        out.status.success(),
+        "skopeo copy to {dest} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every (repository, tag) → manifest digest of a registry.
+pub async fn tag_digests(reg: &Registry) -> BTreeMap<(String, String), String> {
+    let mut out = BTreeMap::new();
+    for repo in reg.catalog().await.unwrap() {
+        for tag in reg.tags(&repo).await.unwrap() {
+            let head = reg.head_manifest(&repo, &tag).await.unwrap().unwrap();
+            out.insert((repo.clone(), tag), head.digest.unwrap().to_string());
+        }
+    }
+    out
+}
+
+/// Checks that every tagged manifest of a registry can be pulled completely: its bytes
+/// match their digest, and every child manifest and blob can be fetched and matches its
+/// digest. Returns the number of manifests checked.
+pub async fn assert_pullable(reg: &Registry) -> usize {
+    use futures::StreamExt;
+    let mut checked = 0;
+    for repo in reg.catalog().await.unwrap() {
+        let mut pending: Vec<String> = Vec::new();
+        for tag in reg.tags(&repo).await.unwrap() {
+            // A tag listed while the registry is still writing it (a PUT whose client was
+            // killed) is not found yet: absent, not dangling.
+            if reg.head_manifest(&repo, &tag).await.unwrap().is_some() {
+                pending.push(tag);
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        while let Some(reference) = pending.pop() {
+            let manifest = reg
+                .get_manifest(&repo, &reference)
+                .await
+                .unwrap_or_else(|e| panic!("dangling: {repo}:{reference}: {e}"));
+            if !seen.insert(manifest.digest.to_string()) {
+                continue;
+            }
+            checked += 1;
+            let deps = dependencies(&manifest.media_type, &manifest.bytes).unwrap();
+            assert!(
+                !is_index(&manifest.media_type) || !deps.manifests.is_empty(),
+                "{repo}:{reference}: empty index"
+            );
+            for child in deps.manifests {
+                pending.push(child.digest.to_string());
+            }
+            for blob in deps.blobs {
+                let mut dl = reg.get_blob(&repo, &blob.digest).await.unwrap_or_else(|e| {
+                    panic!("dangling: {repo}:{reference} needs {}: {e}", blob.digest)
+                });
+                let mut h = sha2::Sha256::new();
+                while let Some(chunk) = dl.stream.next().await {
+                    h.update(chunk.unwrap());
+                }
+                assert_eq!(
+                    format!("sha256:{}", hex::encode(h.finalize())),
+                    blob.digest.to_string(),
+                    "{repo}:{reference}: blob content"
+                );
+            }
+        }
+    }
+    checked
+}
