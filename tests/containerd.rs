@@ -1,0 +1,382 @@
+//! The node configuration of GeneratePatches against a real containerd (Debian `containerd`,
+//! `ctr`) and a real registry (Debian `docker-registry`), both started here on loopback:
+//! an image is fetched through the generated `hosts.toml` with the CA of the extension, and
+//! not with another CA; the configure script makes containerd read `config_path`.
+//!
+//! Needs root (containerd), `containerd`, `ctr`, `docker-registry` and `skopeo` on PATH. When
+//! one is missing the tests are skipped, except under CI (`CI` set), where they fail.
+
+use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use registry_addon::certs::{CertificateAuthority, registry_subject_names};
+use registry_addon::cli::KeyAlgorithm;
+use registry_addon::hooks::patches::containerd;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+const TOOLS: [&str; 4] = ["containerd", "ctr", "docker-registry", "skopeo"];
+
+fn tools_present() -> bool {
+    let missing: Vec<_> = TOOLS
+        .iter()
+        .filter(|t| {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {t}")])
+                .stdout(Stdio::null())
+                .status()
+                .map(|s| !s.success())
+                .unwrap_or(true)
+        })
+        .collect();
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    if missing.is_empty() && root {
+        return true;
+    }
+    let why = format!("missing tools {missing:?} or not root ({root})");
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "containerd tests cannot run under CI: {why}"
+    );
+    eprintln!("skipping: {why}");
+    false
+}
+
+/// A child process killed when dropped.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ready() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{what} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn write(path: &Path, content: impl AsRef<[u8]>) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, content).unwrap();
+}
+
+fn digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// An OCI image layout holding `v1`: one layer, its config and manifest.
+fn image_layout(dir: &Path) {
+    let blob = |bytes: &[u8]| {
+        let d = digest(bytes);
+        write(&dir.join("blobs/sha256").join(&d[7..]), bytes);
+        d
+    };
+    let layer = b"registry-addon test layer".to_vec();
+    let layer_digest = blob(&layer);
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [layer_digest]}
+    }))
+    .unwrap();
+    let config_digest = blob(&config);
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer.len()}]
+    }))
+    .unwrap();
+    let manifest_digest = blob(&manifest);
+    write(&dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#);
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest, "size": manifest.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "v1"}
+        }]
+    });
+    write(&dir.join("index.json"), serde_json::to_vec(&index).unwrap());
+}
+
+/// A registry on 127.0.0.1 serving a certificate issued by `ca`, holding `app:v1`.
+fn start_registry(dir: &Path, ca: &CertificateAuthority) -> (Running, u16) {
+    let subject = registry_subject_names(2, IpAddr::V4(Ipv4Addr::new(10, 96, 0, 20)));
+    let server = ca
+        .issue_server(&subject, KeyAlgorithm::EcdsaP256, OffsetDateTime::now_utc())
+        .unwrap();
+    write(&dir.join("tls.crt"), &server.cert_pem);
+    write(&dir.join("tls.key"), server.key_pem.expose());
+    let port = free_port();
+    let config = format!(
+        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {root}\nhttp:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {dir}/tls.crt\n    key: {dir}/tls.key\n",
+        root = dir.join("storage").display(),
+        dir = dir.display(),
+    );
+    write(&dir.join("config.yml"), config);
+    let child = Command::new("docker-registry")
+        .args(["serve", dir.join("config.yml").to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let registry = Running(child);
+    wait_for("docker-registry", || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+
+    let layout = dir.join("layout");
+    image_layout(&layout);
+    let certs = dir.join("push-certs");
+    write(&certs.join("ca.crt"), ca.cert_pem());
+    let out = Command::new("skopeo")
+        .args([
+            "copy",
+            "--insecure-policy",
+            "--dest-cert-dir",
+            certs.to_str().unwrap(),
+        ])
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("docker://127.0.0.1:{port}/app:v1"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "skopeo copy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (registry, port)
+}
+
+/// containerd with its own root, state and socket, without the CRI plugin.
+fn start_containerd(dir: &Path) -> (Running, PathBuf) {
+    let socket = dir.join("containerd.sock");
+    let config = format!(
+        r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{d}/containerd-ttrpc.sock"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+"#,
+        d = dir.display(),
+        sock = socket.display(),
+    );
+    write(&dir.join("config.toml"), config);
+    let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+    let child = Command::new("containerd")
+        .args(["--config", dir.join("config.toml").to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let running = Running(child);
+    wait_for("containerd", || {
+        Command::new("ctr")
+            .args(["--address", socket.to_str().unwrap(), "version"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    (running, socket)
+}
+
+/// `certs.d` as GeneratePatches writes it, with the loopback registry as the mirror.
+fn hosts_dir(dir: &Path, port: u16, ca_pem: &str) -> PathBuf {
+    let certs = dir.join("certs.d");
+    let ca_file = certs.join(format!("127.0.0.1:{port}")).join("ca.crt");
+    write(&ca_file, ca_pem);
+    let hosts = containerd::hosts_toml(
+        &format!("https://127.0.0.1:{port}"),
+        ca_file.to_str().unwrap(),
+    );
+    write(&certs.join("_default/hosts.toml"), hosts);
+    certs
+}
+
+/// `ctr content fetch` of an image whose own registry is unreachable (nothing listens on
+/// 127.0.0.1:9), so only the mirror can serve it.
+fn fetch(socket: &Path, hosts: &Path) -> std::process::Output {
+    Command::new("ctr")
+        .args([
+            "--address",
+            socket.to_str().unwrap(),
+            "--namespace",
+            "registry-addon-test",
+            "content",
+            "fetch",
+        ])
+        .args(["--hosts-dir", hosts.to_str().unwrap()])
+        .arg("127.0.0.1:9/app:v1")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn containerd_pulls_through_the_generated_hosts_toml() {
+    if !tools_present() {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("ra")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let ca =
+        CertificateAuthority::generate(KeyAlgorithm::EcdsaP256, OffsetDateTime::now_utc()).unwrap();
+    let (_registry, port) = start_registry(&dir.path().join("registry"), &ca);
+    let (_containerd, socket) = start_containerd(&dir.path().join("containerd"));
+
+    let good = hosts_dir(&dir.path().join("good"), port, ca.cert_pem());
+    let out = fetch(&socket, &good);
+    assert!(
+        out.status.success(),
+        "fetch through the mirror failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let other =
+        CertificateAuthority::generate(KeyAlgorithm::EcdsaP256, OffsetDateTime::now_utc()).unwrap();
+    let bad = hosts_dir(&dir.path().join("bad"), port, other.cert_pem());
+    let out = Command::new("ctr")
+        .args([
+            "--address",
+            socket.to_str().unwrap(),
+            "--namespace",
+            "registry-addon-test",
+            "images",
+            "rm",
+            "127.0.0.1:9/app:v1",
+        ])
+        .output()
+        .unwrap();
+    let _ = out;
+    let out = Command::new("ctr")
+        .args([
+            "--address",
+            socket.to_str().unwrap(),
+            "--namespace",
+            "registry-addon-test",
+            "content",
+            "prune",
+            "references",
+        ])
+        .output()
+        .unwrap();
+    let _ = out;
+    let out = fetch(&socket, &bad);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("x509") || stderr.contains("certificate"),
+        "the mirror was not refused for its certificate: {stderr}"
+    );
+    assert!(
+        !out.status.success(),
+        "fetch with a CA that did not sign the registry's certificate succeeded"
+    );
+}
+
+/// Runs the configure script on a node tree under `root` with `config` as containerd's main
+/// configuration (none when `None`), twice, and returns what `containerd config dump` reads.
+fn configure_node(root: &Path, config: Option<&str>) -> String {
+    let ip = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 20));
+    for file in containerd::node_files(ip, "ca") {
+        write(&root.join(file.path.trim_start_matches('/')), &file.content);
+    }
+    let main = root.join("etc/containerd/config.toml");
+    if let Some(config) = config {
+        write(&main, config.replace("@ROOT@", root.to_str().unwrap()));
+    }
+    let script = root.join(containerd::script_path().trim_start_matches('/'));
+    let mut after_first = String::new();
+    for run in 0..2 {
+        let out = Command::new("sh")
+            .arg(&script)
+            .env("REGISTRY_ADDON_ROOT", root)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "configure script: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let now = std::fs::read_to_string(&main).unwrap();
+        if run == 0 {
+            after_first = now;
+        } else {
+            assert_eq!(now, after_first, "a second run changed the configuration");
+        }
+    }
+    let out = Command::new("containerd")
+        .args(["--config", main.to_str().unwrap(), "config", "dump"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "containerd refused the configuration:\n{after_first}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn configure_script_makes_containerd_read_config_path() {
+    if !tools_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("no-config", None),
+        (
+            "no-imports",
+            Some(
+                "version = 2\n\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"registry.k8s.io/pause:3.9\"\n",
+            ),
+        ),
+        ("empty-imports", Some("version = 2\nimports = []\n")),
+        (
+            "other-imports",
+            Some("version = 2\nimports = [\"@ROOT@/etc/containerd/other.toml\"]\n"),
+        ),
+        (
+            "image-builder-glob",
+            Some("version = 2\nimports = [\"@ROOT@/etc/containerd/conf.d/*.toml\"]\n"),
+        ),
+    ];
+    for (name, config) in cases {
+        let root = dir.path().join(name);
+        if name == "other-imports" {
+            write(&root.join("etc/containerd/other.toml"), "version = 2\n");
+        }
+        let dump: toml::Table = toml::from_str(&configure_node(&root, config)).unwrap();
+        let path = &dump["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["config_path"];
+        assert_eq!(path.as_str(), Some("/etc/containerd/certs.d"), "{name}");
+    }
+}
