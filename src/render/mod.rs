@@ -1,11 +1,183 @@
 //! The registry objects for one cluster, rendered once for `render`, the direct deployer and
-//! the Helm values.
+//! the Helm values; and the `render` command: every object the hooks would create for a
+//! Cluster manifest, offline, as multi-document YAML.
 
 pub mod objects;
 pub mod registry;
 
-use crate::cli::RenderArgs;
+use std::io::Read;
+use std::path::Path;
 
-pub async fn run_cli(_args: RenderArgs) -> anyhow::Result<()> {
-    anyhow::bail!("render is not implemented yet")
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use crate::certs::{self, CertInfo, CertificateAuthority};
+use crate::cli::{AddonOptions, Deployer, RenderArgs};
+use crate::wire::cluster::Cluster;
+use crate::wire::variable::registry_from_config;
+
+/// Stands in for key material in `render` output unless `--show-secrets` is given.
+pub const REDACTED: &str = "<redacted>";
+/// Stands in for the Cluster's uid when the manifest has none (it is assigned by the API server).
+pub const UID_PLACEHOLDER: &str = "<cluster-uid>";
+
+pub async fn run_cli(args: RenderArgs) -> anyhow::Result<()> {
+    let text = read_input(&args.file)?;
+    let cluster = cluster_from_manifest(&text)
+        .with_context(|| format!("reading a Cluster from {}", args.file.display()))?;
+    let root_ca = match &args.root_ca_dir {
+        Some(dir) => Some(load_root_ca(dir)?),
+        None => None,
+    };
+    let rendered = render(&cluster, &args.addon, root_ca)?;
+    print!("{}", to_yaml(&rendered, args.show_secrets)?);
+    Ok(())
+}
+
+fn read_input(path: &Path) -> anyhow::Result<String> {
+    if path.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading the Cluster manifest from stdin")?;
+        return Ok(text);
+    }
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// The Cluster of a YAML or JSON manifest (the first `kind: Cluster` document of a stream, or
+/// the only document). A missing namespace is `default`; a missing uid gets a placeholder.
+pub fn cluster_from_manifest(text: &str) -> anyhow::Result<Cluster> {
+    let mut documents = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(text) {
+        let value = Value::deserialize(document).context("invalid YAML or JSON")?;
+        if !value.is_null() {
+            documents.push(value);
+        }
+    }
+    let mut value = match documents.iter().position(|d| d["kind"] == "Cluster") {
+        Some(i) => documents.swap_remove(i),
+        None if documents.len() == 1 => documents.remove(0),
+        None => bail!("no document of kind Cluster"),
+    };
+    if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+        for (field, default) in [("namespace", "default"), ("uid", UID_PLACEHOLDER)] {
+            if meta
+                .get(field)
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+            {
+                meta.insert(field.into(), Value::String(default.into()));
+            }
+        }
+    }
+    Cluster::from_value(&value).map_err(anyhow::Error::msg)
+}
+
+/// Root CA files: `tls.crt` + `tls.key` (a Secret's keys, e.g. from `kubectl get secret`) or
+/// `ca.crt` + `ca.key`.
+pub fn load_root_ca(dir: &Path) -> anyhow::Result<CertificateAuthority> {
+    for (cert, key) in [("tls.crt", "tls.key"), ("ca.crt", "ca.key")] {
+        let (cert_path, key_path) = (dir.join(cert), dir.join(key));
+        if cert_path.exists() && key_path.exists() {
+            let cert_pem = std::fs::read_to_string(&cert_path)
+                .with_context(|| format!("reading {}", cert_path.display()))?;
+            let key_pem = std::fs::read_to_string(&key_path)
+                .with_context(|| format!("reading {}", key_path.display()))?;
+            return CertificateAuthority::from_pem(&cert_pem, &key_pem)
+                .with_context(|| format!("root CA in {}", dir.display()));
+        }
+    }
+    bail!(
+        "{}: expected tls.crt and tls.key, or ca.crt and ca.key",
+        dir.display()
+    )
+}
+
+/// What the hooks would create for `cluster`, in order: the root CA Secret (only when none
+/// was given: the hooks would generate it), the cluster's CA copy, the registry Namespace and
+/// TLS Secret, then the HelmChartProxy or the registry objects, depending on the deployer.
+pub fn render(
+    cluster: &Cluster,
+    options: &AddonOptions,
+    root_ca: Option<CertificateAuthority>,
+) -> anyhow::Result<Vec<Value>> {
+    let Some(registry) = registry_from_config(cluster.variable(&options.variable_name))
+        .with_context(|| {
+            format!(
+                "cluster {}: invalid variable {}",
+                cluster.key(),
+                options.variable_name
+            )
+        })?
+    else {
+        return Ok(Vec::new());
+    };
+    let service_ip = registry
+        .resolve_service_ip(cluster.service_cidrs())
+        .with_context(|| format!("cluster {}", cluster.key()))?;
+    let now = OffsetDateTime::now_utc();
+    let mut out = Vec::new();
+    let ca = match root_ca {
+        Some(ca) => ca,
+        None => {
+            let ca = CertificateAuthority::generate(options.key_algorithm, now)?;
+            out.push(objects::root_ca_secret(
+                crate::names::DEFAULT_NAMESPACE,
+                &ca,
+            ));
+            ca
+        }
+    };
+    out.push(objects::cluster_ca_secret(cluster, ca.cert_pem()));
+    out.push(objects::registry_namespace());
+    let subject = certs::registry_subject_names(registry.replicas, service_ip);
+    let server = ca.issue_server(&subject, options.key_algorithm, now)?;
+    out.push(objects::registry_tls_secret(&server, ca.cert_pem()));
+    let hash = CertInfo::from_pem(&server.cert_pem)?.sha256_hex();
+    let values = registry::RegistryValues::new(options, &registry, service_ip, hash);
+    match options.deployer {
+        Deployer::Helmchartproxy => {
+            out.push(objects::helm_chart_proxy(cluster, options, &values)?);
+        }
+        Deployer::Direct => out.extend(registry::registry_objects(&values)),
+    }
+    Ok(out)
+}
+
+/// Multi-document YAML; `tls.key` values replaced by `<redacted>` unless `show_secrets`.
+pub fn to_yaml(objects: &[Value], show_secrets: bool) -> anyhow::Result<String> {
+    let mut out = String::new();
+    for object in objects {
+        let mut object = object.clone();
+        if !show_secrets
+            && object["kind"] == "Secret"
+            && let Some(data) = object.get_mut("data").and_then(Value::as_object_mut)
+        {
+            for (key, value) in data.iter_mut() {
+                if key.ends_with(".key") {
+                    *value = Value::String(REDACTED.into());
+                }
+            }
+        }
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&object)?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_yaml_streams_and_fills_the_uid() {
+        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n---\napiVersion: cluster.x-k8s.io/v1beta1\nkind: Cluster\nmetadata:\n  name: c1\n";
+        let cluster = cluster_from_manifest(text).unwrap();
+        assert_eq!(cluster.key(), "default/c1");
+        assert_eq!(cluster.metadata.uid, UID_PLACEHOLDER);
+        assert!(cluster_from_manifest("kind: ConfigMap\n---\nkind: Secret\n").is_err());
+    }
 }

@@ -1,0 +1,190 @@
+//! `registry-addon render`, run as a process. The output is compared with `tests/golden/` after
+//! the fields that change on every run (the issued certificate and its hash) are normalised.
+//! Regenerate the golden files with `UPDATE_GOLDEN=1 cargo test --test render`.
+
+use std::process::Command;
+
+use base64::Engine;
+use registry_addon::certs::CertInfo;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn render(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_registry-addon"))
+        .arg("render")
+        .args(args)
+        .output()
+        .expect("run registry-addon render");
+    assert!(
+        out.status.success(),
+        "render {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+fn documents(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| Value::deserialize(d).expect("YAML document"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn unb64(value: &Value) -> String {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(value.as_str().expect("string"))
+        .expect("base64");
+    String::from_utf8(bytes).expect("UTF-8")
+}
+
+/// Replaces what differs between runs: the issued certificate and its hash.
+fn normalise(docs: &mut [Value]) {
+    for doc in docs.iter_mut() {
+        if doc["kind"] == "Secret" && doc["metadata"]["name"] == "registry-tls" {
+            doc["data"]["tls.crt"] = json!("<issued certificate>");
+        }
+        if doc["kind"] == "HelmChartProxy"
+            && let Some(values) = doc["spec"]["valuesTemplate"].as_str()
+        {
+            let values: String = values
+                .lines()
+                .map(|line| match line.split_once("certificateHash:") {
+                    Some((indent, _)) => format!("{indent}certificateHash: <sha256>\n"),
+                    None => format!("{line}\n"),
+                })
+                .collect();
+            doc["spec"]["valuesTemplate"] = json!(values);
+        }
+    }
+}
+
+fn check_golden(name: &str, docs: &[Value]) {
+    let mut text = String::new();
+    for doc in docs {
+        text.push_str("---\n");
+        text.push_str(&serde_yaml::to_string(doc).expect("YAML"));
+    }
+    let path = format!("{}/tests/golden/{name}", env!("CARGO_MANIFEST_DIR"));
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(format!("{}/tests/golden", env!("CARGO_MANIFEST_DIR")))
+            .expect("golden dir");
+        std::fs::write(&path, &text).expect("write golden");
+        return;
+    }
+    let golden = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        golden == text,
+        "render output differs from {path} (regenerate with UPDATE_GOLDEN=1 cargo test --test render):\n{text}"
+    );
+}
+
+#[test]
+fn helmchartproxy_golden() {
+    // Versions pinned so the golden file does not change with the crate version.
+    let out = render(&[
+        "-f",
+        &fixture("cluster.yaml"),
+        "--root-ca-dir",
+        &fixture("root-ca"),
+        "--chart-version",
+        "1.0.0",
+        "--sync-image",
+        "example.com/registry-addon:1.0.0",
+    ]);
+    assert!(!out.contains("PRIVATE KEY"), "{out}");
+    let mut docs = documents(&out);
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["Secret", "Namespace", "Secret", "HelmChartProxy"]);
+
+    // The certificate chains to the given root CA and carries the hooks' SANs.
+    let tls = &docs[2];
+    assert_eq!(tls["data"]["tls.key"], "<redacted>");
+    let info = CertInfo::from_pem(&unb64(&tls["data"]["tls.crt"])).unwrap();
+    let root =
+        registry_addon::render::load_root_ca(std::path::Path::new(&fixture("root-ca"))).unwrap();
+    assert!(info.is_signed_by(&root));
+    assert!(info.names.ips.contains(&"10.96.0.20".parse().unwrap()));
+
+    normalise(&mut docs);
+    check_golden("render-helmchartproxy.yaml", &docs);
+}
+
+#[test]
+fn generated_root_ca_is_printed_redacted() {
+    let out = render(&["-f", &fixture("cluster-v1beta1.json")]);
+    assert!(!out.contains("PRIVATE KEY"), "{out}");
+    let docs = documents(&out);
+    assert_eq!(docs[0]["metadata"]["name"], "registry-addon-root-ca");
+    assert_eq!(docs[0]["data"]["tls.key"], "<redacted>");
+    assert_eq!(
+        docs[1]["metadata"]["ownerReferences"][0]["apiVersion"],
+        "cluster.x-k8s.io/v1beta1"
+    );
+    assert_eq!(
+        docs[1]["metadata"]["ownerReferences"][0]["uid"],
+        "00000000-0000-0000-0000-000000005678"
+    );
+}
+
+#[test]
+fn show_secrets_prints_matching_keys() {
+    let out = render(&["-f", &fixture("cluster-v1beta2.json"), "--show-secrets"]);
+    let docs = documents(&out);
+    let tls = docs
+        .iter()
+        .find(|d| d["metadata"]["name"] == "registry-tls")
+        .unwrap();
+    let key = unb64(&tls["data"]["tls.key"]);
+    assert!(key.contains("PRIVATE KEY"));
+    let info = CertInfo::from_pem(&unb64(&tls["data"]["tls.crt"])).unwrap();
+    assert!(info.key_matches(&key));
+}
+
+#[test]
+fn direct_deployer_prints_the_registry_objects() {
+    let out = render(&[
+        "-f",
+        &fixture("cluster.yaml"),
+        "--root-ca-dir",
+        &fixture("root-ca"),
+        "--deployer",
+        "direct",
+    ]);
+    let docs = documents(&out);
+    assert!(docs.iter().all(|d| d["kind"] != "HelmChartProxy"));
+    let kinds: Vec<&str> = docs
+        .iter()
+        .take(3)
+        .map(|d| d["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["Secret", "Namespace", "Secret"]);
+    for doc in &docs[3..] {
+        assert_eq!(doc["metadata"]["namespace"], "registry-system", "{doc}");
+    }
+}
+
+#[test]
+fn stdin_and_errors() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_registry-addon"))
+        .args(["render", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"kind: Cluster\nmetadata: {name: c1}\nspec:\n  clusterNetwork: {services: {cidrBlocks: [10.96.0.0/12]}}\n  topology:\n    variables: [{name: clusterConfig, value: {addons: {registry: {replicas: 9}}}}]\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("addons.registry.replicas"), "{stderr}");
+}
