@@ -54,6 +54,13 @@ pub const CERT_BACKDATE_MINUTES: i64 = 5;
 /// Root CA lifetime.
 pub const ROOT_CA_DAYS: i64 = 3650;
 
+/// Label on every object the addon writes.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// apiVersion of the Cluster in ownerReferences when the request does not carry one.
+pub const DEFAULT_CLUSTER_API_VERSION: &str = "cluster.x-k8s.io/v1beta2";
+/// HelmChartProxy of the Cluster API Add-on Provider for Helm.
+pub const HELM_CHART_PROXY_API_VERSION: &str = "addons.cluster.x-k8s.io/v1alpha1";
+
 /// Largest request body the webhook reads.
 pub const MAX_REQUEST_BYTES: usize = 10 * 1024 * 1024;
 
@@ -80,3 +87,8 @@ pub const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
 pub const CONTAINERD_ADDON_DIR: &str = "/etc/containerd/registry-addon";
 /// Where the script puts the fragment matching the node's containerd, and imports it from.
 pub const CONTAINERD_DROP_IN: &str = "/etc/containerd/conf.d/registry-addon.toml";
+
+/// The cluster's HelmChartProxy: `<cluster>-registry`, in the Cluster's namespace.
+pub fn helm_chart_proxy(cluster: &str) -> String {
+    format!("{cluster}-{REGISTRY_NAME}")
+}

@@ -789,6 +789,28 @@ async fn before_cluster_upgrade_blocks_until_the_registry_is_ready() {
         "{response}"
     );
 
+    // The add-on provider has not rolled the chart with the current certificate yet.
+    env.workload.update(&statefulset_path(), |sts| {
+        sts["spec"]["template"]["metadata"]["annotations"] =
+            json!({(names::CERTIFICATE_HASH_ANNOTATION): "an-older-certificate"});
+    });
+    env.make_registry_ready(3);
+    let response = env.call(Hook::BeforeClusterUpgrade).await;
+    assert!(
+        response["message"]
+            .as_str()
+            .unwrap()
+            .contains("current certificate"),
+        "{response}"
+    );
+    let hash = CertInfo::from_pem(&env.tls_cert_pem())
+        .unwrap()
+        .sha256_hex();
+    env.workload.update(&statefulset_path(), |sts| {
+        sts["spec"]["template"]["metadata"]["annotations"] =
+            json!({(names::CERTIFICATE_HASH_ANNOTATION): hash});
+    });
+
     env.make_registry_ready(3);
     let response = env.call(Hook::BeforeClusterUpgrade).await;
     assert_success(&response);

@@ -214,8 +214,8 @@ impl Handler<'_> {
                 self.ensure_cluster_ca(&ca).await?;
                 let workload = self.workload().await?;
                 let fraction = self.ctx.config.addon.renew_fraction;
-                self.deploy(&ca, &workload, Some(fraction)).await?;
-                self.wait_ready(&workload).await
+                let hash = self.deploy(&ca, &workload, Some(fraction)).await?;
+                self.wait_ready(&workload, &hash).await
             }
             Hook::BeforeClusterDelete => self.cleanup().await,
             other => Ok(Response::failure(
@@ -370,7 +370,7 @@ impl Handler<'_> {
         ca: &CertificateAuthority,
         workload: &ClusterApi,
         renew_fraction: Option<f64>,
-    ) -> Result<(), HookError> {
+    ) -> Result<String, HookError> {
         let service_ip = self.service_ip()?;
         let subject = certs::registry_subject_names(self.call.registry.replicas, service_ip);
 
@@ -413,8 +413,12 @@ impl Handler<'_> {
         let hash = CertInfo::from_pem(&cert.cert_pem)
             .map_err(|e| HookError::Invalid(format!("registry certificate: {e}")))?
             .sha256_hex();
-        let values =
-            RegistryValues::new(&self.ctx.config.addon, self.call.registry, service_ip, hash);
+        let values = RegistryValues::new(
+            &self.ctx.config.addon,
+            self.call.registry,
+            service_ip,
+            hash.clone(),
+        );
         match self.deployer {
             Deployer::Helmchartproxy => {
                 let proxy =
@@ -434,12 +438,16 @@ impl Handler<'_> {
                 }
             }
         }
-        Ok(())
+        Ok(hash)
     }
 
     /// Success once the StatefulSet `registry-system/registry` runs every replica of the
     /// current spec; otherwise a retry that says what is missing.
-    async fn wait_ready(&self, workload: &ClusterApi) -> Result<Response, HookError> {
+    async fn wait_ready(
+        &self,
+        workload: &ClusterApi,
+        certificate_hash: &str,
+    ) -> Result<Response, HookError> {
         let hook = self.call.hook;
         let ns = names::REGISTRY_NAMESPACE;
         let name = names::REGISTRY_NAME;
@@ -449,7 +457,7 @@ impl Handler<'_> {
         let wanted = u64::from(self.call.registry.replicas);
         let waiting = match &statefulset {
             None => Some("it does not exist yet".to_string()),
-            Some(sts) => statefulset_not_ready(sts, wanted),
+            Some(sts) => statefulset_not_ready(sts, wanted, certificate_hash),
         };
         Ok(match waiting {
             None => Response::success(
@@ -507,7 +515,11 @@ impl Handler<'_> {
 }
 
 /// Why a StatefulSet is not ready for `wanted` replicas, or `None` when it is.
-fn statefulset_not_ready(sts: &serde_json::Value, wanted: u64) -> Option<String> {
+fn statefulset_not_ready(
+    sts: &serde_json::Value,
+    wanted: u64,
+    certificate_hash: &str,
+) -> Option<String> {
     let number = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
     let generation = number(&sts["metadata"]["generation"]);
     let observed = number(&sts["status"]["observedGeneration"]);
@@ -516,6 +528,15 @@ fn statefulset_not_ready(sts: &serde_json::Value, wanted: u64) -> Option<String>
     let updated = number(&sts["status"]["updatedReplicas"]);
     if replicas != wanted {
         return Some(format!("it has {replicas} replicas, {wanted} wanted"));
+    }
+    // With a HelmChartProxy the chart is upgraded asynchronously: wait until the pods carry
+    // the current certificate.
+    let annotation =
+        &sts["spec"]["template"]["metadata"]["annotations"][names::CERTIFICATE_HASH_ANNOTATION];
+    if let Some(applied) = annotation.as_str()
+        && applied != certificate_hash
+    {
+        return Some("its pods do not carry the current certificate yet".into());
     }
     if observed < generation {
         return Some(format!(

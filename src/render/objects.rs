@@ -11,10 +11,9 @@ use crate::names;
 use crate::render::registry::RegistryValues;
 use crate::wire::cluster::Cluster;
 
-/// apiVersion of the Cluster in ownerReferences when the request does not say.
-pub const DEFAULT_CLUSTER_API_VERSION: &str = "cluster.x-k8s.io/v1beta2";
-pub const HELM_CHART_PROXY_API_VERSION: &str = "addons.cluster.x-k8s.io/v1alpha1";
-pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub use crate::names::{
+    DEFAULT_CLUSTER_API_VERSION, HELM_CHART_PROXY_API_VERSION, MANAGED_BY_LABEL,
+};
 
 pub fn b64(text: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(text)
@@ -123,7 +122,7 @@ pub fn registry_tls_secret(cert: &CertifiedKey, ca_pem: &str) -> Value {
 
 /// Name of the cluster's HelmChartProxy.
 pub fn helm_chart_proxy_name(cluster: &Cluster) -> String {
-    format!("{}-{}", cluster.name(), names::REGISTRY_NAME)
+    names::helm_chart_proxy(cluster.name())
 }
 
 /// The HelmChartProxy that installs the registry chart into the cluster (SPEC §6), its
