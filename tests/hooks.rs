@@ -973,3 +973,45 @@ mod protocol {
         assert_eq!(outcome, registry_addon::k8s::Outcome::Unchanged);
     }
 }
+
+#[tokio::test]
+async fn a_hanging_workload_api_is_answered_inside_the_budget() {
+    // Accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let _hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let env = Env::new().await;
+    env.put_kubeconfig(&env.workload.kubeconfig().replace(&env.workload.url, &url));
+    let budget = Duration::from_secs(2);
+    for hook in [
+        Hook::AfterControlPlaneInitialized,
+        Hook::BeforeClusterUpgrade,
+    ] {
+        let started = std::time::Instant::now();
+        let response = dispatch(&env.ctx, hook, &env.request(hook), budget).await;
+        assert!(
+            started.elapsed() < budget,
+            "{hook} took {:?}",
+            started.elapsed()
+        );
+        let response = serde_json::to_value(response).unwrap();
+        if hook == Hook::BeforeClusterUpgrade {
+            assert_eq!(response["status"], "Success", "{response}");
+            assert_eq!(response["retryAfterSeconds"], 15);
+        } else {
+            // Either the client's read timeout or the hook's own deadline answers first.
+            assert_eq!(response["status"], "Failure", "{response}");
+            let message = response["message"].as_str().unwrap();
+            assert!(
+                message.contains("on the workload cluster")
+                    || message.contains("did not finish within"),
+                "{message}"
+            );
+        }
+    }
+}
