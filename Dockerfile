@@ -4,7 +4,7 @@
 #   docker build -t ghcr.io/registry-addon/registry-addon:0.1.0 .
 
 # Alpine's Rust targets musl and links statically by default: the binary needs no libc.
-FROM docker.io/library/rust:1.88-alpine AS build
+FROM docker.io/library/rust:1-alpine AS build
 RUN apk add --no-cache musl-dev gcc make perl
 WORKDIR /src
 # Dependencies first, so source edits reuse the cached dependency layer.
