@@ -200,6 +200,10 @@ pub fn log_round(report: &RoundReport) {
         blobs_copied = report.blobs_copied,
         blobs_mounted = report.blobs_mounted,
         bytes_copied = report.bytes_copied,
+        blob_gets = report.blob_gets,
+        tag_lists = report.tag_lists,
+        peer_manifest_heads = report.peer_manifest_heads,
+        local_manifest_heads = report.local_manifest_heads,
         errors = report.error_count(),
         duration_ms = report.duration.as_millis() as u64,
         "sync round finished"
