@@ -9,7 +9,11 @@ use crate::names;
 use crate::wire::runtime::Hook;
 
 #[derive(Debug, Parser)]
-#[command(name = "registry-addon", version, about = "Cluster API runtime extension: an in-cluster OCI registry mirror per workload cluster")]
+#[command(
+    name = "registry-addon",
+    version,
+    about = "Cluster API runtime extension: an in-cluster OCI registry mirror per workload cluster"
+)]
 pub struct Cli {
     /// Log format: `text` or `json`. Verbosity comes from `RUST_LOG` (default `info`).
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
@@ -120,6 +124,9 @@ pub struct RenderArgs {
     /// Include private keys in the output.
     #[arg(long)]
     pub show_secrets: bool,
+    /// Namespace of the extension, where a generated root CA Secret would go.
+    #[arg(long, default_value = names::DEFAULT_NAMESPACE)]
+    pub namespace: String,
     #[command(flatten)]
     pub addon: AddonOptions,
 }

@@ -83,12 +83,23 @@ mod tests {
         assert_eq!(parse_go_duration("1.5h"), Ok(Duration::from_secs(5400)));
         assert_eq!(parse_go_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_go_duration("0"), Ok(Duration::ZERO));
-        assert_eq!(parse_go_duration("1h2m3s4ms"), Ok(Duration::from_millis(3_723_004)));
+        assert_eq!(
+            parse_go_duration("1h2m3s4ms"),
+            Ok(Duration::from_millis(3_723_004))
+        );
     }
 
     #[test]
     fn refuses_bad_durations() {
-        for bad in ["", "10", "s", "-5s", "5x", "1..2s", "99999999999999999999999h"] {
+        for bad in [
+            "",
+            "10",
+            "s",
+            "-5s",
+            "5x",
+            "1..2s",
+            "99999999999999999999999h",
+        ] {
             assert!(parse_go_duration(bad).is_err(), "{bad:?} should be refused");
         }
     }

@@ -88,11 +88,18 @@ fn client(ca_pem: &str, http2: bool) -> reqwest::Client {
 use rustls_pki_types::pem::PemObject;
 
 fn url(server: &Server, path: &str) -> String {
-    format!("https://localhost:{}{PREFIX}/{path}", server.running.addr.port())
+    format!(
+        "https://localhost:{}{PREFIX}/{path}",
+        server.running.addr.port()
+    )
 }
 
 /// POSTs like CAPI: no Content-Type header, the timeout in the query.
-async fn post(client: &reqwest::Client, url: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    body: impl Into<reqwest::Body>,
+) -> reqwest::Response {
     client
         .post(format!("{url}?timeout=10s"))
         .body(body)
@@ -125,7 +132,9 @@ fn fixture_cluster(version: &str) -> Value {
 }
 
 fn with_registry(mut cluster: Value, registry: Value) -> Value {
-    let vars = cluster["spec"]["topology"]["variables"].as_array_mut().unwrap();
+    let vars = cluster["spec"]["topology"]["variables"]
+        .as_array_mut()
+        .unwrap();
     for var in vars.iter_mut() {
         if var["name"] == "clusterConfig" {
             var["value"]["addons"]["registry"] = registry.clone();
@@ -149,13 +158,22 @@ fn lifecycle_body(kind: &str, cluster: Value) -> Vec<u8> {
 }
 
 const LIFECYCLE: [(&str, &str); 4] = [
-    ("beforeclustercreate/before-cluster-create", "BeforeClusterCreate"),
+    (
+        "beforeclustercreate/before-cluster-create",
+        "BeforeClusterCreate",
+    ),
     (
         "aftercontrolplaneinitialized/after-control-plane-initialized",
         "AfterControlPlaneInitialized",
     ),
-    ("beforeclusterupgrade/before-cluster-upgrade", "BeforeClusterUpgrade"),
-    ("beforeclusterdelete/before-cluster-delete", "BeforeClusterDelete"),
+    (
+        "beforeclusterupgrade/before-cluster-upgrade",
+        "BeforeClusterUpgrade",
+    ),
+    (
+        "beforeclusterdelete/before-cluster-delete",
+        "BeforeClusterDelete",
+    ),
 ];
 
 #[tokio::test]
@@ -187,7 +205,12 @@ async fn discovery_over_http2_and_http1_with_a_verified_ca() {
         }
     }
     // An empty body is an empty DiscoveryRequest.
-    let body = post_json(&client(&server.ca_pem, true), &url(&server, "discovery"), Vec::new()).await;
+    let body = post_json(
+        &client(&server.ca_pem, true),
+        &url(&server, "discovery"),
+        Vec::new(),
+    )
+    .await;
     assert_eq!(body["status"], "Success");
 
     // A client that does not trust the CA is refused at the handshake.
@@ -265,9 +288,19 @@ async fn topology_hooks_answer() {
     let path = url(&server, "validatetopology/validate-topology");
     let ok = post_json(&client, &path, validate(json!({"replicas": 3}))).await;
     assert_eq!(ok["status"], "Success");
-    let bad = post_json(&client, &path, validate(json!({"storage": {"size": "huge"}}))).await;
+    let bad = post_json(
+        &client,
+        &path,
+        validate(json!({"storage": {"size": "huge"}})),
+    )
+    .await;
     assert_eq!(bad["status"], "Failure");
-    assert!(bad["message"].as_str().unwrap().contains("addons.registry.storage.size"));
+    assert!(
+        bad["message"]
+            .as_str()
+            .unwrap()
+            .contains("addons.registry.storage.size")
+    );
 
     // GeneratePatches with the addon off: no patches.
     let answer = post_json(
@@ -286,7 +319,9 @@ async fn bad_inputs_get_clear_answers_and_the_server_stays_up() {
     let server = start(&[]).await;
     let client = client(&server.ca_pem, true);
     let bcc = url(&server, "beforeclustercreate/before-cluster-create");
-    let random: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let random: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     let valid = lifecycle_body("BeforeClusterCreateRequest", fixture_cluster("v1beta2"));
     let truncated = valid[..valid.len() / 2].to_vec();
     let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000)).into_bytes();
@@ -301,11 +336,19 @@ async fn bad_inputs_get_clear_answers_and_the_server_stays_up() {
     wrong_version["apiVersion"] = json!("hooks.runtime.cluster.x-k8s.io/v1beta9");
     let no_cluster = br#"{"kind":"BeforeClusterCreateRequest"}"#.to_vec();
     let cluster_not_object = br#"{"cluster":"wl-1"}"#.to_vec();
-    let no_uid = serde_json::to_vec(&json!({"cluster": {"metadata": {"name": "c", "namespace": "n"}}})).unwrap();
-    let bad_name = serde_json::to_vec(&json!({"cluster": {"metadata": {"name": "Bad_Name", "namespace": "n", "uid": "u"}}})).unwrap();
+    let no_uid =
+        serde_json::to_vec(&json!({"cluster": {"metadata": {"name": "c", "namespace": "n"}}}))
+            .unwrap();
+    let bad_name = serde_json::to_vec(
+        &json!({"cluster": {"metadata": {"name": "Bad_Name", "namespace": "n", "uid": "u"}}}),
+    )
+    .unwrap();
     let bad_variable = lifecycle_body(
         "BeforeClusterCreateRequest",
-        with_registry(fixture_cluster("v1beta1"), json!({"serviceIP": "not-an-ip"})),
+        with_registry(
+            fixture_cluster("v1beta1"),
+            json!({"serviceIP": "not-an-ip"}),
+        ),
     );
     let registry_not_object = lifecycle_body(
         "BeforeClusterCreateRequest",
@@ -315,38 +358,86 @@ async fn bad_inputs_get_clear_answers_and_the_server_stays_up() {
 
     let table: Vec<(&str, Vec<u8>, &str)> = vec![
         ("random bytes", random, "request body is not valid JSON"),
-        ("truncated JSON", truncated, "request body is not valid JSON"),
+        (
+            "truncated JSON",
+            truncated,
+            "request body is not valid JSON",
+        ),
         ("5,000-deep array", deep, "recursion limit exceeded"),
         ("5,000-deep object", deep_object, "recursion limit exceeded"),
-        ("wrong kind", wrong_kind, "kind \"BeforeClusterDeleteRequest\" sent to the BeforeClusterCreate handler"),
-        ("wrong apiVersion", serde_json::to_vec(&wrong_version).unwrap(), "apiVersion \"hooks.runtime.cluster.x-k8s.io/v1beta9\""),
+        (
+            "wrong kind",
+            wrong_kind,
+            "kind \"BeforeClusterDeleteRequest\" sent to the BeforeClusterCreate handler",
+        ),
+        (
+            "wrong apiVersion",
+            serde_json::to_vec(&wrong_version).unwrap(),
+            "apiVersion \"hooks.runtime.cluster.x-k8s.io/v1beta9\"",
+        ),
         ("no cluster", no_cluster, "cluster: required"),
-        ("cluster not an object", cluster_not_object, "cluster: must be an object"),
-        ("cluster without uid", no_uid, "cluster.metadata.uid: required"),
-        ("cluster with a bad name", bad_name, "cluster.metadata.name: \"Bad_Name\" is not a DNS-1123 subdomain"),
-        ("bad serviceIP", bad_variable, "addons.registry.serviceIP: \"not-an-ip\" is not an IP address"),
-        ("registry not an object", registry_not_object, "addons.registry: must be an object"),
-        ("JSON scalar", json_scalar, "request body must be a BeforeClusterCreateRequest object"),
+        (
+            "cluster not an object",
+            cluster_not_object,
+            "cluster: must be an object",
+        ),
+        (
+            "cluster without uid",
+            no_uid,
+            "cluster.metadata.uid: required",
+        ),
+        (
+            "cluster with a bad name",
+            bad_name,
+            "cluster.metadata.name: \"Bad_Name\" is not a DNS-1123 subdomain",
+        ),
+        (
+            "bad serviceIP",
+            bad_variable,
+            "addons.registry.serviceIP: \"not-an-ip\" is not an IP address",
+        ),
+        (
+            "registry not an object",
+            registry_not_object,
+            "addons.registry: must be an object",
+        ),
+        (
+            "JSON scalar",
+            json_scalar,
+            "request body must be a BeforeClusterCreateRequest object",
+        ),
     ];
     for (case, body, expected) in table {
         let answer = post_json(&client, &bcc, body).await;
         assert_eq!(answer["status"], "Failure", "{case}: {answer}");
         let message = answer["message"].as_str().unwrap();
-        assert!(message.contains(expected), "{case}: {message:?} lacks {expected:?}");
+        assert!(
+            message.contains(expected),
+            "{case}: {message:?} lacks {expected:?}"
+        );
     }
 
     // Over the body limit: a clean 413, declared or streamed.
     let big = vec![b' '; 11 * 1024 * 1024];
     let response = post(&client, &bcc, big.clone()).await;
     assert_eq!(response.status(), 413);
-    let stream = futures::stream::iter(big.chunks(64 * 1024).map(|c| Ok::<_, std::io::Error>(c.to_vec())).collect::<Vec<_>>());
+    let stream = futures::stream::iter(
+        big.chunks(64 * 1024)
+            .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+            .collect::<Vec<_>>(),
+    );
     let response = post(&client, &bcc, reqwest::Body::wrap_stream(stream)).await;
     assert_eq!(response.status(), 413);
 
     // Unknown paths and methods are not hooks.
     let response = post(&client, &url(&server, "beforeclustercreate/nope"), "{}").await;
     assert_eq!(response.status(), 404);
-    let response = post(&client, &format!("https://localhost:{}/other", server.running.addr.port()), "{}").await;
+    let response = post(
+        &client,
+        &format!("https://localhost:{}/other", server.running.addr.port()),
+        "{}",
+    )
+    .await;
     assert_eq!(response.status(), 404);
     let response = client.get(url(&server, "discovery")).send().await.unwrap();
     assert_eq!(response.status(), 405);
@@ -354,7 +445,12 @@ async fn bad_inputs_get_clear_answers_and_the_server_stays_up() {
     // Still serving, on a new connection too.
     drop(client);
     for http2 in [true, false] {
-        let answer = post_json(&crate::client(&server.ca_pem, http2), &url(&server, "discovery"), b"{}".to_vec()).await;
+        let answer = post_json(
+            &crate::client(&server.ca_pem, http2),
+            &url(&server, "discovery"),
+            b"{}".to_vec(),
+        )
+        .await;
         assert_eq!(answer["status"], "Success");
     }
     server.running.shutdown().await;
@@ -372,11 +468,18 @@ async fn hooks_flag_limits_what_is_advertised_and_routed() {
         .map(|h| h["requestHook"]["hook"].as_str().unwrap())
         .collect();
     assert_eq!(hooks, ["BeforeClusterCreate", "GeneratePatches"]);
-    let response = post(&client, &url(&server, "beforeclusterdelete/before-cluster-delete"), "{}").await;
+    let response = post(
+        &client,
+        &url(&server, "beforeclusterdelete/before-cluster-delete"),
+        "{}",
+    )
+    .await;
     assert_eq!(response.status(), 404);
     server.running.shutdown().await;
 
-    assert!(Cli::try_parse_from(["registry-addon", "serve", "--hooks", "AfterClusterUpgrade"]).is_err());
+    assert!(
+        Cli::try_parse_from(["registry-addon", "serve", "--hooks", "AfterClusterUpgrade"]).is_err()
+    );
 }
 
 #[tokio::test]
@@ -393,9 +496,25 @@ async fn metrics_and_probes() {
         let response = plain.get(format!("{base}/{probe}")).send().await.unwrap();
         assert_eq!(response.status(), 200, "{probe}");
     }
-    let metrics = plain.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains(r#"registry_addon_hook_requests_total{hook="Discovery",status="Success"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"registry_addon_hook_requests_total{hook="BeforeClusterCreate",status="Failure"} 1"#), "{metrics}");
+    let metrics = plain
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .contains(r#"registry_addon_hook_requests_total{hook="Discovery",status="Success"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"registry_addon_hook_requests_total{hook="BeforeClusterCreate",status="Failure"} 1"#
+        ),
+        "{metrics}"
+    );
     assert!(metrics.contains("registry_addon_hook_request_duration_seconds_bucket"));
     assert!(metrics.contains("registry_addon_certificate_reloads_total 0"));
     server.running.shutdown().await;
@@ -416,12 +535,20 @@ async fn rotated_certificate_is_served_to_new_connections() {
     let cert = dir.path().join("tls.crt");
     let key = dir.path().join("tls.key");
     let running = start_with(
-        serve_args(&["--tls-cert-file", cert.to_str().unwrap(), "--tls-key-file", key.to_str().unwrap()]),
+        serve_args(&[
+            "--tls-cert-file",
+            cert.to_str().unwrap(),
+            "--tls-key-file",
+            key.to_str().unwrap(),
+        ]),
         Management::Unavailable("none".into()),
     )
     .await
     .unwrap();
-    let discovery = format!("https://localhost:{}{PREFIX}/discovery", running.addr.port());
+    let discovery = format!(
+        "https://localhost:{}{PREFIX}/discovery",
+        running.addr.port()
+    );
     let old_client = client(&first.ca_pem, true);
     let answer = post_json(&old_client, &discovery, b"{}".to_vec()).await;
     assert_eq!(answer["status"], "Success");
@@ -437,11 +564,20 @@ async fn rotated_certificate_is_served_to_new_connections() {
             assert_eq!(response.status(), 200);
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "new certificate not served within 10s");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "new certificate not served within 10s"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // New connections no longer verify against the old CA.
-    assert!(client(&first.ca_pem, false).post(&discovery).send().await.is_err());
+    assert!(
+        client(&first.ca_pem, false)
+            .post(&discovery)
+            .send()
+            .await
+            .is_err()
+    );
     assert!(running.metrics.cert_reloads.get() >= 1);
 
     // A broken rewrite keeps serving the last good certificate.
@@ -460,7 +596,13 @@ async fn binary_serves_discovery_on_its_defaults() {
     use tokio::io::AsyncBufReadExt;
     let dir = tempfile::tempdir().unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_registry-addon"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
         .env("TMPDIR", dir.path())
         .env("KUBECONFIG", dir.path().join("missing-kubeconfig"))
         .env_remove("POD_NAMESPACE")
@@ -489,7 +631,10 @@ async fn binary_serves_discovery_on_its_defaults() {
         }
     }
     let ca_file = ca_file.expect("the log names the CA file");
-    assert!(ca_file.starts_with(dir.path().to_str().unwrap()), "{ca_file}");
+    assert!(
+        ca_file.starts_with(dir.path().to_str().unwrap()),
+        "{ca_file}"
+    );
     let ca_pem = std::fs::read_to_string(&ca_file).unwrap();
     let port = addr.unwrap().rsplit(':').next().unwrap().to_string();
     let answer = post_json(
@@ -512,7 +657,10 @@ fn schema_check_rejects_bad_responses() {
     bad_status["status"] = json!("Bogus");
     cases.push(bad_status);
     let mut no_retry = good.clone();
-    no_retry.as_object_mut().unwrap().remove("retryAfterSeconds");
+    no_retry
+        .as_object_mut()
+        .unwrap()
+        .remove("retryAfterSeconds");
     cases.push(no_retry);
     let mut extra = good.clone();
     extra["handlers"] = json!([]);
@@ -526,4 +674,34 @@ fn schema_check_rejects_bad_responses() {
             "accepted {case}"
         );
     }
+}
+
+/// A kubeconfig that points nowhere: hooks say the management cluster is unreachable.
+#[tokio::test]
+async fn unreachable_management_cluster_is_named() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.crt");
+    let config = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
+    let management = Management::Client(kube::Client::try_from(config).unwrap());
+    let running = start_with(
+        serve_args(&["--self-signed-ca-file", ca_file.to_str().unwrap()]),
+        management,
+    )
+    .await
+    .unwrap();
+    let ca_pem = std::fs::read_to_string(&ca_file).unwrap();
+    let url = format!(
+        "https://localhost:{}{PREFIX}/beforeclustercreate/before-cluster-create",
+        running.addr.port()
+    );
+    let body = lifecycle_body("BeforeClusterCreateRequest", fixture_cluster("v1beta2"));
+    let answer = post_json(&client(&ca_pem, true), &url, body).await;
+    assert_eq!(answer["status"], "Failure");
+    let message = answer["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("cluster default/wl-1: management cluster unreachable: "),
+        "{message}"
+    );
+    running.shutdown().await;
 }

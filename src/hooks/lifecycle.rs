@@ -234,7 +234,12 @@ impl Handler<'_> {
 
     fn error_response(&self, e: HookError) -> Response {
         let hook = self.call.hook;
-        let message = format!("cluster {}: {e}", self.key);
+        let message = match &e {
+            HookError::Kube(k) if k.place == Place::Management && k.is_unreachable() => {
+                format!("cluster {}: management cluster unreachable: {e}", self.key)
+            }
+            _ => format!("cluster {}: {e}", self.key),
+        };
         // An upgrade waits for the workload cluster rather than failing on a passing outage.
         if hook == Hook::BeforeClusterUpgrade && e.is_transient() && e.on_workload() {
             return Response::retry(hook, RETRY_AFTER_SECONDS, message);

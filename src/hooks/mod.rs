@@ -89,7 +89,10 @@ pub async fn dispatch(ctx: &HookContext, hook: Hook, body: &[u8], budget: Durati
 /// `apiVersion` and `kind` may be absent; when present they must name this hook's request.
 fn check_type_meta(hook: Hook, value: &Value) -> Result<(), String> {
     if !value.is_object() {
-        return Err(format!("request body must be a {} object", hook.request_kind()));
+        return Err(format!(
+            "request body must be a {} object",
+            hook.request_kind()
+        ));
     }
     let meta: TypeMeta = serde_json::from_value(value.clone())
         .map_err(|e| format!("malformed apiVersion or kind: {e}"))?;
@@ -121,7 +124,12 @@ pub struct LifecycleCall<'a> {
     pub budget: Duration,
 }
 
-async fn lifecycle_request(ctx: &HookContext, hook: Hook, value: Value, budget: Duration) -> Response {
+async fn lifecycle_request(
+    ctx: &HookContext,
+    hook: Hook,
+    value: Value,
+    budget: Duration,
+) -> Response {
     let Some(cluster_value) = value.get("cluster") else {
         return Response::failure(hook, "cluster: required");
     };
@@ -131,7 +139,9 @@ async fn lifecycle_request(ctx: &HookContext, hook: Hook, value: Value, budget: 
     };
     let request: LifecycleRequest = match serde_json::from_value(value) {
         Ok(request) => request,
-        Err(e) => return Response::failure(hook, format!("malformed {}: {e}", hook.request_kind())),
+        Err(e) => {
+            return Response::failure(hook, format!("malformed {}: {e}", hook.request_kind()));
+        }
     };
     let variable = &ctx.config.addon.variable_name;
     let registry = match registry_from_config(cluster.variable(variable)) {
@@ -145,7 +155,10 @@ async fn lifecycle_request(ctx: &HookContext, hook: Hook, value: Value, budget: 
         Err(e) => {
             return Response::failure(
                 hook,
-                format!("cluster {}: invalid variable {variable}: {e}", cluster.key()),
+                format!(
+                    "cluster {}: invalid variable {variable}: {e}",
+                    cluster.key()
+                ),
             );
         }
     };

@@ -53,6 +53,14 @@ impl Error {
         }
     }
 
+    /// The API did not answer at all: connection refused, TLS or transport failure.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self.source,
+            kube::Error::HyperError(_) | kube::Error::Service(_)
+        )
+    }
+
     /// The HTTP status the API answered, if it answered.
     pub fn code(&self) -> Option<u16> {
         match &self.source {
@@ -72,7 +80,20 @@ fn describe(e: &kube::Error) -> String {
             };
             format!("{}{reason}: {}", status.code, status.message)
         }
-        other => other.to_string(),
+        // Transport errors say little at the top ("client error (SendRequest)"): add the causes.
+        other => {
+            let mut text = other.to_string();
+            let mut cause = std::error::Error::source(other);
+            while let Some(inner) = cause {
+                let inner_text = inner.to_string();
+                if !text.contains(&inner_text) {
+                    text.push_str(": ");
+                    text.push_str(&inner_text);
+                }
+                cause = inner.source();
+            }
+            text
+        }
     }
 }
 

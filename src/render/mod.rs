@@ -31,7 +31,7 @@ pub async fn run_cli(args: RenderArgs) -> anyhow::Result<()> {
         Some(dir) => Some(load_root_ca(dir)?),
         None => None,
     };
-    let rendered = render(&cluster, &args.addon, root_ca)?;
+    let rendered = render(&cluster, &args.addon, &args.namespace, root_ca)?;
     print!("{}", to_yaml(&rendered, args.show_secrets)?);
     Ok(())
 }
@@ -102,6 +102,7 @@ pub fn load_root_ca(dir: &Path) -> anyhow::Result<CertificateAuthority> {
 pub fn render(
     cluster: &Cluster,
     options: &AddonOptions,
+    namespace: &str,
     root_ca: Option<CertificateAuthority>,
 ) -> anyhow::Result<Vec<Value>> {
     let Some(registry) = registry_from_config(cluster.variable(&options.variable_name))
@@ -124,10 +125,7 @@ pub fn render(
         Some(ca) => ca,
         None => {
             let ca = CertificateAuthority::generate(options.key_algorithm, now)?;
-            out.push(objects::root_ca_secret(
-                crate::names::DEFAULT_NAMESPACE,
-                &ca,
-            ));
+            out.push(objects::root_ca_secret(namespace, &ca));
             ca
         }
     };

@@ -138,10 +138,14 @@ pub async fn start_with(args: ServeArgs, management: Management) -> anyhow::Resu
                 .clone()
                 .unwrap_or_else(|| std::env::temp_dir().join("registry-addon-serving-ca.crt"));
             std::fs::write(&ca_file, &pair.ca_pem).map_err(|e| {
-                anyhow::anyhow!("cannot write the self-signed CA to {}: {e}", ca_file.display())
+                anyhow::anyhow!(
+                    "cannot write the self-signed CA to {}: {e}",
+                    ca_file.display()
+                )
             })?;
             tracing::info!(ca_file = %ca_file.display(), "no --tls-cert-file given: serving a self-signed certificate; its CA is in the file named here");
-            let key = tls::certified_key_from_pem(pair.cert_pem.as_bytes(), pair.key_pem.as_bytes())?;
+            let key =
+                tls::certified_key_from_pem(pair.cert_pem.as_bytes(), pair.key_pem.as_bytes())?;
             (Arc::new(ReloadingResolver::new(key)), Some(ca_file))
         }
     };
@@ -229,7 +233,10 @@ async fn accept_loop(
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HANDSHAKE_TIMEOUT);
-            builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(256);
             let conn = builder.serve_connection(TokioIo::new(tls), service);
             if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(%peer, error = %e, "connection closed with an error");
@@ -297,20 +304,32 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<HttpRespons
     if declared_too_large {
         return Ok(too_large());
     }
-    let body = match Limited::new(req.into_body(), MAX_REQUEST_BYTES).collect().await {
+    let body = match Limited::new(req.into_body(), MAX_REQUEST_BYTES)
+        .collect()
+        .await
+    {
         Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
             return Ok(too_large());
         }
         Err(e) => {
             tracing::debug!(error = %e, "request body could not be read");
-            return Ok(plain(StatusCode::BAD_REQUEST, "request body could not be read"));
+            return Ok(plain(
+                StatusCode::BAD_REQUEST,
+                "request body could not be read",
+            ));
         }
     };
 
     let (label, response) = match target {
         None => ("Discovery", discovery(&app, &body)),
-        Some(spec) => (spec.hook.name(), run_hook(&app, spec.hook, body, budget).await),
+        Some(spec) => (
+            spec.hook.name(),
+            run_hook(&app, spec.hook, body, budget).await,
+        ),
     };
     let status = match response.status {
         Status::Success => "Success",
@@ -349,12 +368,18 @@ async fn run_hook(app: &Arc<App>, hook: Hook, body: Bytes, budget: Duration) -> 
         Ok(Ok(response)) => response,
         Ok(Err(e)) => {
             tracing::error!(%hook, error = %e, "hook handler failed unexpectedly");
-            HookResponse::failure(hook, format!("{hook}: internal error; see the extension's log"))
+            HookResponse::failure(
+                hook,
+                format!("{hook}: internal error; see the extension's log"),
+            )
         }
         Err(_) if hook.is_blocking() => HookResponse::retry(
             hook,
             10,
-            format!("{hook}: work did not finish within {}s; it goes on and the next call picks it up", budget.as_secs()),
+            format!(
+                "{hook}: work did not finish within {}s; it goes on and the next call picks it up",
+                budget.as_secs()
+            ),
         ),
         Err(_) => HookResponse::failure(
             hook,
@@ -382,9 +407,15 @@ mod tests {
     #[test]
     fn budget_follows_timeout_query() {
         assert_eq!(budget_from_query(None), DEFAULT_BUDGET);
-        assert_eq!(budget_from_query(Some("timeout=10s")), Duration::from_secs(10));
+        assert_eq!(
+            budget_from_query(Some("timeout=10s")),
+            Duration::from_secs(10)
+        );
         assert_eq!(budget_from_query(Some("a=b&timeout=1m30s")), MAX_BUDGET);
-        assert_eq!(budget_from_query(Some("timeout=500ms")), Duration::from_millis(500));
+        assert_eq!(
+            budget_from_query(Some("timeout=500ms")),
+            Duration::from_millis(500)
+        );
         assert_eq!(budget_from_query(Some("timeout=bogus")), DEFAULT_BUDGET);
         assert_eq!(budget_from_query(Some("timeout=0s")), DEFAULT_BUDGET);
     }

@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
@@ -36,7 +36,12 @@ impl ReloadingResolver {
 
 impl ResolvesServerCert for ReloadingResolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
     }
 }
 
@@ -221,7 +226,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("PRIVATE KEY"), "{err}");
-        let err = certified_key_from_pem(b"junk", b"junk").unwrap_err().to_string();
-        assert!(err.contains("no certificate") || err.contains("certificate PEM"), "{err}");
+        let err = certified_key_from_pem(b"junk", b"junk")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no certificate") || err.contains("certificate PEM"),
+            "{err}"
+        );
     }
 }

@@ -59,7 +59,9 @@ fn err(field: impl Into<String>, problem: impl Into<String>) -> VariableError {
 
 /// Reads `addons.registry` from the value of the cluster's config variable.
 /// `Ok(None)`: the addon is off for this cluster (variable, `addons` or `registry` missing or null).
-pub fn registry_from_config(config: Option<&Value>) -> Result<Option<RegistryConfig>, VariableError> {
+pub fn registry_from_config(
+    config: Option<&Value>,
+) -> Result<Option<RegistryConfig>, VariableError> {
     let Some(config) = config else {
         return Ok(None);
     };
@@ -81,7 +83,14 @@ pub fn registry_from_config(config: Option<&Value>) -> Result<Option<RegistryCon
 }
 
 fn parse_registry(map: &Map<String, Value>) -> Result<RegistryConfig, VariableError> {
-    const KNOWN: [&str; 6] = ["provider", "replicas", "storage", "serviceIP", "syncInterval", "mode"];
+    const KNOWN: [&str; 6] = [
+        "provider",
+        "replicas",
+        "storage",
+        "serviceIP",
+        "syncInterval",
+        "mode",
+    ];
     if let Some(unknown) = map.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(err(
             format!("{FIELD}.{unknown}"),
@@ -232,9 +241,7 @@ fn is_storage_quantity(s: &str) -> bool {
     let int = parts.next().unwrap_or("");
     let frac = parts.next();
     let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
-    digits(int)
-        && frac.is_none_or(digits)
-        && number.bytes().any(|b| (b'1'..=b'9').contains(&b))
+    digits(int) && frac.is_none_or(digits) && number.bytes().any(|b| (b'1'..=b'9').contains(&b))
 }
 
 impl RegistryConfig {
@@ -248,7 +255,10 @@ impl RegistryConfig {
             )
         })?;
         let cidr = Cidr::parse(first).map_err(|problem| {
-            err("cluster.spec.clusterNetwork.services.cidrBlocks[0]", problem)
+            err(
+                "cluster.spec.clusterNetwork.services.cidrBlocks[0]",
+                problem,
+            )
         })?;
         match self.service_ip {
             Some(ip) if cidr.contains(ip) => Ok(ip),
@@ -312,11 +322,19 @@ impl Cidr {
 fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
     match ip {
         IpAddr::V4(v4) => {
-            let m = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix)) };
+            let m = if prefix == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(prefix))
+            };
             IpAddr::V4((u32::from(v4) & m).into())
         }
         IpAddr::V6(v6) => {
-            let m = if prefix == 0 { 0 } else { u128::MAX << (128 - u32::from(prefix)) };
+            let m = if prefix == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(prefix))
+            };
             IpAddr::V6((u128::from(v6) & m).into())
         }
     }
@@ -388,43 +406,103 @@ mod tests {
     #[test]
     fn invalid_values_name_the_field() {
         let cases = [
-            (json!({"replicas": 0}), "addons.registry.replicas: must be an integer from 1 to 7"),
-            (json!({"replicas": 8}), "addons.registry.replicas: must be an integer from 1 to 7"),
-            (json!({"replicas": "3"}), "addons.registry.replicas: must be an integer from 1 to 7"),
-            (json!({"replicas": 2.5}), "addons.registry.replicas: must be an integer from 1 to 7"),
-            (json!({"storage": {"size": "lots"}}), "addons.registry.storage.size: must be a positive Kubernetes quantity such as \"100Gi\""),
-            (json!({"storage": {"size": "0Gi"}}), "addons.registry.storage.size: must be a positive Kubernetes quantity such as \"100Gi\""),
-            (json!({"serviceIP": "10.96.0.300"}), "addons.registry.serviceIP: \"10.96.0.300\" is not an IP address"),
-            (json!({"syncInterval": "soon"}), "addons.registry.syncInterval: \"soon\" is not a duration of at least 1s (e.g. \"2m\")"),
-            (json!({"mode": "Proxy"}), "addons.registry.mode: mode \"Proxy\" is not supported yet; only \"Local\""),
-            (json!({"provider": "Harbor"}), "addons.registry.provider: must be \"CNCF Distribution\""),
+            (
+                json!({"replicas": 0}),
+                "addons.registry.replicas: must be an integer from 1 to 7",
+            ),
+            (
+                json!({"replicas": 8}),
+                "addons.registry.replicas: must be an integer from 1 to 7",
+            ),
+            (
+                json!({"replicas": "3"}),
+                "addons.registry.replicas: must be an integer from 1 to 7",
+            ),
+            (
+                json!({"replicas": 2.5}),
+                "addons.registry.replicas: must be an integer from 1 to 7",
+            ),
+            (
+                json!({"storage": {"size": "lots"}}),
+                "addons.registry.storage.size: must be a positive Kubernetes quantity such as \"100Gi\"",
+            ),
+            (
+                json!({"storage": {"size": "0Gi"}}),
+                "addons.registry.storage.size: must be a positive Kubernetes quantity such as \"100Gi\"",
+            ),
+            (
+                json!({"serviceIP": "10.96.0.300"}),
+                "addons.registry.serviceIP: \"10.96.0.300\" is not an IP address",
+            ),
+            (
+                json!({"syncInterval": "soon"}),
+                "addons.registry.syncInterval: \"soon\" is not a duration of at least 1s (e.g. \"2m\")",
+            ),
+            (
+                json!({"mode": "Proxy"}),
+                "addons.registry.mode: mode \"Proxy\" is not supported yet; only \"Local\"",
+            ),
+            (
+                json!({"provider": "Harbor"}),
+                "addons.registry.provider: must be \"CNCF Distribution\"",
+            ),
         ];
         for (registry, expected) in cases {
-            assert_eq!(parse(json!({"addons": {"registry": registry}})).unwrap_err(), expected);
+            assert_eq!(
+                parse(json!({"addons": {"registry": registry}})).unwrap_err(),
+                expected
+            );
         }
-        assert!(parse(json!({"addons": {"registry": {"replica": 3}}})).unwrap_err().starts_with("addons.registry.replica: unknown field"));
-        assert_eq!(parse(json!({"addons": {"registry": []}})).unwrap_err(), "addons.registry: must be an object");
+        assert!(
+            parse(json!({"addons": {"registry": {"replica": 3}}}))
+                .unwrap_err()
+                .starts_with("addons.registry.replica: unknown field")
+        );
+        assert_eq!(
+            parse(json!({"addons": {"registry": []}})).unwrap_err(),
+            "addons.registry: must be an object"
+        );
         assert_eq!(parse(json!("x")).unwrap_err(), "value: must be an object");
     }
 
     #[test]
     fn service_ip_is_the_20th_address() {
         let cfg = parse(json!({"addons": {"registry": {}}})).unwrap().unwrap();
-        let ip = |c: &str| cfg.resolve_service_ip(&[c.to_string()]).map(|ip| ip.to_string());
+        let ip = |c: &str| {
+            cfg.resolve_service_ip(&[c.to_string()])
+                .map(|ip| ip.to_string())
+        };
         assert_eq!(ip("10.96.0.0/12").unwrap(), "10.96.0.20");
         assert_eq!(ip("10.128.0.0/12").unwrap(), "10.128.0.20");
         assert_eq!(ip("10.96.5.7/12").unwrap(), "10.96.0.20");
         assert_eq!(ip("fd00:10:96::/108").unwrap(), "fd00:10:96::14");
-        assert!(ip("10.0.0.0/28").unwrap_err().to_string().contains("too small"));
+        assert!(
+            ip("10.0.0.0/28")
+                .unwrap_err()
+                .to_string()
+                .contains("too small")
+        );
         assert!(ip("banana").is_err());
         assert!(cfg.resolve_service_ip(&[]).is_err());
     }
 
     #[test]
     fn explicit_service_ip_must_lie_inside_the_cidr() {
-        let cfg = parse(json!({"addons": {"registry": {"serviceIP": "10.96.1.1"}}})).unwrap().unwrap();
-        assert_eq!(cfg.resolve_service_ip(&["10.96.0.0/12".into()]).unwrap().to_string(), "10.96.1.1");
-        let e = cfg.resolve_service_ip(&["192.168.0.0/16".into()]).unwrap_err();
-        assert_eq!(e.to_string(), "addons.registry.serviceIP: 10.96.1.1 is not inside the service CIDR 192.168.0.0/16");
+        let cfg = parse(json!({"addons": {"registry": {"serviceIP": "10.96.1.1"}}}))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            cfg.resolve_service_ip(&["10.96.0.0/12".into()])
+                .unwrap()
+                .to_string(),
+            "10.96.1.1"
+        );
+        let e = cfg
+            .resolve_service_ip(&["192.168.0.0/16".into()])
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "addons.registry.serviceIP: 10.96.1.1 is not inside the service CIDR 192.168.0.0/16"
+        );
     }
 }

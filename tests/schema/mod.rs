@@ -16,17 +16,20 @@ struct Spec {
 fn specs() -> &'static [Spec] {
     static SPECS: OnceLock<Vec<Spec>> = OnceLock::new();
     SPECS.get_or_init(|| {
-        ["runtime-sdk-openapi.main.yaml", "runtime-sdk-openapi.v1.12.yaml"]
-            .into_iter()
-            .map(|name| {
-                let path = format!("{}/../shared/capi/{name}", env!("CARGO_MANIFEST_DIR"));
-                let text = std::fs::read_to_string(&path)
-                    .unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
-                let document: Value = serde_yaml::from_str(&text)
-                    .unwrap_or_else(|e| panic!("cannot parse {path}: {e}"));
-                Spec { name, document }
-            })
-            .collect()
+        [
+            "runtime-sdk-openapi.main.yaml",
+            "runtime-sdk-openapi.v1.12.yaml",
+        ]
+        .into_iter()
+        .map(|name| {
+            let path = format!("{}/../shared/capi/{name}", env!("CARGO_MANIFEST_DIR"));
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+            let document: Value =
+                serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("cannot parse {path}: {e}"));
+            Spec { name, document }
+        })
+        .collect()
     })
 }
 
@@ -52,8 +55,9 @@ pub fn assert_valid_response(response: &Value) {
             "$ref": format!("#/components/schemas/{schema_name}"),
             "components": components,
         });
-        let validator = jsonschema::draft7::new(&root)
-            .unwrap_or_else(|e| panic!("{}: schema {schema_name} does not compile: {e}", spec.name));
+        let validator = jsonschema::draft7::new(&root).unwrap_or_else(|e| {
+            panic!("{}: schema {schema_name} does not compile: {e}", spec.name)
+        });
         let errors: Vec<String> = validator
             .iter_errors(response)
             .map(|e| format!("{} at {}", e, e.instance_path()))
