@@ -12,8 +12,8 @@ use registry_addon::oci::{ClientOptions, Credentials, Registry, build_http_clien
 use registry_addon::sync::Syncer;
 use sync_support::*;
 
-fn syncer(local: &str, peers: &[&str], ca: &[u8], options: ClientOptions) -> Syncer {
-    let http = build_http_client(Some(ca)).unwrap();
+fn syncer(local: &str, peers: &[&str], ca: Option<&[u8]>, options: ClientOptions) -> Syncer {
+    let http = build_http_client(ca).unwrap();
     let reg = |url: &str| Arc::new(Registry::new(url, http.clone(), &options).unwrap());
     Syncer::new(
         reg(local),
@@ -106,7 +106,7 @@ async fn one_round_copies_everything_and_a_second_copies_nothing() {
         page_size: 2,
         ..ClientOptions::default()
     };
-    let s = syncer(&local.url, &[&peer_a.url, &peer_b.url], &ca, options);
+    let s = syncer(&local.url, &[&peer_a.url, &peer_b.url], Some(&ca), options);
     let first = s.round().await;
     assert!(first.is_success(), "{first:#?}");
 
@@ -179,7 +179,9 @@ async fn chunked_uploads_copy_large_blobs() {
         chunk_size: 1024 * 1024,
         ..ClientOptions::default()
     };
-    let report = syncer(&local.url, &[&peer.url], &ca, options).round().await;
+    let report = syncer(&local.url, &[&peer.url], Some(&ca), options)
+        .round()
+        .await;
     assert!(report.is_success(), "{report:#?}");
     assert_eq!(report.bytes_copied, 2_500_010 + img.config.len() as u64);
     let l = client(&local.url, Some(&ca), None);
@@ -469,4 +471,62 @@ async fn registries_with_basic_auth() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registries_with_bearer_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = RegistryOptions::default();
+    let peer_reg = RegistryProcess::start(&tmp.path().join("p"), &opts);
+    let local_reg = RegistryProcess::start(&tmp.path().join("l"), &opts);
+    let peer = sync_support::bearer::BearerFront::start(&peer_reg.url, "bob", "t0ken-pw").await;
+    let local = sync_support::bearer::BearerFront::start(&local_reg.url, "bob", "t0ken-pw").await;
+    let creds = Credentials {
+        username: "bob".into(),
+        password: "t0ken-pw".into(),
+    };
+    let p = client(&peer.url, None, Some(creds.clone()));
+    let base = random_bytes(40, 50_000);
+    let i1 = Image::new("amd64", vec![base.clone(), random_bytes(41, 1000)], false);
+    let i2 = Image::new("arm64", vec![base.clone(), random_bytes(42, 1000)], false);
+    push_index(
+        &p,
+        "tok/app",
+        "v1",
+        &[("amd64", &i1), ("arm64", &i2)],
+        false,
+    )
+    .await;
+    i2.push(&p, "tok/other", "v1").await;
+
+    // Wrong password: the token service refuses, and the round says so.
+    let wrong = ClientOptions {
+        credentials: Some(Credentials {
+            username: "bob".into(),
+            password: "nope".into(),
+        }),
+        attempts: 1,
+        ..ClientOptions::default()
+    };
+    let report = syncer(&local.url, &[&peer.url], None, wrong).round().await;
+    assert!(!report.is_success());
+    assert!(
+        report.peers[0].errors[0].contains("authentication failed"),
+        "{report:#?}"
+    );
+
+    let options = ClientOptions {
+        credentials: Some(creds.clone()),
+        ..ClientOptions::default()
+    };
+    let report = syncer(&local.url, &[&peer.url], None, options)
+        .round()
+        .await;
+    assert!(report.is_success(), "{report:#?}");
+    // The blob shared by both repositories was mounted: the token covered both.
+    assert!(report.blobs_mounted >= 1, "{report:#?}");
+    let l = client(&local.url, None, Some(creds));
+    assert_eq!(tag_digests(&l).await, tag_digests(&p).await);
+    assert_pullable(&l).await;
+    assert!(local.tokens_issued() > 0 && peer.tokens_issued() > 0);
 }

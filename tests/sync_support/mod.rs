@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod bearer;
+
 use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
