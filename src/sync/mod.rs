@@ -245,3 +245,71 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<()> {
         tokio::time::sleep(args.interval).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sync: SyncArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<SyncArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("sync").chain(args.iter().copied())).map(|c| c.sync)
+    }
+
+    #[test]
+    fn statefulset_sidecar_form() {
+        let args = parse(&[
+            "--statefulset-peers",
+            "--pod-name",
+            "registry-1",
+            "--replicas",
+            "3",
+            "--namespace",
+            "registry-system",
+            "--interval",
+            "1m30s",
+        ])
+        .unwrap();
+        assert_eq!(args.interval, Duration::from_secs(90));
+        assert_eq!(
+            args.peer_urls().unwrap(),
+            vec![
+                "https://registry-0.registry-headless.registry-system.svc:5000",
+                "https://registry-2.registry-headless.registry-system.svc:5000",
+            ]
+        );
+        let missing = parse(&["--statefulset-peers", "--replicas", "3"]).unwrap();
+        if missing.pod_name.is_none() {
+            assert!(missing.peer_urls().is_err());
+        }
+    }
+
+    #[test]
+    fn explicit_peers_and_flags() {
+        let args = parse(&[
+            "--local",
+            "https://127.0.0.1:5000/",
+            "--peer",
+            "https://a:5000",
+            "--peer",
+            "https://127.0.0.1:5000",
+            "--once",
+            "--concurrency",
+            "3",
+        ])
+        .unwrap();
+        assert!(args.once);
+        assert_eq!(args.concurrency, 3);
+        assert_eq!(args.interval, Duration::from_secs(120));
+        // The local registry is never its own peer.
+        assert_eq!(args.peer_urls().unwrap(), vec!["https://a:5000"]);
+        assert!(parse(&["--once", "--interval", "2m"]).is_err());
+        assert!(parse(&["--interval", "2 minutes"]).is_err());
+        assert!(parse(&["--concurrency", "0"]).is_err());
+    }
+}
