@@ -18,7 +18,6 @@ use registry_addon::wire::runtime::Hook;
 use serde_json::{Value, json};
 
 const CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBcluster\n-----END CERTIFICATE-----\n";
-const ROOT_CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBroot\n-----END CERTIFICATE-----\n";
 
 type Secrets = Arc<Mutex<BTreeMap<(String, String), Value>>>;
 
@@ -392,6 +391,12 @@ async fn ipv6_service_ip_is_bracketed() {
 #[tokio::test]
 async fn before_the_cluster_ca_exists_the_root_ca_is_used_or_created() {
     // CAPI computes patches before BeforeClusterCreate copies the CA to the cluster.
+    let root = registry_addon::certs::CertificateAuthority::generate(
+        registry_addon::cli::KeyAlgorithm::EcdsaP256,
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    let root_ca = root.cert_pem().to_string();
     let secrets = Secrets::default();
     secrets.lock().unwrap().insert(
         (
@@ -401,7 +406,11 @@ async fn before_the_cluster_ca_exists_the_root_ca_is_used_or_created() {
         secret(
             "registry-addon-system",
             "registry-addon-root-ca",
-            &[("ca.crt", ROOT_CA), ("tls.crt", ROOT_CA), ("tls.key", "k")],
+            &[
+                ("ca.crt", &root_ca),
+                ("tls.crt", &root_ca),
+                ("tls.key", root.key_pem().expose()),
+            ],
         ),
     );
     let ctx = context(Management::Client(management(secrets)));
@@ -414,7 +423,7 @@ async fn before_the_cluster_ca_exists_the_root_ca_is_used_or_created() {
     let patched = apply(&worker_template(), &patch_of(&response, "md").unwrap());
     assert_eq!(
         files(&patched["spec"]["template"]["spec"])["/etc/containerd/certs.d/10.96.0.20/ca.crt"]["content"],
-        ROOT_CA
+        root_ca
     );
 
     let empty = Secrets::default();

@@ -91,7 +91,7 @@ impl State {
 
 /// Why a hook could not finish.
 #[derive(Debug, thiserror::Error)]
-enum HookError {
+pub(crate) enum HookError {
     #[error(transparent)]
     Kube(#[from] k8s::Error),
     #[error("{0}")]
@@ -169,6 +169,54 @@ pub async fn handle(ctx: &HookContext, call: LifecycleCall<'_>) -> Response {
     }
 }
 
+/// The root CA: read from `registry-addon-root-ca`, generated when absent. An existing
+/// Secret (cert-manager's or the operator's) is used as is, never regenerated. Creation is
+/// create-if-absent, so concurrent callers (and extension replicas) end up with one CA.
+pub(crate) async fn ensure_root_ca(
+    ctx: &HookContext,
+    management: &ClusterApi,
+    cluster_key: &str,
+) -> Result<CertificateAuthority, HookError> {
+    let namespace = ctx.config.namespace.as_str();
+    let describe = || {
+        format!(
+            "secret {namespace}/{} on the management cluster",
+            names::ROOT_CA_SECRET
+        )
+    };
+    let _guard = ctx.state.root_ca.lock().await;
+    let existing = management
+        .get("v1", "Secret", Some(namespace), names::ROOT_CA_SECRET)
+        .await?;
+    let secret = match existing {
+        Some(secret) => secret,
+        None => {
+            let algorithm = ctx.config.addon.key_algorithm;
+            let ca = CertificateAuthority::generate(algorithm, OffsetDateTime::now_utc())
+                .map_err(|e| HookError::Invalid(format!("{}: {e}", describe())))?;
+            let object = objects::root_ca_secret(namespace, &ca);
+            match management.create_or_get(&object).await? {
+                None => {
+                    info!(cluster = %cluster_key, secret = %describe(), "generated the root CA");
+                    return Ok(ca);
+                }
+                // Another caller created it first: use theirs.
+                Some(secret) => secret,
+            }
+        }
+    };
+    let cert = secret_data(&secret, "tls.crt");
+    let key = secret_data(&secret, "tls.key");
+    let (Some(cert), Some(key)) = (cert, key) else {
+        return Err(HookError::Invalid(format!(
+            "{}: keys tls.crt and tls.key are required",
+            describe()
+        )));
+    };
+    CertificateAuthority::from_pem(&cert, &key)
+        .map_err(|e| HookError::Invalid(format!("{}: {e}", describe())))
+}
+
 struct Handler<'a> {
     ctx: &'a HookContext,
     call: &'a LifecycleCall<'a>,
@@ -183,7 +231,7 @@ impl Handler<'_> {
         let hook = self.call.hook;
         match hook {
             Hook::BeforeClusterCreate => {
-                let ca = self.root_ca().await?;
+                let ca = ensure_root_ca(self.ctx, &self.management, &self.key).await?;
                 self.ensure_cluster_ca(&ca).await?;
                 Ok(Response::success(
                     hook,
@@ -196,7 +244,7 @@ impl Handler<'_> {
                 ))
             }
             Hook::AfterControlPlaneInitialized => {
-                let ca = self.root_ca().await?;
+                let ca = ensure_root_ca(self.ctx, &self.management, &self.key).await?;
                 self.ensure_cluster_ca(&ca).await?;
                 let workload = self.workload().await?;
                 self.deploy(&ca, &workload, None).await?;
@@ -210,7 +258,7 @@ impl Handler<'_> {
                 ))
             }
             Hook::BeforeClusterUpgrade => {
-                let ca = self.root_ca().await?;
+                let ca = ensure_root_ca(self.ctx, &self.management, &self.key).await?;
                 self.ensure_cluster_ca(&ca).await?;
                 let workload = self.workload().await?;
                 let fraction = self.ctx.config.addon.renew_fraction;
@@ -245,50 +293,6 @@ impl Handler<'_> {
             return Response::retry(hook, RETRY_AFTER_SECONDS, message);
         }
         Response::failure(hook, message)
-    }
-
-    /// The root CA: read from `registry-addon-root-ca`, generated when absent. An existing
-    /// Secret (cert-manager's or the operator's) is used as is, never regenerated.
-    async fn root_ca(&self) -> Result<CertificateAuthority, HookError> {
-        let namespace = self.ctx.config.namespace.as_str();
-        let describe = || {
-            format!(
-                "secret {namespace}/{} on the management cluster",
-                names::ROOT_CA_SECRET
-            )
-        };
-        let _guard = self.ctx.state.root_ca.lock().await;
-        let existing = self
-            .management
-            .get("v1", "Secret", Some(namespace), names::ROOT_CA_SECRET)
-            .await?;
-        let secret = match existing {
-            Some(secret) => secret,
-            None => {
-                let algorithm = self.ctx.config.addon.key_algorithm;
-                let ca = CertificateAuthority::generate(algorithm, OffsetDateTime::now_utc())
-                    .map_err(|e| HookError::Invalid(format!("{}: {e}", describe())))?;
-                let object = objects::root_ca_secret(namespace, &ca);
-                match self.management.create_or_get(&object).await? {
-                    None => {
-                        info!(cluster = %self.key, secret = %describe(), "generated the root CA");
-                        return Ok(ca);
-                    }
-                    // Another replica created it first: use theirs.
-                    Some(secret) => secret,
-                }
-            }
-        };
-        let cert = secret_data(&secret, "tls.crt");
-        let key = secret_data(&secret, "tls.key");
-        let (Some(cert), Some(key)) = (cert, key) else {
-            return Err(HookError::Invalid(format!(
-                "{}: keys tls.crt and tls.key are required",
-                describe()
-            )));
-        };
-        CertificateAuthority::from_pem(&cert, &key)
-            .map_err(|e| HookError::Invalid(format!("{}: {e}", describe())))
     }
 
     /// Applies `<cluster>-registry-addon-ca`; fails when it holds another CA than the root.

@@ -9,17 +9,14 @@ pub mod containerd;
 
 use std::net::IpAddr;
 
-use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::PostParams;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use time::OffsetDateTime;
 
-use crate::certs::CertificateAuthority;
+use crate::hooks::lifecycle::ensure_root_ca;
 use crate::hooks::{HookContext, Management};
+use crate::k8s::{ClusterApi, Place};
 use crate::names;
+use crate::render::objects::secret_data;
 use crate::wire::runtime::{
     GeneratePatchesRequest, GeneratePatchesRequestItem, GeneratePatchesResponseItem, Hook,
     PatchType, Response, Variable,
@@ -303,206 +300,23 @@ async fn node_ca(ctx: &HookContext, namespace: &str, cluster: &str) -> Result<St
             return Err(format!("the management cluster is unreachable: {why}"));
         }
     };
+    let management = ClusterApi::new(client, Place::Management);
     let name = names::cluster_ca_secret(cluster);
-    let secrets = kube::Api::<Secret>::namespaced(client.clone(), namespace);
-    let describe = |ns: &str, name: &str| format!("secret {ns}/{name} on the management cluster");
-    match secrets.get_opt(&name).await {
-        Ok(Some(secret)) => {
-            return secret_text(&secret, "ca.crt")
-                .ok_or_else(|| format!("{}: key ca.crt is missing", describe(namespace, &name)));
-        }
-        Ok(None) => {}
-        Err(e) => return Err(format!("{}: {e}", describe(namespace, &name))),
+    let copy = management
+        .get("v1", "Secret", Some(namespace), &name)
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(secret) = copy {
+        return secret_data(&secret, "ca.crt")
+            .filter(|ca| !ca.trim().is_empty())
+            .ok_or_else(|| {
+                format!(
+                    "secret {namespace}/{name} on the management cluster: key ca.crt is missing"
+                )
+            });
     }
-
-    let root_ns = ctx.config.namespace.as_str();
-    let root_name = names::ROOT_CA_SECRET;
-    let roots = kube::Api::<Secret>::namespaced(client, root_ns);
-    let root = match roots.get_opt(root_name).await {
-        Ok(Some(secret)) => secret,
-        Ok(None) => create_root_ca(ctx, &roots)
-            .await
-            .map_err(|e| format!("{}: {e}", describe(root_ns, root_name)))?,
-        Err(e) => return Err(format!("{}: {e}", describe(root_ns, root_name))),
-    };
-    secret_text(&root, "ca.crt")
-        .or_else(|| secret_text(&root, "tls.crt"))
-        .ok_or_else(|| {
-            format!(
-                "{}: keys ca.crt and tls.crt are missing",
-                describe(root_ns, root_name)
-            )
-        })
-}
-
-/// Generates the root CA Secret; when another caller created it first, returns theirs.
-async fn create_root_ca(ctx: &HookContext, roots: &kube::Api<Secret>) -> Result<Secret, String> {
-    let ca =
-        CertificateAuthority::generate(ctx.config.addon.key_algorithm, OffsetDateTime::now_utc())
-            .map_err(|e| format!("generating the root CA: {e}"))?;
-    let bytes = |s: &str| ByteString(s.as_bytes().to_vec());
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some(names::ROOT_CA_SECRET.into()),
-            namespace: Some(ctx.config.namespace.clone()),
-            labels: Some(
-                [(
-                    "app.kubernetes.io/managed-by".to_string(),
-                    names::FIELD_MANAGER.to_string(),
-                )]
-                .into(),
-            ),
-            ..Default::default()
-        },
-        type_: Some("kubernetes.io/tls".into()),
-        data: Some(
-            [
-                ("ca.crt".to_string(), bytes(ca.cert_pem())),
-                ("tls.crt".to_string(), bytes(ca.cert_pem())),
-                ("tls.key".to_string(), bytes(ca.key_pem().expose())),
-            ]
-            .into(),
-        ),
-        ..Default::default()
-    };
-    let params = PostParams {
-        field_manager: Some(names::FIELD_MANAGER.into()),
-        ..Default::default()
-    };
-    match roots.create(&params, &secret).await {
-        Ok(created) => Ok(created),
-        Err(kube::Error::Api(status)) if status.code == 409 => roots
-            .get(names::ROOT_CA_SECRET)
-            .await
-            .map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-fn secret_text(secret: &Secret, key: &str) -> Option<String> {
-    let from_data = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(key))
-        .and_then(|b| String::from_utf8(b.0.clone()).ok());
-    // The API server folds `stringData` into `data`; stand-ins may not.
-    let from_string_data = || {
-        secret
-            .string_data
-            .as_ref()
-            .and_then(|d| d.get(key))
-            .cloned()
-    };
-    from_data
-        .or_else(from_string_data)
-        .filter(|s| !s.trim().is_empty())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn apply(object: &mut Value, ops: &[Value]) {
-        for op in ops {
-            let path = op["path"].as_str().unwrap();
-            let (parent, last) = path.rsplit_once('/').unwrap();
-            let target = object.pointer_mut(parent).unwrap();
-            match (op["op"].as_str().unwrap(), target) {
-                ("add", Value::Array(list)) if last == "-" => list.push(op["value"].clone()),
-                ("replace", Value::Array(list)) => {
-                    list[last.parse::<usize>().unwrap()] = op["value"].clone()
-                }
-                ("add", Value::Object(map)) => {
-                    map.insert(last.to_string(), op["value"].clone());
-                }
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-    }
-
-    #[test]
-    fn merge_list_builds_missing_parents_and_skips_present_items() {
-        let mut object = json!({"spec": {"template": {}}});
-        let mut ops = Vec::new();
-        let path = ["spec", "template", "spec", "files"];
-        merge_list(
-            &object,
-            &path,
-            vec![json!({"path": "/a"})],
-            same_path,
-            &mut ops,
-        )
-        .unwrap();
-        assert_eq!(
-            ops,
-            [
-                json!({"op": "add", "path": "/spec/template/spec", "value": {"files": [{"path": "/a"}]}})
-            ]
-        );
-        apply(&mut object, &ops);
-        let mut again = Vec::new();
-        merge_list(
-            &object,
-            &path,
-            vec![json!({"path": "/a"})],
-            same_path,
-            &mut again,
-        )
-        .unwrap();
-        assert!(again.is_empty());
-        merge_list(
-            &object,
-            &path,
-            vec![json!({"path": "/a", "content": "x"}), json!({"path": "/b"})],
-            same_path,
-            &mut again,
-        )
-        .unwrap();
-        assert_eq!(again[0]["op"], "replace");
-        assert_eq!(again[1]["path"], "/spec/template/spec/files/-");
-    }
-
-    #[test]
-    fn merge_list_refuses_non_lists() {
-        let object = json!({"spec": {"files": "nope"}});
-        let e = merge_list(
-            &object,
-            &["spec", "files"],
-            vec![],
-            same_path,
-            &mut Vec::new(),
-        )
-        .unwrap_err();
-        assert_eq!(e, "/spec/files is not a list");
-    }
-
-    #[test]
-    fn builtin_is_merged_and_other_variables_replaced() {
-        let global = vec![
-            Variable {
-                name: "builtin".into(),
-                value: json!({"cluster": {"name": "c1"}}),
-            },
-            Variable {
-                name: "clusterConfig".into(),
-                value: json!({"addons": {"registry": {}}}),
-            },
-        ];
-        let item = vec![
-            Variable {
-                name: "builtin".into(),
-                value: json!({"machineDeployment": {"class": "md"}}),
-            },
-            Variable {
-                name: "clusterConfig".into(),
-                value: json!({}),
-            },
-        ];
-        let merged = merge_variables(&global, &item);
-        assert_eq!(
-            merged[0].value,
-            json!({"cluster": {"name": "c1"}, "machineDeployment": {"class": "md"}})
-        );
-        assert_eq!(merged[1].value, json!({}));
-    }
+    ensure_root_ca(ctx, &management, &format!("{namespace}/{cluster}"))
+        .await
+        .map(|ca| ca.cert_pem().to_string())
+        .map_err(|e| e.to_string())
 }
