@@ -143,7 +143,7 @@ pub enum UploadStart {
     Session(Url),
 }
 
-/// A blob download with the transfer permit of its registry.
+/// A blob download in progress; the caller holds the registry's blob permit while reading.
 pub struct BlobDownload {
     pub size: Option<u64>,
     pub stream: Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send + Unpin>,
@@ -263,6 +263,13 @@ impl Registry {
             what: what.to_string(),
             source,
         }
+    }
+
+    async fn read_body(&self, what: &str, resp: Response, limit: usize) -> Result<Bytes, OciError> {
+        read_limited(resp, limit).await.map_err(|e| match e {
+            BodyError::Transport(source) => self.transport(what, source),
+            e @ BodyError::TooLarge(_) => self.invalid(what, e.to_string()),
+        })
     }
 
     fn invalid(&self, what: &str, reason: impl Into<String>) -> OciError {
@@ -518,9 +525,7 @@ impl Registry {
                 return Err(self.status_error(what, resp).await);
             }
             let next = self.next_page(resp.headers(), &url);
-            let body = read_limited(resp, 16 * 1024 * 1024)
-                .await
-                .map_err(|e| self.transport(what, e))?;
+            let body = self.read_body(what, resp, 16 * 1024 * 1024).await?;
             let list: RepositoryList = serde_json::from_slice(&body)
                 .map_err(|e| self.invalid(what, format!("bad catalog: {e}")))?;
             let page_empty = list.repositories().is_empty();
@@ -560,9 +565,7 @@ impl Registry {
                 return Err(self.status_error(&what, resp).await);
             }
             let next = self.next_page(resp.headers(), &url);
-            let body = read_limited(resp, 16 * 1024 * 1024)
-                .await
-                .map_err(|e| self.transport(&what, e))?;
+            let body = self.read_body(&what, resp, 16 * 1024 * 1024).await?;
             // Not oci-spec's TagList: distribution answers `"tags": null` for a repository
             // whose tags were all deleted.
             #[derive(serde::Deserialize)]
@@ -633,9 +636,7 @@ impl Registry {
             return Err(self.status_error(&what, resp).await);
         }
         let headers = resp.headers().clone();
-        let bytes = read_limited(resp, MAX_MANIFEST_BYTES)
-            .await
-            .map_err(|e| self.transport(&what, e))?;
+        let bytes = self.read_body(&what, resp, MAX_MANIFEST_BYTES).await?;
         let header_digest: Option<Digest> =
             header_str(&headers, "docker-content-digest").and_then(|d| d.parse().ok());
         let reference_digest: Option<Digest> = reference.parse().ok();
@@ -1005,18 +1006,33 @@ fn strip_params(content_type: &str) -> String {
         .to_string()
 }
 
+/// Why a response body could not be read.
+#[derive(Debug)]
+enum BodyError {
+    Transport(reqwest::Error),
+    TooLarge(usize),
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::Transport(e) => write!(f, "{e}"),
+            BodyError::TooLarge(limit) => write!(f, "answer larger than {limit} bytes"),
+        }
+    }
+}
+
 /// Reads a response body, refusing one longer than `limit`.
-async fn read_limited(resp: Response, limit: usize) -> Result<Bytes, reqwest::Error> {
+async fn read_limited(resp: Response, limit: usize) -> Result<Bytes, BodyError> {
     if resp.content_length().is_some_and(|l| l > limit as u64) {
-        // Read nothing: the caller reports the body as unusable.
-        return Ok(Bytes::new());
+        return Err(BodyError::TooLarge(limit));
     }
     let mut stream = resp.bytes_stream();
     let mut out = bytes::BytesMut::new();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk?;
+        let chunk = chunk.map_err(BodyError::Transport)?;
         if out.len() + chunk.len() > limit {
-            break;
+            return Err(BodyError::TooLarge(limit));
         }
         out.extend_from_slice(&chunk);
     }
