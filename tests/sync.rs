@@ -8,12 +8,12 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use registry_addon::oci::{ClientOptions, Credentials, Registry, build_http_client};
+use registry_addon::oci::{ClientOptions, Credentials, Registry, build_http_clients};
 use registry_addon::sync::Syncer;
 use sync_support::*;
 
 fn syncer(local: &str, peers: &[&str], ca: Option<&[u8]>, options: ClientOptions) -> Syncer {
-    let http = build_http_client(ca).unwrap();
+    let http = build_http_clients(ca).unwrap();
     let reg = |url: &str| Arc::new(Registry::new(url, http.clone(), &options).unwrap());
     Syncer::new(
         reg(local),

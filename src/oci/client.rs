@@ -73,9 +73,38 @@ fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Builds the HTTP client: rustls with ring, HTTP/2 when the registry offers it. With a CA
-/// bundle, only that bundle is trusted; without one, the platform's roots.
+/// The HTTP clients of a syncer. Metadata goes over HTTP/2 when the registry offers it:
+/// many small requests multiplexed on one connection. Blob transfers go over HTTP/1.1, one
+/// connection each: a large blob then never shares a connection's flow-control window with
+/// small requests, and bulk streams run faster without HTTP/2 framing and window updates.
+#[derive(Clone)]
+pub struct HttpClients {
+    pub metadata: reqwest::Client,
+    pub blobs: reqwest::Client,
+}
+
+/// Builds the HTTP clients: rustls with ring. With a CA bundle, only that bundle is
+/// trusted; without one, the platform's roots.
+pub fn build_http_clients(ca_bundle_pem: Option<&[u8]>) -> Result<HttpClients, String> {
+    Ok(HttpClients {
+        metadata: build_http_client(ca_bundle_pem)?,
+        blobs: client_builder(ca_bundle_pem, true)?
+            .build()
+            .map_err(|e| format!("HTTP client: {e}"))?,
+    })
+}
+
+/// One HTTP client, HTTP/2 when the server offers it (see [`build_http_clients`]).
 pub fn build_http_client(ca_bundle_pem: Option<&[u8]>) -> Result<reqwest::Client, String> {
+    client_builder(ca_bundle_pem, false)?
+        .build()
+        .map_err(|e| format!("HTTP client: {e}"))
+}
+
+fn client_builder(
+    ca_bundle_pem: Option<&[u8]>,
+    http1_only: bool,
+) -> Result<reqwest::ClientBuilder, String> {
     // Idempotent: the first provider installed stays.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut builder = reqwest::Client::builder()
@@ -87,11 +116,15 @@ pub fn build_http_client(ca_bundle_pem: Option<&[u8]>) -> Result<reqwest::Client
         .no_proxy()
         // Blob redirects to object storage are allowed; reqwest drops credentials on a
         // cross-origin hop.
-        .redirect(reqwest::redirect::Policy::limited(5))
-        // Small windows keep memory bounded however many transfers are in flight; in-cluster
-        // round-trips are short, so throughput does not suffer.
-        .http2_initial_stream_window_size(512 * 1024)
-        .http2_initial_connection_window_size(2 * 1024 * 1024);
+        .redirect(reqwest::redirect::Policy::limited(5));
+    if http1_only {
+        builder = builder.http1_only();
+    } else {
+        // Small windows keep memory bounded however many streams are in flight.
+        builder = builder
+            .http2_initial_stream_window_size(512 * 1024)
+            .http2_initial_connection_window_size(2 * 1024 * 1024);
+    }
     if let Some(pem) = ca_bundle_pem {
         use rustls_pki_types::CertificateDer;
         use rustls_pki_types::pem::PemObject;
@@ -111,10 +144,14 @@ pub fn build_http_client(ca_bundle_pem: Option<&[u8]>) -> Result<reqwest::Client
             .map_err(|e| format!("TLS set-up: {e}"))?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        tls.alpn_protocols = if http1_only {
+            vec![b"http/1.1".to_vec()]
+        } else {
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        };
         builder = builder.tls_backend_preconfigured(tls);
     }
-    builder.build().map_err(|e| format!("HTTP client: {e}"))
+    Ok(builder)
 }
 
 /// A manifest's identity as answered by a HEAD.
@@ -154,6 +191,7 @@ pub struct Registry {
     base: Url,
     name: String,
     http: reqwest::Client,
+    blob_http: reqwest::Client,
     credentials: Option<Credentials>,
     auth: Mutex<AuthState>,
     meta_permits: Arc<Semaphore>,
@@ -186,7 +224,7 @@ impl std::fmt::Debug for Registry {
 
 impl Registry {
     /// `url` is the registry root, e.g. `https://registry-0.registry-headless.ns.svc:5000`.
-    pub fn new(url: &str, http: reqwest::Client, options: &ClientOptions) -> Result<Self, String> {
+    pub fn new(url: &str, clients: HttpClients, options: &ClientOptions) -> Result<Self, String> {
         let mut base = Url::parse(url).map_err(|e| format!("registry URL {url:?}: {e}"))?;
         if !matches!(base.scheme(), "http" | "https") {
             return Err(format!(
@@ -205,7 +243,8 @@ impl Registry {
         Ok(Registry {
             base,
             name,
-            http,
+            http: clients.metadata,
+            blob_http: clients.blobs,
             credentials: options.credentials.clone(),
             auth: Mutex::new(AuthState::default()),
             meta_permits: Arc::new(Semaphore::new(concurrency)),
@@ -734,7 +773,7 @@ impl Registry {
         let url = self.url(&format!("v2/{repo}/blobs/{digest}"))?;
         bump(&self.stats.blob_gets);
         let resp = self
-            .send_held(&what, &pull_scope(repo), || self.http.get(url.clone()))
+            .send_held(&what, &pull_scope(repo), || self.blob_http.get(url.clone()))
             .await?;
         if !resp.status().is_success() {
             return Err(self.status_error(&what, resp).await);
@@ -813,7 +852,7 @@ impl Registry {
         let mut url = session;
         url.query_pairs_mut().append_pair("digest", digest.as_ref());
         let mut request = self
-            .http
+            .blob_http
             .put(url)
             .header(header::CONTENT_TYPE, "application/octet-stream")
             .body(body);
@@ -882,7 +921,7 @@ impl Registry {
             }
             let (tx, rx) = futures::channel::mpsc::channel::<Result<Bytes, std::io::Error>>(2);
             let mut request = self
-                .http
+                .blob_http
                 .patch(location.clone())
                 .header(header::CONTENT_TYPE, "application/octet-stream")
                 .body(reqwest::Body::wrap_stream(rx));
@@ -914,7 +953,7 @@ impl Registry {
         let mut url = location;
         url.query_pairs_mut().append_pair("digest", digest.as_ref());
         let request = self
-            .http
+            .blob_http
             .put(url)
             .header(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
         let resp = self.send_once(&what, &scope, request).await?;
@@ -1081,7 +1120,7 @@ mod tests {
 
     #[test]
     fn registry_urls() {
-        let http = build_http_client(None).unwrap();
+        let http = build_http_clients(None).unwrap();
         let r = Registry::new(
             "https://reg.example:5000",
             http.clone(),

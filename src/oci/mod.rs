@@ -9,7 +9,8 @@ pub mod verify;
 
 pub use auth::Credentials;
 pub use client::{
-    BlobDownload, ClientOptions, Manifest, ManifestHead, Registry, UploadStart, build_http_client,
+    BlobDownload, ClientOptions, HttpClients, Manifest, ManifestHead, Registry, UploadStart,
+    build_http_client, build_http_clients,
 };
 pub use error::OciError;
 

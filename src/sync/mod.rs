@@ -22,7 +22,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use crate::names;
-use crate::oci::{ClientOptions, Credentials, Registry, build_http_client};
+use crate::oci::{ClientOptions, Credentials, Registry, build_http_clients};
 pub use config::{CredentialSet, StatefulSetPeers};
 pub use metrics::SyncMetrics;
 pub use round::{PeerReport, RoundReport, Syncer};
@@ -148,7 +148,7 @@ impl SyncArgs {
             }
             None => None,
         };
-        let http = build_http_client(ca.as_deref()).map_err(anyhow::Error::msg)?;
+        let http = build_http_clients(ca.as_deref()).map_err(anyhow::Error::msg)?;
         let credentials = self.credentials()?;
         let base = ClientOptions {
             concurrency: usize::from(self.concurrency),

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use registry_addon::oci::{
-    ClientOptions, Credentials, Manifest, Registry, UploadStart, build_http_client, dependencies,
+    ClientOptions, Credentials, Manifest, Registry, UploadStart, build_http_clients, dependencies,
     is_index,
 };
 use sha2::Digest as _;
@@ -227,7 +227,7 @@ pub fn write_htpasswd(path: &Path, user: &str, password: &str) {
 
 /// A client to push test content and inspect registries.
 pub fn client(url: &str, ca: Option<&[u8]>, creds: Option<Credentials>) -> Arc<Registry> {
-    let http = build_http_client(ca).unwrap();
+    let http = build_http_clients(ca).unwrap();
     let options = ClientOptions {
         credentials: creds,
         attempts: 1,
