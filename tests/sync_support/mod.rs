@@ -215,14 +215,41 @@ impl RegistryProcess {
     }
 }
 
-/// An htpasswd file with one bcrypt entry, made with `htpasswd` (Debian apache2-utils).
+/// An htpasswd file with one bcrypt entry (distribution takes no other hash; cost 5, as the
+/// registry checks it on every request), made with
+/// `htpasswd` (Debian apache2-utils) or, without it, Python's `crypt` over the system's
+/// libcrypt.
 pub fn write_htpasswd(path: &Path, user: &str, password: &str) {
-    let out = Command::new("htpasswd")
+    let line = match Command::new("htpasswd")
         .args(["-nbB", user, password])
         .output()
-        .expect("htpasswd must be installed (Debian package apache2-utils)");
-    assert!(out.status.success(), "htpasswd failed");
-    std::fs::write(path, out.stdout).unwrap();
+    {
+        Ok(out) => {
+            assert!(out.status.success(), "htpasswd failed");
+            String::from_utf8(out.stdout).unwrap()
+        }
+        Err(_) => {
+            let out = Command::new("python3")
+                .args([
+                    "-W",
+                    "ignore",
+                    "-c",
+                    "import crypt, sys; print(sys.argv[1] + ':' + crypt.crypt(sys.argv[2], crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=32)))",
+                    user,
+                    password,
+                ])
+                .output()
+                .expect("htpasswd (Debian apache2-utils) or python3 is needed for bcrypt");
+            assert!(
+                out.status.success(),
+                "python3 crypt failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        }
+    };
+    assert!(line.contains(":$2"), "not a bcrypt entry: {line}");
+    std::fs::write(path, line).unwrap();
 }
 
 /// A client to push test content and inspect registries.
