@@ -12,7 +12,10 @@ use serde_json::Value;
 
 use crate::cli::{AddonOptions, Deployer};
 use crate::wire::cluster::Cluster;
-use crate::wire::runtime::{Hook, LifecycleRequest, Response, TypeMeta};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::wire::runtime::{Hook, LifecycleRequest, Response};
 use crate::wire::variable::{RegistryConfig, registry_from_config};
 
 /// What the hooks need from `serve`'s configuration.
@@ -61,24 +64,33 @@ impl HookContext {
 }
 
 /// Decodes and answers one hook request. `budget` is how long the caller waits (`?timeout=`).
+///
+/// The body is decoded straight into typed structs; fields the addon does not read are skipped
+/// without being built, which keeps large Cluster objects cheap.
 pub async fn dispatch(ctx: &HookContext, hook: Hook, body: &[u8], budget: Duration) -> Response {
-    let value: Value = match serde_json::from_slice(body) {
-        Ok(value) => value,
+    let envelope = match serde_json::from_slice::<Envelope>(body) {
+        Ok(envelope) => envelope,
+        Err(e) if e.classify() == serde_json::error::Category::Data => {
+            return Response::failure(
+                hook,
+                format!("request body must be a {} object: {e}", hook.request_kind()),
+            );
+        }
         Err(e) => return Response::failure(hook, format!("request body is not valid JSON: {e}")),
     };
-    if let Err(message) = check_type_meta(hook, &value) {
+    if let Err(message) = envelope.check(hook) {
         return Response::failure(hook, message);
     }
     match hook {
         Hook::BeforeClusterCreate
         | Hook::AfterControlPlaneInitialized
         | Hook::BeforeClusterUpgrade
-        | Hook::BeforeClusterDelete => lifecycle_request(ctx, hook, value, budget).await,
-        Hook::GeneratePatches => match serde_json::from_value(value) {
+        | Hook::BeforeClusterDelete => lifecycle_request(ctx, hook, body, envelope, budget).await,
+        Hook::GeneratePatches => match serde_json::from_slice(body) {
             Ok(request) => patches::generate_patches(ctx, &request).await,
             Err(e) => Response::failure(hook, format!("malformed GeneratePatchesRequest: {e}")),
         },
-        Hook::ValidateTopology => match serde_json::from_value(value) {
+        Hook::ValidateTopology => match serde_json::from_slice(body) {
             Ok(request) => variables::validate_topology(ctx, &request),
             Err(e) => Response::failure(hook, format!("malformed ValidateTopologyRequest: {e}")),
         },
@@ -86,33 +98,45 @@ pub async fn dispatch(ctx: &HookContext, hook: Hook, body: &[u8], budget: Durati
     }
 }
 
-/// `apiVersion` and `kind` may be absent; when present they must name this hook's request.
-fn check_type_meta(hook: Hook, value: &Value) -> Result<(), String> {
-    if !value.is_object() {
-        return Err(format!(
-            "request body must be a {} object",
-            hook.request_kind()
-        ));
+/// The fields checked before a request is decoded for its hook.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Envelope<'a> {
+    #[serde(default)]
+    api_version: Option<Value>,
+    #[serde(default)]
+    kind: Option<Value>,
+    #[serde(default, borrow)]
+    cluster: Option<&'a RawValue>,
+}
+
+impl Envelope<'_> {
+    /// `apiVersion` and `kind` may be absent; when present they must name this hook's request.
+    fn check(&self, hook: Hook) -> Result<(), String> {
+        let field = |name: &str, value: &Option<Value>| match value {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if s.is_empty() => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(format!("{name}: must be a string")),
+        };
+        if let Some(api_version) = field("apiVersion", &self.api_version)?
+            && api_version != crate::names::HOOKS_API_VERSION
+        {
+            return Err(format!(
+                "apiVersion {api_version:?} is not {:?}",
+                crate::names::HOOKS_API_VERSION
+            ));
+        }
+        if let Some(kind) = field("kind", &self.kind)?
+            && kind != hook.request_kind()
+        {
+            return Err(format!(
+                "kind {kind:?} sent to the {hook} handler, expected {:?}",
+                hook.request_kind()
+            ));
+        }
+        Ok(())
     }
-    let meta: TypeMeta = serde_json::from_value(value.clone())
-        .map_err(|e| format!("malformed apiVersion or kind: {e}"))?;
-    if let Some(api_version) = meta.api_version.filter(|v| !v.is_empty())
-        && api_version != crate::names::HOOKS_API_VERSION
-    {
-        return Err(format!(
-            "apiVersion {api_version:?} is not {:?}",
-            crate::names::HOOKS_API_VERSION
-        ));
-    }
-    if let Some(kind) = meta.kind.filter(|k| !k.is_empty())
-        && kind != hook.request_kind()
-    {
-        return Err(format!(
-            "kind {kind:?} sent to the {hook} handler, expected {:?}",
-            hook.request_kind()
-        ));
-    }
-    Ok(())
 }
 
 /// A parsed lifecycle request whose cluster has the addon on.
@@ -127,17 +151,18 @@ pub struct LifecycleCall<'a> {
 async fn lifecycle_request(
     ctx: &HookContext,
     hook: Hook,
-    value: Value,
+    body: &[u8],
+    envelope: Envelope<'_>,
     budget: Duration,
 ) -> Response {
-    let Some(cluster_value) = value.get("cluster") else {
-        return Response::failure(hook, "cluster: required");
+    let cluster = match envelope.cluster.map(|raw| raw.get()) {
+        None | Some("null") => return Response::failure(hook, "cluster: required"),
+        Some(raw) => match Cluster::from_json(raw) {
+            Ok(cluster) => cluster,
+            Err(message) => return Response::failure(hook, message),
+        },
     };
-    let cluster = match Cluster::from_value(cluster_value) {
-        Ok(cluster) => cluster,
-        Err(message) => return Response::failure(hook, message),
-    };
-    let request: LifecycleRequest = match serde_json::from_value(value) {
+    let request = match serde_json::from_slice::<LifecycleRequest>(body) {
         Ok(request) => request,
         Err(e) => {
             return Response::failure(hook, format!("malformed {}: {e}", hook.request_kind()));

@@ -78,8 +78,17 @@ impl Cluster {
         if !value.is_object() {
             return Err("cluster: must be an object".into());
         }
-        let cluster: Cluster =
-            serde_json::from_value(value.clone()).map_err(|e| format!("cluster: {e}"))?;
+        let cluster = Cluster::deserialize(value).map_err(|e| format!("cluster: {e}"))?;
+        cluster.check()?;
+        Ok(cluster)
+    }
+
+    /// Like [`Cluster::from_value`], from the JSON text of the `cluster` field.
+    pub fn from_json(json: &str) -> Result<Cluster, String> {
+        if !json.trim_start().starts_with('{') {
+            return Err("cluster: must be an object".into());
+        }
+        let cluster: Cluster = serde_json::from_str(json).map_err(|e| format!("cluster: {e}"))?;
         cluster.check()?;
         Ok(cluster)
     }

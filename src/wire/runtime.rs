@@ -9,7 +9,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::names::HOOKS_API_VERSION;
-use crate::wire::cluster::Cluster;
 
 /// Every hook this addon can answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -111,25 +110,14 @@ pub enum FailurePolicy {
     Ignore,
 }
 
-/// The fields every request starts with. `apiVersion`/`kind` may be absent; when present
-/// they must match the endpoint.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TypeMeta {
-    #[serde(default)]
-    pub api_version: Option<String>,
-    #[serde(default)]
-    pub kind: Option<String>,
-}
-
 /// BeforeClusterCreate, AfterControlPlaneInitialized, BeforeClusterUpgrade and
-/// BeforeClusterDelete requests.
+/// BeforeClusterDelete requests, but for `cluster`, which is read on its own
+/// (`Cluster::from_value`) so its errors name the field.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LifecycleRequest {
     #[serde(default)]
     pub settings: BTreeMap<String, String>,
-    pub cluster: Cluster,
     /// BeforeClusterUpgrade only.
     #[serde(default)]
     pub from_kubernetes_version: Option<String>,
