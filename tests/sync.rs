@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use registry_addon::oci::{ClientOptions, Credentials, Registry, build_http_clients};
 use registry_addon::sync::Syncer;
+use sync_support::front::{Front, FrontOptions};
 use sync_support::*;
 
 fn syncer(local: &str, peers: &[&str], ca: Option<&[u8]>, options: ClientOptions) -> Syncer {
@@ -479,8 +480,12 @@ async fn registries_with_bearer_tokens() {
     let opts = RegistryOptions::default();
     let peer_reg = RegistryProcess::start(&tmp.path().join("p"), &opts);
     let local_reg = RegistryProcess::start(&tmp.path().join("l"), &opts);
-    let peer = sync_support::bearer::BearerFront::start(&peer_reg.url, "bob", "t0ken-pw").await;
-    let local = sync_support::bearer::BearerFront::start(&local_reg.url, "bob", "t0ken-pw").await;
+    let bearer = FrontOptions {
+        bearer: Some(("bob".into(), "t0ken-pw".into())),
+        ..FrontOptions::default()
+    };
+    let peer = Front::start(&peer_reg.url, bearer.clone()).await;
+    let local = Front::start(&local_reg.url, bearer).await;
     let creds = Credentials {
         username: "bob".into(),
         password: "t0ken-pw".into(),
@@ -529,4 +534,91 @@ async fn registries_with_bearer_tokens() {
     assert_eq!(tag_digests(&l).await, tag_digests(&p).await);
     assert_pullable(&l).await;
     assert!(local.tokens_issued() > 0 && peer.tokens_issued() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_blobs_are_refused_and_nothing_dangles() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = RegistryOptions::default();
+    let peer_reg = RegistryProcess::start(&tmp.path().join("p"), &opts);
+    let local = RegistryProcess::start(&tmp.path().join("l"), &opts);
+    let p = client(&peer_reg.url, None, None);
+    let img = Image::new(
+        "amd64",
+        vec![random_bytes(50, 200_000), random_bytes(51, 10)],
+        false,
+    );
+    img.push(&p, "bad/img", "1").await;
+    let corrupting = Front::start(
+        &peer_reg.url,
+        FrontOptions {
+            corrupt_blobs: true,
+            ..FrontOptions::default()
+        },
+    )
+    .await;
+    let options = ClientOptions {
+        attempts: 2,
+        backoff: Duration::from_millis(10),
+        ..ClientOptions::default()
+    };
+    let report = syncer(&local.url, &[&corrupting.url], None, options)
+        .round()
+        .await;
+    assert!(!report.is_success());
+    assert!(
+        report.peers[0]
+            .errors
+            .iter()
+            .any(|e| e.contains("digest mismatch")),
+        "{report:#?}"
+    );
+    assert_eq!(report.blobs_copied, 0);
+    let l = client(&local.url, None, None);
+    // Neither the corrupt blobs nor the manifest that needs them exist locally.
+    assert!(tag_digests(&l).await.is_empty());
+    for blob in [&img.config, &img.layers[0], &img.layers[1]] {
+        assert!(
+            !l.blob_exists("bad/img", &sha256(blob).parse().unwrap())
+                .await
+                .unwrap()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_refusing_monolithic_uploads_gets_chunks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = RegistryOptions::default();
+    let peer = RegistryProcess::start(&tmp.path().join("p"), &opts);
+    let local_reg = RegistryProcess::start(&tmp.path().join("l"), &opts);
+    let local = Front::start(
+        &local_reg.url,
+        FrontOptions {
+            refuse_monolithic: true,
+            ..FrontOptions::default()
+        },
+    )
+    .await;
+    let p = client(&peer.url, None, None);
+    Image::new(
+        "amd64",
+        vec![random_bytes(60, 1_500_000), random_bytes(61, 100)],
+        true,
+    )
+    .push(&p, "patch/img", "1")
+    .await;
+    let options = ClientOptions {
+        chunk_size: 512 * 1024,
+        ..ClientOptions::default()
+    };
+    let report = syncer(&local.url, &[&peer.url], None, options)
+        .round()
+        .await;
+    assert!(report.is_success(), "{report:#?}");
+    assert!(local.refused_uploads() >= 1);
+    assert_eq!(report.blobs_copied, 3);
+    let l = client(&local.url, None, None);
+    assert_eq!(tag_digests(&l).await, tag_digests(&p).await);
+    assert_pullable(&l).await;
 }

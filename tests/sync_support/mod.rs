@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-pub mod bearer;
+pub mod front;
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;

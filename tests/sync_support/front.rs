@@ -1,6 +1,7 @@
-//! A token-authenticated front for a plain `docker-registry`: answers `401` with a Bearer
-//! challenge, issues tokens for Basic credentials at `/token`, checks that each request's
-//! token covers the repository and action it needs, and forwards to the registry.
+//! A front for a plain `docker-registry` that forwards every request and can add what the
+//! registry cannot: Bearer token authentication (a `401` challenge, tokens issued for Basic
+//! credentials at `/token`, each request's token checked against the repository and action
+//! it needs), corrupted blob downloads, and refusal of monolithic uploads.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,41 +14,52 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use futures::TryStreamExt;
 
+/// What the front adds to the registry behind it.
+#[derive(Default, Clone)]
+pub struct FrontOptions {
+    /// Bearer tokens for this user and password.
+    pub bearer: Option<(String, String)>,
+    /// Flip a byte in every blob download.
+    pub corrupt_blobs: bool,
+    /// Answer 405 to an upload PUT that carries the blob (a registry that needs PATCH).
+    pub refuse_monolithic: bool,
+}
+
 struct Shared {
     upstream: String,
     me: String,
-    user: String,
-    password: String,
+    options: FrontOptions,
     /// token → granted scopes
     tokens: Mutex<HashMap<String, Vec<String>>>,
     issued: AtomicU64,
+    refused_uploads: AtomicU64,
     http: reqwest::Client,
 }
 
 /// A running front; `url` is what clients use.
-pub struct BearerFront {
+pub struct Front {
     pub url: String,
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl Drop for BearerFront {
+impl Drop for Front {
     fn drop(&mut self) {
         self.task.abort();
     }
 }
 
-impl BearerFront {
-    pub async fn start(upstream: &str, user: &str, password: &str) -> BearerFront {
+impl Front {
+    pub async fn start(upstream: &str, options: FrontOptions) -> Front {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let me = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
         let shared = Arc::new(Shared {
             upstream: upstream.trim_end_matches('/').to_string(),
             me: me.clone(),
-            user: user.into(),
-            password: password.into(),
+            options,
             tokens: Mutex::new(HashMap::new()),
             issued: AtomicU64::new(0),
+            refused_uploads: AtomicU64::new(0),
             http: registry_addon::oci::build_http_client(None).unwrap(),
         });
         let app = axum::Router::new()
@@ -57,7 +69,7 @@ impl BearerFront {
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        BearerFront {
+        Front {
             url: format!("http://{me}"),
             shared,
             task,
@@ -67,12 +79,19 @@ impl BearerFront {
     pub fn tokens_issued(&self) -> u64 {
         self.shared.issued.load(Ordering::Relaxed)
     }
+
+    pub fn refused_uploads(&self) -> u64 {
+        self.shared.refused_uploads.load(Ordering::Relaxed)
+    }
 }
 
 async fn token(State(s): State<Arc<Shared>>, req: Request) -> Response {
+    let Some((user, password)) = &s.options.bearer else {
+        return (StatusCode::NOT_FOUND, "no token service").into_response();
+    };
     let expected = format!(
         "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", s.user, s.password))
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
     );
     let given = req
         .headers()
@@ -170,12 +189,13 @@ async fn forward(State(s): State<Arc<Shared>>, req: Request) -> Response {
     let scopes = token
         .as_ref()
         .and_then(|t| s.tokens.lock().unwrap().get(t).cloned());
-    let allowed = match &scopes {
-        Some(scopes) => needed
-            .iter()
-            .all(|(res, action)| granted(scopes, res, action)),
-        None => false,
-    };
+    let allowed = s.options.bearer.is_none()
+        || match &scopes {
+            Some(scopes) => needed
+                .iter()
+                .all(|(res, action)| granted(scopes, res, action)),
+            None => false,
+        };
     if !allowed {
         let scope = needed
             .first()
@@ -199,6 +219,22 @@ async fn forward(State(s): State<Arc<Shared>>, req: Request) -> Response {
         );
         return resp;
     }
+    let body_length = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if s.options.refuse_monolithic
+        && method == "PUT"
+        && path.contains("/blobs/uploads/")
+        && body_length != Some(0)
+    {
+        s.refused_uploads.fetch_add(1, Ordering::Relaxed);
+        // Read the body first, as a registry would, so the client sees the answer.
+        let _ = axum::body::to_bytes(req.into_body(), usize::MAX).await;
+        return (StatusCode::METHOD_NOT_ALLOWED, "use PATCH").into_response();
+    }
+    let corrupt = s.options.corrupt_blobs && method == "GET" && path.contains("/blobs/sha256:");
     let url = format!(
         "{}{}{}",
         s.upstream,
@@ -236,7 +272,19 @@ async fn forward(State(s): State<Arc<Shared>>, req: Request) -> Response {
             resp = resp.header(k, v);
         }
     }
-    let stream = upstream.bytes_stream().map_err(std::io::Error::other);
+    let mut first = corrupt;
+    let stream = upstream
+        .bytes_stream()
+        .map_err(std::io::Error::other)
+        .map_ok(move |chunk| {
+            if first && !chunk.is_empty() {
+                first = false;
+                let mut bytes = chunk.to_vec();
+                bytes[0] ^= 0xff;
+                return bytes::Bytes::from(bytes);
+            }
+            chunk
+        });
     resp.body(Body::from_stream(stream)).unwrap()
 }
 
