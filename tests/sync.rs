@@ -356,6 +356,22 @@ async fn a_down_peer_is_reported_while_the_others_sync() {
     assert!(log.contains(&down), "the down peer is named: {log}");
     assert_eq!(tag_digests(&l).await, tag_digests(&p).await);
 
+    // A local registry that does not answer is reported as such, not as failing peers.
+    let out = sync_command(&[
+        "--once",
+        "--local",
+        &down,
+        "--peer",
+        &peer.url,
+        "--attempts",
+        "1",
+    ])
+    .output()
+    .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(log.contains("the local registry does not answer"), "{log}");
+
     // The loop keeps going, and the metrics say which peer fails.
     Image::new("amd64", vec![random_bytes(21, 5000)], false)
         .push(&p, "up/img", "2")
@@ -513,8 +529,26 @@ async fn registries_with_bearer_tokens() {
         attempts: 1,
         ..ClientOptions::default()
     };
-    let report = syncer(&local.url, &[&peer.url], None, wrong).round().await;
+    let report = syncer(&local.url, &[&peer.url], None, wrong.clone())
+        .round()
+        .await;
     assert!(!report.is_success());
+    let local_error = report.local_error.clone().unwrap_or_default();
+    assert!(local_error.contains("authentication failed"), "{report:#?}");
+    // The same for a peer, with the right credentials for the local registry.
+    let http = build_http_clients(None).unwrap();
+    let right = ClientOptions {
+        credentials: Some(creds.clone()),
+        ..wrong.clone()
+    };
+    let s = Syncer::new(
+        Arc::new(Registry::new(&local.url, http.clone(), &right).unwrap()),
+        vec![Arc::new(Registry::new(&peer.url, http, &wrong).unwrap())],
+        4,
+        1,
+        Duration::from_millis(10),
+    );
+    let report = s.round().await;
     assert!(
         report.peers[0].errors[0].contains("authentication failed"),
         "{report:#?}"

@@ -550,6 +550,20 @@ impl Registry {
             .ok_or_else(|| auth_error(format!("token service {realm}: no token in answer")))
     }
 
+    /// Checks that the registry answers the API (`GET /v2/`), settling authentication.
+    pub async fn ping(&self) -> Result<(), OciError> {
+        let what = "API check";
+        let url = self.url("v2/")?;
+        let (resp, _permit) = self
+            .send(what, CATALOG_SCOPE, || self.http.get(url.clone()))
+            .await?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(self.status_error(what, resp).await)
+        }
+    }
+
     /// Every repository, following `Link` pagination.
     pub async fn catalog(&self) -> Result<Vec<String>, OciError> {
         let what = "list repositories";

@@ -30,6 +30,7 @@ pub struct SyncMetrics {
     blobs_mounted: Counter,
     manifests: Counter,
     errors: Family<PeerLabel, Counter>,
+    local_errors: Counter,
     peer_up: Family<PeerLabel, Gauge>,
     round_duration: Histogram,
     last_success: Gauge<f64, AtomicU64>,
@@ -52,6 +53,7 @@ impl SyncMetrics {
             blobs_mounted: Counter::default(),
             manifests: Counter::default(),
             errors: Family::default(),
+            local_errors: Counter::default(),
             peer_up: Family::default(),
             round_duration: Histogram::new(exponential_buckets(0.05, 2.0, 16)),
             last_success: Gauge::default(),
@@ -83,6 +85,11 @@ impl SyncMetrics {
             "errors",
             "Failures while syncing from a peer (after retries)",
             m.errors.clone(),
+        );
+        registry.register(
+            "local_errors",
+            "Rounds that could not start because the local registry did not answer",
+            m.local_errors.clone(),
         );
         registry.register(
             "peer_up",
@@ -124,6 +131,9 @@ impl SyncMetrics {
         self.blobs.inc_by(report.blobs_copied);
         self.blobs_mounted.inc_by(report.blobs_mounted);
         self.manifests.inc_by(report.manifests_copied);
+        if report.local_error.is_some() {
+            self.local_errors.inc();
+        }
         for peer in &report.peers {
             let label = PeerLabel {
                 peer: peer.name.clone(),

@@ -185,6 +185,9 @@ impl SyncArgs {
 
 /// Logs one structured line summing up a round, and a line per failure.
 pub fn log_round(report: &RoundReport) {
+    if let Some(error) = &report.local_error {
+        tracing::warn!(error = %error, "the local registry does not answer; round skipped");
+    }
     for peer in &report.peers {
         for error in &peer.errors {
             tracing::warn!(peer = %peer.name, error = %error, "sync error");
@@ -210,6 +213,8 @@ pub fn log_round(report: &RoundReport) {
     );
 }
 
+const FIRST_RETRY_DELAY: Duration = Duration::from_secs(5);
+
 pub async fn run(args: SyncArgs) -> anyhow::Result<()> {
     let syncer = args.build()?;
     if syncer.peers().is_empty() {
@@ -227,6 +232,9 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<()> {
         peers = ?syncer.peers().iter().map(|p| p.name()).collect::<Vec<_>>(),
         "syncing"
     );
+    // After a failed round the next comes sooner, backing off up to the interval: a peer
+    // or local registry that was starting up is caught up without waiting a whole period.
+    let mut retry_delay = FIRST_RETRY_DELAY;
     loop {
         let report = syncer.round().await;
         metrics.record(&report);
@@ -235,6 +243,9 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<()> {
             if report.is_success() {
                 return Ok(());
             }
+            if let Some(error) = report.local_error {
+                bail!("sync round failed: {error}");
+            }
             bail!(
                 "sync round failed for {} of {} peers: {}",
                 report.failed_peers().len(),
@@ -242,7 +253,15 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<()> {
                 report.failed_peers().join(", ")
             );
         }
-        tokio::time::sleep(args.interval).await;
+        let delay = if report.is_success() {
+            retry_delay = FIRST_RETRY_DELAY;
+            args.interval
+        } else {
+            let delay = retry_delay.min(args.interval);
+            retry_delay = retry_delay.saturating_mul(2);
+            delay
+        };
+        tokio::time::sleep(delay).await;
     }
 }
 

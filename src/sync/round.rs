@@ -26,6 +26,8 @@ use crate::oci::{
 #[derive(Debug, Clone, Default)]
 pub struct RoundReport {
     pub peers: Vec<PeerReport>,
+    /// The local registry could not be reached: the round did not start.
+    pub local_error: Option<String>,
     /// Distinct repositories seen on the peers.
     pub repositories: usize,
     /// Tags examined, summed over peers.
@@ -61,13 +63,14 @@ pub struct PeerReport {
 }
 
 impl RoundReport {
-    /// No peer failed.
+    /// The local registry answered and no peer failed.
     pub fn is_success(&self) -> bool {
-        self.peers.iter().all(|p| p.errors.is_empty())
+        self.local_error.is_none() && self.peers.iter().all(|p| p.errors.is_empty())
     }
 
     pub fn error_count(&self) -> usize {
-        self.peers.iter().map(|p| p.errors.len()).sum()
+        usize::from(self.local_error.is_some())
+            + self.peers.iter().map(|p| p.errors.len()).sum::<usize>()
     }
 
     pub fn failed_peers(&self) -> Vec<&str> {
@@ -121,6 +124,14 @@ impl Syncer {
     /// Runs one round over every peer concurrently; a failing peer does not stop the others.
     pub async fn round(&self) -> RoundReport {
         let started = Instant::now();
+        // Without the local registry every peer would seem to fail; say what is wrong.
+        if let Err(err) = self.local.ping().await {
+            return RoundReport {
+                local_error: Some(err.to_string()),
+                duration: started.elapsed(),
+                ..RoundReport::default()
+            };
+        }
         let before = self.request_totals();
         let round = Round {
             syncer: self,
@@ -136,6 +147,7 @@ impl Syncer {
         let after = self.request_totals();
         let s = &round.state;
         RoundReport {
+            local_error: None,
             repositories: lock(&s.repositories).len(),
             tags: peer_reports.iter().map(|p| p.tags).sum(),
             peers: peer_reports,
