@@ -110,16 +110,20 @@ fn client_builder(
     let mut builder = reqwest::Client::builder()
         .user_agent(concat!("registry-addon/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(Duration::from_secs(10))
-        .read_timeout(Duration::from_secs(120))
         .pool_idle_timeout(Duration::from_secs(60))
+        .tcp_keepalive(Duration::from_secs(30))
         .tcp_nodelay(true)
         .no_proxy()
         // Blob redirects to object storage are allowed; reqwest drops credentials on a
         // cross-origin hop.
         .redirect(reqwest::redirect::Policy::limited(5));
     if http1_only {
+        // No read timeout here: reqwest counts it from the start of the request until the
+        // answer, which for a large upload is the whole transfer. Stalled downloads are
+        // caught by the idle timeout of the verified stream instead.
         builder = builder.http1_only();
     } else {
+        builder = builder.read_timeout(Duration::from_secs(120));
         // Small windows keep memory bounded however many streams are in flight.
         builder = builder
             .http2_initial_stream_window_size(512 * 1024)

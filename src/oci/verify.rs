@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::Stream;
@@ -88,9 +89,15 @@ impl VerifyReport {
 
 type Inner = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
 
-/// A byte stream checked against a digest and, when known, a size.
+/// How long a download may deliver nothing before it is given up.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A byte stream checked against a digest and, when known, a size, and given up when it
+/// stalls for longer than [`IDLE_TIMEOUT`].
 pub struct VerifiedStream {
     inner: Inner,
+    idle: Pin<Box<tokio::time::Sleep>>,
+    idle_timeout: Duration,
     hasher: Option<Hasher>,
     expected: Digest,
     size: Option<u64>,
@@ -108,6 +115,8 @@ impl VerifiedStream {
         let report = VerifyReport::default();
         let stream = VerifiedStream {
             inner: Box::pin(inner),
+            idle: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)),
+            idle_timeout: IDLE_TIMEOUT,
             hasher: Hasher::new(expected.algorithm()),
             expected,
             size,
@@ -116,6 +125,15 @@ impl VerifiedStream {
             report: report.clone(),
         };
         (stream, report)
+    }
+
+    /// Gives up after `timeout` without data instead of [`IDLE_TIMEOUT`].
+    pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self.idle
+            .as_mut()
+            .reset(tokio::time::Instant::now() + timeout);
+        self
     }
 
     fn finish(&mut self) -> Result<(), io::Error> {
@@ -156,8 +174,22 @@ impl Stream for VerifiedStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        match this.inner.as_mut().poll_next(cx) {
-            Poll::Pending => Poll::Pending,
+        let polled = this.inner.as_mut().poll_next(cx);
+        if !matches!(polled, Poll::Pending) {
+            let deadline = tokio::time::Instant::now() + this.idle_timeout;
+            this.idle.as_mut().reset(deadline);
+        }
+        match polled {
+            Poll::Pending => {
+                if !this.done && this.idle.as_mut().poll(cx).is_ready() {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no data for {} s", this.idle_timeout.as_secs()),
+                    ))));
+                }
+                Poll::Pending
+            }
             Poll::Ready(Some(Err(err))) => {
                 this.done = true;
                 Poll::Ready(Some(Err(io::Error::other(err))))
@@ -254,6 +286,17 @@ mod tests {
             "the corrupt last chunk must not be passed on"
         );
         assert!(report.mismatch().is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gives_up_on_a_stalled_download() {
+        let d: Digest = sha256_digest(b"hello").parse().unwrap();
+        let stalled = chunks(&[b"he"]).chain(futures::stream::pending());
+        let (s, _) = VerifiedStream::new(stalled, d, Some(5));
+        let s = s.with_idle_timeout(Duration::from_secs(3));
+        let (out, err) = drain(s).await;
+        assert_eq!(out, b"he");
+        assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::TimedOut));
     }
 
     #[tokio::test]
