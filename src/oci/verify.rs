@@ -98,6 +98,9 @@ pub struct VerifiedStream {
     inner: Inner,
     idle: Pin<Box<tokio::time::Sleep>>,
     idle_timeout: Duration,
+    /// The idle timer runs: we asked for data and got none yet. Time the consumer takes
+    /// between two reads (a slow upload) does not count.
+    waiting: bool,
     hasher: Option<Hasher>,
     expected: Digest,
     size: Option<u64>,
@@ -117,6 +120,7 @@ impl VerifiedStream {
             inner: Box::pin(inner),
             idle: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)),
             idle_timeout: IDLE_TIMEOUT,
+            waiting: false,
             hasher: Hasher::new(expected.algorithm()),
             expected,
             size,
@@ -130,9 +134,6 @@ impl VerifiedStream {
     /// Gives up after `timeout` without data instead of [`IDLE_TIMEOUT`].
     pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
         self.idle_timeout = timeout;
-        self.idle
-            .as_mut()
-            .reset(tokio::time::Instant::now() + timeout);
         self
     }
 
@@ -174,10 +175,14 @@ impl Stream for VerifiedStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        let polled = this.inner.as_mut().poll_next(cx);
-        if !matches!(polled, Poll::Pending) {
+        if !this.waiting {
+            this.waiting = true;
             let deadline = tokio::time::Instant::now() + this.idle_timeout;
             this.idle.as_mut().reset(deadline);
+        }
+        let polled = this.inner.as_mut().poll_next(cx);
+        if !matches!(polled, Poll::Pending) {
+            this.waiting = false;
         }
         match polled {
             Poll::Pending => {
@@ -297,6 +302,17 @@ mod tests {
         let (out, err) = drain(s).await;
         assert_eq!(out, b"he");
         assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::TimedOut));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_consumer_is_not_a_stalled_download() {
+        let d: Digest = sha256_digest(b"hello").parse().unwrap();
+        let (s, _) = VerifiedStream::new(chunks(&[b"he", b"llo"]), d, Some(5));
+        let mut s = s.with_idle_timeout(Duration::from_secs(3));
+        assert!(s.next().await.unwrap().is_ok());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(s.next().await.unwrap().is_ok());
+        assert!(s.next().await.is_none());
     }
 
     #[tokio::test]
