@@ -331,7 +331,13 @@ async fn a_down_peer_is_reported_while_the_others_sync() {
     Image::new("amd64", vec![random_bytes(20, 5000)], false)
         .push(&p, "up/img", "1")
         .await;
-    let down = format!("http://127.0.0.1:{}", free_port());
+    // On 127.0.0.2, where the other tests' servers never listen: reliably down.
+    let down_port = std::net::TcpListener::bind("127.0.0.2:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let down = format!("http://127.0.0.2:{down_port}");
     let args = [
         "--local",
         &local.url,

@@ -147,7 +147,7 @@ impl RegistryProcess {
             let port = free_port();
             let mut config = format!(
                 "version: 0.1\n\
-                 log:\n  level: error\n  accesslog:\n    disabled: {}\n\
+                 log:\n  level: info\n  accesslog:\n    disabled: {}\n\
                  storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  \
                  maintenance:\n    uploadpurging:\n      enabled: false\n\
                  http:\n  addr: 127.0.0.1:{port}\n  secret: sync-test-secret\n",
@@ -200,13 +200,16 @@ impl RegistryProcess {
         );
     }
 
+    /// Waits for this process to listen. Its own log says so: a connection alone could reach
+    /// another test's registry that took the port first.
     fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return false; // e.g. the port was taken meanwhile
             }
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if log.contains(&format!("listening on 127.0.0.1:{}", self.port)) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(20));
