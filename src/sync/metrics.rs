@@ -218,3 +218,50 @@ fn answer(req: &Request<hyper::body::Incoming>, metrics: &SyncMetrics) -> Respon
     }
     resp
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::round::PeerReport;
+
+    #[test]
+    fn records_rounds_per_peer() {
+        let m = SyncMetrics::new();
+        m.register_peers(["https://a:5000", "https://b:5000"]);
+        let report = RoundReport {
+            peers: vec![
+                PeerReport {
+                    name: "https://a:5000".into(),
+                    errors: vec!["x".into(), "y".into()],
+                    ..PeerReport::default()
+                },
+                PeerReport {
+                    name: "https://b:5000".into(),
+                    ..PeerReport::default()
+                },
+            ],
+            bytes_copied: 42,
+            blobs_copied: 2,
+            ..RoundReport::default()
+        };
+        m.record(&report);
+        let text = m.encode();
+        for line in [
+            "registry_sync_rounds_total 1",
+            "registry_sync_copied_bytes_total 42",
+            "registry_sync_copied_blobs_total 2",
+            "registry_sync_errors_total{peer=\"https://a:5000\"} 2",
+            "registry_sync_errors_total{peer=\"https://b:5000\"} 0",
+            "registry_sync_peer_up{peer=\"https://a:5000\"} 0",
+            "registry_sync_peer_up{peer=\"https://b:5000\"} 1",
+            "registry_sync_round_duration_seconds_count 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+        // A failed round does not move the last-success time.
+        assert!(
+            text.contains("registry_sync_last_success_timestamp_seconds 0"),
+            "{text}"
+        );
+    }
+}
