@@ -25,13 +25,26 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
   -keyout "$WORK/tls.key" -out "$WORK/tls.crt" 2>/dev/null
 
 PORT=19443 NGINX_PORT=19444
-start_ns=$(date +%s%N)
-"$BIN" serve --listen 127.0.0.1:$PORT --metrics-listen 127.0.0.1:19440 \
-  --tls-cert-file "$WORK/tls.crt" --tls-key-file "$WORK/tls.key" 2>"$WORK/serve.log" &
-PIDS+=($!); SERVE_PID=$!
 DISCOVERY=https://127.0.0.1:$PORT/hooks.runtime.cluster.x-k8s.io/v1alpha1/discovery
+start_serve() {
+  "$BIN" serve --listen 127.0.0.1:$PORT --metrics-listen 127.0.0.1:19440 \
+    --tls-cert-file "$WORK/tls.crt" --tls-key-file "$WORK/tls.key" 2>"$WORK/serve.log" &
+  SERVE_PID=$!
+}
+# Time from exec to the first discovery answer: the median of 5 starts (the first start also
+# pays for reading the binary from disk).
+firsts=()
+for _ in 1 2 3 4 5; do
+  start_ns=$(date +%s%N)
+  start_serve
+  until curl -sf --cacert "$WORK/tls.crt" -X POST "$DISCOVERY" -o /dev/null 2>/dev/null; do sleep 0.002; done
+  firsts+=($(( ($(date +%s%N) - start_ns) / 1000000 )))
+  kill "$SERVE_PID"; wait "$SERVE_PID" 2>/dev/null || true
+done
+first_ms=$(printf '%s\n' "${firsts[@]}" | sort -n | sed -n 3p)
+start_serve
+PIDS+=("$SERVE_PID")
 until curl -sf --cacert "$WORK/tls.crt" -X POST "$DISCOVERY" -o /dev/null 2>/dev/null; do sleep 0.005; done
-first_ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
 sleep 1
 idle_rss_kib=$(awk '/VmRSS/ {print $2}' /proc/$SERVE_PID/status)
 
@@ -120,6 +133,6 @@ for row in filter(None, sys.argv[1].split(";")):
         print(f"{name + ' (' + load + ')':34.34} {rps:9.0f} {p50:8.3f} {p99:8.3f} {rps/n[0]:12.2f} {p99/n[2]:10.2f}")
     if think != "0":
         print(f"p99 target (<= 2 ms) at {think} ms think time: discovery {'met' if v[5] <= 2 else 'MISSED'}, no-op hook {'met' if v[8] <= 2 else 'MISSED'}")
-print(f"first answer after start: $first_ms ms (target <= 100)")
+print(f"first answer after start: $first_ms ms, median of 5 starts: ${firsts[*]} (target <= 100)")
 print(f"idle RSS: {$idle_rss_kib/1024:.1f} MiB (target <= 30); peak RSS under load: {$load_rss_kib/1024:.1f} MiB")
 PY
