@@ -5,9 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -166,57 +163,16 @@ impl SyncMetrics {
     }
 }
 
-/// Serves `/metrics` (and `/healthz`) over plain HTTP until the process ends.
+/// Serves `/metrics`, `/healthz` and `/readyz` over plain HTTP until the process ends.
 pub async fn serve(addr: SocketAddr, metrics: Arc<SyncMetrics>) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving sync metrics");
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(conn) => conn,
-                Err(err) => {
-                    tracing::warn!(error = %err, "metrics listener: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                let service =
-                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let metrics = metrics.clone();
-                        async move { Ok::<_, std::convert::Infallible>(answer(&req, &metrics)) }
-                    });
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await;
-            });
-        }
-    });
+    tokio::spawn(crate::metrics::serve_probes(
+        listener,
+        Arc::new(move || metrics.encode()),
+        Arc::new(std::sync::atomic::AtomicBool::new(true)),
+    ));
     Ok(())
-}
-
-fn answer(req: &Request<hyper::body::Incoming>, metrics: &SyncMetrics) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = match req.uri().path() {
-        "/metrics" => (
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.encode(),
-        ),
-        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
-        _ => (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found\n".to_string(),
-        ),
-    };
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
-        resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
-    }
-    resp
 }
 
 #[cfg(test)]
