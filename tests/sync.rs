@@ -157,17 +157,23 @@ async fn one_round_copies_everything_and_a_second_copies_nothing() {
     assert_eq!(second.local_manifest_heads as usize, expected.len());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chunked_uploads_copy_large_blobs() {
-    let tmp = tempfile::tempdir().unwrap();
-    let tls = TestTls::new(&tmp.path().join("tls"));
-    let ca = tls.ca_pem();
+/// A peer and an empty local registry, both serving TLS from one test CA.
+fn tls_peer_and_local(dir: &std::path::Path) -> (TestTls, RegistryProcess, RegistryProcess) {
+    let tls = TestTls::new(&dir.join("tls"));
     let opts = RegistryOptions {
         tls: Some(&tls),
         ..Default::default()
     };
-    let peer = RegistryProcess::start(&tmp.path().join("p"), &opts);
-    let local = RegistryProcess::start(&tmp.path().join("l"), &opts);
+    let peer = RegistryProcess::start(&dir.join("p"), &opts);
+    let local = RegistryProcess::start(&dir.join("l"), &opts);
+    (tls, peer, local)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_uploads_copy_large_blobs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tls, peer, local) = tls_peer_and_local(tmp.path());
+    let ca = tls.ca_pem();
     let p = client(&peer.url, Some(&ca), None);
     let img = Image::new(
         "amd64",
@@ -220,14 +226,8 @@ impl Drop for Killed {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_rounds_leave_no_dangling_manifest_and_the_next_round_converges() {
     let tmp = tempfile::tempdir().unwrap();
-    let tls = TestTls::new(&tmp.path().join("tls"));
+    let (tls, peer, local) = tls_peer_and_local(tmp.path());
     let ca = tls.ca_pem();
-    let opts = RegistryOptions {
-        tls: Some(&tls),
-        ..Default::default()
-    };
-    let peer = RegistryProcess::start(&tmp.path().join("p"), &opts);
-    let local = RegistryProcess::start(&tmp.path().join("l"), &opts);
     let p = client(&peer.url, Some(&ca), None);
     let l = client(&local.url, Some(&ca), None);
     // Enough data that a round takes a while: indexes over images with several MiB layers.
