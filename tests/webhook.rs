@@ -336,6 +336,11 @@ async fn bad_inputs_get_clear_answers_and_the_server_stays_up() {
     wrong_version["apiVersion"] = json!("hooks.runtime.cluster.x-k8s.io/v1beta9");
     let no_cluster = br#"{"kind":"BeforeClusterCreateRequest"}"#.to_vec();
     let cluster_not_object = br#"{"cluster":"wl-1"}"#.to_vec();
+    // Positional fields in an array: a derived struct would take them, the addon must not.
+    let cluster_array = serde_json::to_vec(&json!({
+        "cluster": ["cluster.x-k8s.io/v1beta2", {"name": "c", "namespace": "n", "uid": "u"}]
+    }))
+    .unwrap();
     let no_uid =
         serde_json::to_vec(&json!({"cluster": {"metadata": {"name": "c", "namespace": "n"}}}))
             .unwrap();
@@ -384,6 +389,11 @@ async fn bad_inputs_get_clear_answers_and_the_server_stays_up() {
         (
             "cluster not an object",
             cluster_not_object,
+            "cluster: must be an object",
+        ),
+        (
+            "cluster as an array",
+            cluster_array,
             "cluster: must be an object",
         ),
         (

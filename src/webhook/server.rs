@@ -19,7 +19,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::cli::ServeArgs;
 use crate::duration::parse_go_duration;
-use crate::hooks::{HookConfig, HookContext, Management, dispatch};
+use crate::hooks::{self, HookConfig, HookContext, Management, Prepared};
 use crate::metrics::{self, Metrics};
 use crate::names::{HOOKS_PATH_PREFIX, MAX_REQUEST_BYTES};
 use crate::webhook::handlers::{self, HandlerSpec};
@@ -357,21 +357,32 @@ fn discovery(app: &App, body: &[u8]) -> HookResponse {
     HookResponse::discovery(handlers::discovery(&app.handlers))
 }
 
-/// Runs the hook in its own task so that it finishes its writes even if the caller goes away,
-/// and a bug cannot take the connection down; answers before the caller's deadline.
+/// Decodes the request on the connection's task and answers at once what needs no I/O (bad
+/// requests, clusters with the addon off). Real work runs in its own task so that it finishes
+/// its writes even if the caller goes away, and a bug cannot take the connection down; the
+/// answer comes before the caller's deadline.
 async fn run_hook(app: &Arc<App>, hook: Hook, body: Bytes, budget: Duration) -> HookResponse {
+    let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        hooks::prepare(&app.ctx, hook, &body)
+    }));
+    let work = match prepared {
+        Ok(Prepared::Answer(response)) => return response,
+        Ok(work) => work,
+        Err(_) => {
+            tracing::error!(%hook, "decoding a hook request failed unexpectedly");
+            return internal_error(hook);
+        }
+    };
+    drop(body);
     let deadline = budget.saturating_sub((budget / 10).max(Duration::from_millis(200)));
     let deadline = deadline.max(Duration::from_millis(100));
     let ctx = app.ctx.clone();
-    let task = tokio::spawn(async move { dispatch(&ctx, hook, &body, deadline).await });
+    let task = tokio::spawn(async move { hooks::run(&ctx, work, deadline).await });
     match tokio::time::timeout(deadline, task).await {
         Ok(Ok(response)) => response,
         Ok(Err(e)) => {
             tracing::error!(%hook, error = %e, "hook handler failed unexpectedly");
-            HookResponse::failure(
-                hook,
-                format!("{hook}: internal error; see the extension's log"),
-            )
+            internal_error(hook)
         }
         Err(_) if hook.is_blocking() => HookResponse::retry(
             hook,
@@ -386,6 +397,13 @@ async fn run_hook(app: &Arc<App>, hook: Hook, body: Bytes, budget: Duration) -> 
             format!("{hook}: did not finish within {}s", budget.as_secs()),
         ),
     }
+}
+
+fn internal_error(hook: Hook) -> HookResponse {
+    HookResponse::failure(
+        hook,
+        format!("{hook}: internal error; see the extension's log"),
+    )
 }
 
 /// The caller's deadline from `?timeout=<Go duration>`; CAPI's default when absent or unusable.
