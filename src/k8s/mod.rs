@@ -4,6 +4,8 @@
 //! Objects are plain JSON (`serde_json::Value`) addressed by apiVersion/kind, so the same code
 //! applies Secrets, HelmChartProxies and whatever the registry renderer returns.
 
+pub mod fields;
+
 use std::fmt;
 use std::time::Duration;
 
@@ -187,14 +189,14 @@ impl ClusterApi {
         })
     }
 
-    /// Reads the object and applies `desired` only if some field it sets differs, so a
-    /// converged object costs one GET and no write.
+    /// Reads the object and applies `desired` only if it is not converged (see
+    /// [`is_converged`]), so a converged object costs one GET and no write.
     pub async fn ensure(&self, desired: &Value) -> Result<Outcome, Error> {
         let id = ObjectId::of(desired);
         let current = self
             .get(&id.api_version, &id.kind, id.namespace.as_deref(), &id.name)
             .await?;
-        if current.as_ref().is_some_and(|c| contains(c, desired)) {
+        if current.as_ref().is_some_and(|c| is_converged(c, desired)) {
             return Ok(Outcome::Unchanged);
         }
         self.apply(desired).await?;
@@ -320,6 +322,14 @@ pub fn api_resource(api_version: &str, kind: &str) -> ApiResource {
     ApiResource::from_gvk_with_plural(&gvk, plural)
 }
 
+/// Whether applying `desired` to `current` with our field manager would change nothing: every
+/// field `desired` sets has that value, and our last apply set no field `desired` drops
+/// (server-side apply prunes such a field only when we apply again). Without an apply entry
+/// of ours in `metadata.managedFields`, the first condition alone.
+pub fn is_converged(current: &Value, desired: &Value) -> bool {
+    contains(current, desired) && !fields::apply_would_prune(current, desired, names::FIELD_MANAGER)
+}
+
 /// Whether `current` already holds every field `desired` sets, with the same value. Fields
 /// the server adds (defaults, status, metadata) are ignored; lists must have the same length
 /// and each element must contain the desired one. A desired `null` means "absent".
@@ -375,6 +385,31 @@ mod tests {
         let longer = json!({"metadata": {"name": "a", "labels": {"x": "1"}}, "spec": {"list": [{"a": 1}, {"a": 2}]}});
         assert!(!contains(&longer, &desired));
         assert!(contains(&json!({}), &json!({"gone": null})));
+    }
+
+    #[test]
+    fn converged_leaves_nothing_of_ours_to_prune() {
+        let desired = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}, "data": {"x": "1"}});
+        let mut current = desired.clone();
+        current["data"]["y"] = json!("2");
+        // Nobody's apply entry: `y` may be someone else's.
+        assert!(is_converged(&current, &desired));
+        let ours = |fields: Value| {
+            json!([{
+                "manager": names::FIELD_MANAGER,
+                "operation": "Apply",
+                "apiVersion": "v1",
+                "time": "2026-01-01T00:00:00Z",
+                "fieldsType": "FieldsV1",
+                "fieldsV1": fields,
+            }])
+        };
+        current["metadata"]["managedFields"] = ours(json!({"f:data": {"f:x": {}, "f:y": {}}}));
+        assert!(!is_converged(&current, &desired));
+        current["metadata"]["managedFields"] = ours(json!({"f:data": {"f:x": {}}}));
+        assert!(is_converged(&current, &desired));
+        current["data"]["x"] = json!("2");
+        assert!(!is_converged(&current, &desired));
     }
 
     #[test]

@@ -9,6 +9,19 @@
 //! on a real change and generation on a change outside metadata and status; `Status` error
 //! bodies; a request log; error injection. Not modelled: field-ownership conflicts,
 //! keyed-list merging, defaulting, validation, garbage collection, watch.
+//!
+//! `metadata.managedFields`, returned on GET and list as kube-apiserver does: one `Apply`
+//! entry per server-side-apply manager (`time` fixed), whose `fieldsV1` is the field set of
+//! that manager's last applied configuration, shaped like the real server's: `f:<name>` for
+//! map keys, list elements as `k:{…}` keyed by `containerPort`+`protocol` (protocol defaulted
+//! to TCP) or `port`+`protocol` (ports), `mountPath` (volume mounts), `uid` (owner references)
+//! or else `name`, and `i:<n>` for any other element; `.` for a list element with children;
+//! empty lists unrecorded; no apiVersion, kind, status, metadata.name or metadata.namespace.
+//! The stand-in knows no schema, so lists the real server treats as atomic (`args`,
+//! `tolerations`) or as sets (`finalizers`) are recorded element by element, and a label
+//! selector's `matchLabels` field by field. Not modelled: `Update` entries (create, PUT and
+//! merge patch keep the entries as they are), status-subresource entries, ownership moving
+//! between managers.
 
 use std::collections::BTreeMap;
 use std::future::IntoFuture;
@@ -510,6 +523,15 @@ impl Store {
         }
         let old = stored.object.clone();
         let mut new = new;
+        // An update without managedFields keeps them.
+        if new["metadata"]
+            .get("managedFields")
+            .is_none_or(Value::is_null)
+            && let Some(managed) = old["metadata"].get("managedFields")
+            && let Some(meta) = new.get_mut("metadata").and_then(Value::as_object_mut)
+        {
+            meta.insert("managedFields".into(), managed.clone());
+        }
         fold_string_data(&mut new);
         let merged = restrict(&old, new, target.subresource.as_deref());
         self.commit(key, old, merged, None)
@@ -564,6 +586,7 @@ impl Store {
             merge_into(&mut object, &patch);
             fold_string_data(&mut object);
             applied.insert(manager, patch);
+            set_managed_fields(&mut object, &applied);
             if existing.is_none() {
                 self.uid += 1;
                 let meta = object["metadata"].as_object_mut().expect("metadata");
@@ -745,6 +768,116 @@ fn fold_string_data(object: &mut Value) {
     }
 }
 
+/// `metadata.managedFields` of an object from each manager's last applied configuration; a
+/// manager whose configuration sets nothing the server records has no entry.
+fn set_managed_fields(object: &mut Value, applied: &BTreeMap<String, Value>) {
+    let entries: Vec<Value> = applied
+        .iter()
+        .filter_map(|(manager, config)| {
+            let fields = applied_field_set(config);
+            if fields.as_object().is_none_or(Map::is_empty) {
+                return None;
+            }
+            Some(json!({
+                "manager": manager,
+                "operation": "Apply",
+                "apiVersion": config["apiVersion"],
+                "time": "2026-01-01T00:00:00Z",
+                "fieldsType": "FieldsV1",
+                "fieldsV1": fields,
+            }))
+        })
+        .collect();
+    let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return;
+    };
+    if entries.is_empty() {
+        meta.remove("managedFields");
+    } else {
+        meta.insert("managedFields".into(), Value::Array(entries));
+    }
+}
+
+/// The fields an applied configuration sets, without those the server owns for everyone.
+fn applied_field_set(config: &Value) -> Value {
+    let mut set = field_set(config);
+    if let Some(top) = set.as_object_mut() {
+        for field in ["f:apiVersion", "f:kind", "f:status"] {
+            top.remove(field);
+        }
+        if let Some(Value::Object(meta)) = top.get_mut("f:metadata") {
+            for field in [
+                "name",
+                "namespace",
+                "uid",
+                "resourceVersion",
+                "generation",
+                "creationTimestamp",
+                "selfLink",
+                "managedFields",
+            ] {
+                meta.remove(&format!("f:{field}"));
+            }
+            if meta.is_empty() {
+                top.remove("f:metadata");
+            }
+        }
+    }
+    set
+}
+
+/// A value's field set in the `FieldsV1` format; `{}` for a leaf.
+fn field_set(value: &Value) -> Value {
+    match value {
+        Value::Object(fields) => Value::Object(
+            fields
+                .iter()
+                .filter(|(_, v)| v.as_array().is_none_or(|items| !items.is_empty()))
+                .map(|(k, v)| (format!("f:{k}"), field_set(v)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Object(
+            items
+                .iter()
+                .enumerate()
+                .map(|(index, item)| {
+                    let mut children = field_set(item);
+                    if let Some(c) = children.as_object_mut()
+                        && !c.is_empty()
+                    {
+                        c.insert(".".into(), json!({}));
+                    }
+                    (list_element(index, item), children)
+                })
+                .collect(),
+        ),
+        _ => json!({}),
+    }
+}
+
+/// A list element's path element: `k:{…}` by the key fields the real API uses for the lists
+/// the addon writes, `i:<n>` when the element has none of them.
+fn list_element(index: usize, item: &Value) -> String {
+    let Some(fields) = item.as_object() else {
+        return format!("i:{index}");
+    };
+    let protocol = || fields.get("protocol").cloned().unwrap_or(json!("TCP"));
+    let key = if let Some(port) = fields.get("containerPort").filter(|p| p.is_number()) {
+        json!({"containerPort": port, "protocol": protocol()})
+    } else if let Some(port) = fields.get("port").filter(|p| p.is_number()) {
+        json!({"port": port, "protocol": protocol()})
+    } else if let Some(path) = fields.get("mountPath").filter(|p| p.is_string()) {
+        json!({"mountPath": path})
+    } else if let Some(uid) = fields.get("uid").filter(|u| u.is_string()) {
+        json!({"uid": uid})
+    } else if let Some(name) = fields.get("name").filter(|n| n.is_string()) {
+        json!({"name": name})
+    } else {
+        return format!("i:{index}");
+    };
+    format!("k:{key}")
+}
+
 /// Removes from `object` what `previous` applied and `current` no longer does, unless another
 /// manager applies it.
 fn prune(object: &mut Value, previous: &Value, current: &Value, others: &[Value], depth: usize) {
@@ -919,6 +1052,67 @@ mod tests {
         assert!(check("a,!c,b notin (3)"));
         assert!(!check("a!=1"));
         assert!(!check("b in (3, 4)"));
+    }
+
+    #[test]
+    fn managed_fields_are_shaped_like_the_real_ones() {
+        let config = json!({
+            "apiVersion": "apps/v1",
+            "kind": "StatefulSet",
+            "metadata": {"name": "r", "namespace": "ns", "labels": {"a": "1"}},
+            "spec": {
+                "replicas": 1,
+                "volumeClaimTemplates": [],
+                "template": {"spec": {
+                    "containers": [{
+                        "name": "c",
+                        "args": ["x"],
+                        "ports": [{"name": "p", "containerPort": 5000}],
+                        "volumeMounts": [{"name": "v", "mountPath": "/v"}],
+                    }],
+                    "volumes": [{"name": "v", "emptyDir": {}}],
+                }},
+            },
+        });
+        let applied = BTreeMap::from([("m".to_string(), config.clone())]);
+        let mut object = config;
+        set_managed_fields(&mut object, &applied);
+        let entries = object["metadata"]["managedFields"].as_array().unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0]["manager"], "m");
+        assert_eq!(entries[0]["operation"], "Apply");
+        assert_eq!(entries[0]["apiVersion"], "apps/v1");
+        assert_eq!(entries[0]["fieldsType"], "FieldsV1");
+        assert_eq!(
+            entries[0]["fieldsV1"],
+            json!({
+                "f:metadata": {"f:labels": {"f:a": {}}},
+                "f:spec": {
+                    "f:replicas": {},
+                    "f:template": {"f:spec": {
+                        "f:containers": {"k:{\"name\":\"c\"}": {
+                            ".": {},
+                            "f:name": {},
+                            "f:args": {"i:0": {}},
+                            "f:ports": {"k:{\"containerPort\":5000,\"protocol\":\"TCP\"}": {
+                                ".": {}, "f:name": {}, "f:containerPort": {},
+                            }},
+                            "f:volumeMounts": {"k:{\"mountPath\":\"/v\"}": {
+                                ".": {}, "f:name": {}, "f:mountPath": {},
+                            }},
+                        }},
+                        "f:volumes": {"k:{\"name\":\"v\"}": {".": {}, "f:name": {}, "f:emptyDir": {}}},
+                    }},
+                },
+            })
+        );
+        // A configuration of nothing but the name records nothing.
+        let applied = BTreeMap::from([(
+            "m".to_string(),
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "n"}}),
+        )]);
+        set_managed_fields(&mut object, &applied);
+        assert!(object["metadata"].get("managedFields").is_none());
     }
 
     #[test]
