@@ -662,3 +662,308 @@ async fn a_registry_refusing_monolithic_uploads_gets_chunks() {
     assert_eq!(tag_digests(&l).await, tag_digests(&p).await);
     assert_pullable(&l).await;
 }
+
+/// Two replicas, each syncing from the other, as the StatefulSet runs them.
+struct Replicas {
+    a: RegistryProcess,
+    b: RegistryProcess,
+}
+
+impl Replicas {
+    fn start(dir: &Path) -> Replicas {
+        let opts = RegistryOptions::default();
+        Replicas {
+            a: RegistryProcess::start(&dir.join("a"), &opts),
+            b: RegistryProcess::start(&dir.join("b"), &opts),
+        }
+    }
+
+    /// The syncer of replica A (peer B), remembering agreements in `state` when given.
+    fn syncer_a(&self, state: Option<&Path>) -> Syncer {
+        with_state(
+            syncer(&self.a.url, &[&self.b.url], None, ClientOptions::default()),
+            state,
+        )
+    }
+
+    fn syncer_b(&self, state: Option<&Path>) -> Syncer {
+        with_state(
+            syncer(&self.b.url, &[&self.a.url], None, ClientOptions::default()),
+            state,
+        )
+    }
+}
+
+fn with_state(s: Syncer, state: Option<&Path>) -> Syncer {
+    match state {
+        Some(path) => s.with_state_file(path),
+        None => s,
+    }
+}
+
+async fn round_ok(s: &Syncer) -> registry_addon::sync::RoundReport {
+    let report = s.round().await;
+    assert!(report.is_success(), "{report:#?}");
+    assert_eq!(report.state_error, None);
+    report
+}
+
+/// An image whose manifest digest sorts below (or above) `bound`, found by trying seeds.
+fn image_beside(bound: &str, below: bool, seed: u64) -> Image {
+    (seed..)
+        .map(|s| Image::new("amd64", vec![random_bytes(s, 2000)], false))
+        .find(|img| (sha256(&img.manifest()).as_str() < bound) == below)
+        .unwrap()
+}
+
+/// Two images whose manifest digests sort as asked: the first greater, or smaller.
+fn two_images(seed: u64, first_greater: bool) -> (Image, Image) {
+    let one = Image::new("amd64", vec![random_bytes(seed, 2000)], false);
+    let two = image_beside(&sha256(&one.manifest()), first_greater, seed + 1_000_000);
+    (one, two)
+}
+
+/// Deletes a manifest by digest (the test registries allow deletes).
+async fn delete_manifest(registry: &str, repo: &str, digest: &str) {
+    let resp = reqwest::Client::new()
+        .delete(format!("{registry}/v2/{repo}/manifests/{digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::ACCEPTED, "{resp:?}");
+}
+
+async fn digest_of(reg: &Registry, repo: &str, tag: &str) -> Option<String> {
+    reg.head_manifest(repo, tag)
+        .await
+        .unwrap()
+        .map(|h| h.digest.unwrap().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_just_before_a_restart_is_kept_and_propagates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let replicas = Replicas::start(tmp.path());
+    let (a, b) = (
+        client(&replicas.a.url, None, None),
+        client(&replicas.b.url, None, None),
+    );
+    // As in the chart: the state beside Distribution's own tree on the registry's volume.
+    let state_a = replicas.a.root.join("registry-addon-sync/agreed.json");
+    let state_b = replicas.b.root.join("registry-addon-sync/agreed.json");
+    // The older image has the greater digest: the tie-break alone would bring it back.
+    let (old, fresh) = two_images(200, true);
+    let old_digest = old.push(&a, "app/web", "stable").await;
+
+    let sa = replicas.syncer_a(Some(&state_a));
+    let sb = replicas.syncer_b(Some(&state_b));
+    round_ok(&sa).await;
+    round_ok(&sb).await;
+    round_ok(&sa).await;
+    assert_eq!(
+        digest_of(&b, "app/web", "stable").await,
+        Some(old_digest.clone())
+    );
+    assert_eq!(sa.agreements().len(), 1, "A remembers agreeing with B");
+    assert!(state_a.is_file());
+
+    // Pushed to A, whose syncer restarts before B copied it.
+    let fresh_digest = fresh.push(&a, "app/web", "stable").await;
+    assert!(old_digest > fresh_digest);
+    drop(sa);
+    let sa = replicas.syncer_a(Some(&state_a));
+    assert_eq!(
+        sa.agreements().len(),
+        1,
+        "loaded from {}",
+        state_a.display()
+    );
+    let report = round_ok(&sa).await;
+    assert_eq!(report.tags_copied, 0, "{report:#?}");
+    assert_eq!(
+        digest_of(&a, "app/web", "stable").await,
+        Some(fresh_digest.clone())
+    );
+    round_ok(&sb).await;
+    assert_eq!(
+        digest_of(&b, "app/web", "stable").await,
+        Some(fresh_digest.clone())
+    );
+    round_ok(&sa).await;
+    assert_eq!(
+        digest_of(&a, "app/web", "stable").await,
+        Some(fresh_digest.clone())
+    );
+    assert_pullable(&b).await;
+
+    // The file next to docker/registry/v2 does not disturb Distribution.
+    assert_eq!(a.catalog().await.unwrap(), ["app/web"]);
+    let text = std::fs::read_to_string(&state_a).unwrap();
+    assert!(
+        text.contains(&replicas.b.url) && text.contains(&fresh_digest),
+        "{text}"
+    );
+
+    // Without the file, a restarted syncer has no memory, and the tie-break reverts a push
+    // whose digest happens to be the smaller: what the state file is for.
+    image_beside(&fresh_digest, true, 300)
+        .push(&a, "app/web", "stable")
+        .await;
+    round_ok(&replicas.syncer_a(None)).await;
+    assert_eq!(digest_of(&a, "app/web", "stable").await, Some(fresh_digest));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_rounds_settle_a_new_tag_pushed_to_both_replicas_alike() {
+    let tmp = tempfile::tempdir().unwrap();
+    let replicas = Replicas::start(tmp.path());
+    let (a, b) = (
+        client(&replicas.a.url, None, None),
+        client(&replicas.b.url, None, None),
+    );
+    // The winner on A's side, then on B's.
+    for (case, seed, first_greater) in [("one", 400, true), ("two", 500, false)] {
+        let (on_a, on_b) = two_images(seed, first_greater);
+        let da = on_a.push(&a, "race/app", case).await;
+        let db = on_b.push(&b, "race/app", case).await;
+        let winner = da.clone().max(db.clone());
+        let sa = replicas.syncer_a(None);
+        let sb = replicas.syncer_b(None);
+        for round in 0..3 {
+            let (ra, rb) = tokio::join!(sa.round(), sb.round());
+            assert!(ra.is_success() && rb.is_success(), "{ra:#?} {rb:#?}");
+            assert_eq!(
+                digest_of(&a, "race/app", case).await.as_ref(),
+                Some(&winner),
+                "{case}: round {round} on A"
+            );
+            assert_eq!(
+                digest_of(&b, "race/app", case).await.as_ref(),
+                Some(&winner),
+                "{case}: round {round} on B"
+            );
+            if round == 0 {
+                // Exactly one side copied.
+                assert_eq!(ra.tags_copied + rb.tags_copied, 1, "{ra:#?} {rb:#?}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_state_file_is_reported_and_the_round_still_works() {
+    let tmp = tempfile::tempdir().unwrap();
+    let peer = RegistryProcess::start(&tmp.path().join("p"), &RegistryOptions::default());
+    let local = RegistryProcess::start(&tmp.path().join("l"), &RegistryOptions::default());
+    let p = client(&peer.url, None, None);
+    let l = client(&local.url, None, None);
+    Image::new("amd64", vec![random_bytes(70, 3000)], false)
+        .push(&p, "state/img", "1")
+        .await;
+    let state = tmp.path().join("state").join("agreed.json");
+    std::fs::create_dir_all(state.parent().unwrap()).unwrap();
+    std::fs::write(&state, "{\"version\":1,\"agreed\":{\"trunc").unwrap();
+    let state_arg = state.to_str().unwrap();
+    let args = [
+        "--once",
+        "--local",
+        &local.url,
+        "--peer",
+        &peer.url,
+        "--state-file",
+        state_arg,
+    ];
+
+    let out = sync_command(&args).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    let warning = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("state file"))
+        .unwrap_or_else(|| panic!("no warning: {log}"));
+    assert!(warning.contains(state_arg), "{warning}");
+    assert!(warning.contains("EOF"), "the reason is given: {warning}");
+    assert_eq!(tag_digests(&l).await, tag_digests(&p).await);
+    // Replaced by a good one.
+    let text = std::fs::read_to_string(&state).unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        parsed["agreed"][&peer.url]["state/img"]["1"].is_string(),
+        "{text}"
+    );
+
+    // Unreadable (a directory where the file should be): the same.
+    let dir_state = tmp.path().join("a-directory");
+    std::fs::create_dir(&dir_state).unwrap();
+    let out = sync_command(&[
+        "--once",
+        "--local",
+        &local.url,
+        "--peer",
+        &peer.url,
+        "--state-file",
+        dir_state.to_str().unwrap(),
+    ])
+    .output()
+    .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "a state file that cannot be written fails no round: {log}"
+    );
+    assert!(log.contains("cannot read the sync state file"), "{log}");
+    assert!(log.contains("cannot write the sync state file"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_that_changes_nothing_does_not_write_the_state_file() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let replicas = Replicas::start(tmp.path());
+    let (a, b) = (
+        client(&replicas.a.url, None, None),
+        client(&replicas.b.url, None, None),
+    );
+    Image::new("amd64", vec![random_bytes(80, 3000)], false)
+        .push(&a, "quiet/img", "1")
+        .await;
+    Image::new("amd64", vec![random_bytes(81, 3000)], true)
+        .push(&b, "quiet/other", "v1")
+        .await;
+    let state = tmp.path().join("agreed-a.json");
+    let sa = replicas.syncer_a(Some(&state));
+    let sb = replicas.syncer_b(None);
+    round_ok(&sa).await;
+    round_ok(&sb).await;
+    round_ok(&sa).await;
+    assert_eq!(sa.agreements().len(), 2);
+    let before = std::fs::metadata(&state).unwrap();
+    let text = std::fs::read_to_string(&state).unwrap();
+    // Coarse timestamps would hide a rewrite within the same tick.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for _ in 0..2 {
+        let report = round_ok(&sa).await;
+        assert_eq!(report.tags_copied, 0);
+    }
+    let after = std::fs::metadata(&state).unwrap();
+    assert_eq!(
+        (after.ino(), after.mtime_nsec(), after.mtime()),
+        (before.ino(), before.mtime_nsec(), before.mtime())
+    );
+    assert_eq!(std::fs::read_to_string(&state).unwrap(), text);
+
+    // A tag deleted on both sides is forgotten, and that change is written.
+    for (reg, url) in [(&a, &replicas.a.url), (&b, &replicas.b.url)] {
+        let digest = digest_of(reg, "quiet/other", "v1").await.unwrap();
+        delete_manifest(url, "quiet/other", &digest).await;
+    }
+    round_ok(&sa).await;
+    assert_eq!(sa.agreements().len(), 1);
+    let after = std::fs::metadata(&state).unwrap();
+    assert_ne!(after.ino(), before.ino(), "rewritten by rename");
+    assert!(
+        !std::fs::read_to_string(&state)
+            .unwrap()
+            .contains("quiet/other")
+    );
+}

@@ -8,10 +8,15 @@
 //!
 //! Credentials: `--credentials-file` (a `user:password` line, or JSON — see
 //! [`config::CredentialSet::parse`]), else `REGISTRY_USERNAME` and `REGISTRY_PASSWORD`.
+//!
+//! A tag that differs between replicas is settled from the digest both last agreed on, or by
+//! a tie-break every replica makes alike (see [`round`]); `--state-file` keeps that memory
+//! across restarts ([`state`]).
 
 pub mod config;
 pub mod metrics;
 pub mod round;
+pub mod state;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,7 +30,8 @@ use crate::names;
 use crate::oci::{ClientOptions, Credentials, Registry, build_http_clients};
 pub use config::{CredentialSet, StatefulSetPeers};
 pub use metrics::SyncMetrics;
-pub use round::{PeerReport, RoundReport, Syncer};
+pub use round::{PeerReport, RoundReport, Syncer, peer_wins};
+pub use state::Agreements;
 
 /// Command-line of `registry-addon sync`.
 #[derive(Debug, Clone, Args)]
@@ -89,6 +95,11 @@ pub struct SyncArgs {
     /// automatically when a registry refuses a monolithic upload).
     #[arg(long)]
     pub chunked_uploads: bool,
+    /// Remember here, across restarts, the digest each peer and this registry last agreed on
+    /// per tag, so that an image pushed to this replica just before a restart is not reverted
+    /// to a peer's older one. Without it the memory lasts as long as the process.
+    #[arg(long)]
+    pub state_file: Option<PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -173,13 +184,17 @@ impl SyncArgs {
             .iter()
             .map(|p| registry(p))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(Syncer::new(
+        let syncer = Syncer::new(
             local,
             peers,
             usize::from(self.concurrency),
             self.attempts,
             self.retry_backoff,
-        ))
+        );
+        Ok(match &self.state_file {
+            Some(path) => syncer.with_state_file(path),
+            None => syncer,
+        })
     }
 }
 
@@ -230,6 +245,8 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<()> {
     tracing::info!(
         local = syncer.local().name(),
         peers = ?syncer.peers().iter().map(|p| p.name()).collect::<Vec<_>>(),
+        state_file = syncer.agreements().path().map(|p| p.display().to_string()),
+        agreed_tags = syncer.agreements().len(),
         "syncing"
     );
     // After a failed round the next comes sooner, backing off up to the interval: a peer
@@ -320,9 +337,17 @@ mod tests {
             "--once",
             "--concurrency",
             "3",
+            "--state-file",
+            "/var/lib/registry-addon-sync/agreed.json",
         ])
         .unwrap();
         assert!(args.once);
+        assert_eq!(
+            args.state_file.as_deref(),
+            Some(std::path::Path::new(
+                "/var/lib/registry-addon-sync/agreed.json"
+            ))
+        );
         assert_eq!(args.concurrency, 3);
         assert_eq!(args.interval, Duration::from_secs(120));
         // The local registry is never its own peer.

@@ -5,9 +5,35 @@
 //! blobs (image) or child manifests (index) exist locally, so a reader of the local registry
 //! never finds a manifest it cannot pull. Work left undone is found again by the next round,
 //! because the tag still differs.
+//!
+//! A tag that points at different digests here and on a peer is settled by
+//! [`peer_wins`], from the digest both sides last agreed on for that tag ([`Agreements`],
+//! kept across restarts with `--state-file`):
+//!
+//! - the local tag moved away from the agreed digest and the peer's did not: it was pushed
+//!   here more recently; it is kept, and the peer copies it in its own round;
+//! - the peer's tag moved and the local one did not: the peer's digest is copied;
+//! - no agreed digest (new replicas, the same new tag pushed to two replicas before they
+//!   synced, a lost memory), or both moved: the lexicographically greater digest string wins.
+//!   Every replica applies the same rule to the same two digests, so rounds that run at the
+//!   same moment on two replicas converge instead of swapping their digests;
+//! - a tag missing locally is always copied.
+//!
+//! The memory is each replica's own. If only replica A remembers agreeing with B on a tag
+//! (B's state file was lost, or B runs without one and restarted, or the tag was pushed to
+//! both and B has not run a round since), and the tag is then pushed to A with a digest
+//! smaller than B's, A keeps it by memory and B keeps its own by the tie-break: the two differ
+//! until the tag is pushed to B or deleted from one of them.
+//!
+//! At most one digest is written to a local tag per round; a peer holding yet another digest
+//! is compared again in the next round, against what was written.
+//!
+//! At the end of a round the memory forgets tags that exist neither locally nor on the peer
+//! (as far as the round could list the peer), and is written back when it changed.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,6 +43,7 @@ use futures::{FutureExt, StreamExt};
 use oci_spec::image::Digest;
 use tokio::sync::OnceCell;
 
+use super::state::{AgreementKey, Agreements, PeerListing};
 use crate::oci::verify::VerifiedStream;
 use crate::oci::{
     Manifest, OciError, Reference, Registry, UploadStart, dependencies, valid_repository, valid_tag,
@@ -49,6 +76,8 @@ pub struct RoundReport {
     pub peer_manifest_heads: u64,
     /// Manifest HEADs sent to the local registry.
     pub local_manifest_heads: u64,
+    /// The state file could not be written (the next round tries again).
+    pub state_error: Option<String>,
     pub duration: Duration,
 }
 
@@ -89,10 +118,9 @@ pub struct Syncer {
     concurrency: usize,
     attempts: u32,
     backoff: Duration,
-    /// Per (peer, repository, tag): the digest both sides last agreed on. A local tag that
-    /// moved away from it while the peer's did not was pushed here more recently, and is
-    /// kept rather than reverted.
-    agreed: Mutex<HashMap<(usize, String, String), Digest>>,
+    /// Per (peer URL, repository, tag): the digest both sides last agreed on (see the
+    /// module documentation).
+    agreed: Agreements,
 }
 
 impl Syncer {
@@ -109,8 +137,21 @@ impl Syncer {
             concurrency: concurrency.max(1),
             attempts: attempts.max(1),
             backoff,
-            agreed: Mutex::new(HashMap::new()),
+            agreed: Agreements::in_memory(),
         }
+    }
+
+    /// Keeps the memory of agreed digests in `path`: loaded now (a missing, unreadable or
+    /// corrupt file is an empty memory, the last two logged), written after every round that
+    /// changed it.
+    pub fn with_state_file(mut self, path: &Path) -> Self {
+        self.agreed = Agreements::from_file(path);
+        self
+    }
+
+    /// The memory of agreed digests.
+    pub fn agreements(&self) -> &Agreements {
+        &self.agreed
     }
 
     pub fn local(&self) -> &Registry {
@@ -137,13 +178,13 @@ impl Syncer {
             syncer: self,
             state: RoundState::default(),
         };
-        let peer_reports = futures::future::join_all(
-            self.peers
-                .iter()
-                .enumerate()
-                .map(|(i, peer)| round.sync_peer(i, peer)),
-        )
-        .await;
+        let peer_reports =
+            futures::future::join_all(self.peers.iter().map(|peer| round.sync_peer(peer))).await;
+        round.forget_vanished_tags().await;
+        let state_error = self.agreed.save_if_changed().await.err();
+        if let Some(error) = &state_error {
+            tracing::warn!(error = %error, "cannot write the sync state file; trying again after the next round");
+        }
         let after = self.request_totals();
         let s = &round.state;
         RoundReport {
@@ -160,6 +201,7 @@ impl Syncer {
             tag_lists: after.1 - before.1,
             peer_manifest_heads: after.2 - before.2,
             local_manifest_heads: after.3 - before.3,
+            state_error,
             duration: started.elapsed(),
         }
     }
@@ -181,6 +223,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Whether a tag that differs between a peer and the local registry takes the peer's digest,
+/// given the digest both last agreed on (see the module documentation). The same answer on
+/// both replicas: called there with `local` and `peer` swapped, it says the opposite.
+pub fn peer_wins(agreed: Option<&Digest>, local: &Digest, peer: &Digest) -> bool {
+    match agreed {
+        // The local tag moved since: pushed here more recently.
+        Some(agreed) if agreed == peer => false,
+        // The peer's tag moved since.
+        Some(agreed) if agreed == local => true,
+        // No memory, or both moved: a choice both sides make alike.
+        _ => peer.as_ref() > local.as_ref(),
+    }
+}
+
 /// A once-per-round piece of work shared by every task that needs it: the first runs it,
 /// the others wait for its result; a failure leaves it to be tried again.
 type Shared<K, V> = Mutex<HashMap<K, Arc<OnceCell<V>>>>;
@@ -195,8 +251,11 @@ struct RoundState {
     repositories: Mutex<HashSet<String>>,
     /// Local digest of each (repository, tag), HEADed once for all peers.
     local_tags: Shared<(String, String), Option<Digest>>,
-    /// Tag updates in progress, so two peers with the same content do not copy it twice.
-    tag_copies: Shared<(String, String, Digest), ()>,
+    /// The digest written to each local tag this round: two peers with the same content do
+    /// not copy it twice, and two with different content do not both overwrite the tag.
+    tag_copies: Shared<(String, String), Digest>,
+    /// What each peer listed this round, by peer name; absent when its catalog failed.
+    listings: Mutex<HashMap<String, PeerListing>>,
     /// Manifests by digest known present locally, per repository.
     manifests: Shared<(String, Digest), ()>,
     /// Blobs known present locally, per repository.
@@ -222,7 +281,7 @@ impl Round<'_> {
         &self.syncer.local
     }
 
-    async fn sync_peer(&self, index: usize, peer: &Registry) -> PeerReport {
+    async fn sync_peer(&self, peer: &Registry) -> PeerReport {
         let mut report = PeerReport {
             name: peer.name().to_string(),
             ..PeerReport::default()
@@ -235,9 +294,10 @@ impl Round<'_> {
                 return report;
             }
         };
+        lock(&self.state.listings).insert(peer.name().to_string(), PeerListing::default());
         let concurrency = self.syncer.concurrency;
         let mut results = futures::stream::iter(repos)
-            .map(|repo| self.sync_repository(index, peer, repo))
+            .map(|repo| self.sync_repository(peer, repo))
             .buffer_unordered(concurrency);
         while let Some((tags, errors)) = results.next().await {
             report.repositories += 1;
@@ -247,12 +307,13 @@ impl Round<'_> {
         report
     }
 
-    async fn sync_repository(
-        &self,
-        index: usize,
-        peer: &Registry,
-        repo: String,
-    ) -> (usize, Vec<String>) {
+    fn listed(&self, peer: &Registry, update: impl FnOnce(&mut PeerListing)) {
+        if let Some(listing) = lock(&self.state.listings).get_mut(peer.name()) {
+            update(listing);
+        }
+    }
+
+    async fn sync_repository(&self, peer: &Registry, repo: String) -> (usize, Vec<String>) {
         if !valid_repository(&repo) {
             let msg = format!("registry {}: invalid repository name {repo:?}", peer.name());
             tracing::warn!(peer = peer.name(), "{msg}");
@@ -263,9 +324,16 @@ impl Round<'_> {
             Ok(tags) => tags,
             Err(err) => {
                 tracing::warn!(peer = peer.name(), repo, error = %err, "cannot list tags");
+                self.listed(peer, |l| {
+                    l.unlisted.insert(repo.clone());
+                });
                 return (0, vec![err.to_string()]);
             }
         };
+        self.listed(peer, |l| {
+            l.tags
+                .extend(tags.iter().map(|tag| (repo.clone(), tag.clone())));
+        });
         let count = tags.len();
         let errors: Vec<String> = futures::stream::iter(tags)
             .map(|tag| {
@@ -277,7 +345,7 @@ impl Round<'_> {
                             peer.name()
                         ));
                     }
-                    self.sync_tag(index, peer, repo, &tag).await.map_err(|err| {
+                    self.sync_tag(peer, repo, &tag).await.map_err(|err| {
                         tracing::warn!(peer = peer.name(), repo, tag, error = %err, "tag not synced");
                         format!("{repo}:{tag}: {err}")
                     })
@@ -307,13 +375,7 @@ impl Round<'_> {
         Ok(digest.clone())
     }
 
-    async fn sync_tag(
-        &self,
-        index: usize,
-        peer: &Registry,
-        repo: &str,
-        tag: &str,
-    ) -> Result<(), OciError> {
+    async fn sync_tag(&self, peer: &Registry, repo: &str, tag: &str) -> Result<(), OciError> {
         let Some(head) = peer.head_manifest(repo, tag).await? else {
             // Deleted on the peer since the listing.
             return Ok(());
@@ -323,43 +385,83 @@ impl Round<'_> {
             None => peer.get_manifest(repo, tag).await?.digest,
         };
         let local_digest = self.local_tag(repo, tag).await?;
-        let key = (index, repo.to_string(), tag.to_string());
+        let agreed = &self.syncer.agreed;
         if local_digest.as_ref() == Some(&peer_digest) {
-            lock(&self.syncer.agreed).insert(key, peer_digest);
+            agreed.record(peer.name(), repo, tag, &peer_digest);
             return Ok(());
         }
-        if local_digest.is_some() && lock(&self.syncer.agreed).get(&key) == Some(&peer_digest) {
-            tracing::debug!(
-                peer = peer.name(),
-                repo,
-                tag,
-                "local tag is newer than the peer's; keeping it"
-            );
+        if let Some(local_digest) = &local_digest {
+            let memory = agreed.get(peer.name(), repo, tag);
+            if !peer_wins(memory.as_ref(), local_digest, &peer_digest) {
+                tracing::debug!(
+                    peer = peer.name(),
+                    repo,
+                    tag,
+                    local = %local_digest,
+                    peer_digest = %peer_digest,
+                    agreed = memory.as_ref().map(|d| d.to_string()),
+                    "keeping the local tag"
+                );
+                return Ok(());
+            }
+        }
+        let cell = shared(&self.state.tag_copies, &(repo.to_string(), tag.to_string()));
+        let written = cell
+            .get_or_try_init(|| async {
+                // By digest: the tag may move on the peer meanwhile; this content is fixed.
+                let manifest = peer.get_manifest(repo, peer_digest.as_ref()).await?;
+                self.ensure_dependencies(peer, repo, &manifest).await?;
+                self.local().put_manifest(repo, tag, &manifest).await?;
+                self.state.tags_copied.fetch_add(1, Ordering::Relaxed);
+                self.state.manifests_copied.fetch_add(1, Ordering::Relaxed);
+                // The manifest is now present by digest too.
+                let _ = shared(
+                    &self.state.manifests,
+                    &(repo.to_string(), peer_digest.clone()),
+                )
+                .set(());
+                tracing::debug!(peer = peer.name(), repo, tag, digest = %peer_digest, "tag copied");
+                Ok::<Digest, OciError>(peer_digest.clone())
+            })
+            .await?;
+        if *written != peer_digest {
+            // Another peer's digest was written to this tag this round; the next round
+            // compares this peer's with it.
             return Ok(());
         }
-        let cell = shared(
-            &self.state.tag_copies,
-            &(repo.to_string(), tag.to_string(), peer_digest.clone()),
-        );
-        cell.get_or_try_init(|| async {
-            // By digest: the tag may move on the peer meanwhile; this content is fixed.
-            let manifest = peer.get_manifest(repo, peer_digest.as_ref()).await?;
-            self.ensure_dependencies(peer, repo, &manifest).await?;
-            self.local().put_manifest(repo, tag, &manifest).await?;
-            self.state.tags_copied.fetch_add(1, Ordering::Relaxed);
-            self.state.manifests_copied.fetch_add(1, Ordering::Relaxed);
-            // The manifest is now present by digest too.
-            let _ = shared(
-                &self.state.manifests,
-                &(repo.to_string(), peer_digest.clone()),
-            )
-            .set(());
-            tracing::debug!(peer = peer.name(), repo, tag, digest = %peer_digest, "tag copied");
-            Ok::<(), OciError>(())
-        })
-        .await?;
-        lock(&self.syncer.agreed).insert(key, peer_digest);
+        agreed.record(peer.name(), repo, tag, &peer_digest);
         Ok(())
+    }
+
+    /// Drops the remembered agreements on tags that exist neither locally nor on their peer
+    /// (see [`Agreements::absent_from_peers`]): the memory stays as large as the registries.
+    /// A tag whose local presence cannot be checked is kept.
+    async fn forget_vanished_tags(&self) {
+        let configured: Vec<&str> = self.syncer.peers.iter().map(|p| p.name()).collect();
+        let candidates = self
+            .syncer
+            .agreed
+            .absent_from_peers(&configured, &lock(&self.state.listings));
+        if candidates.is_empty() {
+            return;
+        }
+        let gone: Vec<AgreementKey> = futures::stream::iter(candidates)
+            .map(|key| async move {
+                let (_, repo, tag) = &key;
+                if !valid_repository(repo) || !valid_tag(tag) {
+                    return Some(key);
+                }
+                // Usually known already: HEADed once this round for every tag a peer listed.
+                match self.local_tag(repo, tag).await {
+                    Ok(None) => Some(key),
+                    Ok(Some(_)) | Err(_) => None,
+                }
+            })
+            .buffer_unordered(self.syncer.concurrency)
+            .filter_map(|gone| async move { gone })
+            .collect()
+            .await;
+        self.syncer.agreed.remove(&gone);
     }
 
     /// Makes every child manifest and blob of `manifest` present locally. Goes on with the
@@ -593,5 +695,46 @@ impl Round<'_> {
         }
         result?;
         Ok(report.bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest(n: u8) -> Digest {
+        format!("sha256:{}", hex::encode([n; 32])).parse().unwrap()
+    }
+
+    #[test]
+    fn the_side_that_moved_wins_and_otherwise_the_greater_digest() {
+        let (d1, d2, d3) = (digest(1), digest(2), digest(3));
+        // Agreed on d1; pushed d2 here: kept. Pushed d2 on the peer: copied.
+        assert!(!peer_wins(Some(&d1), &d2, &d1));
+        assert!(peer_wins(Some(&d1), &d1, &d2));
+        // No memory, or both moved: the greater digest, whatever side holds it.
+        assert!(peer_wins(None, &d1, &d2));
+        assert!(!peer_wins(None, &d2, &d1));
+        assert!(peer_wins(Some(&d1), &d2, &d3));
+        assert!(!peer_wins(Some(&d1), &d3, &d2));
+    }
+
+    #[test]
+    fn two_replicas_with_the_same_memory_pick_the_same_digest() {
+        let digests: Vec<Digest> = (0..4).map(digest).collect();
+        let memories = std::iter::once(None).chain(digests.iter().map(Some));
+        for memory in memories {
+            for a in &digests {
+                for b in digests.iter().filter(|b| *b != a) {
+                    // Replica A (holding a) and replica B (holding b): exactly one of them
+                    // takes the other's digest.
+                    assert_ne!(
+                        peer_wins(memory, a, b),
+                        peer_wins(memory, b, a),
+                        "{a} {b} {memory:?}"
+                    );
+                }
+            }
+        }
     }
 }
