@@ -240,6 +240,10 @@ fn pod_disruption_budget() -> Value {
     })
 }
 
+/// Where the sync sidecar mounts its directory of the registry's volume, and that directory.
+const SYNC_STATE_DIR: &str = "/var/lib/registry-addon-sync";
+const SYNC_STATE_SUBPATH: &str = "registry-addon-sync";
+
 fn stateful_set(values: &RegistryValues) -> Value {
     let probe = |initial_delay: u32, period: u32| {
         json!({
@@ -288,6 +292,9 @@ fn stateful_set(values: &RegistryValues) -> Value {
             "--ca-file", "/certs/ca.crt",
             "--local", format!("https://127.0.0.1:{}", names::REGISTRY_PORT),
             "--metrics-listen", format!("0.0.0.0:{}", names::SYNC_METRICS_PORT),
+            // On the replica's volume, so that the digests agreed with the peers survive
+            // restarts and a push just before one is not reverted.
+            "--state-file", format!("{SYNC_STATE_DIR}/agreed.json"),
         ],
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -295,7 +302,12 @@ fn stateful_set(values: &RegistryValues) -> Value {
         ],
         "ports": [{"name": "sync-metrics", "containerPort": names::SYNC_METRICS_PORT, "protocol": "TCP"}],
         "securityContext": container_security,
-        "volumeMounts": [{"name": "tls", "mountPath": "/certs", "readOnly": true}],
+        "volumeMounts": [
+            {"name": "tls", "mountPath": "/certs", "readOnly": true},
+            // Only its own directory of the registry's volume, beside Distribution's
+            // docker/registry/v2 tree, which never looks at it.
+            {"name": "data", "mountPath": SYNC_STATE_DIR, "subPath": SYNC_STATE_SUBPATH},
+        ],
     });
 
     for (container, resources) in [
@@ -438,6 +450,18 @@ mod tests {
         let after = |flag: &str| args.iter().position(|a| a == flag).map(|i| &args[i + 1]);
         assert_eq!(after("--replicas").unwrap(), "3");
         assert_eq!(after("--interval").unwrap(), "30s");
+        // The sync state lies on the PVC, in a directory of its own.
+        let state = after("--state-file").unwrap().as_str().unwrap();
+        let sync = &sts["spec"]["template"]["spec"]["containers"][1];
+        let mount = sync["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "data")
+            .unwrap();
+        assert!(state.starts_with(&format!("{}/", mount["mountPath"].as_str().unwrap())));
+        assert_eq!(mount["subPath"], "registry-addon-sync");
+        assert!(mount.get("readOnly").is_none());
         let annotations = &sts["spec"]["template"]["metadata"]["annotations"];
         assert_eq!(annotations[names::CERTIFICATE_HASH_ANNOTATION], "abc");
         let svc = objects

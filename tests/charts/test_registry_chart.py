@@ -63,6 +63,21 @@ def test_statefulset_follows_values():
     assert pod["spec"]["tolerations"][0]["key"] == "node-role.kubernetes.io/control-plane"
 
 
+def test_sync_state_is_on_the_registry_volume():
+    """The syncer's memory of agreed digests survives restarts: it lies on the PVC, in a
+    directory of its own beside Distribution's tree, writable by the sidecar."""
+    sts = next(o for o in render(REGISTRY_CHART, BASE, NAMESPACE) if o["kind"] == "StatefulSet")
+    registry, sync = sts["spec"]["template"]["spec"]["containers"]
+    assert [c["metadata"]["name"] for c in sts["spec"]["volumeClaimTemplates"]] == ["data"]
+    state = sync["args"][sync["args"].index("--state-file") + 1]
+    mount = next(m for m in sync["volumeMounts"] if m["name"] == "data")
+    assert state.startswith(mount["mountPath"] + "/")
+    assert not mount.get("readOnly", False)
+    assert mount["subPath"] and not mount["subPath"].startswith("docker")
+    registry_mount = next(m for m in registry["volumeMounts"] if m["name"] == "data")
+    assert "subPath" not in registry_mount
+
+
 @pytest.mark.parametrize(
     "values, complaint",
     [
