@@ -38,6 +38,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// What answers requests: the advertised handlers and the hooks' context.
 pub struct App {
     pub handlers: Vec<HandlerSpec>,
+    /// The DiscoveryResponse, encoded once: the handler table never changes while serving.
+    discovery_body: Bytes,
     pub ctx: Arc<HookContext>,
     pub metrics: Arc<Metrics>,
 }
@@ -163,8 +165,13 @@ pub async fn start_with(args: ServeArgs, management: Management) -> anyhow::Resu
         namespace: args.namespace.clone(),
         addon: args.addon.clone(),
     };
+    let discovery_body = Bytes::from(
+        serde_json::to_vec(&HookResponse::discovery(handlers::discovery(&handlers)))
+            .map_err(|e| anyhow::anyhow!("cannot encode the discovery response: {e}"))?,
+    );
     let app = Arc::new(App {
         handlers,
+        discovery_body,
         ctx: Arc::new(HookContext::new(config, management)),
         metrics: metrics.clone(),
     });
@@ -324,19 +331,19 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<HttpRespons
         }
     };
 
-    let (label, response) = match target {
-        None => ("Discovery", discovery(&app, &body)),
-        Some(spec) => (
-            spec.hook.name(),
-            run_hook(&app, spec.hook, body, budget).await,
-        ),
+    let Some(spec) = target else {
+        let (status, response) = discovery(&app, &body);
+        app.metrics
+            .observe("Discovery", status, started.elapsed().as_secs_f64());
+        return Ok(response);
     };
+    let response = run_hook(&app, spec.hook, body, budget).await;
     let status = match response.status {
         Status::Success => "Success",
         Status::Failure => "Failure",
     };
     app.metrics
-        .observe(label, status, started.elapsed().as_secs_f64());
+        .observe(spec.hook.name(), status, started.elapsed().as_secs_f64());
     Ok(json(&response))
 }
 
@@ -348,13 +355,19 @@ fn too_large() -> HttpResponse {
 }
 
 /// Discovery takes an (empty) DiscoveryRequest; only a body that is not JSON is refused.
-fn discovery(app: &App, body: &[u8]) -> HookResponse {
+fn discovery(app: &App, body: &[u8]) -> (&'static str, HttpResponse) {
     if !body.iter().all(u8::is_ascii_whitespace)
         && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err()
     {
-        return HookResponse::discovery_failure("request body is not valid JSON");
+        let failure = HookResponse::discovery_failure("request body is not valid JSON");
+        return ("Failure", json(&failure));
     }
-    HookResponse::discovery(handlers::discovery(&app.handlers))
+    let response = Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(app.discovery_body.clone()))
+        .unwrap_or_default();
+    ("Success", response)
 }
 
 /// Decodes the request on the connection's task and answers at once what needs no I/O (bad
