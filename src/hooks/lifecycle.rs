@@ -317,7 +317,7 @@ impl Handler<'_> {
                     names::ROOT_CA_SECRET
                 )));
             }
-            if k8s::contains(existing, &desired) {
+            if k8s::is_converged(existing, &desired) {
                 return Ok(());
             }
         }
@@ -414,7 +414,10 @@ impl Handler<'_> {
             info!(cluster = %self.key, secret = %format!("{ns}/{tls_name}"), "deleted a registry TLS Secret of the wrong type");
         }
         let secret = objects::registry_tls_secret(&cert, ca.cert_pem());
-        if existing.as_ref().is_none_or(|e| !k8s::contains(e, &secret)) {
+        if existing
+            .as_ref()
+            .is_none_or(|e| !k8s::is_converged(e, &secret))
+        {
             workload.apply(&secret).await?;
             info!(cluster = %self.key, secret = %format!("{ns}/{tls_name}"), "applied the registry TLS Secret on the workload cluster");
         }
