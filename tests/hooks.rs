@@ -386,13 +386,23 @@ fn strip_k8s_extensions(mut schema: Value) -> Value {
     schema
 }
 
-#[tokio::test]
-async fn direct_deployer_applies_every_registry_object() {
-    let mut env = Env::new().await;
-    env.settings = json!({"deployer": "direct"});
-    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
-    assert!(env.management.get(&hcp_path()).is_none());
+/// The API path of an object, as the stand-in stores it.
+fn object_path(object: &Value) -> String {
+    let id = registry_addon::k8s::ObjectId::of(object);
+    let resource = registry_addon::k8s::api_resource(&id.api_version, &id.kind);
+    let prefix = if resource.group.is_empty() {
+        "/api/v1".to_string()
+    } else {
+        format!("/apis/{}/{}", resource.group, resource.version)
+    };
+    match &id.namespace {
+        Some(ns) => format!("{prefix}/namespaces/{ns}/{}/{}", resource.plural, id.name),
+        None => format!("{prefix}/{}/{}", resource.plural, id.name),
+    }
+}
 
+/// The chart values the hooks derive for the env's Cluster and current certificate.
+fn current_values(env: &Env) -> RegistryValues {
     let cluster = Cluster::from_value(&env.cluster).unwrap();
     let registry = registry_from_config(cluster.variable("clusterConfig"))
         .unwrap()
@@ -400,27 +410,26 @@ async fn direct_deployer_applies_every_registry_object() {
     let hash = CertInfo::from_pem(&env.tls_cert_pem())
         .unwrap()
         .sha256_hex();
-    let values = RegistryValues::new(
+    RegistryValues::new(
         &env.ctx.config.addon,
         &registry,
         "10.128.0.20".parse().unwrap(),
         hash,
-    );
-    for object in registry_objects(&values) {
+    )
+}
+
+#[tokio::test]
+async fn direct_deployer_applies_every_registry_object() {
+    let mut env = Env::new().await;
+    env.settings = json!({"deployer": "direct"});
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert!(env.management.get(&hcp_path()).is_none());
+
+    for object in registry_objects(&current_values(&env)) {
         let id = registry_addon::k8s::ObjectId::of(&object);
-        let resource = registry_addon::k8s::api_resource(&id.api_version, &id.kind);
-        let prefix = if resource.group.is_empty() {
-            "/api/v1".to_string()
-        } else {
-            format!("/apis/{}/{}", resource.group, resource.version)
-        };
-        let path = match &id.namespace {
-            Some(ns) => format!("{prefix}/namespaces/{ns}/{}/{}", resource.plural, id.name),
-            None => format!("{prefix}/{}/{}", resource.plural, id.name),
-        };
         let stored = env
             .workload
-            .get(&path)
+            .get(&object_path(&object))
             .unwrap_or_else(|| panic!("{id} not applied"));
         assert!(registry_addon::k8s::contains(&stored, &object), "{id}");
     }
@@ -429,6 +438,218 @@ async fn direct_deployer_applies_every_registry_object() {
     env.clear_logs();
     assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
     assert_eq!(env.writes(), 0, "{:?}", env.workload.requests());
+    let (again_mgmt, again_wl) = env.request_counts();
+    env.clear_logs();
+    assert_success(&env.call(Hook::BeforeClusterUpgrade).await);
+    assert_eq!(env.writes(), 0);
+    let (bcu_mgmt, bcu_wl) = env.request_counts();
+    println!(
+        "API requests per hook call with the direct deployer (management + workload): repeated \
+         ACPI {again_mgmt} + {again_wl}, BCU with nothing to renew {bcu_mgmt} + {bcu_wl}"
+    );
+}
+
+/// Helm installs over an existing object only when it names the release (its
+/// `checkOwnership`): the direct deployer marks every object of the chart so, with the release
+/// name and namespace the HelmChartProxy uses, and nothing else.
+#[tokio::test]
+async fn direct_deployer_marks_the_chart_objects_for_helm_to_adopt() {
+    let mut env = Env::new().await;
+    env.settings = json!({"deployer": "direct"});
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+
+    let values = current_values(&env);
+    let cluster = Cluster::from_value(&env.cluster).unwrap();
+    let proxy = objects::helm_chart_proxy(&cluster, &env.ctx.config.addon, &values).unwrap();
+    let release = proxy["spec"]["releaseName"].as_str().unwrap();
+    let release_namespace = proxy["spec"]["namespace"].as_str().unwrap();
+    assert_eq!(
+        (release, release_namespace),
+        ("registry", "registry-system")
+    );
+
+    let chart_objects = registry_objects(&values);
+    assert_eq!(chart_objects.len(), 4);
+    for object in &chart_objects {
+        let id = registry_addon::k8s::ObjectId::of(object);
+        let stored = env.workload.get(&object_path(object)).unwrap();
+        let metadata = &stored["metadata"];
+        assert_eq!(
+            metadata["labels"]["app.kubernetes.io/managed-by"], "Helm",
+            "{id}"
+        );
+        assert_eq!(
+            metadata["annotations"]["meta.helm.sh/release-name"], release,
+            "{id}"
+        );
+        assert_eq!(
+            metadata["annotations"]["meta.helm.sh/release-namespace"], release_namespace,
+            "{id}"
+        );
+        // The chart's own labels are there too.
+        assert!(
+            registry_addon::k8s::contains(&metadata["labels"], &object["metadata"]["labels"]),
+            "{id}"
+        );
+    }
+
+    // Not in the chart: Helm never sees them, and they stay the addon's.
+    for path in ["/api/v1/namespaces/registry-system".to_string(), tls_path()] {
+        let stored = env.workload.get(&path).unwrap();
+        let metadata = &stored["metadata"];
+        assert_eq!(
+            metadata["labels"]["app.kubernetes.io/managed-by"], "registry-addon",
+            "{path}"
+        );
+        let annotations = metadata["annotations"].as_object();
+        assert!(
+            annotations.is_none_or(|a| a.keys().all(|k| !k.starts_with("meta.helm.sh/"))),
+            "{path}: {metadata:#}"
+        );
+    }
+}
+
+/// Without the add-on provider the management cluster has no HelmChartProxy API:
+/// kube-apiserver answers a plain-text "404 page not found", not a NotFound Status (here: a
+/// Status of another reason). The direct deployer and the cleanup take it as "no
+/// HelmChartProxy".
+#[tokio::test]
+async fn direct_deployer_needs_no_helmchartproxy_api() {
+    let mut env = Env::new().await;
+    env.settings = json!({"deployer": "direct"});
+    env.management
+        .fail_next(Some(Method::GET), &hcp_path(), 100, 404);
+    assert_success(&env.call(Hook::BeforeClusterCreate).await);
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert!(env.workload.get(&statefulset_path()).is_some());
+    env.make_registry_ready(3);
+    assert_success(&env.call(Hook::BeforeClusterUpgrade).await);
+    assert_success(&env.call(Hook::BeforeClusterDelete).await);
+    let hcp_gets = env
+        .management
+        .requests()
+        .iter()
+        .filter(|r| r.path == hcp_path())
+        .count();
+    assert_eq!(hcp_gets, 3);
+}
+
+/// helmchartproxy → direct: the HelmChartProxy's release and the direct deployer would own the
+/// same objects, and deleting the HelmChartProxy later would uninstall them.
+#[tokio::test]
+async fn direct_deployer_refuses_while_the_helmchartproxy_exists() {
+    let mut env = Env::new().await;
+    assert_success(&env.call(Hook::BeforeClusterCreate).await);
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    let proxy = env.management.get(&hcp_path()).unwrap();
+    let statefulset = registry_objects(&current_values(&env))
+        .into_iter()
+        .find(|o| o["kind"] == "StatefulSet")
+        .unwrap();
+
+    env.settings = json!({"deployer": "direct"});
+    env.clear_logs();
+    let response = env.call(Hook::AfterControlPlaneInitialized).await;
+    assert_failure(
+        &response,
+        "cluster default/wl-1: HelmChartProxy default/wl-1-registry still deploys the registry; \
+         switching to the direct deployer needs it gone first: delete it",
+    );
+    assert!(
+        env.workload.requests().is_empty(),
+        "{:?}",
+        env.workload.requests()
+    );
+    assert_eq!(
+        env.management.writes(),
+        0,
+        "{:?}",
+        env.management.requests()
+    );
+    assert!(
+        env.management
+            .requests()
+            .iter()
+            .any(|r| r.method == Method::GET && r.path == hcp_path())
+    );
+    assert_eq!(env.management.get(&hcp_path()).unwrap(), proxy);
+
+    // An upgrade fails too rather than waiting: only the operator can remove it.
+    env.make_registry_ready(3);
+    env.clear_logs();
+    let response = env.call(Hook::BeforeClusterUpgrade).await;
+    assert_failure(
+        &response,
+        "HelmChartProxy default/wl-1-registry still deploys",
+    );
+    assert_eq!(response["retryAfterSeconds"], 0, "{response:#}");
+    assert!(env.workload.requests().is_empty());
+    assert_eq!(env.writes(), 0);
+
+    // Deleted but held by CAAPH's finalizer: the release is being uninstalled.
+    env.management.update(&hcp_path(), |hcp| {
+        hcp["metadata"]["deletionTimestamp"] = json!("2025-01-01T00:00:00Z");
+        hcp["metadata"]["finalizers"] = json!(["addons.cluster.x-k8s.io"]);
+    });
+    env.clear_logs();
+    let response = env.call(Hook::AfterControlPlaneInitialized).await;
+    assert_failure(
+        &response,
+        "HelmChartProxy default/wl-1-registry is being deleted (CAAPH uninstalls its release)",
+    );
+    assert!(env.workload.requests().is_empty());
+    assert_eq!(env.writes(), 0);
+
+    // Gone: the direct deployer takes over.
+    env.management.remove(&hcp_path());
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    let stored = env.workload.get(&object_path(&statefulset)).unwrap();
+    assert!(registry_addon::k8s::contains(&stored, &statefulset));
+    assert_eq!(
+        stored["metadata"]["annotations"]["meta.helm.sh/release-name"],
+        "registry"
+    );
+}
+
+/// A HelmChartProxy under the addon's name but without its labels is someone else's. The
+/// direct deployer refuses beside it as well: a release it installs may claim the same
+/// objects, and the helmchartproxy deployer would take it over. It is left as it is.
+#[tokio::test]
+async fn direct_deployer_refuses_beside_a_foreign_helmchartproxy_of_that_name() {
+    let mut env = Env::new().await;
+    env.settings = json!({"deployer": "direct"});
+    assert_success(&env.call(Hook::BeforeClusterCreate).await);
+    env.management.put(
+        &format!("/apis/addons.cluster.x-k8s.io/v1alpha1/namespaces/{CLUSTER_NS}/helmchartproxies"),
+        json!({
+            "apiVersion": "addons.cluster.x-k8s.io/v1alpha1",
+            "kind": "HelmChartProxy",
+            "metadata": {
+                "name": format!("{CLUSTER}-registry"),
+                "namespace": CLUSTER_NS,
+                "labels": {"app.kubernetes.io/managed-by": "someone-else"},
+            },
+            "spec": {
+                "clusterSelector": {"matchLabels": {"team": "a"}},
+                "repoURL": "https://charts.example.com",
+                "chartName": "other",
+            },
+        }),
+    );
+    let foreign = env.management.get(&hcp_path()).unwrap();
+    env.clear_logs();
+
+    let response = env.call(Hook::AfterControlPlaneInitialized).await;
+    assert_failure(
+        &response,
+        "HelmChartProxy default/wl-1-registry exists but is not the registry addon's (it lacks \
+         the labels app.kubernetes.io/managed-by=registry-addon and \
+         cluster.x-k8s.io/cluster-name=wl-1)",
+    );
+    assert_failure(&response, "rename or delete it");
+    assert!(env.workload.requests().is_empty());
+    assert_eq!(env.writes(), 0);
+    assert_eq!(env.management.get(&hcp_path()).unwrap(), foreign);
 }
 
 #[tokio::test]

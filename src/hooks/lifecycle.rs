@@ -21,7 +21,8 @@ use crate::hooks::{HookContext, LifecycleCall, Management};
 use crate::k8s::{self, ClusterApi, Outcome, Place};
 use crate::names;
 use crate::render::objects::{self, secret_data};
-use crate::render::registry::{RegistryValues, registry_objects};
+use crate::render::registry::RegistryValues;
+use crate::wire::cluster::Cluster;
 use crate::wire::runtime::{Hook, Response};
 
 /// How long BeforeClusterUpgrade asks CAPI to wait before calling again.
@@ -98,13 +99,18 @@ pub(crate) enum HookError {
     Invalid(String),
     #[error("{0}")]
     CaMismatch(String),
+    /// The direct deployer would share the registry with a HelmChartProxy's release.
+    #[error("{0}")]
+    DeployerConflict(String),
 }
 
 impl HookError {
     fn is_transient(&self) -> bool {
         match self {
             HookError::Kube(e) => e.is_transient(),
-            HookError::Invalid(_) | HookError::CaMismatch(_) => false,
+            HookError::Invalid(_) | HookError::CaMismatch(_) | HookError::DeployerConflict(_) => {
+                false
+            }
         }
     }
 
@@ -380,6 +386,9 @@ impl Handler<'_> {
         workload: &ClusterApi,
         renew_fraction: Option<f64>,
     ) -> Result<String, HookError> {
+        if self.deployer == Deployer::Direct {
+            self.check_no_helm_chart_proxy().await?;
+        }
         let service_ip = self.service_ip()?;
         let subject = certs::registry_subject_names(self.call.registry.replicas, service_ip);
 
@@ -443,7 +452,7 @@ impl Handler<'_> {
                 }
             }
             Deployer::Direct => {
-                for object in registry_objects(&values) {
+                for object in objects::direct_registry_objects(&values) {
                     if workload.ensure(&object).await? == Outcome::Applied {
                         info!(cluster = %self.key, object = %k8s::ObjectId::of(&object), "applied a registry object on the workload cluster");
                     }
@@ -451,6 +460,43 @@ impl Handler<'_> {
             }
         }
         Ok(hash)
+    }
+
+    /// Fails, before anything is applied to the workload cluster, while the HelmChartProxy
+    /// named as the addon's for this cluster exists (even while it is being deleted). With
+    /// it, CAAPH and the direct deployer would own the same objects, and its deletion makes
+    /// CAAPH uninstall the release, taking the objects applied directly with it; lifecycle
+    /// hooks are not called periodically, so nothing would put them back. It is never deleted
+    /// here: that uninstalls the registry, the operator's call.
+    async fn check_no_helm_chart_proxy(&self) -> Result<(), HookError> {
+        match self.helm_chart_proxy().await? {
+            None => Ok(()),
+            Some(proxy) => Err(HookError::DeployerConflict(direct_deployer_blocked(
+                &proxy,
+                self.call.cluster,
+            ))),
+        }
+    }
+
+    /// The HelmChartProxy named as the addon's for the cluster, if any. A management cluster
+    /// without the add-on provider has no HelmChartProxy API, and kube-apiserver answers a GET
+    /// there with a plain-text 404 that kube does not count as NotFound: any 404 is "absent".
+    async fn helm_chart_proxy(&self) -> Result<Option<serde_json::Value>, HookError> {
+        let cluster = self.call.cluster;
+        let got = self
+            .management
+            .get(
+                objects::HELM_CHART_PROXY_API_VERSION,
+                "HelmChartProxy",
+                Some(cluster.namespace()),
+                &objects::helm_chart_proxy_name(cluster),
+            )
+            .await;
+        match got {
+            Ok(proxy) => Ok(proxy),
+            Err(e) if e.code() == Some(404) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Success once the StatefulSet `registry-system/registry` runs every replica of the
@@ -496,16 +542,7 @@ impl Handler<'_> {
         let hook = self.call.hook;
         let cluster = self.call.cluster;
         let name = objects::helm_chart_proxy_name(cluster);
-        let existing = self
-            .management
-            .get(
-                objects::HELM_CHART_PROXY_API_VERSION,
-                "HelmChartProxy",
-                Some(cluster.namespace()),
-                &name,
-            )
-            .await?;
-        if let Some(proxy) = existing
+        if let Some(proxy) = self.helm_chart_proxy().await?
             && proxy["metadata"]["deletionTimestamp"].is_null()
         {
             self.management
@@ -524,6 +561,39 @@ impl Handler<'_> {
             format!("cluster {}: registry addon cleaned up", self.key),
         ))
     }
+}
+
+/// Why the direct deployer does not deploy beside an existing HelmChartProxy `proxy` named as
+/// the addon's for `cluster`, and what the operator can do.
+fn direct_deployer_blocked(proxy: &serde_json::Value, cluster: &Cluster) -> String {
+    let name = format!(
+        "{}/{}",
+        cluster.namespace(),
+        objects::helm_chart_proxy_name(cluster)
+    );
+    if !objects::is_own_helm_chart_proxy(proxy, cluster) {
+        // Someone else's object under the addon's name: it may install a release into
+        // registry-system too, and the helmchartproxy deployer would take it over.
+        return format!(
+            "HelmChartProxy {name} exists but is not the registry addon's (it lacks the labels \
+             {}={} and {}={}); the direct deployer applies nothing while a HelmChartProxy holds \
+             the name the addon uses for this cluster: rename or delete it and call again",
+            names::MANAGED_BY_LABEL,
+            names::FIELD_MANAGER,
+            names::CLUSTER_NAME_LABEL,
+            cluster.name()
+        );
+    }
+    if !proxy["metadata"]["deletionTimestamp"].is_null() {
+        return format!(
+            "HelmChartProxy {name} is being deleted (CAAPH uninstalls its release); the direct \
+             deployer applies the registry once it is gone"
+        );
+    }
+    format!(
+        "HelmChartProxy {name} still deploys the registry; switching to the direct deployer \
+         needs it gone first: delete it (CAAPH uninstalls its release) and call again"
+    )
 }
 
 /// Why a StatefulSet is not ready for `wanted` replicas, or `None` when it is.

@@ -1,6 +1,7 @@
 //! The objects the lifecycle hooks write, built once for the hooks and for `render`: the root
-//! CA Secret, the cluster's CA copy, the registry Namespace, the registry TLS Secret and the
-//! HelmChartProxy. Every object carries only the fields the addon owns.
+//! CA Secret, the cluster's CA copy, the registry Namespace, the registry TLS Secret, the
+//! HelmChartProxy and the registry objects as the direct deployer applies them. Every object
+//! carries only the fields the addon owns.
 
 use base64::Engine;
 use serde_json::{Value, json};
@@ -8,7 +9,7 @@ use serde_json::{Value, json};
 use crate::certs::{CertificateAuthority, CertifiedKey};
 use crate::cli::AddonOptions;
 use crate::names;
-use crate::render::registry::RegistryValues;
+use crate::render::registry::{RegistryValues, registry_objects};
 use crate::wire::cluster::Cluster;
 
 pub use crate::names::{
@@ -120,9 +121,47 @@ pub fn registry_tls_secret(cert: &CertifiedKey, ca_pem: &str) -> Value {
     })
 }
 
+/// Helm release the HelmChartProxy installs the registry chart as (`spec.releaseName`), in
+/// namespace [`names::REGISTRY_NAMESPACE`] (`spec.namespace`).
+pub const HELM_RELEASE_NAME: &str = names::REGISTRY_NAME;
+/// The label value and annotations Helm 3 requires on an existing object before it adopts the
+/// object into a release, and sets on every object it installs.
+pub const HELM_MANAGED_BY: &str = "Helm";
+pub const HELM_RELEASE_NAME_ANNOTATION: &str = "meta.helm.sh/release-name";
+pub const HELM_RELEASE_NAMESPACE_ANNOTATION: &str = "meta.helm.sh/release-namespace";
+
+/// Marks `object` as part of the Helm release the HelmChartProxy installs: label
+/// `app.kubernetes.io/managed-by: Helm`, annotations `meta.helm.sh/release-name` and
+/// `meta.helm.sh/release-namespace`. Helm refuses to install over an existing object that
+/// lacks them ("invalid ownership metadata"), so without them a cluster could not move from the
+/// direct deployer to a HelmChartProxy.
+pub fn mark_helm_release_member(object: &mut Value) {
+    let metadata = &mut object["metadata"];
+    metadata["labels"][MANAGED_BY_LABEL] = json!(HELM_MANAGED_BY);
+    metadata["annotations"][HELM_RELEASE_NAME_ANNOTATION] = json!(HELM_RELEASE_NAME);
+    metadata["annotations"][HELM_RELEASE_NAMESPACE_ANNOTATION] = json!(names::REGISTRY_NAMESPACE);
+}
+
+/// The registry objects as the direct deployer applies them: those of the chart, each marked
+/// as a member of the HelmChartProxy's release (see [`mark_helm_release_member`]).
+pub fn direct_registry_objects(values: &RegistryValues) -> Vec<Value> {
+    let mut objects = registry_objects(values);
+    objects.iter_mut().for_each(mark_helm_release_member);
+    objects
+}
+
 /// Name of the cluster's HelmChartProxy.
 pub fn helm_chart_proxy_name(cluster: &Cluster) -> String {
     names::helm_chart_proxy(cluster.name())
+}
+
+/// Whether a HelmChartProxy is the one the addon creates for `cluster`: it carries the
+/// addon's labels for that cluster. Only the name says nothing: anyone may have taken it.
+pub fn is_own_helm_chart_proxy(proxy: &Value, cluster: &Cluster) -> bool {
+    let labels = &proxy["metadata"]["labels"];
+    cluster_labels(cluster)
+        .as_object()
+        .is_some_and(|wanted| wanted.iter().all(|(key, value)| &labels[key] == value))
 }
 
 /// The HelmChartProxy that installs the registry chart into the cluster (SPEC §6), its
@@ -149,9 +188,119 @@ pub fn helm_chart_proxy(
             "repoURL": options.chart_repository,
             "chartName": options.chart_name,
             "version": options.chart_version,
-            "releaseName": names::REGISTRY_NAME,
+            "releaseName": HELM_RELEASE_NAME,
             "namespace": names::REGISTRY_NAMESPACE,
             "valuesTemplate": values_yaml,
         },
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::variable::registry_from_config;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Options {
+        #[command(flatten)]
+        addon: AddonOptions,
+    }
+
+    fn options() -> AddonOptions {
+        Options::parse_from(["test"]).addon
+    }
+
+    fn values() -> RegistryValues {
+        let config = json!({"addons": {"registry": {}}});
+        let registry = registry_from_config(Some(&config)).unwrap().unwrap();
+        RegistryValues::new(
+            &options(),
+            &registry,
+            "10.96.0.20".parse().unwrap(),
+            "abc".into(),
+        )
+    }
+
+    fn cluster() -> Cluster {
+        Cluster::from_value(&json!({
+            "metadata": {"name": "c1", "namespace": "ns", "uid": "u1"},
+            "spec": {},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn direct_objects_carry_what_helm_checks_before_adopting_them() {
+        let proxy = helm_chart_proxy(&cluster(), &options(), &values()).unwrap();
+        let plain = registry_objects(&values());
+        let direct = direct_registry_objects(&values());
+        assert_eq!(direct.len(), plain.len());
+        for (direct, plain) in direct.iter().zip(&plain) {
+            let metadata = &direct["metadata"];
+            assert_eq!(metadata["labels"][MANAGED_BY_LABEL], "Helm");
+            assert_eq!(
+                metadata["annotations"]["meta.helm.sh/release-name"],
+                proxy["spec"]["releaseName"]
+            );
+            assert_eq!(
+                metadata["annotations"]["meta.helm.sh/release-namespace"],
+                proxy["spec"]["namespace"]
+            );
+            // The chart's own labels and every other field stay as the chart renders them.
+            let mut stripped = direct.clone();
+            stripped["metadata"]["labels"]
+                .as_object_mut()
+                .unwrap()
+                .remove(MANAGED_BY_LABEL);
+            stripped["metadata"]
+                .as_object_mut()
+                .unwrap()
+                .remove("annotations");
+            assert_eq!(&stripped, plain);
+        }
+    }
+
+    #[test]
+    fn marking_overrides_another_manager_label_and_keeps_other_annotations() {
+        let mut object = json!({
+            "metadata": {
+                "name": "x",
+                "labels": {MANAGED_BY_LABEL: "someone", "a": "b"},
+                "annotations": {"keep": "me"},
+            },
+        });
+        mark_helm_release_member(&mut object);
+        assert_eq!(
+            object["metadata"],
+            json!({
+                "name": "x",
+                "labels": {MANAGED_BY_LABEL: "Helm", "a": "b"},
+                "annotations": {
+                    "keep": "me",
+                    "meta.helm.sh/release-name": "registry",
+                    "meta.helm.sh/release-namespace": "registry-system",
+                },
+            })
+        );
+    }
+
+    #[test]
+    fn own_helm_chart_proxy_is_told_by_its_labels() {
+        let cluster = cluster();
+        let mut proxy = helm_chart_proxy(&cluster, &options(), &values()).unwrap();
+        assert!(is_own_helm_chart_proxy(&proxy, &cluster));
+
+        let other = Cluster::from_value(&json!({
+            "metadata": {"name": "c2", "namespace": "ns", "uid": "u2"},
+            "spec": {},
+        }))
+        .unwrap();
+        assert!(!is_own_helm_chart_proxy(&proxy, &other));
+
+        proxy["metadata"]["labels"][MANAGED_BY_LABEL] = json!("someone-else");
+        assert!(!is_own_helm_chart_proxy(&proxy, &cluster));
+        proxy["metadata"].as_object_mut().unwrap().remove("labels");
+        assert!(!is_own_helm_chart_proxy(&proxy, &cluster));
+    }
 }
