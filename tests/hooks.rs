@@ -619,6 +619,48 @@ async fn direct_deployer_refuses_beside_a_foreign_helmchartproxy_of_that_name() 
     let mut env = Env::new().await;
     env.settings = json!({"deployer": "direct"});
     assert_success(&env.call(Hook::BeforeClusterCreate).await);
+    plant_foreign_helmchartproxy(&env);
+    let foreign = env.management.get(&hcp_path()).unwrap();
+    env.clear_logs();
+
+    let response = env.call(Hook::AfterControlPlaneInitialized).await;
+    assert_failure(
+        &response,
+        "HelmChartProxy default/wl-1-registry exists but is not the registry addon's (it lacks \
+         the labels app.kubernetes.io/managed-by=registry-addon and \
+         cluster.x-k8s.io/cluster-name=wl-1)",
+    );
+    assert_failure(&response, "rename or delete it");
+    assert!(env.workload.requests().is_empty());
+    assert_eq!(env.writes(), 0);
+    assert_eq!(env.management.get(&hcp_path()).unwrap(), foreign);
+}
+
+/// The HelmChartProxy deployer does not force-apply over someone else's HelmChartProxy that
+/// holds the addon's name, and BeforeClusterDelete does not delete it.
+#[tokio::test]
+async fn helmchartproxy_deployer_leaves_a_foreign_helmchartproxy_alone() {
+    let env = Env::new().await;
+    assert_success(&env.call(Hook::BeforeClusterCreate).await);
+    plant_foreign_helmchartproxy(&env);
+    let foreign = env.management.get(&hcp_path()).unwrap();
+    env.clear_logs();
+
+    let response = env.call(Hook::AfterControlPlaneInitialized).await;
+    assert_failure(
+        &response,
+        "HelmChartProxy default/wl-1-registry exists but is not the registry addon's",
+    );
+    assert_failure(&response, "the addon does not apply over it");
+    assert_eq!(env.management.get(&hcp_path()).unwrap(), foreign);
+
+    env.clear_logs();
+    assert_success(&env.call(Hook::BeforeClusterDelete).await);
+    assert_eq!(env.writes(), 0);
+    assert_eq!(env.management.get(&hcp_path()).unwrap(), foreign);
+}
+
+fn plant_foreign_helmchartproxy(env: &Env) {
     env.management.put(
         &format!("/apis/addons.cluster.x-k8s.io/v1alpha1/namespaces/{CLUSTER_NS}/helmchartproxies"),
         json!({
@@ -636,20 +678,6 @@ async fn direct_deployer_refuses_beside_a_foreign_helmchartproxy_of_that_name() 
             },
         }),
     );
-    let foreign = env.management.get(&hcp_path()).unwrap();
-    env.clear_logs();
-
-    let response = env.call(Hook::AfterControlPlaneInitialized).await;
-    assert_failure(
-        &response,
-        "HelmChartProxy default/wl-1-registry exists but is not the registry addon's (it lacks \
-         the labels app.kubernetes.io/managed-by=registry-addon and \
-         cluster.x-k8s.io/cluster-name=wl-1)",
-    );
-    assert_failure(&response, "rename or delete it");
-    assert!(env.workload.requests().is_empty());
-    assert_eq!(env.writes(), 0);
-    assert_eq!(env.management.get(&hcp_path()).unwrap(), foreign);
 }
 
 #[tokio::test]

@@ -447,7 +447,19 @@ impl Handler<'_> {
                         .map_err(|e| {
                         HookError::Invalid(format!("rendering the HelmChartProxy values: {e}"))
                     })?;
-                if self.management.ensure(&proxy).await? == Outcome::Applied {
+                // One GET, as `ensure` would do, that also tells a foreign object holding the
+                // name: force-applying over it would take over someone else's release.
+                let current = self.helm_chart_proxy().await?;
+                if let Some(current) = &current
+                    && !objects::is_own_helm_chart_proxy(current, self.call.cluster)
+                {
+                    return Err(HookError::DeployerConflict(format!(
+                        "{}; the addon does not apply over it: rename or delete it and call again",
+                        foreign_proxy(self.call.cluster)
+                    )));
+                }
+                if current.is_none_or(|c| !k8s::is_converged(&c, &proxy)) {
+                    self.management.apply(&proxy).await?;
                     info!(cluster = %self.key, helmchartproxy = %k8s::ObjectId::of(&proxy), "applied the HelmChartProxy");
                 }
             }
@@ -478,12 +490,11 @@ impl Handler<'_> {
         }
     }
 
-    /// The HelmChartProxy named as the addon's for the cluster, if any. A management cluster
-    /// without the add-on provider has no HelmChartProxy API, and kube-apiserver answers a GET
-    /// there with a plain-text 404 that kube does not count as NotFound: any 404 is "absent".
+    /// The HelmChartProxy named as the addon's for the cluster, if any (also `None` on a
+    /// management cluster without the add-on provider: no HelmChartProxy API at all).
     async fn helm_chart_proxy(&self) -> Result<Option<serde_json::Value>, HookError> {
         let cluster = self.call.cluster;
-        let got = self
+        Ok(self
             .management
             .get(
                 objects::HELM_CHART_PROXY_API_VERSION,
@@ -491,12 +502,7 @@ impl Handler<'_> {
                 Some(cluster.namespace()),
                 &objects::helm_chart_proxy_name(cluster),
             )
-            .await;
-        match got {
-            Ok(proxy) => Ok(proxy),
-            Err(e) if e.code() == Some(404) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+            .await?)
     }
 
     /// Success once the StatefulSet `registry-system/registry` runs every replica of the
@@ -542,7 +548,13 @@ impl Handler<'_> {
         let hook = self.call.hook;
         let cluster = self.call.cluster;
         let name = objects::helm_chart_proxy_name(cluster);
-        if let Some(proxy) = self.helm_chart_proxy().await?
+        let proxy = self.helm_chart_proxy().await?;
+        if let Some(proxy) = &proxy
+            && !objects::is_own_helm_chart_proxy(proxy, cluster)
+        {
+            // Not ours: its owner removes it, or garbage collection with the Cluster.
+            info!(cluster = %self.key, helmchartproxy = %format!("{}/{name}", cluster.namespace()), "left a HelmChartProxy that is not the addon's");
+        } else if let Some(proxy) = &proxy
             && proxy["metadata"]["deletionTimestamp"].is_null()
         {
             self.management
@@ -563,6 +575,20 @@ impl Handler<'_> {
     }
 }
 
+/// Names the HelmChartProxy holding the addon's name for `cluster` without its labels.
+fn foreign_proxy(cluster: &Cluster) -> String {
+    format!(
+        "HelmChartProxy {}/{} exists but is not the registry addon's (it lacks the labels {}={} \
+         and {}={})",
+        cluster.namespace(),
+        objects::helm_chart_proxy_name(cluster),
+        names::MANAGED_BY_LABEL,
+        names::FIELD_MANAGER,
+        names::CLUSTER_NAME_LABEL,
+        cluster.name()
+    )
+}
+
 /// Why the direct deployer does not deploy beside an existing HelmChartProxy `proxy` named as
 /// the addon's for `cluster`, and what the operator can do.
 fn direct_deployer_blocked(proxy: &serde_json::Value, cluster: &Cluster) -> String {
@@ -575,13 +601,9 @@ fn direct_deployer_blocked(proxy: &serde_json::Value, cluster: &Cluster) -> Stri
         // Someone else's object under the addon's name: it may install a release into
         // registry-system too, and the helmchartproxy deployer would take it over.
         return format!(
-            "HelmChartProxy {name} exists but is not the registry addon's (it lacks the labels \
-             {}={} and {}={}); the direct deployer applies nothing while a HelmChartProxy holds \
-             the name the addon uses for this cluster: rename or delete it and call again",
-            names::MANAGED_BY_LABEL,
-            names::FIELD_MANAGER,
-            names::CLUSTER_NAME_LABEL,
-            cluster.name()
+            "{}; the direct deployer applies nothing while a HelmChartProxy holds the name the \
+             addon uses for this cluster: rename or delete it and call again",
+            foreign_proxy(cluster)
         );
     }
     if !proxy["metadata"]["deletionTimestamp"].is_null() {

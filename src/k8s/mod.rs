@@ -148,7 +148,9 @@ impl ClusterApi {
         }
     }
 
-    /// The object, or `None` when it does not exist.
+    /// The object, or `None` when it does not exist. Any 404 counts as absent: when the
+    /// resource itself is not served (a CRD not installed), kube-apiserver answers with a
+    /// plain-text 404 that is not a NotFound Status.
     pub async fn get(
         &self,
         api_version: &str,
@@ -156,17 +158,14 @@ impl ClusterApi {
         namespace: Option<&str>,
         name: &str,
     ) -> Result<Option<Value>, Error> {
-        let object = self
-            .api(api_version, kind, namespace)
-            .get_opt(name)
-            .await
-            .map_err(|e| self.error(kind, namespace, name, "get", e))?;
-        match object {
-            None => Ok(None),
-            Some(object) => serde_json::to_value(object).map(Some).map_err(|e| {
-                self.error(kind, namespace, name, "decode", kube::Error::SerdeError(e))
-            }),
-        }
+        let object = match self.api(api_version, kind, namespace).get(name).await {
+            Ok(object) => object,
+            Err(kube::Error::Api(status)) if status.code == 404 => return Ok(None),
+            Err(e) => return Err(self.error(kind, namespace, name, "get", e)),
+        };
+        serde_json::to_value(object)
+            .map(Some)
+            .map_err(|e| self.error(kind, namespace, name, "decode", kube::Error::SerdeError(e)))
     }
 
     /// Server-side apply of `desired` with field manager `registry-addon`, forcing ownership.
