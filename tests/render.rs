@@ -164,6 +164,20 @@ fn direct_deployer_prints_the_registry_objects() {
     assert_eq!(kinds, ["Secret", "Namespace", "Secret"]);
     for doc in &docs[3..] {
         assert_eq!(doc["metadata"]["namespace"], "registry-system", "{doc}");
+        // What `serve` applies, so a later switch to the HelmChartProxy deployer adopts it.
+        let meta = &doc["metadata"];
+        assert_eq!(
+            meta["labels"]["app.kubernetes.io/managed-by"], "Helm",
+            "{doc}"
+        );
+        assert_eq!(
+            meta["annotations"]["meta.helm.sh/release-name"], "registry",
+            "{doc}"
+        );
+        assert_eq!(
+            meta["annotations"]["meta.helm.sh/release-namespace"], "registry-system",
+            "{doc}"
+        );
     }
 }
 

@@ -140,7 +140,7 @@ pub fn render(
         Deployer::Helmchartproxy => {
             out.push(objects::helm_chart_proxy(cluster, options, &values)?);
         }
-        Deployer::Direct => out.extend(registry::registry_objects(&values)),
+        Deployer::Direct => out.extend(objects::direct_registry_objects(&values)),
     }
     Ok(out)
 }
