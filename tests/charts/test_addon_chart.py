@@ -4,6 +4,7 @@ command line it gives the binary."""
 from __future__ import annotations
 
 import base64
+import os
 import re
 import subprocess
 
@@ -115,7 +116,8 @@ def test_schema_rejects_bad_values(values, complaint):
 @pytest.fixture(scope="module")
 def binary():
     subprocess.run(["cargo", "build", "--quiet", "--bin", "registry-addon"], cwd=REPO, check=True)
-    return REPO / "target" / "debug" / "registry-addon"
+    # Where cargo put it: CARGO_TARGET_DIR (relative to the repository) or target/.
+    return REPO / os.environ.get("CARGO_TARGET_DIR", "target") / "debug" / "registry-addon"
 
 
 def flags_of(binary, command):
