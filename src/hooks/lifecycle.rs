@@ -323,12 +323,15 @@ impl Handler<'_> {
                     names::ROOT_CA_SECRET
                 )));
             }
-            if k8s::is_converged(existing, &desired) {
-                return Ok(());
-            }
         }
-        self.management.apply(&desired).await?;
-        info!(cluster = %self.key, secret = %format!("{}/{name}", cluster.namespace()), "applied the cluster CA Secret");
+        if self
+            .management
+            .converge(existing.as_ref(), &desired)
+            .await?
+            == Outcome::Applied
+        {
+            info!(cluster = %self.key, secret = %format!("{}/{name}", cluster.namespace()), "applied the cluster CA Secret");
+        }
         Ok(())
     }
 
@@ -423,11 +426,7 @@ impl Handler<'_> {
             info!(cluster = %self.key, secret = %format!("{ns}/{tls_name}"), "deleted a registry TLS Secret of the wrong type");
         }
         let secret = objects::registry_tls_secret(&cert, ca.cert_pem());
-        if existing
-            .as_ref()
-            .is_none_or(|e| !k8s::is_converged(e, &secret))
-        {
-            workload.apply(&secret).await?;
+        if workload.converge(existing.as_ref(), &secret).await? == Outcome::Applied {
             info!(cluster = %self.key, secret = %format!("{ns}/{tls_name}"), "applied the registry TLS Secret on the workload cluster");
         }
 
@@ -458,8 +457,7 @@ impl Handler<'_> {
                         foreign_proxy(self.call.cluster)
                     )));
                 }
-                if current.is_none_or(|c| !k8s::is_converged(&c, &proxy)) {
-                    self.management.apply(&proxy).await?;
+                if self.management.converge(current.as_ref(), &proxy).await? == Outcome::Applied {
                     info!(cluster = %self.key, helmchartproxy = %k8s::ObjectId::of(&proxy), "applied the HelmChartProxy");
                 }
             }

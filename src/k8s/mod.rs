@@ -195,7 +195,16 @@ impl ClusterApi {
         let current = self
             .get(&id.api_version, &id.kind, id.namespace.as_deref(), &id.name)
             .await?;
-        if current.as_ref().is_some_and(|c| is_converged(c, desired)) {
+        self.converge(current.as_ref(), desired).await
+    }
+
+    /// Applies `desired` unless `current`, the object as just read, is converged with it.
+    pub async fn converge(
+        &self,
+        current: Option<&Value>,
+        desired: &Value,
+    ) -> Result<Outcome, Error> {
+        if current.is_some_and(|c| is_converged(c, desired)) {
             return Ok(Outcome::Unchanged);
         }
         self.apply(desired).await?;
