@@ -1,4 +1,4 @@
-//! The command line: `registry-addon serve | sync | render`.
+//! The command line: `registry-addon serve | sync | front | render`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,6 +28,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Keep the local registry a superset of its peer replicas.
     Sync(crate::sync::SyncArgs),
+    /// The authorizing TLS front of a registry replica: Basic users, pull-only or push.
+    Front(crate::front::FrontArgs),
     /// Print every object the hooks would create for a Cluster manifest, offline.
     Render(RenderArgs),
 }

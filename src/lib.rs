@@ -6,9 +6,11 @@
 //! `k8s` is the thin Kubernetes access layer; `render` produces the registry objects; `oci`
 //! and `sync` are the registry client and the replica syncer.
 
+pub mod addon;
 pub mod certs;
 pub mod cli;
 pub mod duration;
+pub mod front;
 pub mod hooks;
 pub mod k8s;
 pub mod metrics;

@@ -21,6 +21,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Serve(args) => registry_addon::webhook::serve(args).await,
             Command::Sync(args) => registry_addon::sync::run(args).await,
+            Command::Front(args) => registry_addon::front::run(args).await,
             Command::Render(args) => registry_addon::render::run_cli(args).await,
         }
     });

@@ -92,3 +92,44 @@ pub const CONTAINERD_DROP_IN: &str = "/etc/containerd/conf.d/registry-addon.toml
 pub fn helm_chart_proxy(cluster: &str) -> String {
     format!("{cluster}-{REGISTRY_NAME}")
 }
+
+/// Registry users (SPEC §9.1): `ro` pulls, `rw` pulls and pushes. Their credentials live on the
+/// management cluster in `<cluster>-registry-addon-ro` and `<cluster>-registry-addon-rw`
+/// (type `kubernetes.io/basic-auth`).
+pub const READ_ONLY_USER: &str = "ro";
+pub const READ_WRITE_USER: &str = "rw";
+/// The replica syncer's identity; it pushes to the peers. Only the workload cluster knows it.
+pub const SYNC_USER: &str = "sync";
+
+pub fn user_secret(cluster: &str, user: &str) -> String {
+    format!("{cluster}-registry-addon-{user}")
+}
+
+/// Management Secret holding the node's containerd `hosts.toml` for the `_default` mirror, with
+/// the `ro` credentials in it; bootstrap templates read it with `contentFrom`.
+pub fn containerd_hosts_secret(cluster: &str) -> String {
+    format!("{cluster}-registry-addon-containerd")
+}
+/// Key of [`containerd_hosts_secret`] holding the file.
+pub const CONTAINERD_HOSTS_SECRET_KEY: &str = "hosts.toml";
+
+/// Workload Secret `registry-system/registry-auth`: what the registry pods need to
+/// authenticate, and nothing more (bcrypt hashes, the sync identity, the shared HTTP secret).
+pub const REGISTRY_AUTH_SECRET: &str = "registry-auth";
+/// htpasswd (bcrypt) of the users that may only pull.
+pub const AUTH_PULL_USERS_KEY: &str = "pull.htpasswd";
+/// htpasswd (bcrypt) of the users that may pull and push.
+pub const AUTH_PUSH_USERS_KEY: &str = "push.htpasswd";
+/// `sync:<password>`, the sync sidecar's credentials file.
+pub const AUTH_SYNC_CREDENTIALS_KEY: &str = "sync.credentials";
+/// Distribution's `http.secret`, the same on every replica behind the Service.
+pub const AUTH_HTTP_SECRET_KEY: &str = "http.secret";
+/// Annotation on `registry-auth` naming what its hashes were made from (the management user
+/// Secrets' uid and resourceVersion, and a digest of the hash files), so a repeated call can
+/// tell the hashes are current without running bcrypt.
+pub const AUTH_SOURCE_ANNOTATION: &str = "registry-addon/users-source";
+
+/// Where the registry listens inside its pod, behind the front (plain HTTP, loopback only).
+pub const REGISTRY_LOOPBACK_PORT: u16 = 5001;
+/// Port of the front's probes and metrics (plain HTTP).
+pub const FRONT_METRICS_PORT: u16 = 9442;

@@ -1264,3 +1264,124 @@ async fn a_hanging_workload_api_is_answered_inside_the_budget() {
         }
     }
 }
+
+fn bcrypt_ok(htpasswd: &str, user: &str, password: &str) -> bool {
+    htpasswd
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .any(|(u, hash)| u == user && bcrypt::verify(password, hash).unwrap_or(false))
+}
+
+/// `ro` and `rw` are created once on the management cluster, the workload cluster gets only
+/// hashes and the sync identity, repeats write nothing, and an operator's new password is
+/// hashed anew.
+#[tokio::test]
+async fn registry_users_are_created_once_and_kept() {
+    let env = Env::new().await;
+    assert_success(&env.call(Hook::BeforeClusterCreate).await);
+    let user_path = |user: &str| secret_path(CLUSTER_NS, &names::user_secret(CLUSTER, user));
+    let ro = env.management.get(&user_path("ro")).unwrap();
+    let rw = env.management.get(&user_path("rw")).unwrap();
+    for (secret, user) in [(&ro, "ro"), (&rw, "rw")] {
+        assert_eq!(secret["type"], "kubernetes.io/basic-auth");
+        assert_eq!(unb64(&secret["data"]["username"]), user);
+        assert!(unb64(&secret["data"]["password"]).len() >= 32);
+        assert_eq!(
+            secret["metadata"]["ownerReferences"][0]["uid"],
+            "00000000-0000-0000-0000-000000001234"
+        );
+    }
+    let ro_password = unb64(&ro["data"]["password"]);
+    let rw_password = unb64(&rw["data"]["password"]);
+    assert_ne!(ro_password, rw_password);
+    // The nodes' hosts.toml, with the ro credentials, for contentFrom.
+    let hosts = env
+        .management
+        .get(&secret_path(
+            CLUSTER_NS,
+            &names::containerd_hosts_secret(CLUSTER),
+        ))
+        .unwrap();
+    let hosts = unb64(&hosts["data"]["hosts.toml"]);
+    assert!(hosts.contains(&format!("Basic {}", b64(&format!("ro:{ro_password}")))));
+
+    env.clear_logs();
+    assert_success(&env.call(Hook::BeforeClusterCreate).await);
+    assert_eq!(env.writes(), 0, "{:?}", env.management.requests());
+
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    let auth_path = secret_path(names::REGISTRY_NAMESPACE, names::REGISTRY_AUTH_SECRET);
+    let auth = env.workload.get(&auth_path).unwrap();
+    let pull = unb64(&auth["data"]["pull.htpasswd"]);
+    let push = unb64(&auth["data"]["push.htpasswd"]);
+    assert!(bcrypt_ok(&pull, "ro", &ro_password));
+    assert!(!bcrypt_ok(&push, "ro", &ro_password));
+    assert!(bcrypt_ok(&push, "rw", &rw_password));
+    let sync = unb64(&auth["data"]["sync.credentials"]);
+    let (sync_user, sync_password) = sync.split_once(':').unwrap();
+    assert_eq!(sync_user, "sync");
+    assert!(bcrypt_ok(&push, "sync", sync_password));
+    assert!(unb64(&auth["data"]["http.secret"]).len() >= 32);
+    // No plain ro/rw password anywhere on the workload cluster.
+    let everything = format!("{:?}", env.workload.requests()) + &auth.to_string() + &pull + &push;
+    assert!(!everything.contains(&ro_password) && !everything.contains(&rw_password));
+
+    env.clear_logs();
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert_eq!(env.writes(), 0, "{:?}", env.workload.requests());
+
+    // The operator sets a new rw password: hashed anew, sync identity and HTTP secret kept.
+    env.management.update(&user_path("rw"), |s| {
+        s["data"]["password"] = json!(b64("a-new-password-chosen-by-the-operator"));
+    });
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    let after = env.workload.get(&auth_path).unwrap();
+    let push = unb64(&after["data"]["push.htpasswd"]);
+    assert!(bcrypt_ok(
+        &push,
+        "rw",
+        "a-new-password-chosen-by-the-operator"
+    ));
+    assert_eq!(
+        after["data"]["sync.credentials"],
+        auth["data"]["sync.credentials"]
+    );
+    assert_eq!(after["data"]["http.secret"], auth["data"]["http.secret"]);
+}
+
+/// A user Secret edited into an unusable state is named, and nothing is generated over it.
+#[tokio::test]
+async fn unusable_user_secrets_fail_naming_the_secret() {
+    let env = Env::new().await;
+    assert_success(&env.call(Hook::BeforeClusterCreate).await);
+    let rw_path = secret_path(CLUSTER_NS, &names::user_secret(CLUSTER, "rw"));
+    for (edit, complaint) in [
+        (
+            json!({"username": b64("rw"), "password": ""}),
+            "key password is empty",
+        ),
+        (json!({"password": b64("x")}), "key username is missing"),
+        (
+            json!({"username": b64("ro"), "password": b64("x")}),
+            "must have different names",
+        ),
+    ] {
+        env.management
+            .update(&rw_path, |s| s["data"] = edit.clone());
+        let before = env.management.get(&rw_path).unwrap();
+        env.clear_logs();
+        for hook in [
+            Hook::BeforeClusterCreate,
+            Hook::AfterControlPlaneInitialized,
+        ] {
+            let response = env.call(hook).await;
+            assert_failure(
+                &response,
+                "secret default/wl-1-registry-addon-rw on the management cluster",
+            );
+            assert_failure(&response, complaint);
+        }
+        assert_eq!(env.writes(), 0, "{:?}", env.management.requests());
+        assert_eq!(env.management.get(&rw_path).unwrap(), before);
+    }
+}

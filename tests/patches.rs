@@ -12,7 +12,7 @@ use axum::routing::get;
 use base64::Engine;
 use clap::Parser;
 use registry_addon::cli::AddonOptions;
-use registry_addon::hooks::patches::containerd::{self, HostsFile};
+use registry_addon::hooks::patches::containerd;
 use registry_addon::hooks::{HookConfig, HookContext, Management, dispatch};
 use registry_addon::wire::runtime::Hook;
 use serde_json::{Value, json};
@@ -225,19 +225,16 @@ async fn control_plane_template_without_files_gets_the_mirror_files() {
     );
     let spec = &patched["spec"]["template"]["spec"]["kubeadmConfigSpec"];
     let files = files(spec);
-    let hosts: HostsFile = toml::from_str(
-        files["/etc/containerd/certs.d/_default/hosts.toml"]["content"]
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap();
-    assert_eq!(hosts.server, None);
-    let host = &hosts.host["https://10.96.0.20"];
-    assert_eq!(host.capabilities, ["pull", "resolve"]);
+    // The hosts.toml carries the ro password: read from the management Secret by the
+    // bootstrap provider, never inline in the template.
+    let hosts = &files["/etc/containerd/certs.d/_default/hosts.toml"];
+    assert!(hosts.get("content").is_none(), "{hosts}");
     assert_eq!(
-        host.ca.as_deref(),
-        Some("/etc/containerd/certs.d/10.96.0.20/ca.crt")
+        hosts["contentFrom"],
+        json!({"secret": {"name": "c1-registry-addon-containerd", "key": "hosts.toml"}})
     );
+    assert_eq!(hosts["permissions"], "0600");
+    assert!(!patched.to_string().contains("Basic "), "{patched}");
     assert_eq!(
         files["/etc/containerd/certs.d/10.96.0.20/ca.crt"]["content"],
         CA
@@ -372,16 +369,7 @@ async fn ipv6_service_ip_is_bracketed() {
     let response = call(&ctx, &body).await;
     let patched = apply(&worker_template(), &patch_of(&response, "md").unwrap());
     let files = files(&patched["spec"]["template"]["spec"]);
-    let hosts: HostsFile = toml::from_str(
-        files["/etc/containerd/certs.d/_default/hosts.toml"]["content"]
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap();
-    assert_eq!(
-        hosts.host["https://[fd00:10:96::14]"].ca.as_deref(),
-        Some("/etc/containerd/certs.d/[fd00:10:96::14]/ca.crt")
-    );
+    assert!(files.contains_key("/etc/containerd/certs.d/_default/hosts.toml"));
     assert_eq!(
         files["/etc/containerd/certs.d/[fd00:10:96::14]/ca.crt"]["content"],
         CA

@@ -47,6 +47,10 @@ fn normalise(docs: &mut [Value]) {
         if doc["kind"] == "Secret" && doc["metadata"]["name"] == "registry-tls" {
             doc["data"]["tls.crt"] = json!("<issued certificate>");
         }
+        // Digest of freshly generated (and redacted) hashes.
+        if doc["kind"] == "Secret" && doc["metadata"]["name"] == "registry-auth" {
+            doc["metadata"]["annotations"]["registry-addon/users-source"] = json!("<source>");
+        }
         if doc["kind"] == "HelmChartProxy"
             && let Some(values) = doc["spec"]["valuesTemplate"].as_str()
         {
@@ -98,10 +102,32 @@ fn helmchartproxy_golden() {
     assert!(!out.contains("PRIVATE KEY"), "{out}");
     let mut docs = documents(&out);
     let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["Secret", "Namespace", "Secret", "HelmChartProxy"]);
+    assert_eq!(
+        kinds,
+        [
+            "Secret",
+            "Secret",
+            "Secret",
+            "Secret",
+            "Namespace",
+            "Secret",
+            "Secret",
+            "HelmChartProxy"
+        ]
+    );
+    // Passwords, hashes and the node file holding the ro password are redacted.
+    for doc in &docs {
+        if doc["kind"] == "Secret" {
+            for (key, value) in doc["data"].as_object().unwrap() {
+                if !(key.ends_with(".crt") || key == "username") {
+                    assert_eq!(value, "<redacted>", "{key} of {}", doc["metadata"]["name"]);
+                }
+            }
+        }
+    }
 
     // The certificate chains to the given root CA and carries the hooks' SANs.
-    let tls = &docs[2];
+    let tls = &docs[6];
     assert_eq!(tls["data"]["tls.key"], "<redacted>");
     let info = CertInfo::from_pem(&unb64(&tls["data"]["tls.crt"])).unwrap();
     let root =
@@ -142,6 +168,16 @@ fn show_secrets_prints_matching_keys() {
     assert!(key.contains("PRIVATE KEY"));
     let info = CertInfo::from_pem(&unb64(&tls["data"]["tls.crt"])).unwrap();
     assert!(info.key_matches(&key));
+    // The node's hosts.toml carries the ro password shown in the ro Secret.
+    let secret = |name: &str| docs.iter().find(|d| d["metadata"]["name"] == name).unwrap();
+    let ro = unb64(&secret("wl-1-registry-addon-ro")["data"]["password"]);
+    assert_eq!(ro.len(), 40);
+    let hosts = unb64(&secret("wl-1-registry-addon-containerd")["data"]["hosts.toml"]);
+    let header = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("ro:{ro}"))
+    );
+    assert!(hosts.contains(&header), "{hosts}");
 }
 
 #[test]
@@ -158,11 +194,22 @@ fn direct_deployer_prints_the_registry_objects() {
     assert!(docs.iter().all(|d| d["kind"] != "HelmChartProxy"));
     let kinds: Vec<&str> = docs
         .iter()
-        .take(3)
+        .take(7)
         .map(|d| d["kind"].as_str().unwrap())
         .collect();
-    assert_eq!(kinds, ["Secret", "Namespace", "Secret"]);
-    for doc in &docs[3..] {
+    assert_eq!(
+        kinds,
+        [
+            "Secret",
+            "Secret",
+            "Secret",
+            "Secret",
+            "Namespace",
+            "Secret",
+            "Secret"
+        ]
+    );
+    for doc in &docs[7..] {
         assert_eq!(doc["metadata"]["namespace"], "registry-system", "{doc}");
         // What `serve` applies, so a later switch to the HelmChartProxy deployer adopts it.
         let meta = &doc["metadata"];

@@ -15,8 +15,10 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tracing::info;
 
+use crate::addon::users::{self, Credentials, RegistryAuth, StoredUser};
 use crate::certs::{self, CertInfo, CertificateAuthority, CertifiedKey, PrivateKeyPem};
 use crate::cli::Deployer;
+use crate::hooks::patches::containerd;
 use crate::hooks::{HookContext, LifecycleCall, Management};
 use crate::k8s::{self, ClusterApi, Outcome, Place};
 use crate::names;
@@ -223,6 +225,12 @@ pub(crate) async fn ensure_root_ca(
         .map_err(|e| HookError::Invalid(format!("{}: {e}", describe())))
 }
 
+/// The registry users of a cluster, as their management Secrets hold them.
+struct Users {
+    ro: StoredUser,
+    rw: StoredUser,
+}
+
 struct Handler<'a> {
     ctx: &'a HookContext,
     call: &'a LifecycleCall<'a>,
@@ -239,10 +247,11 @@ impl Handler<'_> {
             Hook::BeforeClusterCreate => {
                 let ca = ensure_root_ca(self.ctx, &self.management, &self.key).await?;
                 self.ensure_cluster_ca(&ca).await?;
+                self.ensure_users().await?;
                 Ok(Response::success(
                     hook,
                     format!(
-                        "cluster {}: CA Secret {}/{} is in place",
+                        "cluster {}: CA Secret {}/{} and registry users are in place",
                         self.key,
                         self.call.cluster.namespace(),
                         names::cluster_ca_secret(self.call.cluster.name())
@@ -252,8 +261,9 @@ impl Handler<'_> {
             Hook::AfterControlPlaneInitialized => {
                 let ca = ensure_root_ca(self.ctx, &self.management, &self.key).await?;
                 self.ensure_cluster_ca(&ca).await?;
+                let users = self.ensure_users().await?;
                 let workload = self.workload().await?;
-                self.deploy(&ca, &workload, None).await?;
+                self.deploy(&ca, &workload, &users, None).await?;
                 Ok(Response::success(
                     hook,
                     format!(
@@ -266,9 +276,10 @@ impl Handler<'_> {
             Hook::BeforeClusterUpgrade => {
                 let ca = ensure_root_ca(self.ctx, &self.management, &self.key).await?;
                 self.ensure_cluster_ca(&ca).await?;
+                let users = self.ensure_users().await?;
                 let workload = self.workload().await?;
                 let fraction = self.ctx.config.addon.renew_fraction;
-                let hash = self.deploy(&ca, &workload, Some(fraction)).await?;
+                let hash = self.deploy(&ca, &workload, &users, Some(fraction)).await?;
                 self.wait_ready(&workload, &hash).await
             }
             Hook::BeforeClusterDelete => self.cleanup().await,
@@ -335,6 +346,84 @@ impl Handler<'_> {
         Ok(())
     }
 
+    /// The users `ro` and `rw`, from their management Secrets, each generated once when absent
+    /// (create-if-absent: concurrent calls end with one password); and the node's `hosts.toml`
+    /// Secret carrying `ro`. A Secret edited into an unusable state is an error naming it:
+    /// generating over it would lock out every node and client that uses it.
+    async fn ensure_users(&self) -> Result<Users, HookError> {
+        let cluster = self.call.cluster;
+        let ns = cluster.namespace();
+        let mut read = Vec::with_capacity(2);
+        for user in [names::READ_ONLY_USER, names::READ_WRITE_USER] {
+            let name = names::user_secret(cluster.name(), user);
+            let describe = format!("secret {ns}/{name} on the management cluster");
+            let secret = match self.management.get("v1", "Secret", Some(ns), &name).await? {
+                Some(secret) => secret,
+                None => {
+                    let credentials = Credentials {
+                        username: user.to_string(),
+                        password: users::generate_password(),
+                    };
+                    let secret = self
+                        .management
+                        .create_or_read(&users::user_secret(cluster, &credentials))
+                        .await?;
+                    info!(cluster = %self.key, secret = %format!("{ns}/{name}"), "created registry user {user}");
+                    secret
+                }
+            };
+            let stored = users::read_user_secret(&secret).map_err(|e| {
+                HookError::Invalid(format!(
+                    "{describe}: {e}; restore it, or delete it to have a new password generated"
+                ))
+            })?;
+            read.push((describe, stored));
+        }
+        let (rw_describe, rw) = read.pop().expect("two users");
+        let (_, ro) = read.pop().expect("two users");
+        if ro.credentials.username == rw.credentials.username
+            || [&ro, &rw]
+                .iter()
+                .any(|u| u.credentials.username == names::SYNC_USER)
+        {
+            return Err(HookError::Invalid(format!(
+                "{rw_describe}: the users of the ro and rw Secrets must have different names, \
+                 neither {:?}",
+                names::SYNC_USER
+            )));
+        }
+        let service_ip = self.service_ip()?;
+        let hosts = objects::containerd_hosts_secret(
+            cluster,
+            &containerd::default_hosts_toml(service_ip, &ro.credentials),
+        );
+        if self.management.ensure(&hosts).await? == Outcome::Applied {
+            info!(cluster = %self.key, secret = %k8s::ObjectId::of(&hosts), "applied the node containerd hosts Secret");
+        }
+        Ok(Users { ro, rw })
+    }
+
+    /// `registry-system/registry-auth`: the hashes of `ro` and `rw`, the sync identity and the
+    /// shared HTTP secret, re-hashed only when a user Secret changed.
+    async fn ensure_registry_auth(
+        &self,
+        workload: &ClusterApi,
+        users: &Users,
+    ) -> Result<(), HookError> {
+        let ns = names::REGISTRY_NAMESPACE;
+        let name = names::REGISTRY_AUTH_SECRET;
+        if workload.ensure(&objects::registry_namespace()).await? == Outcome::Applied {
+            info!(cluster = %self.key, namespace = ns, "applied the registry Namespace on the workload cluster");
+        }
+        let existing = workload.get("v1", "Secret", Some(ns), name).await?;
+        let auth = RegistryAuth::desired(existing.as_ref(), &users.ro, &users.rw)
+            .map_err(HookError::Invalid)?;
+        if workload.converge(existing.as_ref(), &auth.secret()).await? == Outcome::Applied {
+            info!(cluster = %self.key, secret = %format!("{ns}/{name}"), "applied the registry auth Secret on the workload cluster");
+        }
+        Ok(())
+    }
+
     /// The workload cluster's API, from `<cluster>-kubeconfig`; the client is cached until
     /// the kubeconfig changes.
     async fn workload(&self) -> Result<ClusterApi, HookError> {
@@ -381,23 +470,21 @@ impl Handler<'_> {
             .map_err(|e| HookError::Invalid(e.to_string()))
     }
 
-    /// Namespace, `registry-tls` (kept while usable, renewed inside the renewal window when
-    /// `renew_fraction` is set) and the registry itself.
+    /// Namespace, `registry-auth`, `registry-tls` (kept while usable, renewed inside the
+    /// renewal window when `renew_fraction` is set) and the registry itself.
     async fn deploy(
         &self,
         ca: &CertificateAuthority,
         workload: &ClusterApi,
+        users: &Users,
         renew_fraction: Option<f64>,
     ) -> Result<String, HookError> {
         if self.deployer == Deployer::Direct {
             self.check_no_helm_chart_proxy().await?;
         }
+        self.ensure_registry_auth(workload, users).await?;
         let service_ip = self.service_ip()?;
         let subject = certs::registry_subject_names(self.call.registry.replicas, service_ip);
-
-        if workload.ensure(&objects::registry_namespace()).await? == Outcome::Applied {
-            info!(cluster = %self.key, namespace = names::REGISTRY_NAMESPACE, "applied the registry Namespace on the workload cluster");
-        }
 
         let tls_name = names::REGISTRY_TLS_SECRET;
         let ns = names::REGISTRY_NAMESPACE;

@@ -97,6 +97,26 @@ pub struct LifecycleWork {
 /// request is decoded in one pass; anything else goes through the checks that name what is
 /// wrong.
 pub fn prepare(ctx: &HookContext, hook: Hook, body: &[u8]) -> Prepared {
+    // serde would read a struct from a JSON array too: only an object is a request.
+    if let Some(&first) = body.iter().find(|b| !b.is_ascii_whitespace())
+        && first != b'{'
+        && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
+    {
+        return Prepared::Answer(Response::failure(
+            hook,
+            format!(
+                "request body must be a {} object, not a JSON {}",
+                hook.request_kind(),
+                match first {
+                    b'[' => "array",
+                    b'"' => "string",
+                    b'n' => "null",
+                    b't' | b'f' => "boolean",
+                    _ => "number",
+                }
+            ),
+        ));
+    }
     if hook.is_lifecycle()
         && let Ok(whole) = serde_json::from_slice::<WholeLifecycle>(body)
         && check_header(hook, &whole.api_version, &whole.kind).is_ok()

@@ -145,10 +145,14 @@ async fn patch_item(
         }
     };
 
-    let files = containerd::node_files(service_ip, &ca)
-        .into_iter()
-        .map(|f| serde_json::to_value(f).expect("a file always serializes"))
-        .collect();
+    let files = containerd::node_files(
+        service_ip,
+        &ca,
+        &names::containerd_hosts_secret(&cluster.name),
+    )
+    .into_iter()
+    .map(|f| serde_json::to_value(f).expect("a file always serializes"))
+    .collect();
     let spec = template.config_spec();
     let mut ops = Vec::new();
     merge_list(

@@ -211,6 +211,53 @@ impl ClusterApi {
         Ok(Outcome::Applied)
     }
 
+    /// Creates `object` unless an object of that name exists, and returns the object as the
+    /// server holds it: the created one, or the one someone else made first.
+    pub async fn create_or_read(&self, object: &Value) -> Result<Value, Error> {
+        let id = ObjectId::of(object);
+        let api = self.api(&id.api_version, &id.kind, id.namespace.as_deref());
+        let data: DynamicObject = serde_json::from_value(object.clone()).map_err(|e| {
+            self.error(
+                &id.kind,
+                id.namespace.as_deref(),
+                &id.name,
+                "encode",
+                kube::Error::SerdeError(e),
+            )
+        })?;
+        let params = PostParams {
+            field_manager: Some(names::FIELD_MANAGER.to_string()),
+            ..PostParams::default()
+        };
+        let decode = |object: DynamicObject| {
+            serde_json::to_value(object).map_err(|e| {
+                self.error(
+                    &id.kind,
+                    id.namespace.as_deref(),
+                    &id.name,
+                    "decode",
+                    kube::Error::SerdeError(e),
+                )
+            })
+        };
+        match api.create(&params, &data).await {
+            Ok(created) => decode(created),
+            Err(kube::Error::Api(status)) if status.code == 409 => self
+                .get(&id.api_version, &id.kind, id.namespace.as_deref(), &id.name)
+                .await?
+                .ok_or_else(|| {
+                    self.error(
+                        &id.kind,
+                        id.namespace.as_deref(),
+                        &id.name,
+                        "create",
+                        kube::Error::Api(status),
+                    )
+                }),
+            Err(e) => Err(self.error(&id.kind, id.namespace.as_deref(), &id.name, "create", e)),
+        }
+    }
+
     /// Creates `object` unless an object of that name exists. `Ok(None)`: created;
     /// `Ok(Some(existing))`: someone else was first, use theirs.
     pub async fn create_or_get(&self, object: &Value) -> Result<Option<Value>, Error> {

@@ -13,8 +13,11 @@ use serde::Deserialize;
 use serde_json::Value;
 use time::OffsetDateTime;
 
+use crate::addon::users::{self, Credentials, RegistryAuth};
 use crate::certs::{self, CertInfo, CertificateAuthority};
 use crate::cli::{AddonOptions, Deployer, RenderArgs};
+use crate::hooks::patches::containerd;
+use crate::names;
 use crate::wire::cluster::Cluster;
 use crate::wire::variable::registry_from_config;
 
@@ -97,8 +100,9 @@ pub fn load_root_ca(dir: &Path) -> anyhow::Result<CertificateAuthority> {
 }
 
 /// What the hooks would create for `cluster`, in order: the root CA Secret (only when none
-/// was given: the hooks would generate it), the cluster's CA copy, the registry Namespace and
-/// TLS Secret, then the HelmChartProxy or the registry objects, depending on the deployer.
+/// was given: the hooks would generate it), the cluster's CA copy, the `ro` and `rw` user
+/// Secrets and the nodes' containerd hosts Secret, the registry Namespace, auth and TLS
+/// Secrets, then the HelmChartProxy or the registry objects, depending on the deployer.
 pub fn render(
     cluster: &Cluster,
     options: &AddonOptions,
@@ -130,7 +134,30 @@ pub fn render(
         }
     };
     out.push(objects::cluster_ca_secret(cluster, ca.cert_pem()));
+    // The users as BeforeClusterCreate would create them: fresh passwords each run.
+    let user = |name: &str| {
+        let credentials = Credentials {
+            username: name.to_string(),
+            password: users::generate_password(),
+        };
+        let secret = users::user_secret(cluster, &credentials);
+        let stored = users::read_user_secret(&secret).map_err(anyhow::Error::msg)?;
+        Ok::<_, anyhow::Error>((secret, stored))
+    };
+    let (ro_secret, ro) = user(names::READ_ONLY_USER)?;
+    let (rw_secret, rw) = user(names::READ_WRITE_USER)?;
+    out.push(ro_secret);
+    out.push(rw_secret);
+    out.push(objects::containerd_hosts_secret(
+        cluster,
+        &containerd::default_hosts_toml(service_ip, &ro.credentials),
+    ));
     out.push(objects::registry_namespace());
+    out.push(
+        RegistryAuth::desired(None, &ro, &rw)
+            .map_err(anyhow::Error::msg)?
+            .secret(),
+    );
     let subject = certs::registry_subject_names(registry.replicas, service_ip);
     let server = ca.issue_server(&subject, options.key_algorithm, now)?;
     out.push(objects::registry_tls_secret(&server, ca.cert_pem()));
@@ -145,7 +172,8 @@ pub fn render(
     Ok(out)
 }
 
-/// Multi-document YAML; `tls.key` values replaced by `<redacted>` unless `show_secrets`.
+/// Multi-document YAML; every Secret value but certificates (`*.crt`) and user names replaced
+/// by `<redacted>` unless `show_secrets`: keys, passwords, hashes and the files holding them.
 pub fn to_yaml(objects: &[Value], show_secrets: bool) -> anyhow::Result<String> {
     let mut out = String::new();
     for object in objects {
@@ -155,7 +183,7 @@ pub fn to_yaml(objects: &[Value], show_secrets: bool) -> anyhow::Result<String> 
             && let Some(data) = object.get_mut("data").and_then(Value::as_object_mut)
         {
             for (key, value) in data.iter_mut() {
-                if key.ends_with(".key") {
+                if !(key.ends_with(".crt") || key == "username") {
                     *value = Value::String(REDACTED.into());
                 }
             }

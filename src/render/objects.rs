@@ -90,6 +90,24 @@ pub fn cluster_ca_secret(cluster: &Cluster, ca_pem: &str) -> Value {
     })
 }
 
+/// `<cluster>-registry-addon-containerd` in the Cluster's namespace: the node's `_default`
+/// `hosts.toml`, which carries the `ro` credentials; the bootstrap templates read it with
+/// `contentFrom`, so the password never appears in them.
+pub fn containerd_hosts_secret(cluster: &Cluster, hosts_toml: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": names::containerd_hosts_secret(cluster.name()),
+            "namespace": cluster.namespace(),
+            "labels": cluster_labels(cluster),
+            "ownerReferences": [cluster_owner_reference(cluster)],
+        },
+        "type": "Opaque",
+        "data": { names::CONTAINERD_HOSTS_SECRET_KEY: b64(hosts_toml) },
+    })
+}
+
 /// Namespace `registry-system` on the workload cluster.
 pub fn registry_namespace() -> Value {
     json!({

@@ -56,6 +56,7 @@ pub struct ControlPlaneValues {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResourceValues {
     pub registry: ContainerResources,
+    pub front: ContainerResources,
     pub sync: ContainerResources,
 }
 
@@ -148,6 +149,7 @@ impl RegistryValues {
             },
             resources: ResourceValues {
                 registry: ContainerResources::new(&[("cpu", "100m"), ("memory", "128Mi")]),
+                front: ContainerResources::new(&[("cpu", "50m"), ("memory", "32Mi")]),
                 sync: ContainerResources::new(&[("cpu", "20m"), ("memory", "64Mi")]),
             },
         }
@@ -217,6 +219,9 @@ fn service(values: &RegistryValues) -> Value {
         "spec": {
             "type": "ClusterIP",
             "clusterIP": values.service_ip,
+            // The replicas keep uploads in their own storage: a push must reach one replica
+            // from its first request to its last.
+            "sessionAffinity": "ClientIP",
             "selector": selector_labels(),
             "ports": [{
                 "name": "https",
@@ -243,11 +248,14 @@ fn pod_disruption_budget() -> Value {
 /// Where the sync sidecar mounts its directory of the registry's volume, and that directory.
 const SYNC_STATE_DIR: &str = "/var/lib/registry-addon-sync";
 const SYNC_STATE_SUBPATH: &str = "registry-addon-sync";
+/// Where the front and the sync sidecar find their parts of `registry-auth`.
+const FRONT_AUTH_DIR: &str = "/etc/registry-addon/front";
+const SYNC_AUTH_DIR: &str = "/etc/registry-addon/sync";
 
 fn stateful_set(values: &RegistryValues) -> Value {
-    let probe = |initial_delay: u32, period: u32| {
+    let probe = |path: &str, initial_delay: u32, period: u32| {
         json!({
-            "httpGet": {"path": "/v2/", "port": "registry", "scheme": "HTTPS"},
+            "httpGet": {"path": path, "port": "front-metrics", "scheme": "HTTP"},
             "initialDelaySeconds": initial_delay,
             "periodSeconds": period,
             "timeoutSeconds": 5,
@@ -259,24 +267,52 @@ fn stateful_set(values: &RegistryValues) -> Value {
         "readOnlyRootFilesystem": true,
         "capabilities": {"drop": ["ALL"]},
     });
+    let loopback = format!("127.0.0.1:{}", names::REGISTRY_LOOPBACK_PORT);
+    // Distribution serves plain HTTP on the pod's loopback only; the front is its one way in.
     let mut registry = json!({
         "name": "registry",
         "image": values.image,
         "imagePullPolicy": values.image_pull_policy,
         "env": [
-            {"name": "REGISTRY_HTTP_ADDR", "value": format!(":{}", names::REGISTRY_PORT)},
-            {"name": "REGISTRY_HTTP_TLS_CERTIFICATE", "value": "/certs/tls.crt"},
-            {"name": "REGISTRY_HTTP_TLS_KEY", "value": "/certs/tls.key"},
+            {"name": "REGISTRY_HTTP_ADDR", "value": loopback},
+            // Upload URLs relative to the request, whatever host the client used.
+            {"name": "REGISTRY_HTTP_RELATIVEURLS", "value": "true"},
+            {"name": "REGISTRY_HTTP_SECRET", "valueFrom": {"secretKeyRef": {
+                "name": names::REGISTRY_AUTH_SECRET, "key": names::AUTH_HTTP_SECRET_KEY,
+            }}},
             {"name": "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY", "value": "/var/lib/registry"},
         ],
-        "ports": [{"name": "registry", "containerPort": names::REGISTRY_PORT, "protocol": "TCP"}],
-        "readinessProbe": probe(2, 10),
-        "livenessProbe": probe(10, 20),
         "securityContext": container_security,
         "volumeMounts": [
             {"name": "data", "mountPath": "/var/lib/registry"},
-            {"name": "tls", "mountPath": "/certs", "readOnly": true},
             {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    });
+    let mut front = json!({
+        "name": "front",
+        "image": values.sync_image,
+        "imagePullPolicy": values.image_pull_policy,
+        "args": [
+            "front",
+            "--listen", format!("0.0.0.0:{}", names::REGISTRY_PORT),
+            "--tls-cert-file", "/certs/tls.crt",
+            "--tls-key-file", "/certs/tls.key",
+            "--upstream", format!("http://{loopback}"),
+            "--pull-users", format!("{FRONT_AUTH_DIR}/{}", names::AUTH_PULL_USERS_KEY),
+            "--push-users", format!("{FRONT_AUTH_DIR}/{}", names::AUTH_PUSH_USERS_KEY),
+            "--metrics-listen", format!("0.0.0.0:{}", names::FRONT_METRICS_PORT),
+        ],
+        "ports": [
+            {"name": "registry", "containerPort": names::REGISTRY_PORT, "protocol": "TCP"},
+            {"name": "front-metrics", "containerPort": names::FRONT_METRICS_PORT, "protocol": "TCP"},
+        ],
+        // Ready once the registry behind it answers.
+        "readinessProbe": probe("/readyz", 1, 10),
+        "livenessProbe": probe("/healthz", 5, 20),
+        "securityContext": container_security,
+        "volumeMounts": [
+            {"name": "tls", "mountPath": "/certs", "readOnly": true},
+            {"name": "front-auth", "mountPath": FRONT_AUTH_DIR, "readOnly": true},
         ],
     });
     let mut sync = json!({
@@ -290,7 +326,10 @@ fn stateful_set(values: &RegistryValues) -> Value {
             "--replicas", values.replicas.to_string(),
             "--interval", values.sync_interval,
             "--ca-file", "/certs/ca.crt",
-            "--local", format!("https://127.0.0.1:{}", names::REGISTRY_PORT),
+            // Its own registry straight on the loopback; the peers through their fronts, as
+            // the sync user.
+            "--local", format!("http://{loopback}"),
+            "--credentials-file", format!("{SYNC_AUTH_DIR}/{}", names::AUTH_SYNC_CREDENTIALS_KEY),
             "--metrics-listen", format!("0.0.0.0:{}", names::SYNC_METRICS_PORT),
             // On the replica's volume, so that the digests agreed with the peers survive
             // restarts and a push just before one is not reverted.
@@ -304,6 +343,7 @@ fn stateful_set(values: &RegistryValues) -> Value {
         "securityContext": container_security,
         "volumeMounts": [
             {"name": "tls", "mountPath": "/certs", "readOnly": true},
+            {"name": "sync-auth", "mountPath": SYNC_AUTH_DIR, "readOnly": true},
             // Only its own directory of the registry's volume, beside Distribution's
             // docker/registry/v2 tree, which never looks at it.
             {"name": "data", "mountPath": SYNC_STATE_DIR, "subPath": SYNC_STATE_SUBPATH},
@@ -312,6 +352,7 @@ fn stateful_set(values: &RegistryValues) -> Value {
 
     for (container, resources) in [
         (&mut registry, &values.resources.registry),
+        (&mut front, &values.resources.front),
         (&mut sync, &values.resources.sync),
     ] {
         if let Some(resources) = resources.to_value() {
@@ -352,9 +393,23 @@ fn stateful_set(values: &RegistryValues) -> Value {
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "affinity": affinity,
-        "containers": [registry, sync],
+        "containers": [registry, front, sync],
+        // Each container sees only its part of `registry-auth`.
         "volumes": [
             {"name": "tls", "secret": {"secretName": names::REGISTRY_TLS_SECRET}},
+            {"name": "front-auth", "secret": {
+                "secretName": names::REGISTRY_AUTH_SECRET,
+                "items": [
+                    {"key": names::AUTH_PULL_USERS_KEY, "path": names::AUTH_PULL_USERS_KEY},
+                    {"key": names::AUTH_PUSH_USERS_KEY, "path": names::AUTH_PUSH_USERS_KEY},
+                ],
+            }},
+            {"name": "sync-auth", "secret": {
+                "secretName": names::REGISTRY_AUTH_SECRET,
+                "items": [
+                    {"key": names::AUTH_SYNC_CREDENTIALS_KEY, "path": names::AUTH_SYNC_CREDENTIALS_KEY},
+                ],
+            }},
             {"name": "tmp", "emptyDir": {}},
         ],
     });
@@ -444,7 +499,7 @@ mod tests {
         let claim = &sts["spec"]["volumeClaimTemplates"][0]["spec"];
         assert_eq!(claim["storageClassName"], "fast");
         assert_eq!(claim["resources"]["requests"]["storage"], "5Gi");
-        let args = sts["spec"]["template"]["spec"]["containers"][1]["args"]
+        let args = sts["spec"]["template"]["spec"]["containers"][2]["args"]
             .as_array()
             .unwrap();
         let after = |flag: &str| args.iter().position(|a| a == flag).map(|i| &args[i + 1]);
@@ -452,7 +507,7 @@ mod tests {
         assert_eq!(after("--interval").unwrap(), "30s");
         // The sync state lies on the PVC, in a directory of its own.
         let state = after("--state-file").unwrap().as_str().unwrap();
-        let sync = &sts["spec"]["template"]["spec"]["containers"][1];
+        let sync = &sts["spec"]["template"]["spec"]["containers"][2];
         let mount = sync["volumeMounts"]
             .as_array()
             .unwrap()

@@ -5,4 +5,4 @@ pub mod handlers;
 pub mod server;
 pub mod tls;
 
-pub use server::{Running, serve, start};
+pub use server::{Running, serve, start, wait_for_signal};

@@ -72,7 +72,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+pub async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -126,7 +126,11 @@ pub async fn start_with(args: ServeArgs, management: Management) -> anyhow::Resu
             };
             let (hash, key) = files.initial()?;
             let resolver = Arc::new(ReloadingResolver::new(key));
-            tokio::spawn(files.watch(hash, resolver.clone(), metrics.clone(), CERT_POLL));
+            let counters = tls::ReloadCounters {
+                reloads: metrics.cert_reloads.clone(),
+                errors: metrics.cert_reload_errors.clone(),
+            };
+            tokio::spawn(files.watch(hash, resolver.clone(), counters, CERT_POLL));
             (resolver, None)
         }
         _ => {

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -13,7 +14,12 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 
-use crate::metrics::Metrics;
+/// Where [`CertFiles::watch`] counts reloads and failed reloads.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadCounters {
+    pub reloads: Counter,
+    pub errors: Counter,
+}
 
 /// Hands every new TLS connection the current certificate.
 #[derive(Debug)]
@@ -108,7 +114,7 @@ impl CertFiles {
         self,
         mut loaded: [u8; 32],
         resolver: Arc<ReloadingResolver>,
-        metrics: Arc<Metrics>,
+        counters: ReloadCounters,
         interval: Duration,
     ) {
         // Content that failed to load, and whether that failure was already reported.
@@ -132,12 +138,12 @@ impl CertFiles {
                     resolver.replace(key);
                     loaded = hash;
                     failed = None;
-                    metrics.cert_reloads.inc();
+                    counters.reloads.inc();
                     tracing::info!(cert = %self.cert.display(), "serving certificate reloaded");
                 }
                 Err(e) => match failed {
                     Some((seen, false)) if seen == hash => {
-                        metrics.cert_reload_errors.inc();
+                        counters.errors.inc();
                         tracing::warn!(error = %e, "serving certificate changed but cannot be loaded; keeping the previous one");
                         failed = Some((hash, true));
                     }

@@ -24,6 +24,14 @@ def test_lint_is_clean():
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
+def test_lint_with_the_ci_values_is_clean():
+    """`helm lint helm/registry` as chart-testing runs it: with ci/default-values.yaml."""
+    values = yaml.safe_load((Path(REGISTRY_CHART) / "ci" / "default-values.yaml").read_text())
+    report = helm_python.lint(REGISTRY_CHART, values, strict=True, namespace=NAMESPACE)
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
 @pytest.mark.parametrize(
     "values",
     [
@@ -51,10 +59,16 @@ def test_statefulset_follows_values():
     assert sts["spec"]["replicas"] == 3
     pod = sts["spec"]["template"]
     assert pod["metadata"]["annotations"]["registry-addon/certificate-hash"] == "0123abcd"
-    registry, sync = pod["spec"]["containers"]
-    env = {e["name"]: e.get("value") for e in registry["env"]}
-    assert env["REGISTRY_HTTP_TLS_CERTIFICATE"] == "/certs/tls.crt"
+    registry, front, sync = pod["spec"]["containers"]
+    env = {e["name"]: e for e in registry["env"]}
+    # Distribution only on the pod's loopback, behind the front, with the shared HTTP secret.
+    assert env["REGISTRY_HTTP_ADDR"]["value"] == "127.0.0.1:5001"
+    assert env["REGISTRY_HTTP_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "registry-auth", "key": "http.secret"}
+    assert "ports" not in registry
+    assert front["args"][0] == "front"
+    assert [p["containerPort"] for p in front["ports"]] == [5000, 9442]
     args = sync["args"]
+    assert args[args.index("--local") + 1] == "http://127.0.0.1:5001"
     assert args[args.index("--replicas") + 1] == "3"
     assert args[args.index("--interval") + 1] == "45s"
     claim = sts["spec"]["volumeClaimTemplates"][0]["spec"]
@@ -67,7 +81,7 @@ def test_sync_state_is_on_the_registry_volume():
     """The syncer's memory of agreed digests survives restarts: it lies on the PVC, in a
     directory of its own beside Distribution's tree, writable by the sidecar."""
     sts = next(o for o in render(REGISTRY_CHART, BASE, NAMESPACE) if o["kind"] == "StatefulSet")
-    registry, sync = sts["spec"]["template"]["spec"]["containers"]
+    registry, _front, sync = sts["spec"]["template"]["spec"]["containers"]
     assert [c["metadata"]["name"] for c in sts["spec"]["volumeClaimTemplates"]] == ["data"]
     state = sync["args"][sync["args"].index("--state-file") + 1]
     mount = next(m for m in sync["volumeMounts"] if m["name"] == "data")

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::addon::users::Credentials;
 use crate::names;
 
 /// A containerd `hosts.toml` (`certs.d/<namespace>/hosts.toml`), as far as the addon writes it.
@@ -26,6 +27,9 @@ pub struct HostEntry {
     pub capabilities: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<String>,
+    /// Headers sent with every request to this host: the `ro` user's `Authorization`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub header: BTreeMap<String, String>,
 }
 
 /// A file for cloud-init's `write_files`, as KubeadmConfigSpec `files` holds it.
@@ -34,7 +38,23 @@ pub struct NodeFile {
     pub path: String,
     pub owner: String,
     pub permissions: String,
-    pub content: String,
+    #[serde(flatten)]
+    pub content: FileContent,
+}
+
+/// A file's content: inline, or read by the bootstrap provider from a Secret in the Cluster's
+/// namespace (for content that must not appear in the templates).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum FileContent {
+    Content(String),
+    ContentFrom { secret: SecretKey },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecretKey {
+    pub name: String,
+    pub key: String,
 }
 
 /// The registry's host as containerd and URLs spell it: `10.96.0.20`, `[fd00:10:96::14]`.
@@ -60,8 +80,12 @@ pub fn ca_path(service_ip: IpAddr) -> String {
     )
 }
 
-/// `hosts.toml` sending every pull and resolve first to `mirror_url`, trusting `ca_file`.
-pub fn hosts_toml(mirror_url: &str, ca_file: &str) -> String {
+/// `hosts.toml` sending every pull and resolve first to `mirror_url`, trusting `ca_file`,
+/// with `authorization` as the `Authorization` header when given.
+pub fn hosts_toml(mirror_url: &str, ca_file: &str, authorization: Option<&str>) -> String {
+    let header = authorization
+        .map(|value| BTreeMap::from([("Authorization".to_string(), value.to_string())]))
+        .unwrap_or_default();
     let file = HostsFile {
         server: None,
         host: BTreeMap::from([(
@@ -69,6 +93,7 @@ pub fn hosts_toml(mirror_url: &str, ca_file: &str) -> String {
             HostEntry {
                 capabilities: vec!["pull".into(), "resolve".into()],
                 ca: Some(ca_file.to_string()),
+                header,
             },
         )]),
     };
@@ -177,21 +202,46 @@ fi
         .replace("@ADDON_DIR@", names::CONTAINERD_ADDON_DIR)
 }
 
-/// Every file a node gets, for the registry at `service_ip` whose CA is `ca_pem`.
-pub fn node_files(service_ip: IpAddr, ca_pem: &str) -> Vec<NodeFile> {
+/// Where the `_default` mirror's `hosts.toml` lands on a node.
+pub fn default_hosts_path() -> String {
+    format!("{}/_default/hosts.toml", names::CONTAINERD_CERTS_DIR)
+}
+
+/// The `_default` `hosts.toml` of a node of the cluster whose registry is at `service_ip`:
+/// pull through it as `ro`. It carries the password, so it reaches nodes through the Secret
+/// [`names::containerd_hosts_secret`], never inline in a template.
+pub fn default_hosts_toml(service_ip: IpAddr, ro: &Credentials) -> String {
+    hosts_toml(
+        &mirror_url(service_ip),
+        &ca_path(service_ip),
+        Some(&ro.basic_authorization()),
+    )
+}
+
+/// Every file a node gets, for the registry at `service_ip` whose CA is `ca_pem`; the
+/// `_default` `hosts.toml` is read from the management Secret `hosts_secret` (see
+/// [`default_hosts_toml`]).
+pub fn node_files(service_ip: IpAddr, ca_pem: &str, hosts_secret: &str) -> Vec<NodeFile> {
     let file = |path: String, permissions: &str, content: String| NodeFile {
         path,
         owner: "root:root".into(),
         permissions: permissions.into(),
-        content,
+        content: FileContent::Content(content),
     };
     let ca = ca_path(service_ip);
     vec![
-        file(
-            format!("{}/_default/hosts.toml", names::CONTAINERD_CERTS_DIR),
-            "0644",
-            hosts_toml(&mirror_url(service_ip), &ca),
-        ),
+        NodeFile {
+            path: default_hosts_path(),
+            owner: "root:root".into(),
+            // Only root reads the credentials.
+            permissions: "0600".into(),
+            content: FileContent::ContentFrom {
+                secret: SecretKey {
+                    name: hosts_secret.to_string(),
+                    key: names::CONTAINERD_HOSTS_SECRET_KEY.to_string(),
+                },
+            },
+        },
         file(ca, "0644", ca_pem.to_string()),
         file(fragment_path(1), "0644", containerd_fragment(1)),
         file(fragment_path(2), "0644", containerd_fragment(2)),
@@ -206,8 +256,17 @@ mod tests {
     #[test]
     fn hosts_toml_reads_back() {
         let ip: IpAddr = "10.96.0.20".parse().unwrap();
-        let text = hosts_toml(&mirror_url(ip), &ca_path(ip));
+        let ro = Credentials {
+            username: "ro".into(),
+            password: "secret".into(),
+        };
+        let text = default_hosts_toml(ip, &ro);
         let parsed: HostsFile = toml::from_str(&text).unwrap();
+        // base64("ro:secret")
+        assert_eq!(
+            parsed.host["https://10.96.0.20"].header["Authorization"],
+            "Basic cm86c2VjcmV0"
+        );
         assert_eq!(parsed.server, None);
         let entry = &parsed.host["https://10.96.0.20"];
         assert_eq!(entry.capabilities, ["pull", "resolve"]);
@@ -226,7 +285,8 @@ mod tests {
             ca_path(ip),
             "/etc/containerd/certs.d/[fd00:10:96::14]/ca.crt"
         );
-        let parsed: HostsFile = toml::from_str(&hosts_toml(&mirror_url(ip), &ca_path(ip))).unwrap();
+        let parsed: HostsFile =
+            toml::from_str(&hosts_toml(&mirror_url(ip), &ca_path(ip), None)).unwrap();
         assert!(parsed.host.contains_key("https://[fd00:10:96::14]"));
     }
 

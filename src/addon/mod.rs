@@ -1,0 +1,4 @@
+//! What makes a cluster's registry match its variable, shared by the lifecycle hooks, `render`
+//! and the controller.
+
+pub mod users;

@@ -1,0 +1,183 @@
+//! Forwarding an authorized request to the registry behind the front, streaming both bodies.
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Headers that belong to one connection, not to the request (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// The registry behind the front: a pooled HTTP/1.1 client to its base URL.
+#[derive(Clone)]
+pub struct Upstream {
+    base: Uri,
+    client: Client<HttpConnector, Incoming>,
+    probe: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Upstream {
+    /// `base` is `http://host:port`; the front only talks to its pod's registry over loopback.
+    pub fn new(base: &str) -> anyhow::Result<Self> {
+        let base: Uri = base
+            .trim_end_matches('/')
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--upstream {base:?}: {e}"))?;
+        if base.scheme_str() != Some("http") || base.authority().is_none() {
+            anyhow::bail!("--upstream {base}: expected http://host:port");
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(64)
+            .build(connector.clone());
+        let probe = Client::builder(TokioExecutor::new()).build(connector);
+        Ok(Upstream {
+            base,
+            client,
+            probe,
+        })
+    }
+
+    fn uri_for(&self, original: &Uri) -> Result<Uri, http::Error> {
+        let path = original.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let mut parts = self.base.clone().into_parts();
+        parts.path_and_query = Some(path.parse()?);
+        Ok(Uri::from_parts(parts)?)
+    }
+
+    /// Whether the registry answers `/v2/` (any status below 500: it is up).
+    pub async fn is_up(&self) -> bool {
+        let Ok(uri) = self.uri_for(&Uri::from_static("/v2/")) else {
+            return false;
+        };
+        let Ok(request) = Request::get(uri).body(Full::new(Bytes::new())) else {
+            return false;
+        };
+        matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(3), self.probe.request(request)).await,
+            Ok(Ok(response)) if response.status().as_u16() < 500
+        )
+    }
+
+    /// Sends `request` on, without its credentials and hop-by-hop headers, and streams the
+    /// answer back. `client_ip` goes in `X-Forwarded-For`.
+    pub async fn forward(&self, request: Request<Incoming>, client_ip: &str) -> Response<Body> {
+        let (mut parts, body) = request.into_parts();
+        let uri = match self.uri_for(&parts.uri) {
+            Ok(uri) => uri,
+            Err(_) => return error(StatusCode::BAD_REQUEST, "UNSUPPORTED", "bad request path"),
+        };
+        // HTTP/2 carries the host in the URI only; keep it for the registry's logs.
+        if !parts.headers.contains_key(header::HOST)
+            && let Some(authority) = parts.uri.authority()
+            && let Ok(host) = HeaderValue::from_str(authority.as_str())
+        {
+            parts.headers.insert(header::HOST, host);
+        }
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::AUTHORIZATION);
+        if let Ok(ip) = HeaderValue::from_str(client_ip) {
+            parts
+                .headers
+                .insert(HeaderName::from_static("x-forwarded-for"), ip);
+        }
+        parts.headers.insert(
+            HeaderName::from_static("x-forwarded-proto"),
+            HeaderValue::from_static("https"),
+        );
+        parts.uri = uri;
+        parts.version = http::Version::HTTP_11;
+        let request = Request::from_parts(parts, body);
+        match self.client.request(request).await {
+            Ok(response) => {
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, body.boxed())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "registry behind the front did not answer");
+                error(
+                    StatusCode::BAD_GATEWAY,
+                    "UNAVAILABLE",
+                    "the registry behind the front did not answer",
+                )
+            }
+        }
+    }
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// An answer in the Distribution API's error format.
+pub fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    let body = serde_json::json!({"errors": [{"code": code, "message": message}]}).to_string();
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header("docker-distribution-api-version", "registry/2.0")
+        .body(
+            Full::new(Bytes::from(body))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_with_those_connection_names() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-mine"),
+        );
+        headers.insert("x-mine", HeaderValue::from_static("1"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key(header::ACCEPT));
+    }
+
+    #[test]
+    fn only_plain_http_upstreams_are_taken() {
+        assert!(Upstream::new("http://127.0.0.1:5001").is_ok());
+        assert!(Upstream::new("https://127.0.0.1:5001").is_err());
+        assert!(Upstream::new("127.0.0.1:5001").is_err());
+    }
+}
