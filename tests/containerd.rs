@@ -6,11 +6,14 @@
 //! Needs root (containerd), `containerd`, `ctr`, `docker-registry` and `skopeo` on PATH
 //! (`.ci/run` installs them); without them the tests fail, saying what is missing.
 
-use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod sync_support;
+
+use registry_addon::addon::users::Credentials;
 use registry_addon::certs::{CertificateAuthority, registry_subject_names};
 use registry_addon::cli::KeyAlgorithm;
 use registry_addon::hooks::patches::containerd;
@@ -53,14 +56,6 @@ impl Drop for Running {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
@@ -118,31 +113,51 @@ fn image_layout(dir: &Path) {
     write(&dir.join("index.json"), serde_json::to_vec(&index).unwrap());
 }
 
-/// A registry on 127.0.0.1 serving a certificate issued by `ca`, holding `app:v1`.
-fn start_registry(dir: &Path, ca: &CertificateAuthority) -> (Running, u16) {
+/// A registry replica as the chart runs it: Distribution on the loopback, the front before it
+/// serving a certificate issued by `ca` with the users ro and rw, holding `app:v1` (pushed as
+/// rw).
+struct Replica {
+    front: sync_support::FrontProcess,
+    _registry: sync_support::RegistryProcess,
+}
+
+const RO_PASSWORD: &str = "ro-password-for-the-nodes-0123456789";
+const RW_PASSWORD: &str = "rw-password-for-pushing-0123456789ab";
+
+fn start_registry(dir: &Path, ca: &CertificateAuthority) -> (Replica, u16) {
     let subject = registry_subject_names(2, IpAddr::V4(Ipv4Addr::new(10, 96, 0, 20)));
     let server = ca
         .issue_server(&subject, KeyAlgorithm::EcdsaP256, OffsetDateTime::now_utc())
         .unwrap();
     write(&dir.join("tls.crt"), &server.cert_pem);
     write(&dir.join("tls.key"), server.key_pem.expose());
-    let port = free_port();
-    let config = format!(
-        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {root}\nhttp:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {dir}/tls.crt\n    key: {dir}/tls.key\n",
-        root = dir.join("storage").display(),
-        dir = dir.display(),
+    let registry = sync_support::RegistryProcess::start(
+        &dir.join("registry"),
+        &sync_support::RegistryOptions {
+            relative_urls: true,
+            ..Default::default()
+        },
     );
-    write(&dir.join("config.yml"), config);
-    let child = Command::new("docker-registry")
-        .args(["serve", dir.join("config.yml").to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let registry = Running(child);
-    wait_for("docker-registry", || {
-        TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
+    let users = [
+        sync_support::FrontUser {
+            name: "ro",
+            password: RO_PASSWORD,
+            push: false,
+        },
+        sync_support::FrontUser {
+            name: "rw",
+            password: RW_PASSWORD,
+            push: true,
+        },
+    ];
+    let front = sync_support::FrontProcess::start(
+        &dir.join("front"),
+        &registry.url,
+        &dir.join("tls.crt"),
+        &dir.join("tls.key"),
+        &users,
+    );
+    let port = front.port;
 
     let layout = dir.join("layout");
     image_layout(&layout);
@@ -154,6 +169,8 @@ fn start_registry(dir: &Path, ca: &CertificateAuthority) -> (Running, u16) {
             "--insecure-policy",
             "--dest-cert-dir",
             certs.to_str().unwrap(),
+            "--dest-creds",
+            &format!("rw:{RW_PASSWORD}"),
         ])
         .arg(format!("oci:{}:v1", layout.display()))
         .arg(format!("docker://127.0.0.1:{port}/app:v1"))
@@ -164,7 +181,13 @@ fn start_registry(dir: &Path, ca: &CertificateAuthority) -> (Running, u16) {
         "skopeo copy: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    (registry, port)
+    (
+        Replica {
+            front,
+            _registry: registry,
+        },
+        port,
+    )
 }
 
 /// containerd with its own root, state and socket, without the CRI plugin.
@@ -205,14 +228,17 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
     (running, socket)
 }
 
-/// `certs.d` as GeneratePatches writes it, with the loopback registry as the mirror.
-fn hosts_dir(dir: &Path, port: u16, ca_pem: &str) -> PathBuf {
+/// `certs.d` as GeneratePatches writes it (the `hosts.toml` of the management Secret), with
+/// the loopback registry as the mirror and `ro` as the credentials, when given.
+fn hosts_dir(dir: &Path, port: u16, ca_pem: &str, ro: Option<&Credentials>) -> PathBuf {
     let certs = dir.join("certs.d");
     let ca_file = certs.join(format!("127.0.0.1:{port}")).join("ca.crt");
     write(&ca_file, ca_pem);
+    let authorization = ro.map(Credentials::basic_authorization);
     let hosts = containerd::hosts_toml(
         &format!("https://127.0.0.1:{port}"),
         ca_file.to_str().unwrap(),
+        authorization.as_deref(),
     );
     write(&certs.join("_default/hosts.toml"), hosts);
     certs
@@ -247,10 +273,34 @@ fn containerd_pulls_through_the_generated_hosts_toml() {
         .unwrap();
     let ca =
         CertificateAuthority::generate(KeyAlgorithm::EcdsaP256, OffsetDateTime::now_utc()).unwrap();
-    let (_registry, port) = start_registry(&dir.path().join("registry"), &ca);
+    let (replica, port) = start_registry(&dir.path().join("registry"), &ca);
     let (_containerd, socket) = start_containerd(&dir.path().join("containerd"));
+    let ro = Credentials {
+        username: "ro".into(),
+        password: RO_PASSWORD.into(),
+    };
 
-    let good = hosts_dir(&dir.path().join("good"), port, ca.cert_pem());
+    // Without the ro credentials, or with a wrong password, the mirror refuses the node.
+    let wrong = Credentials {
+        username: "ro".into(),
+        password: "not-the-password".into(),
+    };
+    for (case, creds) in [("no credentials", None), ("a wrong password", Some(&wrong))] {
+        let hosts = hosts_dir(&dir.path().join(case), port, ca.cert_pem(), creds);
+        let out = fetch(&socket, &hosts);
+        assert!(
+            !out.status.success(),
+            "fetch with {case} succeeded: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let refused = replica.front.metrics();
+    assert!(
+        refused.contains("registry_addon_front_refused_total{reason=\"unauthenticated\"}"),
+        "{refused}"
+    );
+
+    let good = hosts_dir(&dir.path().join("good"), port, ca.cert_pem(), Some(&ro));
     let out = fetch(&socket, &good);
     assert!(
         out.status.success(),
@@ -261,7 +311,7 @@ fn containerd_pulls_through_the_generated_hosts_toml() {
 
     let other =
         CertificateAuthority::generate(KeyAlgorithm::EcdsaP256, OffsetDateTime::now_utc()).unwrap();
-    let bad = hosts_dir(&dir.path().join("bad"), port, other.cert_pem());
+    let bad = hosts_dir(&dir.path().join("bad"), port, other.cert_pem(), Some(&ro));
     let out = Command::new("ctr")
         .args([
             "--address",
@@ -304,8 +354,19 @@ fn containerd_pulls_through_the_generated_hosts_toml() {
 /// configuration (none when `None`), twice, and returns what `containerd config dump` reads.
 fn configure_node(root: &Path, config: Option<&str>) -> String {
     let ip = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 20));
-    for file in containerd::node_files(ip, "ca") {
-        write(&root.join(file.path.trim_start_matches('/')), &file.content);
+    for file in containerd::node_files(ip, "ca", "wl-1-registry-addon-containerd") {
+        let content = match &file.content {
+            containerd::FileContent::Content(text) => text.clone(),
+            // What the bootstrap provider would read from the Secret.
+            containerd::FileContent::ContentFrom { .. } => containerd::default_hosts_toml(
+                ip,
+                &Credentials {
+                    username: "ro".into(),
+                    password: "pw".into(),
+                },
+            ),
+        };
+        write(&root.join(file.path.trim_start_matches('/')), &content);
     }
     let main = root.join("etc/containerd/config.toml");
     if let Some(config) = config {

@@ -119,6 +119,8 @@ pub struct RegistryOptions<'a> {
     pub htpasswd: Option<&'a Path>,
     /// Write the access log to `registry.log` (for counting requests).
     pub access_log: bool,
+    /// Upload URLs relative to the request (`http.relativeurls`), as behind the front.
+    pub relative_urls: bool,
 }
 
 /// A `docker-registry` process, killed when dropped.
@@ -150,9 +152,10 @@ impl RegistryProcess {
                  log:\n  level: info\n  accesslog:\n    disabled: {}\n\
                  storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  \
                  maintenance:\n    uploadpurging:\n      enabled: false\n\
-                 http:\n  addr: 127.0.0.1:{port}\n  secret: sync-test-secret\n",
+                 http:\n  addr: 127.0.0.1:{port}\n  secret: sync-test-secret\n  relativeurls: {}\n",
                 !options.access_log,
-                root.display()
+                root.display(),
+                options.relative_urls
             );
             if let Some(tls) = options.tls {
                 config.push_str(&format!(
@@ -539,4 +542,143 @@ pub async fn assert_pullable(reg: &Registry) -> usize {
         }
     }
     checked
+}
+
+/// `registry-addon front`, the binary, before a plain-HTTP registry, as in a registry pod.
+pub struct FrontProcess {
+    child: Child,
+    pub port: u16,
+    pub url: String,
+    pub metrics_port: u16,
+    pub log: PathBuf,
+}
+
+impl Drop for FrontProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A user of a front: name, password, and whether it may push.
+pub struct FrontUser<'a> {
+    pub name: &'a str,
+    pub password: &'a str,
+    pub push: bool,
+}
+
+impl FrontProcess {
+    /// Starts a front serving `cert_file`/`key_file`, with `users`, before `upstream` (an
+    /// `http://` registry URL), and waits until it is ready (the registry answers through it).
+    pub fn start(
+        dir: &Path,
+        upstream: &str,
+        cert_file: &Path,
+        key_file: &Path,
+        users: &[FrontUser<'_>],
+    ) -> FrontProcess {
+        std::fs::create_dir_all(dir).unwrap();
+        let (mut pull, mut push) = (String::new(), String::new());
+        for user in users {
+            let line = registry_addon::addon::users::htpasswd_line(
+                &registry_addon::addon::users::Credentials {
+                    username: user.name.into(),
+                    password: user.password.into(),
+                },
+            )
+            .unwrap();
+            let file = if user.push { &mut push } else { &mut pull };
+            file.push_str(&line);
+            file.push('\n');
+        }
+        std::fs::write(dir.join("pull.htpasswd"), pull).unwrap();
+        std::fs::write(dir.join("push.htpasswd"), push).unwrap();
+        let log = dir.join("front.log");
+        for _try in 0..5 {
+            let (port, metrics_port) = (free_port(), free_port());
+            let log_file = std::fs::File::create(&log).unwrap();
+            let child = Command::new(env!("CARGO_BIN_EXE_registry-addon"))
+                .arg("front")
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+                .arg("--tls-cert-file")
+                .arg(cert_file)
+                .arg("--tls-key-file")
+                .arg(key_file)
+                .args(["--upstream", upstream])
+                .arg("--pull-users")
+                .arg(dir.join("pull.htpasswd"))
+                .arg("--push-users")
+                .arg(dir.join("push.htpasswd"))
+                .args(["--reload-interval", "200ms"])
+                .stdin(Stdio::null())
+                .stdout(log_file.try_clone().unwrap())
+                .stderr(log_file)
+                .spawn()
+                .unwrap();
+            let mut front = FrontProcess {
+                child,
+                port,
+                url: format!("https://127.0.0.1:{port}"),
+                metrics_port,
+                log: log.clone(),
+            };
+            if front.wait_ready() {
+                return front;
+            }
+        }
+        panic!(
+            "registry-addon front did not start; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    fn wait_ready(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if log.contains(&format!("127.0.0.1:{}", self.port))
+                && http_status(self.metrics_port, "/readyz") == Some(200)
+            {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// The front's Prometheus metrics.
+    pub fn metrics(&self) -> String {
+        http_get(self.metrics_port, "/metrics").unwrap_or_default()
+    }
+}
+
+/// Status of a plain-HTTP GET on 127.0.0.1:`port`.
+pub fn http_status(port: u16, path: &str) -> Option<u16> {
+    let text = http_raw(port, path)?;
+    text.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Body of a plain-HTTP GET on 127.0.0.1:`port`.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    let text = http_raw(port, path)?;
+    text.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+}
+
+fn http_raw(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    Some(text)
 }

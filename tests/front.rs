@@ -1,0 +1,454 @@
+//! `registry-addon front` in front of real `docker-registry` replicas: who may pull and push,
+//! what bad credentials get, pushes through a real TCP balancer (haproxy) configured as
+//! kube-proxy treats the rendered `registry` Service, and the syncer between fronts.
+//!
+//! Needs `docker-registry`, `skopeo` and `haproxy` on PATH (`.ci/run` installs them).
+
+mod sync_support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use sync_support::*;
+
+const RO: (&str, &str) = ("ro", "ro-password-0123456789abcdefghijklmnop");
+const RW: (&str, &str) = ("rw", "rw-password-0123456789abcdefghijklmnop");
+const SYNC: (&str, &str) = ("sync", "sync-password-0123456789abcdefghijklmno");
+
+fn users() -> [FrontUser<'static>; 3] {
+    [
+        FrontUser {
+            name: RO.0,
+            password: RO.1,
+            push: false,
+        },
+        FrontUser {
+            name: RW.0,
+            password: RW.1,
+            push: true,
+        },
+        FrontUser {
+            name: SYNC.0,
+            password: SYNC.1,
+            push: true,
+        },
+    ]
+}
+
+fn need(tool: &str, package: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "{tool} is needed (apt-get install {package}); .ci/run installs it"
+    );
+}
+
+/// A registry replica as the chart runs it: Distribution on the loopback, the front before it.
+struct Replica {
+    front: FrontProcess,
+    registry: RegistryProcess,
+}
+
+fn replica(dir: &Path, tls: &TestTls) -> Replica {
+    let registry = RegistryProcess::start(
+        &dir.join("registry"),
+        &RegistryOptions {
+            relative_urls: true,
+            ..RegistryOptions::default()
+        },
+    );
+    let front = FrontProcess::start(
+        &dir.join("front"),
+        &registry.url,
+        &tls.cert_file,
+        &tls.key_file,
+        &users(),
+    );
+    Replica { front, registry }
+}
+
+fn basic(user: &str, password: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+fn http(tls: &TestTls) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = reqwest::Certificate::from_pem(&tls.ca_pem()).unwrap();
+    reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .unwrap()
+}
+
+/// A directory with `ca.crt` and an OCI layout of a three-layer image, for skopeo.
+fn layout(dir: &Path, seed: u64) -> PathBuf {
+    let layers = (0..3)
+        .map(|i| random_bytes(seed * 10 + i, 200_000 + (i as usize) * 150_000))
+        .collect();
+    let image = Image::new("amd64", layers, false);
+    let path = dir.join(format!("layout-{seed}"));
+    write_oci_layout(&path, "v1", &[("amd64", &image)]);
+    path
+}
+
+/// `skopeo copy` between `from` and `to` (docker:// or oci: references) with `creds`.
+fn skopeo(
+    tls: &TestTls,
+    from: &str,
+    to: &str,
+    creds: Option<(&str, &str)>,
+) -> std::process::Output {
+    let mut cmd = Command::new("skopeo");
+    cmd.args([
+        "--insecure-policy",
+        "copy",
+        "--all",
+        "-q",
+        "--retry-times",
+        "0",
+    ]);
+    for side in ["src", "dest"] {
+        cmd.arg(format!("--{side}-cert-dir")).arg(&tls.cert_dir);
+        match creds {
+            Some((u, p)) => {
+                cmd.arg(format!("--{side}-creds")).arg(format!("{u}:{p}"));
+            }
+            None => {
+                cmd.arg(format!("--{side}-no-creds"));
+            }
+        }
+    }
+    cmd.arg(from).arg(to);
+    cmd.output().expect("skopeo (Debian package skopeo)")
+}
+
+fn host(url: &str) -> &str {
+    url.trim_start_matches("https://")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_rw_pushes_ro_pulls_and_anonymous_gets_a_challenge() {
+    need("docker-registry", "docker-registry");
+    need("skopeo", "skopeo");
+    let dir = tempfile::tempdir().unwrap();
+    let tls = TestTls::new(&dir.path().join("tls"));
+    let r = replica(&dir.path().join("r0"), &tls);
+    let client = http(&tls);
+    let url = |path: &str| format!("{}{path}", r.front.url);
+
+    // Anonymous: 401 with a Basic challenge, for reads and writes alike.
+    let anonymous = client.get(url("/v2/")).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    assert_eq!(
+        anonymous.headers()["www-authenticate"],
+        "Basic realm=\"registry-addon\""
+    );
+    let anonymous_body = anonymous.text().await.unwrap();
+    assert!(anonymous_body.contains("UNAUTHORIZED"), "{anonymous_body}");
+    let post = client
+        .post(url("/v2/app/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 401);
+
+    // rw pushes (skopeo, a multi-layer image); anonymous and ro pushes are refused.
+    let layout = layout(dir.path(), 1);
+    let src = format!("oci:{}:v1", layout.display());
+    let dest = format!("docker://{}/app:v1", host(&r.front.url));
+    let out = skopeo(&tls, &src, &dest, None);
+    assert!(!out.status.success(), "anonymous push succeeded");
+    let out = skopeo(&tls, &src, &dest, Some(RO));
+    assert!(!out.status.success(), "ro push succeeded");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("denied")
+            || String::from_utf8_lossy(&out.stderr).contains("403")
+            || String::from_utf8_lossy(&out.stderr).contains("unauthorized"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = skopeo(&tls, &src, &dest, Some(RW));
+    assert!(
+        out.status.success(),
+        "rw push: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // ro pulls; anonymous pulls are refused.
+    let back = dir.path().join("back");
+    let out = skopeo(&tls, &dest, &format!("oci:{}:v1", back.display()), None);
+    assert!(!out.status.success(), "anonymous pull succeeded");
+    let out = skopeo(&tls, &dest, &format!("oci:{}:v1", back.display()), Some(RO));
+    assert!(
+        out.status.success(),
+        "ro pull: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let head = client
+        .head(url("/v2/app/manifests/v1"))
+        .header("authorization", basic(RO.0, RO.1))
+        .header("accept", format!("{OCI_MANIFEST}, {OCI_INDEX}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    let digest = head.headers()["docker-content-digest"]
+        .to_str()
+        .unwrap()
+        .to_string();
+
+    // ro may not delete or start an upload: 403, and nothing changed.
+    for request in [
+        client.delete(url(&format!("/v2/app/manifests/{digest}"))),
+        client.post(url("/v2/app/blobs/uploads/")),
+        client.put(url("/v2/app/manifests/v2")),
+        client.patch(url("/v2/app/blobs/uploads/x")),
+    ] {
+        let response = request
+            .header("authorization", basic(RO.0, RO.1))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 403);
+        assert!(response.text().await.unwrap().contains("DENIED"));
+    }
+    let still = client
+        .head(url("/v2/app/manifests/v1"))
+        .header("authorization", basic(RW.0, RW.1))
+        .header("accept", format!("{OCI_MANIFEST}, {OCI_INDEX}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(still.status(), 200);
+
+    // Wrong password, unknown user, malformed headers: the same 401 as anonymous, never a
+    // 500, and nothing saying which part was wrong.
+    let bad: Vec<reqwest::header::HeaderValue> = vec![
+        basic(RO.0, "wrong").parse().unwrap(),
+        basic("nobody", RO.1).parse().unwrap(),
+        basic("", "").parse().unwrap(),
+        "Basic !!!notbase64".parse().unwrap(),
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("no-colon")
+        )
+        .parse()
+        .unwrap(),
+        "Bearer abc.def".parse().unwrap(),
+        "Basic".parse().unwrap(),
+        reqwest::header::HeaderValue::from_bytes(b"Basic \xff\xfe").unwrap(),
+    ];
+    for value in bad {
+        let response = client
+            .get(url("/v2/"))
+            .header("authorization", value.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401, "{value:?}");
+        assert!(response.headers().contains_key("www-authenticate"));
+        assert_eq!(response.text().await.unwrap(), anonymous_body, "{value:?}");
+    }
+
+    // The front counted what it refused.
+    let metrics = r.front.metrics();
+    assert!(
+        metrics.contains("registry_addon_front_refused_total{reason=\"forbidden\"}"),
+        "{metrics}"
+    );
+    drop(r.registry);
+}
+
+/// haproxy in TCP mode, spreading connections over `backends` as kube-proxy does for the
+/// rendered Service: by client IP when the Service asks for ClientIP affinity, else per
+/// connection.
+struct Balancer {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn balancer(dir: &Path, backends: &[u16], session_affinity: Option<&str>) -> Balancer {
+    need("haproxy", "haproxy");
+    std::fs::create_dir_all(dir).unwrap();
+    let balance = match session_affinity {
+        Some("ClientIP") => "source",
+        Some(other) => panic!("unknown session affinity {other}"),
+        None => "roundrobin",
+    };
+    for _try in 0..5 {
+        let port = free_port();
+        let servers: String = backends
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("    server r{i} 127.0.0.1:{p}\n"))
+            .collect();
+        let config = format!(
+            "global\n    maxconn 256\ndefaults\n    mode tcp\n    timeout connect 2s\n    timeout client 60s\n    timeout server 60s\n\
+             frontend registry\n    bind 127.0.0.1:{port}\n    default_backend replicas\n\
+             backend replicas\n    balance {balance}\n    hash-type consistent\n{servers}"
+        );
+        let file = dir.join("haproxy.cfg");
+        std::fs::write(&file, config).unwrap();
+        let child = Command::new("haproxy")
+            .arg("-f")
+            .arg(&file)
+            .arg("-db")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut balancer = Balancer { child, port };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = balancer.child.try_wait() {
+                break;
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return balancer;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = balancer.child.kill();
+    }
+    panic!("haproxy did not start");
+}
+
+/// The `sessionAffinity` of the `registry` Service the addon renders.
+fn rendered_session_affinity() -> Option<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_registry-addon"))
+        .args([
+            "render",
+            "-f",
+            &format!("{}/tests/fixtures/cluster.yaml", env!("CARGO_MANIFEST_DIR")),
+            "--deployer",
+            "direct",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let value: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+        if value["kind"] == "Service" && value["metadata"]["name"] == "registry" {
+            return value["spec"]["sessionAffinity"].as_str().map(String::from);
+        }
+    }
+    panic!("no registry Service rendered")
+}
+
+/// Pushes through the Service reach one replica for the whole push: 20 of 20 multi-layer
+/// pushes through a balancer over three replicas; the same balancer without the affinity
+/// shows why it is needed. The syncer, authenticating to the peers' fronts, then makes every
+/// replica serve every image.
+#[tokio::test(flavor = "multi_thread")]
+async fn pushes_through_the_service_and_sync_with_auth() {
+    need("docker-registry", "docker-registry");
+    need("skopeo", "skopeo");
+    let dir = tempfile::tempdir().unwrap();
+    let tls = TestTls::new(&dir.path().join("tls"));
+    let replicas: Vec<Replica> = (0..3)
+        .map(|i| replica(&dir.path().join(format!("r{i}")), &tls))
+        .collect();
+    let fronts: Vec<u16> = replicas.iter().map(|r| r.front.port).collect();
+
+    let affinity = rendered_session_affinity();
+    assert_eq!(affinity.as_deref(), Some("ClientIP"));
+    let service = balancer(&dir.path().join("lb"), &fronts, affinity.as_deref());
+    let mut failures = Vec::new();
+    for i in 0..20 {
+        let layout = layout(dir.path(), 100 + i);
+        let out = skopeo(
+            &tls,
+            &format!("oci:{}:v1", layout.display()),
+            &format!("docker://127.0.0.1:{}/team/app:{i}", service.port),
+            Some(RW),
+        );
+        if !out.status.success() {
+            failures.push(format!(
+                "push {i}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 20 failed: {failures:?}",
+        failures.len()
+    );
+
+    // The balancer does spread connections: without the affinity, uploads break.
+    let spread = balancer(&dir.path().join("lb-spread"), &fronts, None);
+    let mut broken = 0;
+    for i in 0..4 {
+        let layout = layout(dir.path(), 200 + i);
+        let out = skopeo(
+            &tls,
+            &format!("oci:{}:v1", layout.display()),
+            &format!("docker://127.0.0.1:{}/team/spread:{i}", spread.port),
+            Some(RW),
+        );
+        if !out.status.success() {
+            broken += 1;
+        }
+    }
+    assert!(
+        broken > 0,
+        "every push succeeded without session affinity: the balancer did not spread them"
+    );
+
+    // The syncer of replica 0: its registry straight, the peers through their fronts as sync.
+    let creds = dir.path().join("sync.credentials");
+    std::fs::write(&creds, format!("{}:{}\n", SYNC.0, SYNC.1)).unwrap();
+    let before = tag_digests(&client(&replicas[0].registry.url, None, None)).await;
+    let out = Command::new(env!("CARGO_BIN_EXE_registry-addon"))
+        .args(["sync", "--once", "--local", &replicas[0].registry.url])
+        .args(["--peer", &replicas[1].front.url])
+        .args(["--peer", &replicas[2].front.url])
+        .arg("--ca-file")
+        .arg(&tls.ca_file)
+        .arg("--credentials-file")
+        .arg(&creds)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sync: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = tag_digests(&client(&replicas[0].registry.url, None, None)).await;
+    let mut all = std::collections::BTreeMap::new();
+    for r in &replicas[1..] {
+        all.extend(tag_digests(&client(&r.registry.url, None, None)).await);
+    }
+    all.extend(before);
+    assert_eq!(after, all);
+    assert!(after.len() >= 20);
+
+    // Without credentials the peers refuse the syncer.
+    let out = Command::new(env!("CARGO_BIN_EXE_registry-addon"))
+        .args(["sync", "--once", "--local", &replicas[0].registry.url])
+        .args(["--peer", &replicas[1].front.url])
+        .arg("--ca-file")
+        .arg(&tls.ca_file)
+        .env_remove("REGISTRY_USERNAME")
+        .env_remove("REGISTRY_PASSWORD")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "sync without credentials succeeded");
+}
