@@ -22,7 +22,7 @@ use sync_support::{
 };
 
 /// Every subcommand of the binary: each must start in the image (`--help`).
-const COMMANDS: &[&[&str]] = &[&["serve"], &["sync"], &["render"]];
+const COMMANDS: &[&[&str]] = &[&["serve"], &["sync"], &["front"], &["render"]];
 
 const TOOLS: [&str; 7] = [
     "containerd",
