@@ -866,8 +866,15 @@ async fn ca_mismatch_fails_and_issues_nothing() {
     let env = Env::new().await;
     assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
     let cert = env.tls_cert_pem();
-    // As after `clusterctl move` without the root CA: a new management cluster, a new root.
+    // As after `clusterctl move` without the root CA: a new management cluster, another root
+    // CA Secret (the operator's or cert-manager's).
     env.management.remove(&root_ca_path());
+    let other =
+        CertificateAuthority::generate(KeyAlgorithm::EcdsaP256, OffsetDateTime::now_utc()).unwrap();
+    env.management.put(
+        &format!("/api/v1/namespaces/{EXTENSION_NAMESPACE}/secrets"),
+        objects::root_ca_secret(EXTENSION_NAMESPACE, &other),
+    );
     env.clear_logs();
     for hook in [
         Hook::AfterControlPlaneInitialized,
@@ -1384,4 +1391,96 @@ async fn unusable_user_secrets_fail_naming_the_secret() {
         assert_eq!(env.writes(), 0, "{:?}", env.management.requests());
         assert_eq!(env.management.get(&rw_path).unwrap(), before);
     }
+}
+
+/// A root CA Secret deleted after clusters were set up is not silently replaced: the hooks of
+/// those clusters, and of a cluster created meanwhile, fail naming the CA the clusters trust,
+/// until the Secret is restored.
+#[tokio::test]
+async fn a_lost_root_ca_is_not_replaced() {
+    let env = Env::new().await;
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    let original = env.management.get(&root_ca_path()).unwrap();
+    let fingerprint = CertInfo::from_pem(&unb64(&original["data"]["ca.crt"]))
+        .unwrap()
+        .sha256_hex()
+        .to_uppercase();
+    // The Cluster as the management cluster holds it, for the look-up of other clusters.
+    let mut stored = env.cluster.clone();
+    stored["apiVersion"] = json!("cluster.x-k8s.io/v1beta2");
+    stored["kind"] = json!("Cluster");
+    env.management.put(
+        "/apis/cluster.x-k8s.io/v1beta2/namespaces/default/clusters",
+        stored,
+    );
+    env.management.remove(&root_ca_path());
+
+    for hook in [
+        Hook::BeforeClusterCreate,
+        Hook::AfterControlPlaneInitialized,
+        Hook::BeforeClusterUpgrade,
+    ] {
+        let response = env.call(hook).await;
+        assert_failure(
+            &response,
+            "registry-addon-root-ca on the management cluster is missing",
+        );
+        assert_failure(&response, "cluster default/wl-1 trusts a root CA");
+        assert_failure(
+            &response,
+            &format!("{}:{}", &fingerprint[..2], &fingerprint[2..4]),
+        );
+        assert_failure(&response, "restore that Secret");
+    }
+    assert!(env.management.get(&root_ca_path()).is_none());
+
+    // A cluster created while the Secret is gone is not issued an interim CA either.
+    let mut other = Env::new().await;
+    other.cluster["metadata"]["name"] = json!("wl-2");
+    other.cluster["metadata"]["uid"] = json!("00000000-0000-0000-0000-000000009999");
+    let mut wl1 = env.cluster.clone();
+    wl1["apiVersion"] = json!("cluster.x-k8s.io/v1beta2");
+    wl1["kind"] = json!("Cluster");
+    other.management.put(
+        "/apis/cluster.x-k8s.io/v1beta2/namespaces/default/clusters",
+        wl1,
+    );
+    other.management.put(
+        "/api/v1/namespaces/default/secrets",
+        env.management.get(&cluster_ca_path()).unwrap(),
+    );
+    let response = other.call(Hook::BeforeClusterCreate).await;
+    assert_failure(&response, "cluster default/wl-1 trusts a root CA");
+    assert!(other.management.get(&root_ca_path()).is_none());
+
+    // Restored: everything works again, with the original CA.
+    env.management.put(
+        &format!("/api/v1/namespaces/{EXTENSION_NAMESPACE}/secrets"),
+        original,
+    );
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+}
+
+/// BeforeClusterCreate asks CAPI to call again when the management API has a passing
+/// failure (an etcd restart), instead of failing the cluster's creation.
+#[tokio::test]
+async fn before_cluster_create_retries_on_transient_errors() {
+    let env = Env::new().await;
+    env.management
+        .fail_next(Some(Method::GET), "/secrets/registry-addon-root-ca", 1, 500);
+    let response = env.call(Hook::BeforeClusterCreate).await;
+    assert_eq!(response["status"], "Success", "{response}");
+    assert!(
+        response["retryAfterSeconds"].as_i64().unwrap() > 0,
+        "{response}"
+    );
+    assert!(
+        response["message"].as_str().unwrap().contains("get: 500"),
+        "{response}"
+    );
+    assert_success(&env.call(Hook::BeforeClusterCreate).await);
+    // A permanent error is still a Failure.
+    env.management
+        .fail_next(Some(Method::GET), "/secrets/registry-addon-root-ca", 1, 403);
+    assert_failure(&env.call(Hook::BeforeClusterCreate).await, "get: 403");
 }

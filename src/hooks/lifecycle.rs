@@ -104,15 +104,19 @@ pub(crate) enum HookError {
     /// The direct deployer would share the registry with a HelmChartProxy's release.
     #[error("{0}")]
     DeployerConflict(String),
+    /// The root CA Secret is gone while clusters trust the CA it held.
+    #[error("{0}")]
+    RootCaMissing(String),
 }
 
 impl HookError {
     fn is_transient(&self) -> bool {
         match self {
             HookError::Kube(e) => e.is_transient(),
-            HookError::Invalid(_) | HookError::CaMismatch(_) | HookError::DeployerConflict(_) => {
-                false
-            }
+            HookError::Invalid(_)
+            | HookError::CaMismatch(_)
+            | HookError::DeployerConflict(_)
+            | HookError::RootCaMissing(_) => false,
         }
     }
 
@@ -168,13 +172,18 @@ pub async fn handle(ctx: &HookContext, call: LifecycleCall<'_>) -> Response {
                 "cluster {key}: {hook} did not finish within {:.1}s; it will be retried",
                 deadline.as_secs_f64()
             );
-            if hook == Hook::BeforeClusterUpgrade {
+            if is_blocking(hook) {
                 Response::retry(hook, RETRY_AFTER_SECONDS, message)
             } else {
                 Response::failure(hook, message)
             }
         }
     }
+}
+
+/// Hooks that may answer `retryAfterSeconds`: CAPI calls them again instead of failing.
+fn is_blocking(hook: Hook) -> bool {
+    matches!(hook, Hook::BeforeClusterCreate | Hook::BeforeClusterUpgrade)
 }
 
 /// The root CA: read from `registry-addon-root-ca`, generated when absent. An existing
@@ -199,6 +208,15 @@ pub(crate) async fn ensure_root_ca(
     let secret = match existing {
         Some(secret) => secret,
         None => {
+            if let Some((holder, fingerprint)) = earlier_root_ca(management, cluster_key).await? {
+                return Err(HookError::RootCaMissing(format!(
+                    "{} is missing, but cluster {holder} trusts a root CA (SHA-256 fingerprint \
+                     {fingerprint}): restore that Secret (tls.crt, tls.key, ca.crt) from a \
+                     backup or from the management cluster the clusters were created on; a new \
+                     root CA is generated only while no cluster holds a copy of an earlier one",
+                    describe()
+                )));
+            }
             let algorithm = ctx.config.addon.key_algorithm;
             let ca = CertificateAuthority::generate(algorithm, OffsetDateTime::now_utc())
                 .map_err(|e| HookError::Invalid(format!("{}: {e}", describe())))?;
@@ -229,6 +247,63 @@ pub(crate) async fn ensure_root_ca(
 struct Users {
     ro: StoredUser,
     rw: StoredUser,
+}
+
+/// A cluster holding a copy of a root CA (its `<cluster>-registry-addon-ca`), with that CA's
+/// fingerprint: the calling cluster first, then every Cluster of the management cluster.
+/// Looked at only while the root CA Secret is missing.
+async fn earlier_root_ca(
+    management: &ClusterApi,
+    cluster_key: &str,
+) -> Result<Option<(String, String)>, HookError> {
+    let copy = |namespace: String, name: String| async move {
+        let secret = management
+            .get(
+                "v1",
+                "Secret",
+                Some(&namespace),
+                &names::cluster_ca_secret(&name),
+            )
+            .await?;
+        let fingerprint = secret
+            .and_then(|s| secret_data(&s, "ca.crt"))
+            .and_then(|pem| CertInfo::from_pem(&pem).ok())
+            .map(|info| colon_hex(&info.sha256_hex()));
+        Ok::<_, HookError>(fingerprint.map(|f| (format!("{namespace}/{name}"), f)))
+    };
+    if let Some((namespace, name)) = cluster_key.split_once('/')
+        && let Some(found) = copy(namespace.to_string(), name.to_string()).await?
+    {
+        return Ok(Some(found));
+    }
+    for api_version in ["cluster.x-k8s.io/v1beta2", "cluster.x-k8s.io/v1beta1"] {
+        let clusters = management.list(api_version, "Cluster", None).await?;
+        if clusters.is_empty() {
+            continue;
+        }
+        for cluster in clusters {
+            let metadata = &cluster["metadata"];
+            let (Some(namespace), Some(name)) =
+                (metadata["namespace"].as_str(), metadata["name"].as_str())
+            else {
+                continue;
+            };
+            if let Some(found) = copy(namespace.to_string(), name.to_string()).await? {
+                return Ok(Some(found));
+            }
+        }
+        break;
+    }
+    Ok(None)
+}
+
+/// `ab:cd:…`, as `openssl x509 -fingerprint` prints it.
+fn colon_hex(hex: &str) -> String {
+    hex.as_bytes()
+        .chunks(2)
+        .map(|pair| String::from_utf8_lossy(pair).to_uppercase())
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 struct Handler<'a> {
@@ -305,8 +380,12 @@ impl Handler<'_> {
             }
             _ => format!("cluster {}: {e}", self.key),
         };
-        // An upgrade waits for the workload cluster rather than failing on a passing outage.
+        // An upgrade waits for the workload cluster rather than failing on a passing outage;
+        // a create waits for the management cluster (an etcd restart, a throttled API).
         if hook == Hook::BeforeClusterUpgrade && e.is_transient() && e.on_workload() {
+            return Response::retry(hook, RETRY_AFTER_SECONDS, message);
+        }
+        if hook == Hook::BeforeClusterCreate && e.is_transient() {
             return Response::retry(hook, RETRY_AFTER_SECONDS, message);
         }
         Response::failure(hook, message)

@@ -10,7 +10,8 @@ use std::fmt;
 use std::time::Duration;
 
 use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
+    PatchParams, PostParams,
 };
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::Value;
@@ -166,6 +167,33 @@ impl ClusterApi {
         serde_json::to_value(object)
             .map(Some)
             .map_err(|e| self.error(kind, namespace, name, "decode", kube::Error::SerdeError(e)))
+    }
+
+    /// Every object of a kind, in `namespace` or in all namespaces. A kind that is not served
+    /// (any 404) lists as empty.
+    pub async fn list(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: Option<&str>,
+    ) -> Result<Vec<Value>, Error> {
+        let list = match self
+            .api(api_version, kind, namespace)
+            .list(&ListParams::default())
+            .await
+        {
+            Ok(list) => list,
+            Err(kube::Error::Api(status)) if status.code == 404 => return Ok(Vec::new()),
+            Err(e) => return Err(self.error(kind, namespace, "", "list", e)),
+        };
+        list.items
+            .into_iter()
+            .map(|item| {
+                serde_json::to_value(item).map_err(|e| {
+                    self.error(kind, namespace, "", "decode", kube::Error::SerdeError(e))
+                })
+            })
+            .collect()
     }
 
     /// Server-side apply of `desired` with field manager `registry-addon`, forcing ownership.
