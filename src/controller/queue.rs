@@ -244,7 +244,7 @@ where
         match self.timer_of.get(&key) {
             Some((_, existing)) if *existing <= due => {}
             Some((timer, _)) => {
-                let timer = timer.clone();
+                let timer = *timer;
                 self.timers.reset_at(&timer, due);
                 self.timer_of.insert(key, (timer, due));
             }
