@@ -57,6 +57,15 @@ pub struct ServeArgs {
     /// Hooks advertised by discovery (comma-separated). Default: every hook this addon implements.
     #[arg(long, value_delimiter = ',', value_parser = parse_hook)]
     pub hooks: Vec<Hook>,
+    /// Run the day-2 controller (leader-elected): `--controller=false` leaves the hooks alone at work.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub controller: bool,
+    /// Namespace whose Clusters the controller watches (repeatable); default: all namespaces.
+    #[arg(long = "watch-namespace")]
+    pub watch_namespaces: Vec<String>,
+    /// How often the controller reconciles every cluster even when nothing changed (Go duration).
+    #[arg(long, default_value = "10m", value_parser = parse_resync)]
+    pub resync: std::time::Duration,
     #[command(flatten)]
     pub addon: AddonOptions,
 }
@@ -135,6 +144,14 @@ pub struct RenderArgs {
 
 fn parse_hook(s: &str) -> Result<Hook, String> {
     s.trim().parse()
+}
+
+fn parse_resync(s: &str) -> Result<std::time::Duration, String> {
+    let resync = crate::duration::parse_go_duration(s)?;
+    if resync < std::time::Duration::from_secs(1) {
+        return Err(format!("{s}: the resync period must be at least 1s"));
+    }
+    Ok(resync)
 }
 
 fn parse_fraction(s: &str) -> Result<f64, String> {

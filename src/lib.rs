@@ -4,11 +4,13 @@
 //! Layout: `webhook` serves the Runtime SDK over HTTPS and routes to `hooks`; `wire` holds the
 //! Runtime SDK types and the topology variable; `certs` issues and inspects certificates;
 //! `k8s` is the thin Kubernetes access layer; `render` produces the registry objects; `oci`
-//! and `sync` are the registry client and the replica syncer.
+//! and `sync` are the registry client and the replica syncer; `controller` is the day-2
+//! controller in `serve` (Cluster watch, Lease, work queue, `ClusterRegistry` status).
 
 pub mod addon;
 pub mod certs;
 pub mod cli;
+pub mod controller;
 pub mod duration;
 pub mod front;
 pub mod hooks;

@@ -33,6 +33,7 @@ pub struct Metrics {
     pub latency: Family<LatencyLabels, Histogram>,
     pub cert_reloads: Counter,
     pub cert_reload_errors: Counter,
+    pub controller: Arc<crate::controller::metrics::ControllerMetrics>,
 }
 
 impl Default for Metrics {
@@ -67,12 +68,16 @@ impl Default for Metrics {
             "Serving certificate files that changed but could not be loaded",
             cert_reload_errors.clone(),
         );
+        let controller = Arc::new(crate::controller::metrics::ControllerMetrics::register(
+            &mut registry,
+        ));
         Metrics {
             registry,
             requests,
             latency,
             cert_reloads,
             cert_reload_errors,
+            controller,
         }
     }
 }

@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::cli::ServeArgs;
+use crate::controller::{self, ControllerConfig, ConvergePending};
 use crate::duration::parse_go_duration;
 use crate::hooks::{self, HookConfig, HookContext, Management, Prepared};
 use crate::metrics::{self, Metrics};
@@ -53,6 +54,7 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
+    controller: Option<JoinHandle<()>>,
 }
 
 impl Running {
@@ -60,6 +62,9 @@ impl Running {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
+        if let Some(controller) = self.controller {
+            let _ = controller.await;
+        }
     }
 }
 
@@ -169,6 +174,14 @@ pub async fn start_with(args: ServeArgs, management: Management) -> anyhow::Resu
         namespace: args.namespace.clone(),
         addon: args.addon.clone(),
     };
+    let controller_client = match (&management, args.controller) {
+        (Management::Client(client), true) => Some(client.clone()),
+        (Management::Unavailable(_), true) => {
+            tracing::warn!("no management cluster: the controller does not run");
+            None
+        }
+        (_, false) => None,
+    };
     let discovery_body = Bytes::from(
         serde_json::to_vec(&HookResponse::discovery(handlers::discovery(&handlers)))
             .map_err(|e| anyhow::anyhow!("cannot encode the discovery response: {e}"))?,
@@ -189,6 +202,19 @@ pub async fn start_with(args: ServeArgs, management: Management) -> anyhow::Resu
     ));
 
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let controller = controller_client.map(|client| {
+        let config =
+            ControllerConfig::new(&args.namespace, args.watch_namespaces.clone(), args.resync);
+        // Wired to the addon converge path: `ConvergePending` is replaced by its Reconciler.
+        let reconciler = Arc::new(ConvergePending);
+        tokio::spawn(controller::run_until(
+            client,
+            config,
+            reconciler,
+            metrics.controller.clone(),
+            shutdown_rx.clone(),
+        ))
+    });
     let task = tokio::spawn(accept_loop(listener, acceptor, app, shutdown_rx));
     ready.store(true, Ordering::Release);
     tracing::info!(%addr, %metrics_addr, "serving Runtime SDK hooks");
@@ -199,6 +225,7 @@ pub async fn start_with(args: ServeArgs, management: Management) -> anyhow::Resu
         metrics,
         shutdown,
         task,
+        controller,
     })
 }
 

@@ -9,9 +9,11 @@ import re
 import subprocess
 
 import helm_python
+import jsonschema
 import pytest
+import yaml
 
-from helpers import ADDON_CHART, REGISTRY_CHART, REPO, key, render, validate
+from helpers import ADDON_CHART, REGISTRY_CHART, REPO, key, render, validate, validate_with_crd
 
 NAMESPACE = "registry-addon-system"
 MODES = [{}, {"certManager": {"enabled": False}}, {"createNamespace": True, "deployer": "direct", "extensionConfig": {"namespaceSelector": {"matchLabels": {"registry": "on"}}, "settings": {"foo": "bar"}}}]
@@ -77,6 +79,41 @@ def test_rbac_is_least_privilege():
     assert rules[("", "secrets")] == {"get", "create", "patch", "delete"}
     assert rules[("addons.cluster.x-k8s.io", "helmchartproxies")] >= {"get", "create", "patch", "delete"}
     assert rules[("cluster.x-k8s.io", "clusters")] == {"get", "list", "watch"}
+    assert rules[("registry-addon.io", "clusterregistries")] == {"get", "create", "patch", "delete"}
+    assert rules[("registry-addon.io", "clusterregistries/status")] == {"patch"}
+    assert rules[("events.k8s.io", "events")] == {"create", "patch"}
+    # Leases only in the extension's own namespace (a Role, not the ClusterRole).
+    assert not any(g == "coordination.k8s.io" for g, _ in rules)
+    lease_role = [r for r in by_kind(objects, "Role") if r["metadata"]["name"].endswith("leader-election")][0]
+    assert lease_role["metadata"]["namespace"] == NAMESPACE
+    assert lease_role["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]}]
+
+
+def test_cluster_registry_crd_is_installed_with_the_binding_names(tmp_path):
+    crd = [o for o in by_kind(render(ADDON_CHART, {}, NAMESPACE), "CustomResourceDefinition")]
+    assert [c["metadata"]["name"] for c in crd] == ["clusterregistries.registry-addon.io"]
+    spec = crd[0]["spec"]
+    assert spec["scope"] == "Namespaced" and spec["names"]["shortNames"] == ["creg"]
+    version = spec["versions"][0]
+    assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Mode", "Ready", "Replicas", "Cert-Expires", "Age"]
+    example = {
+        "apiVersion": "registry-addon.io/v1alpha1",
+        "kind": "ClusterRegistry",
+        "metadata": {"name": "c1", "namespace": "default"},
+        "status": {
+            "observedGeneration": 2, "mode": "Local", "replicas": 3, "readyReplicas": 2, "replicasReady": "2/3",
+            "certificate": {"notAfter": "2028-11-16T15:06:40Z", "renewAfter": "2028-03-21T15:06:40Z"},
+            "conditions": [{"type": "Ready", "status": "False", "reason": "ReplicasNotReady", "message": "2 of 3 replicas ready",
+                            "lastTransitionTime": "2026-12-01T09:00:00Z", "observedGeneration": 2}],
+        },
+    }
+    path = tmp_path / "clusterregistries.yaml"
+    path.write_text(yaml.safe_dump(crd[0]))
+    validate_with_crd(example, path)
+    bad = {**example, "status": {**example["status"], "mode": "Sideways"}}
+    with pytest.raises(jsonschema.ValidationError):
+        validate_with_crd(bad, path)
 
 
 def test_deployment_is_hardened_and_probed():

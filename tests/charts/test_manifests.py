@@ -26,7 +26,7 @@ def test_manifests_are_valid():
     assert docs[0]["kind"] == "Namespace"
     for obj in docs:
         validate(obj)
-        if obj["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding", "ExtensionConfig"):
+        if obj["kind"] not in ("CustomResourceDefinition", "Namespace", "ClusterRole", "ClusterRoleBinding", "ExtensionConfig"):
             assert obj["metadata"]["namespace"] == "registry-addon-system", obj["metadata"]["name"]
 
 

@@ -8,7 +8,18 @@
 //! applies them; the status subresource; delete with finalizers; resourceVersion bumped only
 //! on a real change and generation on a change outside metadata and status; `Status` error
 //! bodies; a request log; error injection. Not modelled: field-ownership conflicts,
-//! keyed-list merging, defaulting, validation, garbage collection, watch.
+//! keyed-list merging, defaulting, validation, garbage collection.
+//!
+//! Watch (`?watch=true&resourceVersion=…`): newline-delimited `{"type", "object"}` events
+//! (ADDED, MODIFIED, DELETED; BOOKMARK on `allowWatchBookmarks=true` when a batch of
+//! changes matched nothing), from a bounded history of changes. A watch from a
+//! resourceVersion older than the history answers, as kube-apiserver does, a 200 stream whose
+//! only event is an `ERROR` carrying a 410 `Expired` Status, so that a client relists; a
+//! consumer too slow to keep up with the history gets the same. `resourceVersion` empty or
+//! `0` starts with an ADDED event per existing object. `timeoutSeconds` ends the stream.
+//! Lists carry the store's resourceVersion. An `Accept` of
+//! `application/json;as=PartialObjectMetadata[List];g=meta.k8s.io;v=v1` (kube's metadata
+//! API) gets `PartialObjectMetadata` objects: metadata only.
 //!
 //! `metadata.managedFields`, returned on GET and list as kube-apiserver does: one `Apply`
 //! entry per server-side-apply manager (`time` fixed), whose `fieldsV1` is the field set of
@@ -28,7 +39,10 @@ use std::future::IntoFuture;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::Router;
-use axum::body::Bytes;
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -71,13 +85,48 @@ struct Fault {
     status: u16,
 }
 
-#[derive(Default)]
+/// One change, as a watch reports it.
+struct Change {
+    resource_version: u64,
+    key: Key,
+    kind: &'static str,
+    object: Value,
+}
+
+/// Changes kept for watches; older ones are compacted away, as etcd does.
+const DEFAULT_HISTORY: usize = 10_000;
+
 struct Store {
     objects: BTreeMap<Key, Stored>,
     resource_version: u64,
     uid: u64,
     log: Vec<Logged>,
     faults: Vec<Fault>,
+    history: VecDeque<Change>,
+    history_limit: usize,
+    /// A watch from a resourceVersion below this one has lost changes: 410.
+    compacted: u64,
+    /// Bumped to end every open watch stream.
+    watch_epoch: u64,
+    /// Wakes watch streams: the latest resourceVersion and watch epoch.
+    changed: tokio::sync::watch::Sender<(u64, u64)>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store {
+            objects: BTreeMap::new(),
+            resource_version: 0,
+            uid: 0,
+            log: Vec::new(),
+            faults: Vec::new(),
+            history: VecDeque::new(),
+            history_limit: DEFAULT_HISTORY,
+            compacted: 0,
+            watch_epoch: 0,
+            changed: tokio::sync::watch::Sender::new((0, 0)),
+        }
+    }
 }
 
 /// A running stand-in. Dropping it stops the server.
@@ -182,11 +231,14 @@ impl ApiServer {
             namespace: target.namespace.clone().unwrap_or_default(),
             name,
         };
-        let applied = store
-            .objects
-            .get(&key)
-            .map(|s| s.applied.clone())
-            .unwrap_or_default();
+        let previous = store.objects.get(&key).map(|s| s.applied.clone());
+        let kind = if previous.is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        let applied = previous.unwrap_or_default();
+        store.record(kind, &key, &object);
         store.objects.insert(key, Stored { object, applied });
     }
 
@@ -200,6 +252,8 @@ impl ApiServer {
         let stored = store.objects.get_mut(&key).expect("object exists");
         change(&mut stored.object);
         stored.object["metadata"]["resourceVersion"] = json!(rv);
+        let object = stored.object.clone();
+        store.record("MODIFIED", &key, &object);
     }
 
     /// Removes an object without going through the API.
@@ -207,7 +261,38 @@ impl ApiServer {
         let key = Target::parse(path)
             .and_then(|t| t.key())
             .expect("object path");
-        self.store().objects.remove(&key);
+        let mut store = self.store();
+        if let Some(stored) = store.objects.remove(&key) {
+            store.record_deletion(&key, stored.object);
+        }
+    }
+
+    /// Keeps at most `n` changes for watches; a watch further behind gets 410 Gone.
+    pub fn set_watch_history(&self, n: usize) {
+        let mut store = self.store();
+        store.history_limit = n.max(1);
+        store.trim_history();
+    }
+
+    /// Forgets every change so far, as an etcd compaction does: a watch or list+watch from
+    /// an earlier resourceVersion gets 410 Gone.
+    pub fn compact(&self) {
+        let mut store = self.store();
+        store.history.clear();
+        store.compacted = store.resource_version;
+    }
+
+    /// Ends every open watch stream (an API server restart or a load balancer's idle cut).
+    pub fn close_watches(&self) {
+        let mut store = self.store();
+        store.watch_epoch += 1;
+        let state = (store.resource_version, store.watch_epoch);
+        store.changed.send_replace(state);
+    }
+
+    /// Number of open watch streams.
+    pub fn open_watches(&self) -> usize {
+        self.store().changed.receiver_count()
     }
 }
 
@@ -319,7 +404,7 @@ fn percent_decode(s: &str) -> String {
 }
 
 async fn handle(
-    State(store): State<Arc<Mutex<Store>>>,
+    State(shared): State<Arc<Mutex<Store>>>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -332,7 +417,11 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let mut store = store.lock().unwrap_or_else(|e| e.into_inner());
+    let partial = headers
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("as=PartialObjectMetadata"));
+    let mut store = shared.lock().unwrap_or_else(|e| e.into_inner());
     store.log.push(Logged {
         method: method.clone(),
         path: path.clone(),
@@ -366,9 +455,11 @@ async fn handle(
             Err(e) => return status_error(400, "BadRequest", format!("invalid JSON body: {e}")),
         }
     };
+    let watch = matches!(query_param(&query, "watch").as_deref(), Some("true" | "1"));
     match (method.clone(), target.name.is_some()) {
-        (Method::GET, true) => store.get(&target),
-        (Method::GET, false) => store.list(&target, &query),
+        (Method::GET, true) => store.get(&target, partial),
+        (Method::GET, false) if watch => store.watch(shared.clone(), &target, &query, partial),
+        (Method::GET, false) => store.list(&target, &query, partial),
         (Method::POST, false) => store.create(&target, body, &query),
         (Method::PUT, true) => store.replace(&target, body),
         (Method::PATCH, true) => store.patch(&target, body, &content_type, &query),
@@ -409,15 +500,16 @@ impl Store {
         self.resource_version.to_string()
     }
 
-    fn get(&self, target: &Target) -> Response {
+    fn get(&self, target: &Target, partial: bool) -> Response {
         let key = target.key().expect("named");
         match self.objects.get(&key) {
+            Some(stored) if partial => ok(StatusCode::OK, partial_metadata(&stored.object)),
             Some(stored) => ok(StatusCode::OK, stored.object.clone()),
             None => status_error(404, "NotFound", format!("{} not found", describe(target))),
         }
     }
 
-    fn list(&self, target: &Target, query: &str) -> Response {
+    fn list(&self, target: &Target, query: &str, partial: bool) -> Response {
         let selector = query_param(query, "labelSelector").unwrap_or_default();
         let requirements = match parse_selector(&selector) {
             Ok(r) => r,
@@ -443,6 +535,18 @@ impl Store {
                 requirements.iter().all(|r| r.matches(&labels))
             })
             .collect();
+        if partial {
+            let items: Vec<Value> = items.iter().map(partial_metadata).collect();
+            return ok(
+                StatusCode::OK,
+                json!({
+                    "apiVersion": "meta.k8s.io/v1",
+                    "kind": "PartialObjectMetadataList",
+                    "metadata": {"resourceVersion": self.resource_version.to_string()},
+                    "items": items,
+                }),
+            );
+        }
         let kind = items
             .first()
             .and_then(|o| o["kind"].as_str().map(str::to_string))
@@ -490,6 +594,7 @@ impl Store {
         }
         let _ = query_param(query, "fieldManager");
         fold_string_data(&mut object);
+        self.record("ADDED", &key, &object);
         self.objects.insert(
             key,
             Stored {
@@ -598,6 +703,7 @@ impl Store {
                 }
                 let rv = self.next_rv();
                 object["metadata"]["resourceVersion"] = json!(rv);
+                self.record("ADDED", &key, &object);
                 self.objects.insert(
                     key,
                     Stored {
@@ -645,11 +751,13 @@ impl Store {
                 let rv = self.next_rv();
                 object["metadata"]["resourceVersion"] = json!(rv);
                 self.objects.get_mut(&key).expect("exists").object = object.clone();
+                self.record("MODIFIED", &key, &object);
             }
             return ok(StatusCode::OK, object);
         }
         self.objects.remove(&key);
-        ok(StatusCode::OK, stored.object)
+        let object = self.record_deletion(&key, stored.object);
+        ok(StatusCode::OK, object)
     }
 
     /// Stores `new` if it differs from `old`: resourceVersion bumped, generation bumped when
@@ -699,6 +807,7 @@ impl Store {
         }
         let rv = self.next_rv();
         new["metadata"]["resourceVersion"] = json!(rv);
+        self.record("MODIFIED", &key, &new);
         self.objects.insert(
             key,
             Stored {
@@ -707,6 +816,239 @@ impl Store {
             },
         );
         ok(StatusCode::OK, new)
+    }
+
+    /// Remembers a change for watches and wakes them. `object` carries the new
+    /// resourceVersion already.
+    fn record(&mut self, kind: &'static str, key: &Key, object: &Value) {
+        let resource_version = self.resource_version;
+        self.history.push_back(Change {
+            resource_version,
+            key: key.clone(),
+            kind,
+            object: object.clone(),
+        });
+        self.trim_history();
+        let state = (resource_version, self.watch_epoch);
+        self.changed.send_replace(state);
+    }
+
+    /// A deletion takes a resourceVersion of its own; the deleted object carries it.
+    fn record_deletion(&mut self, key: &Key, mut object: Value) -> Value {
+        let rv = self.next_rv();
+        object["metadata"]["resourceVersion"] = json!(rv);
+        self.record("DELETED", key, &object);
+        object
+    }
+
+    fn trim_history(&mut self) {
+        while self.history.len() > self.history_limit {
+            if let Some(change) = self.history.pop_front() {
+                self.compacted = change.resource_version;
+            }
+        }
+    }
+
+    /// `GET …?watch=true`: a stream of the changes after `resourceVersion` that match.
+    fn watch(
+        &self,
+        shared: Arc<Mutex<Store>>,
+        target: &Target,
+        query: &str,
+        partial: bool,
+    ) -> Response {
+        let selector = query_param(query, "labelSelector").unwrap_or_default();
+        let requirements = match parse_selector(&selector) {
+            Ok(r) => r,
+            Err(e) => return status_error(400, "BadRequest", e),
+        };
+        let since = query_param(query, "resourceVersion").unwrap_or_default();
+        let filter = WatchFilter {
+            group_version: target.group_version.clone(),
+            plural: target.plural.clone(),
+            namespace: target.namespace.clone(),
+            requirements,
+            partial,
+        };
+        let mut pending = VecDeque::new();
+        let cursor = match since.as_str() {
+            "" | "0" => {
+                for (key, stored) in &self.objects {
+                    if filter.matches(key, &stored.object) {
+                        pending.push_back(event_line("ADDED", filter.shape(&stored.object)));
+                    }
+                }
+                self.resource_version
+            }
+            rv => match rv.parse::<u64>() {
+                Ok(rv) => rv,
+                Err(_) => {
+                    return status_error(
+                        400,
+                        "BadRequest",
+                        format!("invalid resourceVersion {rv:?}"),
+                    );
+                }
+            },
+        };
+        let deadline = query_param(query, "timeoutSeconds")
+            .and_then(|t| t.parse::<u64>().ok())
+            .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+        let stream = WatchStream {
+            shared,
+            filter,
+            cursor,
+            pending,
+            changed: self.changed.subscribe(),
+            epoch: self.watch_epoch,
+            bookmarks: query_param(query, "allowWatchBookmarks").as_deref() == Some("true"),
+            deadline,
+            done: false,
+        };
+        Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/json")
+            .body(Body::from_stream(futures::stream::unfold(
+                stream,
+                WatchStream::next,
+            )))
+            .unwrap_or_else(|_| {
+                status_error(500, "InternalError", "cannot build the watch response")
+            })
+    }
+}
+
+/// Which objects a watch reports, and in which shape.
+struct WatchFilter {
+    group_version: String,
+    plural: String,
+    namespace: Option<String>,
+    requirements: Vec<Requirement>,
+    partial: bool,
+}
+
+impl WatchFilter {
+    fn matches(&self, key: &Key, object: &Value) -> bool {
+        let labels = object["metadata"]["labels"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        key.group_version == self.group_version
+            && key.plural == self.plural
+            && self
+                .namespace
+                .as_ref()
+                .is_none_or(|ns| *ns == key.namespace)
+            && self.requirements.iter().all(|r| r.matches(&labels))
+    }
+
+    fn shape(&self, object: &Value) -> Value {
+        if self.partial {
+            partial_metadata(object)
+        } else {
+            object.clone()
+        }
+    }
+}
+
+fn event_line(kind: &str, object: Value) -> Bytes {
+    let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// An object as kube-apiserver's metadata API returns it.
+fn partial_metadata(object: &Value) -> Value {
+    json!({
+        "apiVersion": "meta.k8s.io/v1",
+        "kind": "PartialObjectMetadata",
+        "metadata": object["metadata"],
+    })
+}
+
+/// The state of one open watch; events are produced only as fast as the client reads them,
+/// so a slow client falls behind the history and gets 410.
+struct WatchStream {
+    shared: Arc<Mutex<Store>>,
+    filter: WatchFilter,
+    cursor: u64,
+    pending: VecDeque<Bytes>,
+    changed: tokio::sync::watch::Receiver<(u64, u64)>,
+    epoch: u64,
+    bookmarks: bool,
+    deadline: Option<tokio::time::Instant>,
+    done: bool,
+}
+
+impl WatchStream {
+    async fn next(mut self) -> Option<(Result<Bytes, std::io::Error>, Self)> {
+        loop {
+            if let Some(line) = self.pending.pop_front() {
+                return Some((Ok(line), self));
+            }
+            if self.done {
+                return None;
+            }
+            self.catch_up();
+            if !self.pending.is_empty() || self.done {
+                continue;
+            }
+            let wait = self.changed.changed();
+            let outcome = match self.deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, wait).await.ok(),
+                None => Some(wait.await),
+            };
+            match outcome {
+                Some(Ok(())) => {}
+                // Timed out, or the server is gone.
+                _ => return None,
+            }
+        }
+    }
+
+    /// Queues the changes after the cursor, or a 410 when they are no longer known.
+    fn catch_up(&mut self) {
+        let store = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        if store.watch_epoch != self.epoch {
+            self.done = true;
+            return;
+        }
+        if self.cursor < store.compacted {
+            let status = json!({
+                "kind": "Status",
+                "apiVersion": "v1",
+                "metadata": {},
+                "status": "Failure",
+                "message": format!("too old resource version: {} ({})", self.cursor, store.compacted + 1),
+                "reason": "Expired",
+                "code": 410,
+            });
+            self.pending.push_back(event_line("ERROR", status));
+            self.done = true;
+            return;
+        }
+        if store.resource_version == self.cursor {
+            return;
+        }
+        for change in store
+            .history
+            .iter()
+            .filter(|c| c.resource_version > self.cursor)
+        {
+            if self.filter.matches(&change.key, &change.object) {
+                self.pending
+                    .push_back(event_line(change.kind, self.filter.shape(&change.object)));
+            }
+        }
+        self.cursor = store.resource_version;
+        if self.pending.is_empty() && self.bookmarks {
+            let bookmark = json!({
+                "apiVersion": self.filter.group_version,
+                "kind": kind_of(&self.filter.plural),
+                "metadata": {"resourceVersion": self.cursor.to_string()},
+            });
+            self.pending.push_back(event_line("BOOKMARK", bookmark));
+        }
     }
 }
 
