@@ -1,4 +1,4 @@
-//! The command line: `registry-addon serve | sync | render`.
+//! The command line: `registry-addon serve | sync | render | mirror`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,6 +30,8 @@ pub enum Command {
     Sync(crate::sync::SyncArgs),
     /// Print every object the hooks would create for a Cluster manifest, offline.
     Render(RenderArgs),
+    /// Copy images into an OCI layout or archive (`pull`) and from there into a mirror (`push`).
+    Mirror(crate::mirror::MirrorArgs),
 }
 
 #[derive(Debug, Clone, Args)]

@@ -4,7 +4,8 @@
 //! Layout: `webhook` serves the Runtime SDK over HTTPS and routes to `hooks`; `wire` holds the
 //! Runtime SDK types and the topology variable; `certs` issues and inspects certificates;
 //! `k8s` is the thin Kubernetes access layer; `render` produces the registry objects; `oci`
-//! and `sync` are the registry client and the replica syncer.
+//! and `sync` are the registry client and the replica syncer; `mirror` fills a mirror from
+//! OCI layouts and archives.
 
 pub mod certs;
 pub mod cli;
@@ -12,6 +13,7 @@ pub mod duration;
 pub mod hooks;
 pub mod k8s;
 pub mod metrics;
+pub mod mirror;
 pub mod names;
 pub mod oci;
 pub mod render;

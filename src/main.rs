@@ -22,6 +22,7 @@ fn main() -> std::process::ExitCode {
             Command::Serve(args) => registry_addon::webhook::serve(args).await,
             Command::Sync(args) => registry_addon::sync::run(args).await,
             Command::Render(args) => registry_addon::render::run_cli(args).await,
+            Command::Mirror(args) => registry_addon::mirror::run(args).await,
         }
     });
     match result {
