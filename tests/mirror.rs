@@ -697,3 +697,133 @@ async fn bad_inputs_get_clear_errors() {
             .is_none()
     );
 }
+
+/// A child process killed when dropped.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// containerd with its own root, state and socket, without the CRI plugin (as
+/// tests/containerd.rs runs it).
+fn start_containerd(dir: &Path) -> (Running, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let socket = dir.join("containerd.sock");
+    let config = format!(
+        r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{d}/containerd-ttrpc.sock"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+"#,
+        d = dir.display(),
+        sock = socket.display(),
+    );
+    std::fs::write(dir.join("config.toml"), config).unwrap();
+    let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+    let child = Command::new("containerd")
+        .args(["--config", dir.join("config.toml").to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("containerd must be installed (Debian package containerd), and run as root");
+    let running = Running(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !Command::new("ctr")
+        .args(["--address", socket.to_str().unwrap(), "version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        assert!(Instant::now() < deadline, "containerd did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (running, socket)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_pulls_a_pushed_image_through_the_default_mirror() {
+    tools();
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout == b"0\n");
+    assert!(root, "this test runs containerd: it needs root");
+    let tmp = tempfile::Builder::new()
+        .prefix("mirror")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let dir = tmp.path();
+    let tls = TestTls::new(&dir.join("tls"));
+    let htpasswd = dir.join("htpasswd");
+    write_htpasswd(&htpasswd, USER, PASSWORD);
+    let mirror = RegistryProcess::start(
+        &dir.join("mirror"),
+        &RegistryOptions {
+            tls: Some(&tls),
+            htpasswd: Some(&htpasswd),
+            access_log: true,
+        },
+    );
+    // A layout with an oras-style full name, as if pulled from registry.k8s.io.
+    let layout = dir.join("layout");
+    let image = Image::new("amd64", vec![random_bytes(20, 200_000)], false);
+    write_oci_layout(&layout, "registry.k8s.io/pause:3.10", &[("amd64", &image)]);
+    let out = push_cmd(&layout, &mirror.url, &tls.ca_file, Some(PASSWORD), &[]);
+    assert!(out.status.success(), "push: {}", text(&out));
+
+    // The node's `_default` hosts.toml as GeneratePatches writes it, with credentials.
+    let hosts = dir.join("certs.d");
+    std::fs::create_dir_all(hosts.join("_default")).unwrap();
+    let mut toml = registry_addon::hooks::patches::containerd::hosts_toml(
+        &mirror.url,
+        tls.ca_file.to_str().unwrap(),
+    );
+    toml.push_str(&format!(
+        "\n[host.\"{}\".header]\nAuthorization = [\"Basic {}\"]\n",
+        mirror.url,
+        base64_encode(&format!("{USER}:{PASSWORD}"))
+    ));
+    std::fs::write(hosts.join("_default/hosts.toml"), toml).unwrap();
+
+    let (_containerd, socket) = start_containerd(&dir.join("containerd"));
+    let out = Command::new("ctr")
+        .args(["--address", socket.to_str().unwrap()])
+        .args([
+            "--namespace",
+            "mirror-test",
+            "content",
+            "fetch",
+            "--all-platforms",
+        ])
+        .arg("--hosts-dir")
+        .arg(&hosts)
+        .arg("registry.k8s.io/pause:3.10")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ctr fetch through the mirror: {}",
+        text(&out)
+    );
+    let log = std::fs::read_to_string(&mirror.log).unwrap();
+    assert!(
+        log.contains("/v2/pause/manifests/3.10?ns=registry.k8s.io"),
+        "containerd did not ask the mirror for pause:3.10: {log}"
+    );
+    let layer = sha256(&image.layers[0]);
+    assert!(
+        log.contains(&format!("GET /v2/pause/blobs/{layer}?ns=registry.k8s.io")),
+        "the layer did not come from the mirror: {log}"
+    );
+}
