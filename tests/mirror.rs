@@ -827,3 +827,99 @@ async fn containerd_pulls_a_pushed_image_through_the_default_mirror() {
         "the layer did not come from the mirror: {log}"
     );
 }
+
+/// haproxy in TCP mode over `backends`, with source affinity: what kube-proxy does for the
+/// `registry` Service with `sessionAffinity: ClientIP`.
+fn start_balancer(dir: &Path, backends: &[u16]) -> (Running, u16) {
+    std::fs::create_dir_all(dir).unwrap();
+    let port = free_port();
+    let servers: String = backends
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("  server r{i} 127.0.0.1:{p}\n"))
+        .collect();
+    let config = format!(
+        "global\n  maxconn 512\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n\
+         frontend registry\n  bind 127.0.0.1:{port}\n  default_backend replicas\n\
+         backend replicas\n  balance source\n{servers}"
+    );
+    let file = dir.join("haproxy.cfg");
+    std::fs::write(&file, config).unwrap();
+    let child = Command::new("haproxy")
+        .arg("-db")
+        .arg("-f")
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("haproxy must be installed (Debian package haproxy)");
+    let running = Running(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "haproxy did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (running, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_through_a_balancer_over_three_replicas() {
+    let env = Env::new();
+    let corpus = env.corpus().await;
+    let ca = env.tls.ca_file.clone();
+    let htpasswd = env.dir.join("htpasswd");
+    let replicas: Vec<RegistryProcess> = (0..3)
+        .map(|i| {
+            RegistryProcess::start(
+                &env.dir.join(format!("replica{i}")),
+                &RegistryOptions {
+                    tls: Some(&env.tls),
+                    htpasswd: Some(&htpasswd),
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    let ports: Vec<u16> = replicas.iter().map(|r| r.port).collect();
+    let (_balancer, port) = start_balancer(&env.dir.join("haproxy"), &ports);
+    let layout = env.dir.join("layout");
+    let images: Vec<String> = corpus.iter().map(|(r, _)| r.clone()).collect();
+    let auth = env.auth_file.to_str().unwrap().to_string();
+    let out = pull_cmd(&layout, &ca, &images, &["--auth-file", &auth]);
+    assert!(out.status.success(), "pull: {}", text(&out));
+
+    let url = format!("https://127.0.0.1:{port}");
+    let out = push_cmd(&layout, &url, &ca, Some(PASSWORD), &[]);
+    assert!(
+        out.status.success(),
+        "push through the balancer: {}",
+        text(&out)
+    );
+    // Read back through the balancer, as nodes would.
+    let creds = Credentials {
+        username: USER.into(),
+        password: PASSWORD.into(),
+    };
+    let through = client(&url, Some(&env.ca()), Some(creds.clone()));
+    for ((_, digest), (repo, tag)) in
+        corpus
+            .iter()
+            .zip([("pause", "3.10"), ("multi", "v1"), ("library/app", "1.0")])
+    {
+        let head = through.head_manifest(repo, tag).await.unwrap();
+        assert_eq!(
+            head.and_then(|h| h.digest).map(|d| d.to_string()).as_ref(),
+            Some(digest),
+            "{repo}:{tag}"
+        );
+    }
+    // The whole push reached one replica: none holds half an image.
+    let mut holding = 0;
+    for r in &replicas {
+        let c = client(&r.url, Some(&env.ca()), Some(creds.clone()));
+        let n = assert_pullable(&c).await;
+        assert!(n == 0 || n == 5, "replica {} holds {n} manifests", r.url);
+        holding += usize::from(n == 5);
+    }
+    assert_eq!(holding, 1);
+}
