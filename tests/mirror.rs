@@ -518,7 +518,7 @@ async fn killed_pull_and_push_resume_with_fewer_bytes() {
         !layout.join("index.json").exists() || ref_names(&layout).is_empty(),
         "an unfinished image was recorded"
     );
-    let out = pull_cmd(&layout, &ca, &[reference.clone()], &[]);
+    let out = pull_cmd(&layout, &ca, std::slice::from_ref(&reference), &[]);
     assert!(out.status.success(), "resumed pull: {}", text(&out));
     let fetched = summary_bytes(&out, "fetched");
     assert!(

@@ -250,6 +250,11 @@ impl LayoutWriter {
             .to_string()
     }
 
+    /// The directory being written: PATH itself, or an archive's staging directory.
+    pub fn staging(&self) -> &Path {
+        &self.dir
+    }
+
     fn blob_file(&self, digest: &Digest) -> PathBuf {
         self.dir.join(blob_path(digest))
     }

@@ -160,6 +160,12 @@ pub async fn run(args: PullArgs) -> anyhow::Result<()> {
     // keeps what a rerun resumes from.
     if failed.is_empty() || !super::layout::is_archive(&args.to) {
         pull.layout.finish().map_err(|e| anyhow::anyhow!(e))?;
+    } else {
+        pull.progress.failure(&format!(
+            "archive {} not written: it is written once every image is in; what was copied stays in {} for the next run",
+            args.to.display(),
+            pull.layout.staging().display()
+        ));
     }
     let fetched = pull.fetched.load(Ordering::Relaxed);
     let present = pull.present.load(Ordering::Relaxed);

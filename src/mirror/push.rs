@@ -117,9 +117,7 @@ pub fn registry_url(to: &str) -> Result<Url, String> {
         ));
     }
     if !url.username().is_empty() || url.password().is_some() {
-        return Err(format!(
-            "--to: put no credentials in the URL; use --username with --password-stdin, or --credentials-file"
-        ));
+        return Err("--to: put no credentials in the URL; use --username with --password-stdin, or --credentials-file".to_string());
     }
     Ok(url)
 }
@@ -263,7 +261,7 @@ impl Push {
 
     async fn image(&self, entry: &Descriptor, target: &Target) -> Result<(), String> {
         let repo = target.repository.as_str();
-        let top = self.read_manifest(entry.digest(), &entry.media_type().to_string())?;
+        let top = self.read_manifest(entry.digest(), entry.media_type().as_ref())?;
         // Children before parents: a post-order walk of the manifest tree.
         let mut order: Vec<Manifest> = Vec::new();
         let mut blobs: Vec<Reference> = Vec::new();
