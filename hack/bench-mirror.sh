@@ -4,8 +4,9 @@
 #
 # push: the corpus as one OCI layout into an empty registry, against
 #   - `skopeo copy --all` of the same images one by one into another empty registry, and
-#   - a floor: the corpus's unique blobs PUT monolithically with curl (-T, streamed), 8 at once, into a
-#     third empty registry (no manifests, no existence checks: the bytes alone).
+#   - a floor: the corpus's unique blobs PUT monolithically with curl (one streamed PUT per
+#     blob, 8 at once, HTTP/1.1) into a third empty registry: no manifests, no existence
+#     checks, the bytes alone.
 # pull: the pushed images back out of the registry into a layout directory, against
 #   `skopeo copy --all` of the same images one by one into another layout directory.
 # Prints the times, the ratios, and registry-addon's peak RSS (/usr/bin/time -v).
@@ -141,20 +142,26 @@ t1=$(now)
 SKOPEO_PUSH=$(elapsed "$t0" "$t1")
 
 echo "floor, unique blobs PUT with curl, 8 at once..."
-put_blob() { # file
-    local digest loc
-    digest="sha256:$(basename "$1")"
-    loc=$(curl -sS --cacert "$WORK/tls/ca.pem" -X POST -D - -o /dev/null \
-        "https://127.0.0.1:$PORT_floor/v2/floor/blobs/uploads/" | tr -d '\r' | awk -F': ' 'tolower($1)=="location" {print $2}')
-    case $loc in http*) ;; *) loc="https://127.0.0.1:$PORT_floor$loc" ;; esac
-    curl -sS -f --cacert "$WORK/tls/ca.pem" -X PUT -H 'Content-Type: application/octet-stream' \
-        -T "$1" -o /dev/null "$loc&digest=$digest"
-}
-export -f put_blob
-export WORK PORT_floor
+FLOOR_URL="https://127.0.0.1:$PORT_floor"
+mapfile -t BLOBS < <(ls "$WORK/bundle/blobs/sha256")
+POSTS=()
+for _ in "${BLOBS[@]}"; do POSTS+=("$FLOOR_URL/v2/floor/blobs/uploads/"); done
 t0=$(now)
-ls "$WORK/bundle/blobs/sha256/"* | xargs -P 8 -I{} bash -c 'put_blob {}'
+# One upload session per blob (the POSTs on one connection), then each blob in one streamed
+# PUT, 8 at once, HTTP/1.1 as our blob transfers are.
+mapfile -t LOCS < <(curl -sS --http1.1 --cacert "$WORK/tls/ca.pem" -X POST -o /dev/null \
+    -w '%header{location}\n' "${POSTS[@]}")
+: >"$WORK/floor.curl"
+for i in "${!BLOBS[@]}"; do
+    loc=${LOCS[$i]}
+    case $loc in http*) ;; *) loc="$FLOOR_URL$loc" ;; esac
+    printf 'upload-file = "%s"\nurl = "%s&digest=sha256:%s"\noutput = "/dev/null"\n' \
+        "$WORK/bundle/blobs/sha256/${BLOBS[$i]}" "$loc" "${BLOBS[$i]}" >>"$WORK/floor.curl"
+done
+curl -sS -f --http1.1 --cacert "$WORK/tls/ca.pem" --parallel --parallel-max 8 \
+    -H 'Content-Type: application/octet-stream' -K "$WORK/floor.curl"
 t1=$(now)
+FLOOR_STORED=$(find "$WORK/floor/storage/docker/registry/v2/blobs" -name data | wc -l)
 FLOOR_PUSH=$(elapsed "$t0" "$t1")
 
 # --- pull: the pushed images back out --------------------------------------------------------
@@ -201,5 +208,5 @@ push: registry-addon ${OURS_PUSH}s   skopeo copy ${SKOPEO_PUSH}s   ratio $(ratio
 push: registry-addon ${OURS_PUSH}s   floor (curl PUTs) ${FLOOR_PUSH}s   ratio $(ratio "$OURS_PUSH" "$FLOOR_PUSH") (target <= 1.5)
 pull: registry-addon ${OURS_PULL}s   skopeo copy ${SKOPEO_PULL}s   ratio $(ratio "$OURS_PULL" "$SKOPEO_PULL") (target <= 0.5)
 peak RSS of registry-addon: push $((RSS_PUSH / 1024)) MiB, pull $((RSS_PULL / 1024)) MiB (target <= 48 MiB)
-registries and pulled layout identical: $SAME
+registries and pulled layout identical: $SAME; floor stored $FLOOR_STORED of $BLOB_COUNT blobs
 EOF
