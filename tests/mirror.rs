@@ -13,6 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use registry_addon::oci::{Credentials, Registry};
+use sync_support::front::{Front, FrontOptions};
 use sync_support::*;
 
 const USER: &str = "rw";
@@ -922,4 +923,84 @@ async fn push_through_a_balancer_over_three_replicas() {
         holding += usize::from(n == 5);
     }
     assert_eq!(holding, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_bearer_and_corrupting_upstreams() {
+    let env = Env::new();
+    let ca = env.tls.ca_file.clone();
+    let plain = RegistryProcess::start(&env.dir.join("plain"), &RegistryOptions::default());
+    let plain_client = client(&plain.url, None, None);
+    let image = Image::new("amd64", vec![random_bytes(30, 200_000)], false);
+    image.push(&plain_client, "pause", "3.10").await;
+    let layout = env.dir.join("layout");
+    // The fronts below run on this test's runtime: wait for the binary off it.
+    let pull = |image: String, extra: Vec<String>| {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        tokio::task::block_in_place(|| pull_cmd(&layout, &ca, &[image], &extra))
+    };
+
+    // A plain-HTTP registry on loopback.
+    let out = pull(format!("127.0.0.1:{}/pause:3.10", plain.port), vec![]);
+    assert!(out.status.success(), "pull over plain HTTP: {}", text(&out));
+
+    // Bearer tokens, as Docker Hub hands out, for the credentials of a config.json.
+    let bearer = Front::start(
+        &plain.url,
+        FrontOptions {
+            bearer: Some(("bob".into(), "t0ken-pw".into())),
+            ..FrontOptions::default()
+        },
+    )
+    .await;
+    let host = bearer.url.trim_start_matches("http://").to_string();
+    let auth_file = env.dir.join("bearer.json");
+    std::fs::write(
+        &auth_file,
+        format!(r#"{{"auths": {{"{host}": {{"username": "bob", "password": "t0ken-pw"}}}}}}"#),
+    )
+    .unwrap();
+    let reference = format!("{host}/pause:3.10");
+    let out = pull(reference.clone(), vec![]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains(&format!("failed: {reference}")),
+        "{}",
+        text(&out)
+    );
+    let out = pull(
+        reference.clone(),
+        vec!["--auth-file".into(), auth_file.display().to_string()],
+    );
+    assert!(
+        out.status.success(),
+        "pull with Bearer tokens: {}",
+        text(&out)
+    );
+    assert!(bearer.tokens_issued() > 0);
+    assert!(ref_names(&layout).contains(&reference));
+
+    // An upstream whose blobs do not match their digest.
+    let corrupt = Front::start(
+        &plain.url,
+        FrontOptions {
+            corrupt_blobs: true,
+            ..FrontOptions::default()
+        },
+    )
+    .await;
+    let fresh = env.dir.join("fresh");
+    let reference = format!("{}/pause:3.10", corrupt.url.trim_start_matches("http://"));
+    let out = tokio::task::block_in_place(|| {
+        pull_cmd(&fresh, &ca, std::slice::from_ref(&reference), &[])
+    });
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert!(
+        t.contains(&format!("failed: {reference}")) && t.contains("digest mismatch"),
+        "{t}"
+    );
+    let layer = sha256(&image.layers[0]);
+    assert!(!fresh.join("blobs/sha256").join(&layer[7..]).exists());
+    assert!(!fresh.join("index.json").exists() || ref_names(&fresh).is_empty());
 }

@@ -171,8 +171,9 @@ fn index_tar(path: &Path) -> Result<HashMap<String, (u64, u64)>, String> {
     let file = std::fs::File::open(path).map_err(|e| format!("layout {shown}: {e}"))?;
     let mut archive = tar::Archive::new(std::io::BufReader::new(file));
     let mut out = HashMap::new();
+    // Seeking over each entry's data: indexing reads the headers only, not the blobs.
     let entries = archive
-        .entries()
+        .entries_with_seek()
         .map_err(|e| format!("layout {shown}: not a tar archive: {e}"))?;
     for entry in entries {
         let entry = entry.map_err(|e| format!("layout {shown}: corrupt tar archive: {e}"))?;

@@ -102,7 +102,7 @@ struct Pull {
     clients: HttpClients,
     auth: Option<CredentialSet>,
     platforms: Vec<Platform>,
-    registries: Mutex<HashMap<String, Arc<Registry>>>,
+    registries: Mutex<HashMap<String, Arc<OnceCell<Arc<Registry>>>>>,
     /// One download per blob digest in a run, however many images share it.
     blobs: Mutex<HashMap<Digest, Arc<OnceCell<()>>>>,
     fetched: AtomicU64,
@@ -186,25 +186,59 @@ pub async fn run(args: PullArgs) -> anyhow::Result<()> {
 }
 
 impl Pull {
-    fn registry(&self, host: &str) -> Result<Arc<Registry>, String> {
-        let mut registries = self.registries.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(r) = registries.get(host) {
-            return Ok(r.clone());
-        }
+    /// The client of a registry host, made once per run. A registry on loopback is tried
+    /// over HTTPS and, when that does not connect, over plain HTTP, as Docker does for
+    /// `localhost`; every other registry is HTTPS only.
+    async fn registry(&self, host: &str) -> Result<Arc<Registry>, String> {
+        let cell = lock(&self.registries)
+            .entry(host.to_string())
+            .or_default()
+            .clone();
+        cell.get_or_try_init(|| async {
+            if !is_loopback(host) {
+                return self.client(host, "https", None);
+            }
+            // One try each: a refused connection need not be retried to choose the scheme.
+            let probe = |scheme| self.client(host, scheme, Some(1));
+            if !matches!(
+                probe("https")?.ping().await,
+                Err(OciError::Transport { .. })
+            ) {
+                return self.client(host, "https", None);
+            }
+            // Only a registry answer counts: a TLS server answers plain HTTP with a 400,
+            // and then HTTPS and its certificate error are what to report.
+            match probe("http")?.ping().await {
+                Ok(()) | Err(OciError::Auth { .. }) => self.client(host, "http", None),
+                Err(_) => self.client(host, "https", None),
+            }
+        })
+        .await
+        .cloned()
+    }
+
+    fn client(
+        &self,
+        host: &str,
+        scheme: &str,
+        attempts: Option<u32>,
+    ) -> Result<Arc<Registry>, String> {
         let credentials = self.auth.as_ref().and_then(|a| credentials_for(a, host));
-        let registry = Arc::new(Registry::new(
-            &format!("https://{host}"),
+        let mut options = client_options(credentials);
+        if let Some(attempts) = attempts {
+            options.attempts = attempts;
+        }
+        Ok(Arc::new(Registry::new(
+            &format!("{scheme}://{host}"),
             self.clients.clone(),
-            &client_options(credentials),
-        )?);
-        registries.insert(host.to_string(), registry.clone());
-        Ok(registry)
+            &options,
+        )?))
     }
 
     async fn image(&self, image: &str) -> Result<(), String> {
         let reference = ImageReference::parse(image)?;
         let name = reference.to_string();
-        let registry = self.registry(reference.api_host())?;
+        let registry = self.registry(reference.api_host()).await?;
         let repo = reference.repository.as_str();
         let top = registry
             .get_manifest(repo, &reference.reference())
@@ -337,10 +371,10 @@ impl Pull {
     }
 
     async fn blob(&self, registry: &Registry, repo: &str, blob: Reference) -> Result<(), String> {
-        let cell = {
-            let mut blobs = self.blobs.lock().unwrap_or_else(|p| p.into_inner());
-            blobs.entry(blob.digest.clone()).or_default().clone()
-        };
+        let cell = lock(&self.blobs)
+            .entry(blob.digest.clone())
+            .or_default()
+            .clone();
         cell.get_or_try_init(|| async {
             let size = blob.size.unwrap_or(0);
             self.progress.add_total(size);
@@ -420,6 +454,22 @@ impl Pull {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `localhost`, `127.0.0.0/8` or `::1`, with or without a port.
+fn is_loopback(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name == "localhost"
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -438,6 +488,27 @@ mod tests {
         assert!(!p.matches(&serde_json::json!({"os":"windows","architecture":"amd64"})));
         for bad in ["linux", "linux/", "a/b/c/d", "linux/amd 64"] {
             assert!(bad.parse::<Platform>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for yes in [
+            "localhost",
+            "localhost:5000",
+            "127.0.0.1:5000",
+            "127.3.2.1",
+            "[::1]:5000",
+        ] {
+            assert!(is_loopback(yes), "{yes}");
+        }
+        for no in [
+            "registry.k8s.io",
+            "10.96.0.20:443",
+            "[fd00::1]:5000",
+            "localhost.example",
+        ] {
+            assert!(!is_loopback(no), "{no}");
         }
     }
 
