@@ -249,9 +249,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Push {
     fn read_manifest(&self, digest: &Digest, media_type: &str) -> Result<Manifest, String> {
         let bytes = self.layout.read_blob(digest, MAX_MANIFEST_BYTES as u64)?;
-        let media_type = media_type_from_body(&bytes)
-            .filter(|m| !m.is_empty())
-            .unwrap_or_else(|| media_type.to_string());
+        // The manifest's own `mediaType`, else its descriptor's, else a guess from its shape.
+        let explicit = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| Some(v.get("mediaType")?.as_str()?.to_string()))
+            .filter(|m| !m.is_empty());
+        let media_type = explicit
+            .or_else(|| Some(media_type.to_string()).filter(|m| !m.is_empty()))
+            .or_else(|| media_type_from_body(&bytes))
+            .ok_or_else(|| {
+                format!(
+                    "layout {}: manifest {digest} has no media type",
+                    self.layout.path().display()
+                )
+            })?;
         Ok(Manifest {
             media_type,
             digest: digest.clone(),
