@@ -177,3 +177,28 @@ pub(crate) fn chain(err: &dyn std::error::Error) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_config_credentials_by_host() {
+        let set = CredentialSet::parse(
+            r#"{"auths": {
+                "https://index.docker.io/v1/": {"auth": "aHViOmh1Yi1wdw=="},
+                "127.0.0.1:5000": {"username": "u", "password": "p"}}}"#,
+        )
+        .unwrap();
+        let hub = credentials_for(&set, crate::oci::reference::DOCKER_HUB_API).unwrap();
+        assert_eq!(
+            (hub.username.as_str(), hub.password.as_str()),
+            ("hub", "hub-pw")
+        );
+        assert_eq!(
+            credentials_for(&set, "127.0.0.1:5000").unwrap().username,
+            "u"
+        );
+        assert!(credentials_for(&set, "quay.io").is_none());
+    }
+}
