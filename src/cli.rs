@@ -1,4 +1,4 @@
-//! The command line: `registry-addon serve | sync | front | render`.
+//! The command line: `registry-addon serve | sync | front | render | mirror`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,6 +32,8 @@ pub enum Command {
     Front(crate::front::FrontArgs),
     /// Print every object the hooks would create for a Cluster manifest, offline.
     Render(RenderArgs),
+    /// Copy images into an OCI layout or archive (`pull`) and from there into a mirror (`push`).
+    Mirror(crate::mirror::MirrorArgs),
 }
 
 #[derive(Debug, Clone, Args)]

@@ -5,7 +5,9 @@
 //! Runtime SDK types and the topology variable; `certs` issues and inspects certificates;
 //! `k8s` is the thin Kubernetes access layer; `render` produces the registry objects; `oci`
 //! and `sync` are the registry client and the replica syncer; `controller` is the day-2
-//! controller in `serve` (Cluster watch, Lease, work queue, `ClusterRegistry` status).
+//! controller in `serve` (Cluster watch, Lease, work queue, `ClusterRegistry` status);
+//! `front` authorizes requests to a replica; `mirror` fills a mirror from OCI layouts and
+//! archives.
 
 pub mod addon;
 pub mod certs;
@@ -16,6 +18,7 @@ pub mod front;
 pub mod hooks;
 pub mod k8s;
 pub mod metrics;
+pub mod mirror;
 pub mod names;
 pub mod oci;
 pub mod render;

@@ -23,6 +23,7 @@ fn main() -> std::process::ExitCode {
             Command::Sync(args) => registry_addon::sync::run(args).await,
             Command::Front(args) => registry_addon::front::run(args).await,
             Command::Render(args) => registry_addon::render::run_cli(args).await,
+            Command::Mirror(args) => registry_addon::mirror::run(args).await,
         }
     });
     match result {

@@ -390,6 +390,14 @@ impl Registry {
                     }
                     return Err(self.transport(what, err));
                 }
+                Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED && sent_basic => {
+                    // Our user name and password were sent and refused: say so, not just 401.
+                    return Err(OciError::Auth {
+                        registry: self.name.clone(),
+                        what: what.to_string(),
+                        reason: "credentials refused (HTTP 401)".into(),
+                    });
+                }
                 Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED && !challenged => {
                     challenged = true;
                     attempt -= 1;

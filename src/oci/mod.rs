@@ -5,6 +5,7 @@ pub mod auth;
 pub mod client;
 pub mod error;
 pub mod link;
+pub mod reference;
 pub mod verify;
 
 pub use auth::Credentials;
@@ -13,6 +14,7 @@ pub use client::{
     build_http_client, build_http_clients,
 };
 pub use error::OciError;
+pub use reference::{ImageReference, MirrorPath};
 
 use oci_spec::image::{Descriptor, Digest, ImageIndex, ImageManifest};
 

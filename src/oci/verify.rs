@@ -87,7 +87,7 @@ impl VerifyReport {
     }
 }
 
-type Inner = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
+type Inner = Pin<Box<dyn Stream<Item = Result<Bytes, io::Error>> + Send>>;
 
 /// How long a download may deliver nothing before it is given up.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -112,6 +112,16 @@ pub struct VerifiedStream {
 impl VerifiedStream {
     pub fn new(
         inner: impl Stream<Item = Result<Bytes, reqwest::Error>> + Send + 'static,
+        expected: Digest,
+        size: Option<u64>,
+    ) -> (Self, VerifyReport) {
+        use futures::TryStreamExt;
+        Self::from_io(inner.map_err(io::Error::other), expected, size)
+    }
+
+    /// As [`VerifiedStream::new`], for content read from a file rather than a registry.
+    pub fn from_io(
+        inner: impl Stream<Item = Result<Bytes, io::Error>> + Send + 'static,
         expected: Digest,
         size: Option<u64>,
     ) -> (Self, VerifyReport) {
@@ -197,7 +207,7 @@ impl Stream for VerifiedStream {
             }
             Poll::Ready(Some(Err(err))) => {
                 this.done = true;
-                Poll::Ready(Some(Err(io::Error::other(err))))
+                Poll::Ready(Some(Err(err)))
             }
             Poll::Ready(Some(Ok(chunk))) => {
                 if this.done {
