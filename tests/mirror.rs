@@ -774,6 +774,7 @@ async fn containerd_pulls_a_pushed_image_through_the_default_mirror() {
             tls: Some(&tls),
             htpasswd: Some(&htpasswd),
             access_log: true,
+            ..Default::default()
         },
     );
     // A layout with an oras-style full name, as if pulled from registry.k8s.io.
@@ -786,15 +787,12 @@ async fn containerd_pulls_a_pushed_image_through_the_default_mirror() {
     // The node's `_default` hosts.toml as GeneratePatches writes it, with credentials.
     let hosts = dir.join("certs.d");
     std::fs::create_dir_all(hosts.join("_default")).unwrap();
-    let mut toml = registry_addon::hooks::patches::containerd::hosts_toml(
+    let authorization = format!("Basic {}", base64_encode(&format!("{USER}:{PASSWORD}")));
+    let toml = registry_addon::hooks::patches::containerd::hosts_toml(
         &mirror.url,
         tls.ca_file.to_str().unwrap(),
+        Some(&authorization),
     );
-    toml.push_str(&format!(
-        "\n[host.\"{}\".header]\nAuthorization = [\"Basic {}\"]\n",
-        mirror.url,
-        base64_encode(&format!("{USER}:{PASSWORD}"))
-    ));
     std::fs::write(hosts.join("_default/hosts.toml"), toml).unwrap();
 
     let (_containerd, socket) = start_containerd(&dir.join("containerd"));
