@@ -22,7 +22,14 @@ use sync_support::{
 };
 
 /// Every subcommand of the binary: each must start in the image (`--help`).
-const COMMANDS: &[&[&str]] = &[&["serve"], &["sync"], &["front"], &["render"]];
+const COMMANDS: &[&[&str]] = &[
+    &["serve"],
+    &["sync"],
+    &["front"],
+    &["render"],
+    &["mirror", "pull"],
+    &["mirror", "push"],
+];
 
 const TOOLS: [&str; 7] = [
     "containerd",
