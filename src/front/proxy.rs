@@ -44,8 +44,11 @@ impl Upstream {
         }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
+        // Blobs stream in chunks of what one read returns: reading up to 64 KiB at a time
+        // (instead of growing from 8 KiB) halves the reads and frames per blob.
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(64)
+            .http1_read_buf_exact_size(64 * 1024)
             .build(connector.clone());
         let probe = Client::builder(TokioExecutor::new()).build(connector);
         Ok(Upstream {
