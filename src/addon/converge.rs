@@ -446,8 +446,7 @@ impl<'a> Scope<'a> {
         if self.state.is_removed(&self.key) {
             return Ok(removed);
         }
-        if self.deployer == Deployer::Helmchartproxy && self.delete_own_helm_chart_proxy().await?
-        {
+        if self.deployer == Deployer::Helmchartproxy && self.delete_own_helm_chart_proxy().await? {
             removed.objects.push(format!(
                 "helmchartproxy {}/{}",
                 self.cluster.namespace(),
@@ -473,10 +472,17 @@ impl<'a> Scope<'a> {
             }
             let ns = names::REGISTRY_NAMESPACE;
             for (api_version, kind, name) in targets {
-                if workload.get(&api_version, &kind, Some(ns), &name).await?.is_none() {
+                if workload
+                    .get(&api_version, &kind, Some(ns), &name)
+                    .await?
+                    .is_none()
+                {
                     continue;
                 }
-                if workload.delete(&api_version, &kind, Some(ns), &name).await? {
+                if workload
+                    .delete(&api_version, &kind, Some(ns), &name)
+                    .await?
+                {
                     let object = k8s::object_name(&kind, Some(ns), &name);
                     info!(cluster = %self.key, %object, "deleted a registry object from the workload cluster: the addon is off");
                     removed.objects.push(object);
@@ -718,12 +724,8 @@ impl<'a> Converge<'a> {
         let certificate = CertInfo::from_pem(&cert.cert_pem)
             .map_err(|e| ConvergeError::Invalid(format!("registry certificate: {e}")))?;
         let hash = certificate.sha256_hex();
-        let values = RegistryValues::new(
-            &self.config.addon,
-            self.registry,
-            service_ip,
-            hash.clone(),
-        );
+        let values =
+            RegistryValues::new(&self.config.addon, self.registry, service_ip, hash.clone());
         match self.deployer {
             Deployer::Helmchartproxy => {
                 let proxy = objects::helm_chart_proxy(self.cluster, &self.config.addon, &values)

@@ -88,7 +88,11 @@ impl Reconciler for AddonReconciler {
 }
 
 impl AddonReconciler {
-    async fn run(&self, object: &Value, scope: Scope<'_>) -> Result<ReconcileOutcome, ReconcileError> {
+    async fn run(
+        &self,
+        object: &Value,
+        scope: Scope<'_>,
+    ) -> Result<ReconcileOutcome, ReconcileError> {
         let key = scope.key.clone();
         let now = self.clock.now();
         let generation = object["metadata"]["generation"].as_i64();
@@ -155,7 +159,8 @@ impl AddonReconciler {
                      registry is deployed once the control plane answers",
                 )
                 .summarize();
-            let mut outcome = ReconcileOutcome::new(StatusReport::Present(report.status(conditions)));
+            let mut outcome =
+                ReconcileOutcome::new(StatusReport::Present(report.status(conditions)));
             outcome.requeue_after = Some(WAIT_REQUEUE);
             return Ok(outcome);
         }
@@ -373,9 +378,11 @@ mod tests {
         };
         assert!(control_plane_initialized(&condition("True")));
         assert!(!control_plane_initialized(&condition("False")));
-        assert!(control_plane_initialized(&json!({"status": {"v1beta2": {"conditions": [
-            {"type": "ControlPlaneInitialized", "status": "True"}
-        ]}}})));
+        assert!(control_plane_initialized(
+            &json!({"status": {"v1beta2": {"conditions": [
+                {"type": "ControlPlaneInitialized", "status": "True"}
+            ]}}})
+        ));
     }
 
     #[test]

@@ -17,8 +17,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
-use crate::cli::ServeArgs;
 use crate::addon::reconcile::AddonReconciler;
+use crate::cli::ServeArgs;
 use crate::controller::{self, ControllerConfig};
 use crate::duration::parse_go_duration;
 use crate::hooks::{self, HookConfig, HookContext, Management, Prepared};
