@@ -21,8 +21,8 @@ use serde_json::{Value, json};
 
 use support::crd::{printed_columns, validate_against_crd};
 use support::{
-    CLUSTER, CLUSTER_NS, EXTENSION_NAMESPACE, Env, cluster_ca_path, root_ca_path, secret_path,
-    statefulset_path, tls_path,
+    CLUSTER, CLUSTER_NS, EXTENSION_NAMESPACE, Env, cluster_ca_path, hcp_path, root_ca_path,
+    secret_path, statefulset_path, tls_path,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -99,7 +99,11 @@ struct Setup {
 impl Setup {
     /// The direct deployer; the Cluster stored with its control plane initialized.
     async fn new() -> Setup {
-        let env = Env::with(&["--deployer", "direct"], "cluster-v1beta2.json").await;
+        Setup::with(&["--deployer", "direct"]).await
+    }
+
+    async fn with(flags: &[&str]) -> Setup {
+        let env = Env::with(flags, "cluster-v1beta2.json").await;
         let ctx = Arc::new(HookContext::new(
             env.ctx.config.clone(),
             Management::Client(env.management.client()),
@@ -655,5 +659,90 @@ async fn a_lost_root_ca_is_not_replaced_and_the_cluster_registry_says_so() {
         setup.creg_condition("Ready")["status"] == "True"
     })
     .await;
+    controller.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_helmchartproxy_deployer_applies_and_removes_its_own_proxy_never_a_foreign_one() {
+    let setup = Setup::with(&[]).await;
+    let env = &setup.env;
+    let controller = setup.start(FAST_RESYNC).await;
+    eventually("the HelmChartProxy applied", || {
+        env.management.get(&hcp_path()).is_some()
+    })
+    .await;
+    eventually("Deploying: CAAPH has not installed the chart yet", || {
+        setup.reason("RegistryReady") == "Deploying"
+    })
+    .await;
+    assert!(env.workload.get(&tls_path()).is_some());
+    assert!(env.workload.get(&statefulset_path()).is_none());
+
+    setup.set_registry(Value::Null);
+    eventually("the HelmChartProxy deleted", || {
+        env.management.get(&hcp_path()).is_none()
+    })
+    .await;
+    eventually("the ClusterRegistry removed", || setup.creg().is_none()).await;
+    assert!(env.workload.get(&tls_path()).is_none());
+
+    // Someone else's HelmChartProxy under the addon's name: refused while on, kept when off.
+    env.management.put(
+        &format!("/apis/addons.cluster.x-k8s.io/v1alpha1/namespaces/{CLUSTER_NS}/helmchartproxies"),
+        json!({
+            "apiVersion": "addons.cluster.x-k8s.io/v1alpha1",
+            "kind": "HelmChartProxy",
+            "metadata": {
+                "name": format!("{CLUSTER}-registry"),
+                "namespace": CLUSTER_NS,
+                "labels": {"app.kubernetes.io/managed-by": "someone-else"},
+            },
+            "spec": {"clusterSelector": {"matchLabels": {"team": "a"}}, "chartName": "other"},
+        }),
+    );
+    let foreign = env.management.get(&hcp_path()).unwrap();
+    setup.set_registry(json!({"replicas": 3}));
+    eventually("Ready=False DeployerConflict", || {
+        setup.reason("Ready") == "DeployerConflict"
+    })
+    .await;
+    assert!(
+        setup.creg_condition("Ready")["message"]
+            .as_str()
+            .unwrap()
+            .contains("exists but is not the registry addon's"),
+        "{}",
+        setup.creg_condition("Ready")
+    );
+    setup.set_registry(Value::Null);
+    eventually("the ClusterRegistry removed", || setup.creg().is_none()).await;
+    assert_eq!(env.management.get(&hcp_path()).unwrap(), foreign);
+    controller.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_cluster_a_hook_deployed_directly_stays_direct_whatever_the_flag_says() {
+    let mut setup = Setup::with(&[]).await;
+    setup.env.settings = json!({"deployer": "direct"});
+    let body = setup.env.request(Hook::AfterControlPlaneInitialized);
+    let answer = dispatch(
+        &setup.ctx,
+        Hook::AfterControlPlaneInitialized,
+        &body,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(serde_json::to_value(answer).unwrap()["status"], "Success");
+    let env = &setup.env;
+    env.make_registry_ready(3);
+    let controller = setup.start(FAST_RESYNC).await;
+    eventually("Ready=True", || {
+        setup.creg_condition("Ready")["status"] == "True"
+    })
+    .await;
+    assert!(
+        env.management.get(&hcp_path()).is_none(),
+        "no HelmChartProxy over a direct deployment"
+    );
     controller.shutdown().await;
 }

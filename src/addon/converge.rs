@@ -426,6 +426,36 @@ impl<'a> Scope<'a> {
         Ok(false)
     }
 
+    /// The deployer of the registry already on the cluster: the HelmChartProxy's while the
+    /// addon's own exists, direct while there is none but the StatefulSet exists; `None`
+    /// when nothing tells (nothing deployed yet, or a foreign HelmChartProxy holds the name).
+    /// The controller keeps a cluster on its deployer: switching is left to the hooks, whose
+    /// ExtensionConfig setting may differ from `--deployer`.
+    pub async fn deployed_by(
+        &self,
+        workload: &ClusterApi,
+    ) -> Result<Option<Deployer>, ConvergeError> {
+        match self.helm_chart_proxy().await? {
+            Some(proxy) if objects::is_own_helm_chart_proxy(&proxy, self.cluster) => {
+                Ok(Some(Deployer::Helmchartproxy))
+            }
+            Some(_) => Ok(None),
+            // Without a HelmChartProxy, only the direct deployer can have put it there.
+            None if self.deployer == Deployer::Direct => Ok(Some(Deployer::Direct)),
+            None => {
+                let statefulset = workload
+                    .get(
+                        "apps/v1",
+                        "StatefulSet",
+                        Some(names::REGISTRY_NAMESPACE),
+                        names::REGISTRY_NAME,
+                    )
+                    .await?;
+                Ok(statefulset.map(|_| Deployer::Direct))
+            }
+        }
+    }
+
     /// For a cluster being deleted: deletes the HelmChartProxy (its Helm release is
     /// uninstalled while the workload cluster still exists) and forgets the cluster. The
     /// cluster CA Secret goes with its ownerReference.
@@ -446,7 +476,11 @@ impl<'a> Scope<'a> {
         if self.state.is_removed(&self.key) {
             return Ok(removed);
         }
-        if self.deployer == Deployer::Helmchartproxy && self.delete_own_helm_chart_proxy().await? {
+        // Whichever deployer is configured now: a HelmChartProxy holding the addon's name
+        // means the registry is a Helm release (or someone else's), else it was applied
+        // directly.
+        let proxy = self.helm_chart_proxy().await?;
+        if proxy.is_some() && self.delete_own_helm_chart_proxy().await? {
             removed.objects.push(format!(
                 "helmchartproxy {}/{}",
                 self.cluster.namespace(),
@@ -461,7 +495,7 @@ impl<'a> Scope<'a> {
         };
         if let Some(workload) = workload {
             let mut targets: Vec<(String, String, String)> = Vec::new();
-            if self.deployer == Deployer::Direct {
+            if proxy.is_none() {
                 for object in removal_targets(&self.config.addon) {
                     let id = k8s::ObjectId::of(&object);
                     targets.push((id.api_version, id.kind, id.name));

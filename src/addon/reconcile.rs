@@ -128,8 +128,8 @@ impl AddonReconciler {
                 )));
             }
         };
-        let converge = Converge::new(scope, &registry, OffsetDateTime::from(now));
-        match self.converge(&converge, object, &report).await {
+        let mut converge = Converge::new(scope, &registry, OffsetDateTime::from(now));
+        match self.converge(&mut converge, object, &report).await {
             Ok(outcome) => Ok(outcome),
             Err(e) => {
                 let status = report.failed(&key, &e);
@@ -140,7 +140,7 @@ impl AddonReconciler {
 
     async fn converge(
         &self,
-        converge: &Converge<'_>,
+        converge: &mut Converge<'_>,
         object: &Value,
         report: &Report,
     ) -> Result<ReconcileOutcome, ConvergeError> {
@@ -178,6 +178,9 @@ impl AddonReconciler {
             }
             Err(e) => return Err(e),
         };
+        if let Some(deployer) = converge.deployed_by(&workload).await? {
+            converge.scope.deployer = deployer;
+        }
         let fraction = converge.config.addon.renew_fraction;
         let deployed = converge
             .deploy(&ca, &workload, &users, Some(fraction))
