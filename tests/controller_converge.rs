@@ -583,6 +583,18 @@ async fn before_the_control_plane_is_initialized_only_the_management_side_is_set
     assert!(env.management.get(&hosts).is_some());
     assert_eq!(counted(&env.workload), Vec::<String>::new());
 
+    // Turned off before the control plane answered: nothing to remove, no request at all.
+    let mut off = setup.cluster_value();
+    for var in off["spec"]["topology"]["variables"].as_array_mut().unwrap() {
+        if var["name"] == "clusterConfig" {
+            var["value"]["addons"]["registry"] = Value::Null;
+        }
+    }
+    env.clear_logs();
+    let outcome = setup.reconciler.reconcile(&off).await.unwrap();
+    assert_eq!(outcome.status, StatusReport::Absent);
+    assert_eq!(env.request_counts(), (0, 0));
+
     // Initialized (a status change): picked up without a spec change.
     setup.store_cluster(true);
     eventually("deployed", || {

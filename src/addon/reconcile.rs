@@ -100,6 +100,10 @@ impl AddonReconciler {
         let variable = &self.ctx.config.addon.variable_name;
         let registry = match registry_from_config(scope.cluster.variable(variable)) {
             Ok(Some(registry)) => registry,
+            // Nothing can have been deployed before the control plane answered: no request.
+            Ok(None) if !control_plane_initialized(object) => {
+                return Ok(ReconcileOutcome::new(StatusReport::Absent));
+            }
             Ok(None) => {
                 let removed = scope
                     .remove()
