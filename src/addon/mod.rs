@@ -1,4 +1,6 @@
 //! What makes a cluster's registry match its variable, shared by the lifecycle hooks, `render`
 //! and the controller.
 
+pub mod converge;
+pub mod reconcile;
 pub mod users;

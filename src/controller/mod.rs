@@ -415,27 +415,6 @@ impl<R: Reconciler> Worker<R> {
     }
 }
 
-/// The reconciler `serve` starts the controller with until the addon's converge path is
-/// wired in: it changes nothing and leaves every `ClusterRegistry` as it is.
-///
-/// Wired to the addon converge path: replace it in `webhook::server::start_with` by the
-/// converge path's [`Reconciler`].
-pub struct ConvergePending;
-
-impl Reconciler for ConvergePending {
-    async fn reconcile(&self, cluster: &Value) -> Result<ReconcileOutcome, ReconcileError> {
-        tracing::debug!(
-            cluster = %format!(
-                "{}/{}",
-                cluster["metadata"]["namespace"].as_str().unwrap_or_default(),
-                cluster["metadata"]["name"].as_str().unwrap_or_default()
-            ),
-            "reconcile: converge path not wired yet"
-        );
-        Ok(ReconcileOutcome::new(StatusReport::Unchanged))
-    }
-}
-
 /// `serve`'s controller: started once Cluster API answers (retried every 30 s until then),
 /// stopped with the Lease released when `shutdown` turns true.
 pub async fn run_until<R: Reconciler>(

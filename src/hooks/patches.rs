@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::hooks::lifecycle::ensure_root_ca;
+use crate::addon::converge::ensure_root_ca;
 use crate::hooks::{HookContext, Management};
 use crate::k8s::{ClusterApi, Place};
 use crate::names;
@@ -319,7 +319,9 @@ async fn node_ca(ctx: &HookContext, namespace: &str, cluster: &str) -> Result<St
                 )
             });
     }
-    ensure_root_ca(ctx, &management, &format!("{namespace}/{cluster}"))
+    let key = format!("{namespace}/{cluster}");
+    let now = time::OffsetDateTime::now_utc();
+    ensure_root_ca(&ctx.config, &ctx.state, &management, &key, now)
         .await
         .map(|ca| ca.cert_pem().to_string())
         .map_err(|e| e.to_string())

@@ -17,8 +17,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
+use crate::addon::reconcile::AddonReconciler;
 use crate::cli::ServeArgs;
-use crate::controller::{self, ControllerConfig, ConvergePending};
+use crate::controller::{self, ControllerConfig};
 use crate::duration::parse_go_duration;
 use crate::hooks::{self, HookConfig, HookContext, Management, Prepared};
 use crate::metrics::{self, Metrics};
@@ -186,10 +187,12 @@ pub async fn start_with(args: ServeArgs, management: Management) -> anyhow::Resu
         serde_json::to_vec(&HookResponse::discovery(handlers::discovery(&handlers)))
             .map_err(|e| anyhow::anyhow!("cannot encode the discovery response: {e}"))?,
     );
+    // The hooks and the controller share one context: per-cluster locks, workload clients.
+    let ctx = Arc::new(HookContext::new(config, management));
     let app = Arc::new(App {
         handlers,
         discovery_body,
-        ctx: Arc::new(HookContext::new(config, management)),
+        ctx: ctx.clone(),
         metrics: metrics.clone(),
     });
 
@@ -205,8 +208,10 @@ pub async fn start_with(args: ServeArgs, management: Management) -> anyhow::Resu
     let controller = controller_client.map(|client| {
         let config =
             ControllerConfig::new(&args.namespace, args.watch_namespaces.clone(), args.resync);
-        // Wired to the addon converge path: `ConvergePending` is replaced by its Reconciler.
-        let reconciler = Arc::new(ConvergePending);
+        let reconciler = Arc::new(AddonReconciler::new(
+            ctx.clone(),
+            Arc::new(controller::clock::SystemClock),
+        ));
         tokio::spawn(controller::run_until(
             client,
             config,

@@ -1,0 +1,962 @@
+//! Makes one cluster's registry match its variable: the root CA, the cluster's CA copy, the
+//! registry users, the workload client, `registry-auth`, the serving certificate (kept while
+//! usable, renewed inside its window), the deployment by either deployer, readiness, and
+//! removal. The lifecycle hooks and the controller call these steps; each step reads first and
+//! writes only what differs, so a call on an up-to-date cluster sends no write.
+//!
+//! Calls for one cluster are serialized by a per-cluster lock in [`State`], which the hooks and
+//! the controller share; the root CA is created with create-if-absent so two extension
+//! replicas cannot each generate one.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use tracing::info;
+
+use crate::addon::users::{self, Credentials, RegistryAuth, StoredUser};
+use crate::certs::{self, CertInfo, CertificateAuthority, CertifiedKey, PrivateKeyPem};
+use crate::cli::Deployer;
+use crate::hooks::HookConfig;
+use crate::hooks::patches::containerd;
+use crate::k8s::{self, ClusterApi, Outcome, Place};
+use crate::names;
+use crate::render::objects::{self, secret_data};
+use crate::render::registry::{self, RegistryValues};
+use crate::wire::cluster::Cluster;
+use crate::wire::variable::{RegistryConfig, registry_from_config};
+
+/// State shared by every converge of every cluster: per-cluster locks, cached workload
+/// clients, and the clusters known to have nothing of the addon left on them.
+#[derive(Default)]
+pub struct State {
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    workloads: Mutex<HashMap<String, CachedWorkload>>,
+    root_ca: tokio::sync::Mutex<()>,
+    removed: Mutex<HashSet<String>>,
+}
+
+struct CachedWorkload {
+    /// SHA-256 of the kubeconfig the client was built from.
+    fingerprint: [u8; 32],
+    client: kube::Client,
+}
+
+impl State {
+    /// The lock a caller holds while it converges the cluster `key` (`namespace/name`).
+    pub fn cluster_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        locks.entry(key.to_string()).or_default().clone()
+    }
+
+    fn cached_workload(&self, key: &str, fingerprint: &[u8; 32]) -> Option<kube::Client> {
+        let workloads = self.workloads.lock().unwrap_or_else(|e| e.into_inner());
+        workloads
+            .get(key)
+            .filter(|cached| &cached.fingerprint == fingerprint)
+            .map(|cached| cached.client.clone())
+    }
+
+    fn cache_workload(&self, key: &str, fingerprint: [u8; 32], client: kube::Client) {
+        let mut workloads = self.workloads.lock().unwrap_or_else(|e| e.into_inner());
+        workloads.insert(
+            key.to_string(),
+            CachedWorkload {
+                fingerprint,
+                client,
+            },
+        );
+    }
+
+    /// Drops what is kept for a deleted cluster.
+    pub fn forget(&self, key: &str) {
+        self.workloads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+        self.locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+        self.set_removed(key, false);
+    }
+
+    fn is_removed(&self, key: &str) -> bool {
+        self.removed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(key)
+    }
+
+    fn set_removed(&self, key: &str, removed: bool) {
+        let mut set = self.removed.lock().unwrap_or_else(|e| e.into_inner());
+        if removed {
+            set.insert(key.to_string());
+        } else {
+            set.remove(key);
+        }
+    }
+
+    /// Number of cached workload clients (for tests and metrics).
+    pub fn cached_workload_clients(&self) -> usize {
+        self.workloads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+}
+
+/// Why a cluster's registry could not be made to match its variable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvergeError {
+    #[error(transparent)]
+    Kube(#[from] k8s::Error),
+    #[error("{0}")]
+    Invalid(String),
+    /// `<cluster>-kubeconfig` does not exist (yet): the workload cluster cannot be reached.
+    #[error("{0}")]
+    NoKubeconfig(String),
+    #[error("{0}")]
+    CaMismatch(String),
+    /// The direct deployer would share the registry with a HelmChartProxy's release.
+    #[error("{0}")]
+    DeployerConflict(String),
+    /// The root CA Secret is gone while clusters trust the CA it held.
+    #[error("{0}")]
+    RootCaMissing(String),
+}
+
+impl ConvergeError {
+    /// Worth retrying soon: an API was unreachable, overloaded or failed internally.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ConvergeError::Kube(e) => e.is_transient(),
+            ConvergeError::Invalid(_)
+            | ConvergeError::NoKubeconfig(_)
+            | ConvergeError::CaMismatch(_)
+            | ConvergeError::DeployerConflict(_)
+            | ConvergeError::RootCaMissing(_) => false,
+        }
+    }
+
+    /// A request to the workload cluster failed.
+    pub fn on_workload(&self) -> bool {
+        match self {
+            ConvergeError::Kube(e) => e.place == Place::Workload,
+            _ => false,
+        }
+    }
+}
+
+/// The root CA: read from `registry-addon-root-ca`, generated when absent. An existing
+/// Secret (cert-manager's or the operator's) is used as is, never regenerated. Creation is
+/// create-if-absent, so concurrent callers (and extension replicas) end up with one CA.
+pub async fn ensure_root_ca(
+    config: &HookConfig,
+    state: &State,
+    management: &ClusterApi,
+    cluster_key: &str,
+    now: OffsetDateTime,
+) -> Result<CertificateAuthority, ConvergeError> {
+    let namespace = config.namespace.as_str();
+    let describe = || {
+        format!(
+            "secret {namespace}/{} on the management cluster",
+            names::ROOT_CA_SECRET
+        )
+    };
+    let _guard = state.root_ca.lock().await;
+    let existing = management
+        .get("v1", "Secret", Some(namespace), names::ROOT_CA_SECRET)
+        .await?;
+    let secret = match existing {
+        Some(secret) => secret,
+        None => {
+            if let Some((holder, fingerprint)) = earlier_root_ca(management, cluster_key).await? {
+                return Err(ConvergeError::RootCaMissing(format!(
+                    "{} is missing, but cluster {holder} trusts a root CA (SHA-256 fingerprint \
+                     {fingerprint}): restore that Secret (tls.crt, tls.key, ca.crt) from a \
+                     backup or from the management cluster the clusters were created on; a new \
+                     root CA is generated only while no cluster holds a copy of an earlier one",
+                    describe()
+                )));
+            }
+            let algorithm = config.addon.key_algorithm;
+            let ca = CertificateAuthority::generate(algorithm, now)
+                .map_err(|e| ConvergeError::Invalid(format!("{}: {e}", describe())))?;
+            let object = objects::root_ca_secret(namespace, &ca);
+            match management.create_or_get(&object).await? {
+                None => {
+                    info!(cluster = %cluster_key, secret = %describe(), "generated the root CA");
+                    return Ok(ca);
+                }
+                // Another caller created it first: use theirs.
+                Some(secret) => secret,
+            }
+        }
+    };
+    let cert = secret_data(&secret, "tls.crt");
+    let key = secret_data(&secret, "tls.key");
+    let (Some(cert), Some(key)) = (cert, key) else {
+        return Err(ConvergeError::Invalid(format!(
+            "{}: keys tls.crt and tls.key are required",
+            describe()
+        )));
+    };
+    CertificateAuthority::from_pem(&cert, &key)
+        .map_err(|e| ConvergeError::Invalid(format!("{}: {e}", describe())))
+}
+
+/// A cluster holding a copy of a root CA (its `<cluster>-registry-addon-ca`), with that CA's
+/// fingerprint: the calling cluster first, then every Cluster of the management cluster.
+/// Looked at only while the root CA Secret is missing.
+async fn earlier_root_ca(
+    management: &ClusterApi,
+    cluster_key: &str,
+) -> Result<Option<(String, String)>, ConvergeError> {
+    let copy = |namespace: String, name: String| async move {
+        let secret = management
+            .get(
+                "v1",
+                "Secret",
+                Some(&namespace),
+                &names::cluster_ca_secret(&name),
+            )
+            .await?;
+        let fingerprint = secret
+            .and_then(|s| secret_data(&s, "ca.crt"))
+            .and_then(|pem| CertInfo::from_pem(&pem).ok())
+            .map(|info| colon_hex(&info.sha256_hex()));
+        Ok::<_, ConvergeError>(fingerprint.map(|f| (format!("{namespace}/{name}"), f)))
+    };
+    if let Some((namespace, name)) = cluster_key.split_once('/')
+        && let Some(found) = copy(namespace.to_string(), name.to_string()).await?
+    {
+        return Ok(Some(found));
+    }
+    for api_version in ["cluster.x-k8s.io/v1beta2", "cluster.x-k8s.io/v1beta1"] {
+        let clusters = management.list(api_version, "Cluster", None).await?;
+        if clusters.is_empty() {
+            continue;
+        }
+        for cluster in clusters {
+            let metadata = &cluster["metadata"];
+            let (Some(namespace), Some(name)) =
+                (metadata["namespace"].as_str(), metadata["name"].as_str())
+            else {
+                continue;
+            };
+            if let Some(found) = copy(namespace.to_string(), name.to_string()).await? {
+                return Ok(Some(found));
+            }
+        }
+        break;
+    }
+    Ok(None)
+}
+
+/// `ab:cd:…`, as `openssl x509 -fingerprint` prints it.
+fn colon_hex(hex: &str) -> String {
+    hex.as_bytes()
+        .chunks(2)
+        .map(|pair| String::from_utf8_lossy(pair).to_uppercase())
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The registry users of a cluster, as their management Secrets hold them.
+pub struct Users {
+    ro: StoredUser,
+    rw: StoredUser,
+}
+
+/// What the deploy step did.
+#[derive(Debug, Clone)]
+pub struct Deployed {
+    /// SHA-256 of the serving certificate, as the pods carry it in an annotation.
+    pub hash: String,
+    /// The serving certificate now in `registry-tls`.
+    pub certificate: CertInfo,
+    /// Why a certificate was issued over an existing `registry-tls`, if one was.
+    pub renewed: Option<&'static str>,
+    /// Objects written: on the workload cluster, and the HelmChartProxy.
+    pub applied: usize,
+}
+
+/// The StatefulSet `registry-system/registry` against the replicas wanted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    pub wanted: u64,
+    /// `spec.replicas` of the StatefulSet, when it exists.
+    pub replicas: Option<u64>,
+    /// `status.readyReplicas`.
+    pub ready_replicas: u64,
+    /// Why it is not ready, or `None` when it runs every replica of the current spec.
+    pub waiting: Option<String>,
+}
+
+/// What was removed from a cluster whose addon was turned off.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Removed {
+    /// `kind namespace/name` of each deleted object.
+    pub objects: Vec<String>,
+}
+
+/// One cluster's converge context, without its variable: what deleting and removing need.
+pub struct Scope<'a> {
+    pub config: &'a HookConfig,
+    pub state: &'a State,
+    pub management: ClusterApi,
+    pub cluster: &'a Cluster,
+    /// `namespace/name`.
+    pub key: String,
+    pub deployer: Deployer,
+    /// Time left for the whole call; the workload client's timeout is derived from it.
+    pub budget: Duration,
+}
+
+impl<'a> Scope<'a> {
+    pub fn new(
+        config: &'a HookConfig,
+        state: &'a State,
+        management: kube::Client,
+        cluster: &'a Cluster,
+        deployer: Deployer,
+        budget: Duration,
+    ) -> Scope<'a> {
+        Scope {
+            config,
+            state,
+            management: ClusterApi::new(management, Place::Management),
+            cluster,
+            key: cluster.key(),
+            deployer,
+            budget,
+        }
+    }
+
+    pub fn deployer_name(&self) -> &'static str {
+        match self.deployer {
+            Deployer::Helmchartproxy => "HelmChartProxy",
+            Deployer::Direct => "applied directly",
+        }
+    }
+
+    /// The workload cluster's API, from `<cluster>-kubeconfig`; the client is cached until
+    /// the kubeconfig changes.
+    pub async fn workload(&self) -> Result<ClusterApi, ConvergeError> {
+        let cluster = self.cluster;
+        let name = names::kubeconfig_secret(cluster.name());
+        let describe = format!(
+            "secret {}/{name} on the management cluster",
+            cluster.namespace()
+        );
+        let secret = self
+            .management
+            .get("v1", "Secret", Some(cluster.namespace()), &name)
+            .await?
+            .ok_or_else(|| {
+                ConvergeError::NoKubeconfig(format!(
+                    "{describe}: not found; the workload cluster cannot be reached without it"
+                ))
+            })?;
+        let kubeconfig = secret_data(&secret, names::KUBECONFIG_SECRET_KEY).ok_or_else(|| {
+            ConvergeError::Invalid(format!(
+                "{describe}: key {} is missing or not UTF-8",
+                names::KUBECONFIG_SECRET_KEY
+            ))
+        })?;
+        let fingerprint: [u8; 32] = Sha256::digest(kubeconfig.as_bytes()).into();
+        if let Some(client) = self.state.cached_workload(&self.key, &fingerprint) {
+            return Ok(ClusterApi::new(client, Place::Workload));
+        }
+        let timeout = self.budget.mul_f64(0.5).max(Duration::from_secs(1));
+        let client = k8s::client_from_kubeconfig(&kubeconfig, timeout)
+            .await
+            .map_err(|e| ConvergeError::Invalid(format!("{describe}: {e}")))?;
+        self.state
+            .cache_workload(&self.key, fingerprint, client.clone());
+        info!(cluster = %self.key, "built a client for the workload cluster");
+        Ok(ClusterApi::new(client, Place::Workload))
+    }
+
+    /// The HelmChartProxy named as the addon's for the cluster, if any (also `None` on a
+    /// management cluster without the add-on provider: no HelmChartProxy API at all).
+    async fn helm_chart_proxy(&self) -> Result<Option<serde_json::Value>, ConvergeError> {
+        let cluster = self.cluster;
+        Ok(self
+            .management
+            .get(
+                objects::HELM_CHART_PROXY_API_VERSION,
+                "HelmChartProxy",
+                Some(cluster.namespace()),
+                &objects::helm_chart_proxy_name(cluster),
+            )
+            .await?)
+    }
+
+    /// Deletes the addon's own HelmChartProxy, unless it is already being deleted; a foreign
+    /// one holding the name is left alone. True when a delete was sent.
+    async fn delete_own_helm_chart_proxy(&self) -> Result<bool, ConvergeError> {
+        let cluster = self.cluster;
+        let name = objects::helm_chart_proxy_name(cluster);
+        let proxy = self.helm_chart_proxy().await?;
+        if let Some(proxy) = &proxy
+            && !objects::is_own_helm_chart_proxy(proxy, cluster)
+        {
+            // Not ours: its owner removes it, or garbage collection with the Cluster.
+            info!(cluster = %self.key, helmchartproxy = %format!("{}/{name}", cluster.namespace()), "left a HelmChartProxy that is not the addon's");
+        } else if let Some(proxy) = &proxy
+            && proxy["metadata"]["deletionTimestamp"].is_null()
+        {
+            self.management
+                .delete(
+                    objects::HELM_CHART_PROXY_API_VERSION,
+                    "HelmChartProxy",
+                    Some(cluster.namespace()),
+                    &name,
+                )
+                .await?;
+            info!(cluster = %self.key, helmchartproxy = %format!("{}/{name}", cluster.namespace()), "deleted the HelmChartProxy");
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// The deployer of the registry already on the cluster: the HelmChartProxy's while the
+    /// addon's own exists, direct while there is none but the StatefulSet exists; `None`
+    /// when nothing tells (nothing deployed yet, or a foreign HelmChartProxy holds the name).
+    /// The controller keeps a cluster on its deployer: switching is left to the hooks, whose
+    /// ExtensionConfig setting may differ from `--deployer`.
+    pub async fn deployed_by(
+        &self,
+        workload: &ClusterApi,
+    ) -> Result<Option<Deployer>, ConvergeError> {
+        match self.helm_chart_proxy().await? {
+            Some(proxy) if objects::is_own_helm_chart_proxy(&proxy, self.cluster) => {
+                Ok(Some(Deployer::Helmchartproxy))
+            }
+            Some(_) => Ok(None),
+            // Without a HelmChartProxy, only the direct deployer can have put it there.
+            None if self.deployer == Deployer::Direct => Ok(Some(Deployer::Direct)),
+            None => {
+                let statefulset = workload
+                    .get(
+                        "apps/v1",
+                        "StatefulSet",
+                        Some(names::REGISTRY_NAMESPACE),
+                        names::REGISTRY_NAME,
+                    )
+                    .await?;
+                Ok(statefulset.map(|_| Deployer::Direct))
+            }
+        }
+    }
+
+    /// For a cluster being deleted: deletes the HelmChartProxy (its Helm release is
+    /// uninstalled while the workload cluster still exists) and forgets the cluster. The
+    /// cluster CA Secret goes with its ownerReference.
+    pub async fn cleanup(&self) -> Result<(), ConvergeError> {
+        self.delete_own_helm_chart_proxy().await?;
+        self.state.forget(&self.key);
+        Ok(())
+    }
+
+    /// For a running cluster whose addon was turned off: removes the addon's workload
+    /// objects: the HelmChartProxy (its release is uninstalled), or with the direct deployer
+    /// the registry objects; and `registry-tls` and `registry-auth`. Never a
+    /// PersistentVolumeClaim nor the Namespace that holds them: turning the addon off keeps
+    /// the registry's data. Once nothing is left, later calls send no request at all until
+    /// the addon is converged again.
+    pub async fn remove(&self) -> Result<Removed, ConvergeError> {
+        let mut removed = Removed::default();
+        if self.state.is_removed(&self.key) {
+            return Ok(removed);
+        }
+        // Whichever deployer is configured now: a HelmChartProxy holding the addon's name
+        // means the registry is a Helm release (or someone else's), else it was applied
+        // directly.
+        let proxy = self.helm_chart_proxy().await?;
+        if proxy.is_some() && self.delete_own_helm_chart_proxy().await? {
+            removed.objects.push(format!(
+                "helmchartproxy {}/{}",
+                self.cluster.namespace(),
+                objects::helm_chart_proxy_name(self.cluster)
+            ));
+        }
+        let workload = match self.workload().await {
+            Ok(workload) => Some(workload),
+            // Without a kubeconfig nothing of the addon can be on the workload cluster.
+            Err(ConvergeError::NoKubeconfig(_)) => None,
+            Err(e) => return Err(e),
+        };
+        if let Some(workload) = workload {
+            let mut targets: Vec<(String, String, String)> = Vec::new();
+            if proxy.is_none() {
+                for object in removal_targets(&self.config.addon) {
+                    let id = k8s::ObjectId::of(&object);
+                    targets.push((id.api_version, id.kind, id.name));
+                }
+            }
+            for secret in [names::REGISTRY_TLS_SECRET, names::REGISTRY_AUTH_SECRET] {
+                targets.push(("v1".into(), "Secret".into(), secret.into()));
+            }
+            let ns = names::REGISTRY_NAMESPACE;
+            for (api_version, kind, name) in targets {
+                if workload
+                    .get(&api_version, &kind, Some(ns), &name)
+                    .await?
+                    .is_none()
+                {
+                    continue;
+                }
+                if workload
+                    .delete(&api_version, &kind, Some(ns), &name)
+                    .await?
+                {
+                    let object = k8s::object_name(&kind, Some(ns), &name);
+                    info!(cluster = %self.key, %object, "deleted a registry object from the workload cluster: the addon is off");
+                    removed.objects.push(object);
+                }
+            }
+        }
+        self.state.set_removed(&self.key, true);
+        Ok(removed)
+    }
+}
+
+/// The registry objects the direct deployer applies, rendered with default values: only
+/// their apiVersion, kind and name are used.
+fn removal_targets(options: &crate::cli::AddonOptions) -> Vec<serde_json::Value> {
+    let defaults = serde_json::json!({"addons": {"registry": {}}});
+    let Ok(Some(registry)) = registry_from_config(Some(&defaults)) else {
+        return Vec::new();
+    };
+    let values = RegistryValues::new(
+        options,
+        &registry,
+        IpAddr::from([10, 96, 0, 10]),
+        String::new(),
+    );
+    registry::registry_objects(&values)
+}
+
+/// One cluster's converge with its variable.
+pub struct Converge<'a> {
+    pub scope: Scope<'a>,
+    pub registry: &'a RegistryConfig,
+    /// The time certificates are checked and issued at.
+    pub now: OffsetDateTime,
+}
+
+impl<'a> std::ops::Deref for Converge<'a> {
+    type Target = Scope<'a>;
+    fn deref(&self) -> &Scope<'a> {
+        &self.scope
+    }
+}
+
+impl<'a> Converge<'a> {
+    pub fn new(scope: Scope<'a>, registry: &'a RegistryConfig, now: OffsetDateTime) -> Self {
+        Converge {
+            scope,
+            registry,
+            now,
+        }
+    }
+
+    pub async fn ensure_root_ca(&self) -> Result<CertificateAuthority, ConvergeError> {
+        ensure_root_ca(
+            self.config,
+            self.state,
+            &self.management,
+            &self.key,
+            self.now,
+        )
+        .await
+    }
+
+    /// Applies `<cluster>-registry-addon-ca`; fails when it holds another CA than the root.
+    pub async fn ensure_cluster_ca(&self, ca: &CertificateAuthority) -> Result<(), ConvergeError> {
+        let cluster = self.cluster;
+        let desired = objects::cluster_ca_secret(cluster, ca.cert_pem());
+        let name = names::cluster_ca_secret(cluster.name());
+        let existing = self
+            .management
+            .get("v1", "Secret", Some(cluster.namespace()), &name)
+            .await?;
+        if let Some(existing) = &existing {
+            if let Some(current) = secret_data(existing, "ca.crt").filter(|c| !c.trim().is_empty())
+                && !ca.is_in_bundle(&current)
+            {
+                return Err(ConvergeError::CaMismatch(format!(
+                    "CA mismatch: secret {}/{name} holds a CA certificate that is not the root CA \
+                     in secret {}/{} (was the cluster moved to another management cluster? copy \
+                     its original root CA Secret there); no certificate was issued",
+                    cluster.namespace(),
+                    self.config.namespace,
+                    names::ROOT_CA_SECRET
+                )));
+            }
+        }
+        if self
+            .management
+            .converge(existing.as_ref(), &desired)
+            .await?
+            == Outcome::Applied
+        {
+            info!(cluster = %self.key, secret = %format!("{}/{name}", cluster.namespace()), "applied the cluster CA Secret");
+        }
+        Ok(())
+    }
+
+    /// The users `ro` and `rw`, from their management Secrets, each generated once when absent
+    /// (create-if-absent: concurrent calls end with one password); and the node's `hosts.toml`
+    /// Secret carrying `ro`. A Secret edited into an unusable state is an error naming it:
+    /// generating over it would lock out every node and client that uses it.
+    pub async fn ensure_users(&self) -> Result<Users, ConvergeError> {
+        let cluster = self.cluster;
+        let ns = cluster.namespace();
+        let mut read = Vec::with_capacity(2);
+        for user in [names::READ_ONLY_USER, names::READ_WRITE_USER] {
+            let name = names::user_secret(cluster.name(), user);
+            let describe = format!("secret {ns}/{name} on the management cluster");
+            let secret = match self.management.get("v1", "Secret", Some(ns), &name).await? {
+                Some(secret) => secret,
+                None => {
+                    let credentials = Credentials {
+                        username: user.to_string(),
+                        password: users::generate_password(),
+                    };
+                    let secret = self
+                        .management
+                        .create_or_read(&users::user_secret(cluster, &credentials))
+                        .await?;
+                    info!(cluster = %self.key, secret = %format!("{ns}/{name}"), "created registry user {user}");
+                    secret
+                }
+            };
+            let stored = users::read_user_secret(&secret).map_err(|e| {
+                ConvergeError::Invalid(format!(
+                    "{describe}: {e}; restore it, or delete it to have a new password generated"
+                ))
+            })?;
+            read.push((describe, stored));
+        }
+        let (rw_describe, rw) = read.pop().expect("two users");
+        let (_, ro) = read.pop().expect("two users");
+        if ro.credentials.username == rw.credentials.username
+            || [&ro, &rw]
+                .iter()
+                .any(|u| u.credentials.username == names::SYNC_USER)
+        {
+            return Err(ConvergeError::Invalid(format!(
+                "{rw_describe}: the users of the ro and rw Secrets must have different names, \
+                 neither {:?}",
+                names::SYNC_USER
+            )));
+        }
+        let service_ip = self.service_ip()?;
+        let hosts = objects::containerd_hosts_secret(
+            cluster,
+            &containerd::default_hosts_toml(service_ip, &ro.credentials),
+        );
+        if self.management.ensure(&hosts).await? == Outcome::Applied {
+            info!(cluster = %self.key, secret = %k8s::ObjectId::of(&hosts), "applied the node containerd hosts Secret");
+        }
+        Ok(Users { ro, rw })
+    }
+
+    /// `registry-system/registry-auth`: the hashes of `ro` and `rw`, the sync identity and the
+    /// shared HTTP secret, re-hashed only when a user Secret changed. The number of objects
+    /// written.
+    async fn ensure_registry_auth(
+        &self,
+        workload: &ClusterApi,
+        users: &Users,
+    ) -> Result<usize, ConvergeError> {
+        let ns = names::REGISTRY_NAMESPACE;
+        let name = names::REGISTRY_AUTH_SECRET;
+        let mut applied = 0;
+        if workload.ensure(&objects::registry_namespace()).await? == Outcome::Applied {
+            applied += 1;
+            info!(cluster = %self.key, namespace = ns, "applied the registry Namespace on the workload cluster");
+        }
+        let existing = workload.get("v1", "Secret", Some(ns), name).await?;
+        let auth = RegistryAuth::desired(existing.as_ref(), &users.ro, &users.rw)
+            .map_err(ConvergeError::Invalid)?;
+        if workload.converge(existing.as_ref(), &auth.secret()).await? == Outcome::Applied {
+            applied += 1;
+            info!(cluster = %self.key, secret = %format!("{ns}/{name}"), "applied the registry auth Secret on the workload cluster");
+        }
+        Ok(applied)
+    }
+
+    fn service_ip(&self) -> Result<IpAddr, ConvergeError> {
+        self.registry
+            .resolve_service_ip(self.cluster.service_cidrs())
+            .map_err(|e| ConvergeError::Invalid(e.to_string()))
+    }
+
+    /// Namespace, `registry-auth`, `registry-tls` (kept while usable, renewed inside the
+    /// renewal window when `renew_fraction` is set) and the registry itself.
+    pub async fn deploy(
+        &self,
+        ca: &CertificateAuthority,
+        workload: &ClusterApi,
+        users: &Users,
+        renew_fraction: Option<f64>,
+    ) -> Result<Deployed, ConvergeError> {
+        if self.deployer == Deployer::Direct {
+            self.check_no_helm_chart_proxy().await?;
+        }
+        // From here on the addon's objects exist again: a later removal must look.
+        self.state.set_removed(&self.key, false);
+        let mut applied = self.ensure_registry_auth(workload, users).await?;
+        let service_ip = self.service_ip()?;
+        let subject = certs::registry_subject_names(self.registry.replicas, service_ip);
+
+        let tls_name = names::REGISTRY_TLS_SECRET;
+        let ns = names::REGISTRY_NAMESPACE;
+        let existing = workload.get("v1", "Secret", Some(ns), tls_name).await?;
+        let now = self.now;
+        let kept = match &existing {
+            None => Err("it does not exist"),
+            Some(secret) => usable_certificate(secret, ca, &subject, now, renew_fraction),
+        };
+        let mut renewed = None;
+        let cert = match kept {
+            Ok(cert) => cert,
+            Err(reason) => {
+                let algorithm = self.config.addon.key_algorithm;
+                let cert = ca.issue_server(&subject, algorithm, now).map_err(|e| {
+                    ConvergeError::Invalid(format!("issuing the registry certificate: {e}"))
+                })?;
+                info!(cluster = %self.key, secret = %format!("{ns}/{tls_name}"), reason, "issued a registry server certificate");
+                if existing.is_some() {
+                    renewed = Some(reason);
+                }
+                cert
+            }
+        };
+        // The type of a Secret is immutable: replace one that is not kubernetes.io/tls.
+        if let Some(secret) = &existing
+            && secret["type"].as_str() != Some("kubernetes.io/tls")
+        {
+            workload.delete("v1", "Secret", Some(ns), tls_name).await?;
+            info!(cluster = %self.key, secret = %format!("{ns}/{tls_name}"), "deleted a registry TLS Secret of the wrong type");
+        }
+        let secret = objects::registry_tls_secret(&cert, ca.cert_pem());
+        if workload.converge(existing.as_ref(), &secret).await? == Outcome::Applied {
+            applied += 1;
+            info!(cluster = %self.key, secret = %format!("{ns}/{tls_name}"), "applied the registry TLS Secret on the workload cluster");
+        }
+
+        let certificate = CertInfo::from_pem(&cert.cert_pem)
+            .map_err(|e| ConvergeError::Invalid(format!("registry certificate: {e}")))?;
+        let hash = certificate.sha256_hex();
+        let values =
+            RegistryValues::new(&self.config.addon, self.registry, service_ip, hash.clone());
+        match self.deployer {
+            Deployer::Helmchartproxy => {
+                let proxy = objects::helm_chart_proxy(self.cluster, &self.config.addon, &values)
+                    .map_err(|e| {
+                        ConvergeError::Invalid(format!("rendering the HelmChartProxy values: {e}"))
+                    })?;
+                // One GET, as `ensure` would do, that also tells a foreign object holding the
+                // name: force-applying over it would take over someone else's release.
+                let current = self.helm_chart_proxy().await?;
+                if let Some(current) = &current
+                    && !objects::is_own_helm_chart_proxy(current, self.cluster)
+                {
+                    return Err(ConvergeError::DeployerConflict(format!(
+                        "{}; the addon does not apply over it: rename or delete it and call again",
+                        foreign_proxy(self.cluster)
+                    )));
+                }
+                if self.management.converge(current.as_ref(), &proxy).await? == Outcome::Applied {
+                    applied += 1;
+                    info!(cluster = %self.key, helmchartproxy = %k8s::ObjectId::of(&proxy), "applied the HelmChartProxy");
+                }
+            }
+            Deployer::Direct => {
+                for object in objects::direct_registry_objects(&values) {
+                    if workload.ensure(&object).await? == Outcome::Applied {
+                        applied += 1;
+                        info!(cluster = %self.key, object = %k8s::ObjectId::of(&object), "applied a registry object on the workload cluster");
+                    }
+                }
+            }
+        }
+        Ok(Deployed {
+            hash,
+            certificate,
+            renewed,
+            applied,
+        })
+    }
+
+    /// Fails, before anything is applied to the workload cluster, while the HelmChartProxy
+    /// named as the addon's for this cluster exists (even while it is being deleted). With
+    /// it, CAAPH and the direct deployer would own the same objects, and its deletion makes
+    /// CAAPH uninstall the release, taking the objects applied directly with it. It is never
+    /// deleted here: that uninstalls the registry, the operator's call.
+    async fn check_no_helm_chart_proxy(&self) -> Result<(), ConvergeError> {
+        match self.helm_chart_proxy().await? {
+            None => Ok(()),
+            Some(proxy) => Err(ConvergeError::DeployerConflict(direct_deployer_blocked(
+                &proxy,
+                self.cluster,
+            ))),
+        }
+    }
+
+    /// Whether the StatefulSet `registry-system/registry` runs every replica of the current
+    /// spec (`certificate_hash` is the certificate its pods must carry), without waiting.
+    pub async fn readiness(
+        &self,
+        workload: &ClusterApi,
+        certificate_hash: &str,
+    ) -> Result<Readiness, ConvergeError> {
+        let statefulset = workload
+            .get(
+                "apps/v1",
+                "StatefulSet",
+                Some(names::REGISTRY_NAMESPACE),
+                names::REGISTRY_NAME,
+            )
+            .await?;
+        let wanted = u64::from(self.registry.replicas);
+        Ok(match &statefulset {
+            None => Readiness {
+                wanted,
+                replicas: None,
+                ready_replicas: 0,
+                waiting: Some("it does not exist yet".to_string()),
+            },
+            Some(sts) => Readiness {
+                wanted,
+                replicas: Some(sts["spec"]["replicas"].as_u64().unwrap_or(1)),
+                ready_replicas: sts["status"]["readyReplicas"].as_u64().unwrap_or(0),
+                waiting: statefulset_not_ready(sts, wanted, certificate_hash),
+            },
+        })
+    }
+}
+
+/// Names the HelmChartProxy holding the addon's name for `cluster` without its labels.
+fn foreign_proxy(cluster: &Cluster) -> String {
+    format!(
+        "HelmChartProxy {}/{} exists but is not the registry addon's (it lacks the labels {}={} \
+         and {}={})",
+        cluster.namespace(),
+        objects::helm_chart_proxy_name(cluster),
+        names::MANAGED_BY_LABEL,
+        names::FIELD_MANAGER,
+        names::CLUSTER_NAME_LABEL,
+        cluster.name()
+    )
+}
+
+/// Why the direct deployer does not deploy beside an existing HelmChartProxy `proxy` named as
+/// the addon's for `cluster`, and what the operator can do.
+fn direct_deployer_blocked(proxy: &serde_json::Value, cluster: &Cluster) -> String {
+    let name = format!(
+        "{}/{}",
+        cluster.namespace(),
+        objects::helm_chart_proxy_name(cluster)
+    );
+    if !objects::is_own_helm_chart_proxy(proxy, cluster) {
+        // Someone else's object under the addon's name: it may install a release into
+        // registry-system too, and the helmchartproxy deployer would take it over.
+        return format!(
+            "{}; the direct deployer applies nothing while a HelmChartProxy holds the name the \
+             addon uses for this cluster: rename or delete it and call again",
+            foreign_proxy(cluster)
+        );
+    }
+    if !proxy["metadata"]["deletionTimestamp"].is_null() {
+        return format!(
+            "HelmChartProxy {name} is being deleted (CAAPH uninstalls its release); the direct \
+             deployer applies the registry once it is gone"
+        );
+    }
+    format!(
+        "HelmChartProxy {name} still deploys the registry; switching to the direct deployer \
+         needs it gone first: delete it (CAAPH uninstalls its release) and call again"
+    )
+}
+
+/// Why a StatefulSet is not ready for `wanted` replicas, or `None` when it is.
+fn statefulset_not_ready(
+    sts: &serde_json::Value,
+    wanted: u64,
+    certificate_hash: &str,
+) -> Option<String> {
+    let number = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let generation = number(&sts["metadata"]["generation"]);
+    let observed = number(&sts["status"]["observedGeneration"]);
+    let replicas = sts["spec"]["replicas"].as_u64().unwrap_or(1);
+    let ready = number(&sts["status"]["readyReplicas"]);
+    let updated = number(&sts["status"]["updatedReplicas"]);
+    if replicas != wanted {
+        return Some(format!("it has {replicas} replicas, {wanted} wanted"));
+    }
+    // With a HelmChartProxy the chart is upgraded asynchronously: wait until the pods carry
+    // the current certificate.
+    let annotation =
+        &sts["spec"]["template"]["metadata"]["annotations"][names::CERTIFICATE_HASH_ANNOTATION];
+    if let Some(applied) = annotation.as_str()
+        && applied != certificate_hash
+    {
+        return Some("its pods do not carry the current certificate yet".into());
+    }
+    if observed < generation {
+        return Some(format!(
+            "generation {generation} not yet observed (observed {observed})"
+        ));
+    }
+    if ready < replicas || updated < replicas {
+        return Some(format!(
+            "{ready}/{replicas} replicas ready, {updated}/{replicas} updated"
+        ));
+    }
+    None
+}
+
+/// The certificate in a `registry-tls` Secret when it can stay, else why it must be replaced.
+fn usable_certificate(
+    secret: &serde_json::Value,
+    ca: &CertificateAuthority,
+    subject: &certs::SubjectNames,
+    now: OffsetDateTime,
+    renew_fraction: Option<f64>,
+) -> Result<CertifiedKey, &'static str> {
+    let cert_pem = secret_data(secret, "tls.crt").ok_or("it has no tls.crt")?;
+    let key_pem = secret_data(secret, "tls.key").ok_or("it has no tls.key")?;
+    let info = CertInfo::from_pem(&cert_pem).map_err(|_| "its certificate cannot be read")?;
+    if !info.key_matches(&key_pem) {
+        return Err("its private key does not match the certificate");
+    }
+    if !info.is_signed_by(ca) {
+        return Err("it is not signed by the cluster's CA");
+    }
+    if info.names != *subject {
+        return Err("its SANs do not match the replicas and Service IP");
+    }
+    if !info.is_valid_at(now) {
+        return Err("it is expired or not yet valid");
+    }
+    if let Some(fraction) = renew_fraction
+        && info.in_renewal_window(now, fraction)
+    {
+        return Err("it is inside its renewal window");
+    }
+    Ok(CertifiedKey {
+        cert_pem,
+        key_pem: PrivateKeyPem::new(key_pem),
+    })
+}

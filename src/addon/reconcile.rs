@@ -1,0 +1,400 @@
+//! The controller's [`Reconciler`]: the converge steps of [`crate::addon::converge`] run for
+//! one Cluster between hooks, and what they found as a `ClusterRegistry` status.
+//!
+//! - addon off: the addon's workload objects are removed (never PVCs), no `ClusterRegistry`;
+//! - invalid variable: `Ready=False`, reason `InvalidConfiguration`, nothing written;
+//! - control plane not initialized: only the management-side steps;
+//! - no `<cluster>-kubeconfig` yet: a waiting condition, looked at again later;
+//! - otherwise what BeforeClusterUpgrade does, without waiting for readiness: the status shows
+//!   it, and the cluster is reconciled again when its certificate's renewal window opens.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use crate::addon::converge::{Converge, ConvergeError, Deployed, Readiness, Scope};
+use crate::controller::clock::{Clock, to_k8s_time};
+use crate::controller::status::{
+    CERTIFICATE_READY, CertificateStatus, ClusterRegistryStatus, ConditionStatus, Conditions,
+    READY, REGISTRY_READY,
+};
+use crate::controller::{ClusterEvent, ReconcileError, ReconcileOutcome, Reconciler, StatusReport};
+use crate::hooks::{HookContext, Management};
+use crate::k8s::Place;
+use crate::names;
+use crate::wire::cluster::Cluster;
+use crate::wire::variable::registry_from_config;
+
+/// The effective mode while only the in-cluster registry exists.
+pub const MODE_LOCAL: &str = "Local";
+/// How long one reconcile may take.
+const BUDGET: Duration = Duration::from_secs(30);
+/// How soon a cluster waiting for its control plane or kubeconfig is looked at again: CAPI
+/// changes those in the Cluster's status, which does not queue it.
+pub const WAIT_REQUEUE: Duration = Duration::from_secs(30);
+/// How soon a registry that is not ready yet is looked at again.
+pub const READINESS_REQUEUE: Duration = Duration::from_secs(15);
+
+/// Reconciles Clusters with the hooks' context: the same configuration, management client,
+/// per-cluster locks and workload clients.
+pub struct AddonReconciler {
+    ctx: Arc<HookContext>,
+    clock: Arc<dyn Clock>,
+}
+
+impl AddonReconciler {
+    pub fn new(ctx: Arc<HookContext>, clock: Arc<dyn Clock>) -> AddonReconciler {
+        AddonReconciler { ctx, clock }
+    }
+}
+
+impl Reconciler for AddonReconciler {
+    async fn reconcile(&self, object: &Value) -> Result<ReconcileOutcome, ReconcileError> {
+        let cluster = Cluster::from_value(object).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let key = cluster.key();
+        let client = match &self.ctx.management {
+            Management::Client(client) => client.clone(),
+            Management::Unavailable(reason) => {
+                return Err(anyhow::anyhow!(
+                    "cluster {key}: management cluster unreachable: {reason}"
+                )
+                .into());
+            }
+        };
+        let lock = self.ctx.state.cluster_lock(&key);
+        let work = async {
+            let _guard = lock.lock().await;
+            let scope = Scope::new(
+                &self.ctx.config,
+                &self.ctx.state,
+                client,
+                &cluster,
+                self.ctx.config.addon.deployer,
+                BUDGET,
+            );
+            self.run(object, scope).await
+        };
+        match tokio::time::timeout(BUDGET, work).await {
+            Ok(result) => result,
+            Err(_) => Err(anyhow::anyhow!(
+                "cluster {key}: reconcile did not finish within {}s",
+                BUDGET.as_secs()
+            )
+            .into()),
+        }
+    }
+}
+
+impl AddonReconciler {
+    async fn run(
+        &self,
+        object: &Value,
+        scope: Scope<'_>,
+    ) -> Result<ReconcileOutcome, ReconcileError> {
+        let key = scope.key.clone();
+        let now = self.clock.now();
+        let generation = object["metadata"]["generation"].as_i64();
+        let report = Report { generation, now };
+        let variable = &self.ctx.config.addon.variable_name;
+        let registry = match registry_from_config(scope.cluster.variable(variable)) {
+            Ok(Some(registry)) => registry,
+            // Nothing can have been deployed before the control plane answered: no request.
+            Ok(None) if !control_plane_initialized(object) => {
+                return Ok(ReconcileOutcome::new(StatusReport::Absent));
+            }
+            Ok(None) => {
+                let removed = scope
+                    .remove()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cluster {key}: {e}"))?;
+                let mut outcome = ReconcileOutcome::new(StatusReport::Absent);
+                if !removed.objects.is_empty() {
+                    outcome.events.push(ClusterEvent {
+                        warning: false,
+                        reason: "Removed".into(),
+                        action: "Remove".into(),
+                        message: format!(
+                            "registry addon turned off: deleted {}; PersistentVolumeClaims are kept",
+                            removed.objects.join(", ")
+                        ),
+                    });
+                }
+                return Ok(outcome);
+            }
+            Err(e) => {
+                let message = format!("cluster {key}: invalid variable {variable}: {e}");
+                let mut conditions = report.conditions();
+                conditions.set(READY, false, "InvalidConfiguration", message);
+                return Ok(ReconcileOutcome::new(StatusReport::Present(
+                    report.status(conditions),
+                )));
+            }
+        };
+        let mut converge = Converge::new(scope, &registry, OffsetDateTime::from(now));
+        match self.converge(&mut converge, object, &report).await {
+            Ok(outcome) => Ok(outcome),
+            Err(e) => {
+                let status = report.failed(&key, &e);
+                Err(ReconcileError::new(anyhow::anyhow!("cluster {key}: {e}")).with_status(status))
+            }
+        }
+    }
+
+    async fn converge(
+        &self,
+        converge: &mut Converge<'_>,
+        object: &Value,
+        report: &Report,
+    ) -> Result<ReconcileOutcome, ConvergeError> {
+        let ca = converge.ensure_root_ca().await?;
+        converge.ensure_cluster_ca(&ca).await?;
+        let users = converge.ensure_users().await?;
+        if !control_plane_initialized(object) {
+            let mut conditions = report.conditions();
+            conditions
+                .set(
+                    REGISTRY_READY,
+                    false,
+                    "WaitingForControlPlane",
+                    "waiting for the control plane to be initialized (Cluster condition \
+                     ControlPlaneInitialized); the CA and the registry users are in place, the \
+                     registry is deployed once the control plane answers",
+                )
+                .summarize();
+            let mut outcome =
+                ReconcileOutcome::new(StatusReport::Present(report.status(conditions)));
+            outcome.requeue_after = Some(WAIT_REQUEUE);
+            return Ok(outcome);
+        }
+        let workload = match converge.workload().await {
+            Ok(workload) => workload,
+            Err(ConvergeError::NoKubeconfig(message)) => {
+                let mut conditions = report.conditions();
+                conditions
+                    .set(REGISTRY_READY, false, "WaitingForKubeconfig", message)
+                    .summarize();
+                let mut outcome =
+                    ReconcileOutcome::new(StatusReport::Present(report.status(conditions)));
+                outcome.requeue_after = Some(WAIT_REQUEUE);
+                return Ok(outcome);
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(deployer) = converge.deployed_by(&workload).await? {
+            converge.scope.deployer = deployer;
+        }
+        let fraction = converge.config.addon.renew_fraction;
+        let deployed = converge
+            .deploy(&ca, &workload, &users, Some(fraction))
+            .await?;
+        let readiness = converge.readiness(&workload, &deployed.hash).await?;
+        Ok(report.converged(converge, &deployed, &readiness, fraction))
+    }
+}
+
+/// Whether the Cluster's control plane is initialized: v1beta2
+/// `status.initialization.controlPlaneInitialized` or v1beta1 `status.controlPlaneReady`, or a
+/// `ControlPlaneInitialized` condition that is `True` (either version's conditions).
+pub fn control_plane_initialized(cluster: &Value) -> bool {
+    let status = &cluster["status"];
+    let condition_true = |conditions: &Value| {
+        conditions.as_array().is_some_and(|items| {
+            items
+                .iter()
+                .any(|c| c["type"] == "ControlPlaneInitialized" && c["status"] == "True")
+        })
+    };
+    status["initialization"]["controlPlaneInitialized"] == true
+        || status["controlPlaneReady"] == true
+        || condition_true(&status["conditions"])
+        || condition_true(&status["v1beta2"]["conditions"])
+}
+
+/// Builds the statuses of one reconcile.
+struct Report {
+    generation: Option<i64>,
+    now: SystemTime,
+}
+
+impl Report {
+    fn conditions(&self) -> Conditions {
+        Conditions::new(self.generation, self.now)
+    }
+
+    fn status(&self, conditions: Conditions) -> ClusterRegistryStatus {
+        ClusterRegistryStatus {
+            observed_generation: self.generation,
+            mode: Some(MODE_LOCAL.into()),
+            conditions: conditions.build(),
+            ..ClusterRegistryStatus::default()
+        }
+    }
+
+    /// `Ready=False` saying what failed, with the hooks' message.
+    fn failed(&self, key: &str, error: &ConvergeError) -> ClusterRegistryStatus {
+        let (type_, reason) = match error {
+            ConvergeError::RootCaMissing(_) => (CERTIFICATE_READY, "RootCAMissing"),
+            ConvergeError::CaMismatch(_) => (CERTIFICATE_READY, "CAMismatch"),
+            ConvergeError::DeployerConflict(_) => (REGISTRY_READY, "DeployerConflict"),
+            ConvergeError::Invalid(_) => (REGISTRY_READY, "InvalidConfiguration"),
+            ConvergeError::NoKubeconfig(_) => (REGISTRY_READY, "WaitingForKubeconfig"),
+            ConvergeError::Kube(e) if e.place == Place::Workload && e.is_unreachable() => {
+                (REGISTRY_READY, "WorkloadClusterUnreachable")
+            }
+            ConvergeError::Kube(_) => (REGISTRY_READY, "APIError"),
+        };
+        let mut conditions = self.conditions();
+        conditions
+            .set(type_, false, reason, format!("cluster {key}: {error}"))
+            .summarize();
+        self.status(conditions)
+    }
+
+    fn converged(
+        &self,
+        converge: &Converge<'_>,
+        deployed: &Deployed,
+        readiness: &Readiness,
+        fraction: f64,
+    ) -> ReconcileOutcome {
+        let certificate = &deployed.certificate;
+        let not_after = certificate.not_after;
+        let renew_after = not_after - certificate.lifetime() * fraction;
+        let mut conditions = self.conditions();
+        conditions.set(
+            CERTIFICATE_READY,
+            true,
+            "CertificateValid",
+            format!(
+                "certificate expires {}; renewal starts {}",
+                day(not_after),
+                day(renew_after)
+            ),
+        );
+        let ready = readiness.ready_replicas;
+        let wanted = readiness.wanted;
+        let (status, reason, message) = match &readiness.waiting {
+            None => (
+                ConditionStatus::True,
+                "ReplicasReady",
+                format!("{ready} of {wanted} replicas ready"),
+            ),
+            Some(why) => (
+                ConditionStatus::False,
+                if readiness.replicas.is_none() {
+                    "Deploying"
+                } else {
+                    "ReplicasNotReady"
+                },
+                format!(
+                    "{ready} of {wanted} replicas ready; statefulset {}/{} on the workload \
+                     cluster: {why}",
+                    names::REGISTRY_NAMESPACE,
+                    names::REGISTRY_NAME
+                ),
+            ),
+        };
+        conditions
+            .set(REGISTRY_READY, status, reason, message)
+            .summarize();
+        let mut registry = self.status(conditions);
+        registry.replicas = Some(clamp(readiness.replicas.unwrap_or(wanted)));
+        registry.ready_replicas = Some(clamp(ready));
+        registry.certificate = Some(CertificateStatus {
+            not_after: Some(to_k8s_time(SystemTime::from(not_after))),
+            renew_after: Some(to_k8s_time(SystemTime::from(renew_after))),
+        });
+
+        let mut outcome = ReconcileOutcome::new(StatusReport::Present(registry));
+        let until_renewal = (SystemTime::from(renew_after))
+            .duration_since(self.now)
+            .unwrap_or(Duration::ZERO)
+            // Just past the window's start, so the next reconcile renews.
+            + Duration::from_secs(1);
+        outcome.requeue_after = Some(if readiness.waiting.is_some() {
+            until_renewal.min(READINESS_REQUEUE)
+        } else {
+            until_renewal
+        });
+        if let Some(why) = deployed.renewed {
+            outcome.events.push(ClusterEvent {
+                warning: false,
+                reason: "CertificateRenewed".into(),
+                action: "Renew".into(),
+                message: format!(
+                    "issued a new registry certificate: the previous one {why}; it expires {}",
+                    day(not_after)
+                ),
+            });
+        }
+        if deployed.applied > 0 {
+            outcome.events.push(ClusterEvent {
+                warning: false,
+                reason: "Deployed".into(),
+                action: "Deploy".into(),
+                message: format!(
+                    "registry deployed ({}): {} object(s) written",
+                    converge.deployer_name(),
+                    deployed.applied
+                ),
+            });
+        }
+        outcome
+    }
+}
+
+fn clamp(n: u64) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// `2027-03-01`.
+fn day(time: OffsetDateTime) -> String {
+    let date = time.date();
+    format!(
+        "{:04}-{:02}-{:02}",
+        date.year(),
+        u8::from(date.month()),
+        date.day()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn control_plane_initialized_in_both_versions() {
+        assert!(!control_plane_initialized(&json!({})));
+        assert!(!control_plane_initialized(
+            &json!({"status": {"controlPlaneReady": false}})
+        ));
+        assert!(control_plane_initialized(
+            &json!({"status": {"controlPlaneReady": true}})
+        ));
+        assert!(control_plane_initialized(
+            &json!({"status": {"initialization": {"controlPlaneInitialized": true}}})
+        ));
+        let condition = |status: &str| {
+            json!({"status": {"conditions": [
+                {"type": "InfrastructureReady", "status": "True"},
+                {"type": "ControlPlaneInitialized", "status": status},
+            ]}})
+        };
+        assert!(control_plane_initialized(&condition("True")));
+        assert!(!control_plane_initialized(&condition("False")));
+        assert!(control_plane_initialized(
+            &json!({"status": {"v1beta2": {"conditions": [
+                {"type": "ControlPlaneInitialized", "status": "True"}
+            ]}}})
+        ));
+    }
+
+    #[test]
+    fn days_are_iso_dates() {
+        let time = OffsetDateTime::from_unix_timestamp(1_803_600_000).unwrap();
+        assert_eq!(day(time), "2027-02-26");
+    }
+}

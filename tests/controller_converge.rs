@@ -1,0 +1,760 @@
+//! The controller with the addon's reconciler, between hooks: a management and a workload
+//! in-memory API server, the Cluster stored in the management one with its kubeconfig Secret
+//! pointing at the workload one, and an injected clock.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::events::v1::Event;
+use kube::api::Api;
+use registry_addon::addon::reconcile::AddonReconciler;
+use registry_addon::controller::clock::ManualClock;
+use registry_addon::controller::metrics::ControllerMetrics;
+use registry_addon::controller::queue::QueueConfig;
+use registry_addon::controller::{Controller, ControllerConfig, Reconciler, StatusReport};
+use registry_addon::hooks::{HookContext, Management, dispatch};
+use registry_addon::names;
+use registry_addon::wire::runtime::Hook;
+use serde_json::{Value, json};
+
+use support::crd::{printed_columns, validate_against_crd};
+use support::{
+    CLUSTER, CLUSTER_NS, EXTENSION_NAMESPACE, Env, cluster_ca_path, hcp_path, root_ca_path,
+    secret_path, statefulset_path, tls_path,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+const CLUSTERS: &str = "/apis/cluster.x-k8s.io/v1beta2/namespaces/default/clusters";
+const FAST_RESYNC: Duration = Duration::from_millis(200);
+
+fn cluster_path() -> String {
+    format!("{CLUSTERS}/{CLUSTER}")
+}
+
+fn creg_path() -> String {
+    format!("/apis/registry-addon.io/v1alpha1/namespaces/{CLUSTER_NS}/clusterregistries/{CLUSTER}")
+}
+
+fn pvc_path() -> String {
+    "/api/v1/namespaces/registry-system/persistentvolumeclaims/data-registry-0".into()
+}
+
+/// Polls `check` until it holds (the readiness check instead of a sleep).
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn root_ca(env: &Env) -> registry_addon::certs::CertificateAuthority {
+    let secret = env.management.get(&root_ca_path()).expect("root CA secret");
+    registry_addon::certs::CertificateAuthority::from_pem(
+        &support::unb64(&secret["data"]["tls.crt"]),
+        &support::unb64(&secret["data"]["tls.key"]),
+    )
+    .expect("root CA")
+}
+
+fn condition(object: &Value, type_: &str) -> Value {
+    object["status"]["conditions"]
+        .as_array()
+        .and_then(|items| items.iter().find(|c| c["type"] == type_).cloned())
+        .unwrap_or(Value::Null)
+}
+
+/// Requests other than the Lease's and the Cluster watch's.
+fn counted(server: &support::apiserver::ApiServer) -> Vec<String> {
+    server
+        .requests()
+        .iter()
+        .filter(|r| !r.path.contains("/leases/") && !r.query.contains("watch=true"))
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect()
+}
+
+fn counted_writes(server: &support::apiserver::ApiServer) -> Vec<String> {
+    server
+        .requests()
+        .iter()
+        .filter(|r| r.is_write() && !r.path.contains("/leases/"))
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect()
+}
+
+struct Setup {
+    env: Env,
+    ctx: Arc<HookContext>,
+    clock: ManualClock,
+    metrics: Arc<ControllerMetrics>,
+    reconciler: Arc<AddonReconciler>,
+}
+
+impl Setup {
+    /// The direct deployer; the Cluster stored with its control plane initialized.
+    async fn new() -> Setup {
+        Setup::with(&["--deployer", "direct"]).await
+    }
+
+    async fn with(flags: &[&str]) -> Setup {
+        let env = Env::with(flags, "cluster-v1beta2.json").await;
+        let ctx = Arc::new(HookContext::new(
+            env.ctx.config.clone(),
+            Management::Client(env.management.client()),
+        ));
+        let clock = ManualClock::new(SystemTime::now());
+        let reconciler = Arc::new(AddonReconciler::new(ctx.clone(), Arc::new(clock.clone())));
+        let setup = Setup {
+            env,
+            ctx,
+            clock,
+            metrics: Arc::new(ControllerMetrics::unregistered()),
+            reconciler,
+        };
+        setup.store_cluster(true);
+        setup
+    }
+
+    fn store_cluster(&self, control_plane_initialized: bool) {
+        let mut cluster = self.env.cluster.clone();
+        if control_plane_initialized {
+            cluster["status"] = json!({
+                "initialization": {"controlPlaneInitialized": true},
+                "conditions": [{"type": "ControlPlaneInitialized", "status": "True"}],
+            });
+        }
+        self.env.management.put(CLUSTERS, cluster);
+    }
+
+    /// Changes the Cluster's `addons.registry` (a spec change: the generation moves).
+    fn set_registry(&self, registry: Value) {
+        self.env.management.update(&cluster_path(), |c| {
+            let vars = c["spec"]["topology"]["variables"].as_array_mut().unwrap();
+            let config = vars
+                .iter_mut()
+                .find(|v| v["name"] == "clusterConfig")
+                .unwrap();
+            config["value"]["addons"]["registry"] = registry;
+            let generation = c["metadata"]["generation"].as_i64().unwrap();
+            c["metadata"]["generation"] = json!(generation + 1);
+        });
+    }
+
+    async fn start(&self, resync: Duration) -> Controller {
+        let mut config = ControllerConfig::new(EXTENSION_NAMESPACE, Vec::new(), resync);
+        config.lease.identity = "a".into();
+        config.lease.retry_period = Duration::from_millis(20);
+        config.queue = QueueConfig {
+            concurrency: 4,
+            backoff_base: Duration::from_millis(50),
+            backoff_max: Duration::from_millis(200),
+        };
+        Controller::start(
+            self.env.management.client(),
+            config,
+            self.reconciler.clone(),
+            self.metrics.clone(),
+            Arc::new(self.clock.clone()),
+        )
+        .await
+        .expect("controller starts")
+    }
+
+    fn creg(&self) -> Option<Value> {
+        self.env.management.get(&creg_path())
+    }
+
+    fn creg_condition(&self, type_: &str) -> Value {
+        self.creg().map_or(Value::Null, |c| condition(&c, type_))
+    }
+
+    /// Reason of the ClusterRegistry's condition, or "" while there is none.
+    fn reason(&self, type_: &str) -> String {
+        self.creg_condition(type_)["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    async fn events(&self) -> Vec<Event> {
+        let api: Api<Event> = Api::namespaced(self.env.management.client(), CLUSTER_NS);
+        api.list(&Default::default()).await.expect("events").items
+    }
+
+    async fn event_reasons(&self) -> Vec<String> {
+        self.events()
+            .await
+            .into_iter()
+            .filter_map(|e| e.reason)
+            .collect()
+    }
+
+    /// Starts a controller and waits until the registry is deployed and shown ready.
+    async fn converged(&self) -> Controller {
+        let controller = self.start(FAST_RESYNC).await;
+        eventually("the registry StatefulSet applied", || {
+            self.env.workload.get(&statefulset_path()).is_some()
+        })
+        .await;
+        self.env.make_registry_ready(3);
+        eventually("Ready=True", || {
+            self.creg_condition("Ready")["status"] == "True"
+        })
+        .await;
+        controller
+    }
+
+    fn cluster_value(&self) -> Value {
+        self.env.management.get(&cluster_path()).expect("Cluster")
+    }
+}
+
+#[tokio::test]
+async fn enabling_on_an_existing_cluster_deploys_and_shows_the_statefulset() {
+    let setup = Setup::new().await;
+    let env = &setup.env;
+    let controller = setup.start(FAST_RESYNC).await;
+    eventually("the registry StatefulSet applied", || {
+        env.workload.get(&statefulset_path()).is_some()
+    })
+    .await;
+    for path in [
+        tls_path(),
+        secret_path("registry-system", names::REGISTRY_AUTH_SECRET),
+        "/api/v1/namespaces/registry-system/services/registry".into(),
+        "/api/v1/namespaces/registry-system/services/registry-headless".into(),
+        "/apis/policy/v1/namespaces/registry-system/poddisruptionbudgets/registry".into(),
+        cluster_ca_path(),
+    ] {
+        let server = if path == cluster_ca_path() {
+            &env.management
+        } else {
+            &env.workload
+        };
+        assert!(server.get(&path).is_some(), "{path} applied");
+    }
+    eventually("RegistryReady=False while no replica is ready", || {
+        setup.creg_condition("RegistryReady")["status"] == "False"
+    })
+    .await;
+    assert!(
+        setup.creg_condition("RegistryReady")["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("0 of 3 replicas ready"),
+        "{}",
+        setup.creg_condition("RegistryReady")
+    );
+
+    env.make_registry_ready(3);
+    eventually("Ready=True", || {
+        setup.creg_condition("Ready")["status"] == "True"
+    })
+    .await;
+    let object = setup.creg().unwrap();
+    let status = &object["status"];
+    assert_eq!(status["mode"], "Local");
+    assert_eq!(status["replicas"], 3);
+    assert_eq!(status["readyReplicas"], 3);
+    assert_eq!(status["observedGeneration"], 3);
+    assert_eq!(
+        condition(&object, "RegistryReady")["message"],
+        "3 of 3 replicas ready"
+    );
+    let certificate = condition(&object, "CertificateReady");
+    assert_eq!(certificate["reason"], "CertificateValid");
+    let message = certificate["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("certificate expires ") && message.contains("; renewal starts "),
+        "{message}"
+    );
+    let cert = registry_addon::certs::CertInfo::from_pem(&env.tls_cert_pem()).unwrap();
+    let not_after = cert
+        .not_after
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    assert_eq!(status["certificate"]["notAfter"], json!(not_after));
+    assert!(
+        status["certificate"]["renewAfter"].as_str().unwrap() < not_after.as_str(),
+        "{status}"
+    );
+    validate_against_crd(&object);
+    let columns = printed_columns(&object);
+    assert_eq!(
+        columns,
+        vec![
+            "Local",
+            "True",
+            "3/3",
+            not_after.as_str(),
+            "2026-01-01T00:00:00Z"
+        ]
+    );
+    assert!(
+        setup
+            .event_reasons()
+            .await
+            .contains(&"Deployed".to_string())
+    );
+
+    // A hook on the converged cluster, with the same context, finds nothing to do.
+    env.clear_logs();
+    let body = env.request(Hook::BeforeClusterUpgrade);
+    let answer = dispatch(
+        &setup.ctx,
+        Hook::BeforeClusterUpgrade,
+        &body,
+        Duration::from_secs(10),
+    )
+    .await;
+    let answer = serde_json::to_value(answer).unwrap();
+    assert_eq!(answer["status"], "Success", "{answer}");
+    assert_eq!(counted_writes(&env.management), Vec::<String>::new());
+    assert_eq!(counted_writes(&env.workload), Vec::<String>::new());
+    controller.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_up_to_date_resync_writes_nothing_on_either_cluster() {
+    let setup = Setup::new().await;
+    let env = &setup.env;
+    let controller = setup.converged().await;
+    // The Ready write may still be in flight: let one resync pass after it.
+    let after = setup.metrics.reconciles(true) + 1;
+    eventually("a resync", || setup.metrics.reconciles(true) > after).await;
+    env.clear_logs();
+    let before = setup.metrics.reconciles(true);
+    eventually("five resyncs", || {
+        setup.metrics.reconciles(true) >= before + 5
+    })
+    .await;
+    controller.shutdown().await;
+    let reconciles = setup.metrics.reconciles(true) - before;
+    assert_eq!(counted_writes(&env.management), Vec::<String>::new());
+    assert_eq!(counted_writes(&env.workload), Vec::<String>::new());
+    let (management, workload) = (counted(&env.management).len(), counted(&env.workload).len());
+    println!(
+        "requests per reconcile of an up-to-date cluster (direct deployer), controller included: \
+         management {:.1}, workload {:.1} ({reconciles} reconciles)",
+        management as f64 / reconciles as f64,
+        workload as f64 / reconciles as f64
+    );
+
+    // The reconciler alone, once: only reads, and the same on every call.
+    env.clear_logs();
+    let outcome = setup
+        .reconciler
+        .reconcile(&setup.cluster_value())
+        .await
+        .unwrap();
+    assert!(matches!(outcome.status, StatusReport::Present(_)));
+    assert!(outcome.events.is_empty(), "{:?}", outcome.events);
+    assert_eq!(env.writes(), 0);
+    let (management, workload) = env.request_counts();
+    println!("requests of one reconcile: management {management}, workload {workload}");
+    assert!(
+        management <= 8 && workload <= 8,
+        "{:?} {:?}",
+        env.management.requests(),
+        env.workload.requests()
+    );
+}
+
+#[tokio::test]
+async fn a_replicas_change_is_applied() {
+    let setup = Setup::new().await;
+    let env = &setup.env;
+    let controller = setup.converged().await;
+    setup.set_registry(json!({"replicas": 5}));
+    eventually("5 replicas on the StatefulSet", || {
+        env.workload
+            .get(&statefulset_path())
+            .is_some_and(|s| s["spec"]["replicas"] == 5)
+    })
+    .await;
+    eventually("the ClusterRegistry showing 3/5", || {
+        setup
+            .creg()
+            .is_some_and(|c| c["status"]["replicasReady"] == "3/5")
+    })
+    .await;
+    assert_eq!(setup.reason("RegistryReady"), "ReplicasNotReady");
+    assert_eq!(setup.creg().unwrap()["status"]["observedGeneration"], 4);
+    // The certificate names every replica: a new one for five.
+    let cert = registry_addon::certs::CertInfo::from_pem(&env.tls_cert_pem()).unwrap();
+    assert!(
+        cert.names.dns.iter().any(|n| n.starts_with("registry-4.")),
+        "{:?}",
+        cert.names
+    );
+    env.make_registry_ready(5);
+    eventually("Ready=True with 5", || {
+        setup
+            .creg()
+            .is_some_and(|c| c["status"]["replicasReady"] == "5/5")
+            && setup.creg_condition("Ready")["status"] == "True"
+    })
+    .await;
+    controller.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_renewal_window_opening_renews_the_certificate() {
+    let setup = Setup::new().await;
+    let env = &setup.env;
+    let controller = setup.converged().await;
+    let before = env.tls_cert_pem();
+    let not_after = setup.creg().unwrap()["status"]["certificate"]["notAfter"].clone();
+    assert!(
+        !setup
+            .event_reasons()
+            .await
+            .contains(&"CertificateRenewed".to_string())
+    );
+    // 730 days, renewed in the last third: 490 days on, the window is open.
+    setup.clock.advance(Duration::from_secs(490 * 86_400));
+    eventually("a new registry certificate", || {
+        env.tls_cert_pem() != before
+    })
+    .await;
+    eventually("the new expiry shown", || {
+        setup
+            .creg()
+            .is_some_and(|c| c["status"]["certificate"]["notAfter"] != not_after)
+    })
+    .await;
+    let events = setup.events().await;
+    let renewed = events
+        .iter()
+        .find(|e| e.reason.as_deref() == Some("CertificateRenewed"))
+        .expect("a CertificateRenewed event");
+    assert!(
+        renewed
+            .note
+            .as_deref()
+            .unwrap()
+            .contains("it is inside its renewal window"),
+        "{renewed:?}"
+    );
+    assert_eq!(
+        renewed.regarding.as_ref().unwrap().name.as_deref(),
+        Some(CLUSTER)
+    );
+    controller.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_deleted_registry_tls_and_an_edited_object_are_repaired() {
+    let setup = Setup::new().await;
+    let env = &setup.env;
+    let controller = setup.converged().await;
+    let pdb = "/apis/policy/v1/namespaces/registry-system/poddisruptionbudgets/registry";
+    env.workload.remove(&tls_path());
+    env.workload
+        .update(pdb, |p| p["spec"]["maxUnavailable"] = json!(3));
+    eventually("registry-tls back", || {
+        env.workload.get(&tls_path()).is_some()
+    })
+    .await;
+    eventually("the PodDisruptionBudget repaired", || {
+        env.workload
+            .get(pdb)
+            .is_some_and(|p| p["spec"]["maxUnavailable"] == 1)
+    })
+    .await;
+    let cert = registry_addon::certs::CertInfo::from_pem(&env.tls_cert_pem()).unwrap();
+    assert!(cert.is_signed_by(&root_ca(env)));
+    controller.shutdown().await;
+}
+
+#[tokio::test]
+async fn turning_the_addon_off_removes_the_workload_objects_and_keeps_pvcs() {
+    let setup = Setup::new().await;
+    let env = &setup.env;
+    let controller = setup.converged().await;
+    env.workload.put(
+        "/api/v1/namespaces/registry-system/persistentvolumeclaims",
+        json!({
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "data-registry-0", "namespace": "registry-system"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "10Gi"}}},
+        }),
+    );
+    setup.set_registry(Value::Null);
+    eventually("the ClusterRegistry removed", || setup.creg().is_none()).await;
+    for path in [
+        statefulset_path(),
+        tls_path(),
+        secret_path("registry-system", names::REGISTRY_AUTH_SECRET),
+        "/api/v1/namespaces/registry-system/services/registry".into(),
+        "/api/v1/namespaces/registry-system/services/registry-headless".into(),
+        "/apis/policy/v1/namespaces/registry-system/poddisruptionbudgets/registry".into(),
+    ] {
+        assert!(env.workload.get(&path).is_none(), "{path} removed");
+    }
+    assert!(env.workload.get(&pvc_path()).is_some(), "the PVC is kept");
+    assert!(
+        env.workload
+            .get("/api/v1/namespaces/registry-system")
+            .is_some(),
+        "the Namespace holding the PVCs is kept"
+    );
+    let events = setup.events().await;
+    let removed = events
+        .iter()
+        .find(|e| e.reason.as_deref() == Some("Removed"))
+        .expect("a Removed event");
+    assert!(
+        removed
+            .note
+            .as_deref()
+            .unwrap()
+            .contains("statefulset registry-system/registry")
+    );
+
+    // Off and cleaned up: resyncs do not ask the workload cluster again.
+    env.clear_logs();
+    let before = setup.metrics.reconciles(true);
+    eventually("three resyncs", || {
+        setup.metrics.reconciles(true) >= before + 3
+    })
+    .await;
+    assert_eq!(counted(&env.workload), Vec::<String>::new());
+    assert_eq!(counted_writes(&env.management), Vec::<String>::new());
+
+    // On again: deployed again, on the kept PVC's namespace.
+    setup.set_registry(json!({"replicas": 3}));
+    eventually("deployed again", || {
+        env.workload.get(&statefulset_path()).is_some()
+    })
+    .await;
+    controller.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_invalid_variable_is_shown_with_the_hooks_message_and_nothing_reaches_the_workload() {
+    let mut setup = Setup::new().await;
+    setup.env.set_registry(json!({"replicas": 0}));
+    setup.store_cluster(true);
+    let env = &setup.env;
+    let controller = setup.start(FAST_RESYNC).await;
+    eventually("Ready=False InvalidConfiguration", || {
+        setup.reason("Ready") == "InvalidConfiguration"
+    })
+    .await;
+    let hook = env.call(Hook::BeforeClusterUpgrade).await;
+    assert_eq!(hook["status"], "Failure");
+    assert_eq!(setup.creg_condition("Ready")["message"], hook["message"]);
+    assert_eq!(
+        hook["message"],
+        "cluster default/wl-1: invalid variable clusterConfig: addons.registry.replicas: must be \
+         an integer from 1 to 7"
+    );
+    assert_eq!(setup.creg_condition("Ready")["status"], "False");
+    assert_eq!(counted(&env.workload), Vec::<String>::new());
+    controller.shutdown().await;
+}
+
+#[tokio::test]
+async fn before_the_control_plane_is_initialized_only_the_management_side_is_set_up() {
+    let setup = Setup::new().await;
+    setup.store_cluster(false);
+    let env = &setup.env;
+    let controller = setup.start(FAST_RESYNC).await;
+    eventually("waiting for the control plane", || {
+        setup.reason("RegistryReady") == "WaitingForControlPlane"
+    })
+    .await;
+    assert_eq!(setup.creg_condition("Ready")["status"], "False");
+    assert!(env.management.get(&root_ca_path()).is_some());
+    assert!(env.management.get(&cluster_ca_path()).is_some());
+    for user in [names::READ_ONLY_USER, names::READ_WRITE_USER] {
+        let path = secret_path(CLUSTER_NS, &names::user_secret(CLUSTER, user));
+        assert!(env.management.get(&path).is_some(), "{path}");
+    }
+    let hosts = secret_path(CLUSTER_NS, &names::containerd_hosts_secret(CLUSTER));
+    assert!(env.management.get(&hosts).is_some());
+    assert_eq!(counted(&env.workload), Vec::<String>::new());
+
+    // Turned off before the control plane answered: nothing to remove, no request at all.
+    let mut off = setup.cluster_value();
+    for var in off["spec"]["topology"]["variables"].as_array_mut().unwrap() {
+        if var["name"] == "clusterConfig" {
+            var["value"]["addons"]["registry"] = Value::Null;
+        }
+    }
+    env.clear_logs();
+    let outcome = setup.reconciler.reconcile(&off).await.unwrap();
+    assert_eq!(outcome.status, StatusReport::Absent);
+    assert_eq!(env.request_counts(), (0, 0));
+
+    // Initialized (a status change): picked up without a spec change.
+    setup.store_cluster(true);
+    eventually("deployed", || {
+        env.workload.get(&statefulset_path()).is_some()
+    })
+    .await;
+    controller.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_a_kubeconfig_secret_the_cluster_waits_without_errors() {
+    let setup = Setup::new().await;
+    let env = &setup.env;
+    env.management
+        .remove(&secret_path(CLUSTER_NS, &names::kubeconfig_secret(CLUSTER)));
+    let controller = setup.start(FAST_RESYNC).await;
+    eventually("waiting for the kubeconfig", || {
+        setup.reason("RegistryReady") == "WaitingForKubeconfig"
+    })
+    .await;
+    let message = setup.creg_condition("RegistryReady")["message"].clone();
+    assert_eq!(
+        message,
+        "secret default/wl-1-kubeconfig on the management cluster: not found; the workload \
+         cluster cannot be reached without it"
+    );
+    let before = setup.metrics.reconciles(true);
+    eventually("resyncs", || setup.metrics.reconciles(true) >= before + 2).await;
+    assert_eq!(
+        setup.metrics.reconciles(false),
+        0,
+        "waiting is not an error"
+    );
+    assert_eq!(counted(&env.workload), Vec::<String>::new());
+
+    env.put_kubeconfig(&env.workload.kubeconfig());
+    eventually("deployed once the kubeconfig exists", || {
+        env.workload.get(&statefulset_path()).is_some()
+    })
+    .await;
+    controller.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_lost_root_ca_is_not_replaced_and_the_cluster_registry_says_so() {
+    let setup = Setup::new().await;
+    let env = &setup.env;
+    let controller = setup.converged().await;
+    let original = env.management.get(&root_ca_path()).unwrap();
+    env.management.remove(&root_ca_path());
+    eventually("Ready=False RootCAMissing", || {
+        setup.reason("Ready") == "RootCAMissing"
+    })
+    .await;
+    let message = setup.creg_condition("CertificateReady")["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains("registry-addon-root-ca on the management cluster is missing")
+            && message.contains("SHA-256 fingerprint")
+            && message.contains("restore that Secret"),
+        "{message}"
+    );
+    assert!(
+        env.management.get(&root_ca_path()).is_none(),
+        "no new root CA"
+    );
+    env.management.put(
+        &format!("/api/v1/namespaces/{EXTENSION_NAMESPACE}/secrets"),
+        original,
+    );
+    eventually("Ready again once restored", || {
+        setup.creg_condition("Ready")["status"] == "True"
+    })
+    .await;
+    controller.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_helmchartproxy_deployer_applies_and_removes_its_own_proxy_never_a_foreign_one() {
+    let setup = Setup::with(&[]).await;
+    let env = &setup.env;
+    let controller = setup.start(FAST_RESYNC).await;
+    eventually("the HelmChartProxy applied", || {
+        env.management.get(&hcp_path()).is_some()
+    })
+    .await;
+    eventually("Deploying: CAAPH has not installed the chart yet", || {
+        setup.reason("RegistryReady") == "Deploying"
+    })
+    .await;
+    assert!(env.workload.get(&tls_path()).is_some());
+    assert!(env.workload.get(&statefulset_path()).is_none());
+
+    setup.set_registry(Value::Null);
+    eventually("the HelmChartProxy deleted", || {
+        env.management.get(&hcp_path()).is_none()
+    })
+    .await;
+    eventually("the ClusterRegistry removed", || setup.creg().is_none()).await;
+    assert!(env.workload.get(&tls_path()).is_none());
+
+    // Someone else's HelmChartProxy under the addon's name: refused while on, kept when off.
+    env.management.put(
+        &format!("/apis/addons.cluster.x-k8s.io/v1alpha1/namespaces/{CLUSTER_NS}/helmchartproxies"),
+        json!({
+            "apiVersion": "addons.cluster.x-k8s.io/v1alpha1",
+            "kind": "HelmChartProxy",
+            "metadata": {
+                "name": format!("{CLUSTER}-registry"),
+                "namespace": CLUSTER_NS,
+                "labels": {"app.kubernetes.io/managed-by": "someone-else"},
+            },
+            "spec": {"clusterSelector": {"matchLabels": {"team": "a"}}, "chartName": "other"},
+        }),
+    );
+    let foreign = env.management.get(&hcp_path()).unwrap();
+    setup.set_registry(json!({"replicas": 3}));
+    eventually("Ready=False DeployerConflict", || {
+        setup.reason("Ready") == "DeployerConflict"
+    })
+    .await;
+    assert!(
+        setup.creg_condition("Ready")["message"]
+            .as_str()
+            .unwrap()
+            .contains("exists but is not the registry addon's"),
+        "{}",
+        setup.creg_condition("Ready")
+    );
+    setup.set_registry(Value::Null);
+    eventually("the ClusterRegistry removed", || setup.creg().is_none()).await;
+    assert_eq!(env.management.get(&hcp_path()).unwrap(), foreign);
+    controller.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_cluster_a_hook_deployed_directly_stays_direct_whatever_the_flag_says() {
+    let mut setup = Setup::with(&[]).await;
+    setup.env.settings = json!({"deployer": "direct"});
+    let body = setup.env.request(Hook::AfterControlPlaneInitialized);
+    let answer = dispatch(
+        &setup.ctx,
+        Hook::AfterControlPlaneInitialized,
+        &body,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(serde_json::to_value(answer).unwrap()["status"], "Success");
+    let env = &setup.env;
+    env.make_registry_ready(3);
+    let controller = setup.start(FAST_RESYNC).await;
+    eventually("Ready=True", || {
+        setup.creg_condition("Ready")["status"] == "True"
+    })
+    .await;
+    assert!(
+        env.management.get(&hcp_path()).is_none(),
+        "no HelmChartProxy over a direct deployment"
+    );
+    controller.shutdown().await;
+}
