@@ -234,7 +234,7 @@ fn hosts_dir(dir: &Path, port: u16, ca_pem: &str, ro: Option<&Credentials>) -> P
     let certs = dir.join("certs.d");
     let ca_file = certs.join(format!("127.0.0.1:{port}")).join("ca.crt");
     write(&ca_file, ca_pem);
-    let authorization = ro.map(Credentials::basic_authorization);
+    let authorization = ro.map(Credentials::basic_header);
     let hosts = containerd::hosts_toml(
         &format!("https://127.0.0.1:{port}"),
         ca_file.to_str().unwrap(),

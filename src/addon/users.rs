@@ -35,31 +35,7 @@ pub fn generate_password() -> String {
         .collect()
 }
 
-/// A user name and password. `Debug` never shows the password.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub username: String,
-    pub password: String,
-}
-
-impl fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Credentials")
-            .field("username", &self.username)
-            .field("password", &"<redacted>")
-            .finish()
-    }
-}
-
-impl Credentials {
-    /// The value of an `Authorization: Basic` header for these credentials.
-    pub fn basic_authorization(&self) -> String {
-        format!(
-            "Basic {}",
-            b64(&format!("{}:{}", self.username, self.password))
-        )
-    }
-}
+pub use crate::oci::Credentials;
 
 /// A user name the front and htpasswd files can carry.
 fn check_username(name: &str) -> Result<(), String> {

@@ -239,81 +239,64 @@ impl ClusterApi {
         Ok(Outcome::Applied)
     }
 
-    /// Creates `object` unless an object of that name exists, and returns the object as the
-    /// server holds it: the created one, or the one someone else made first.
-    pub async fn create_or_read(&self, object: &Value) -> Result<Value, Error> {
+    /// POSTs `object`: the created object, or `None` when one of that name exists (409).
+    async fn try_create(&self, object: &Value) -> Result<Option<Value>, Error> {
         let id = ObjectId::of(object);
+        let fail = |action: &'static str, e: kube::Error| {
+            self.error(&id.kind, id.namespace.as_deref(), &id.name, action, e)
+        };
         let api = self.api(&id.api_version, &id.kind, id.namespace.as_deref());
-        let data: DynamicObject = serde_json::from_value(object.clone()).map_err(|e| {
-            self.error(
-                &id.kind,
-                id.namespace.as_deref(),
-                &id.name,
-                "encode",
-                kube::Error::SerdeError(e),
-            )
-        })?;
+        let data: DynamicObject = serde_json::from_value(object.clone())
+            .map_err(|e| fail("encode", kube::Error::SerdeError(e)))?;
         let params = PostParams {
             field_manager: Some(names::FIELD_MANAGER.to_string()),
             ..PostParams::default()
         };
-        let decode = |object: DynamicObject| {
-            serde_json::to_value(object).map_err(|e| {
-                self.error(
-                    &id.kind,
-                    id.namespace.as_deref(),
-                    &id.name,
-                    "decode",
-                    kube::Error::SerdeError(e),
-                )
-            })
-        };
         match api.create(&params, &data).await {
-            Ok(created) => decode(created),
-            Err(kube::Error::Api(status)) if status.code == 409 => self
-                .get(&id.api_version, &id.kind, id.namespace.as_deref(), &id.name)
-                .await?
-                .ok_or_else(|| {
-                    self.error(
-                        &id.kind,
-                        id.namespace.as_deref(),
-                        &id.name,
-                        "create",
-                        kube::Error::Api(status),
-                    )
-                }),
-            Err(e) => Err(self.error(&id.kind, id.namespace.as_deref(), &id.name, "create", e)),
+            Ok(created) => serde_json::to_value(created)
+                .map(Some)
+                .map_err(|e| fail("decode", kube::Error::SerdeError(e))),
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(None),
+            Err(e) => Err(fail("create", e)),
+        }
+    }
+
+    /// Creates `object` unless an object of that name exists, and returns the object as the
+    /// server holds it: the created one, or the one someone else made first.
+    pub async fn create_or_read(&self, object: &Value) -> Result<Value, Error> {
+        if let Some(created) = self.try_create(object).await? {
+            return Ok(created);
+        }
+        let id = ObjectId::of(object);
+        match self
+            .get(&id.api_version, &id.kind, id.namespace.as_deref(), &id.name)
+            .await?
+        {
+            Some(existing) => Ok(existing),
+            // Deleted between the 409 and the GET: CAPI calls again.
+            None => Err(self.error(
+                &id.kind,
+                id.namespace.as_deref(),
+                &id.name,
+                "create",
+                kube::Error::Api(
+                    kube::core::Status::failure("exists, then was gone when read", "Conflict")
+                        .with_code(409)
+                        .boxed(),
+                ),
+            )),
         }
     }
 
     /// Creates `object` unless an object of that name exists. `Ok(None)`: created;
     /// `Ok(Some(existing))`: someone else was first, use theirs.
     pub async fn create_or_get(&self, object: &Value) -> Result<Option<Value>, Error> {
-        let id = ObjectId::of(object);
-        let api = self.api(&id.api_version, &id.kind, id.namespace.as_deref());
-        let data: DynamicObject = serde_json::from_value(object.clone()).map_err(|e| {
-            self.error(
-                &id.kind,
-                id.namespace.as_deref(),
-                &id.name,
-                "encode",
-                kube::Error::SerdeError(e),
-            )
-        })?;
-        let params = PostParams {
-            field_manager: Some(names::FIELD_MANAGER.to_string()),
-            ..PostParams::default()
-        };
-        match api.create(&params, &data).await {
-            Ok(_) => Ok(None),
-            Err(kube::Error::Api(status)) if status.code == 409 => {
-                let existing = self
-                    .get(&id.api_version, &id.kind, id.namespace.as_deref(), &id.name)
-                    .await?;
-                Ok(existing)
-            }
-            Err(e) => Err(self.error(&id.kind, id.namespace.as_deref(), &id.name, "create", e)),
+        if self.try_create(object).await?.is_some() {
+            return Ok(None);
         }
+        let id = ObjectId::of(object);
+        self.get(&id.api_version, &id.kind, id.namespace.as_deref(), &id.name)
+            .await
     }
 
     /// Deletes the object; `false` when it did not exist.

@@ -214,7 +214,7 @@ pub fn default_hosts_toml(service_ip: IpAddr, ro: &Credentials) -> String {
     hosts_toml(
         &mirror_url(service_ip),
         &ca_path(service_ip),
-        Some(&ro.basic_authorization()),
+        Some(&ro.basic_header()),
     )
 }
 
