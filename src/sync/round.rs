@@ -111,6 +111,38 @@ impl RoundReport {
     }
 }
 
+/// What [`Syncer::push_out`] did with a tag and a peer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// The peer held the digest already.
+    #[default]
+    Present,
+    /// The digest was copied and the peer's tag points at it.
+    Copied,
+    /// The peer's tag points at another digest that wins by the conflict rules.
+    PeerKept,
+}
+
+impl PushOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PushOutcome::Present => "present",
+            PushOutcome::Copied => "copied",
+            PushOutcome::PeerKept => "peer_kept",
+        }
+    }
+}
+
+/// What one [`Syncer::push_out`] moved.
+#[derive(Debug, Clone, Default)]
+pub struct PushReport {
+    pub outcome: PushOutcome,
+    pub manifests_copied: u64,
+    pub blobs_copied: u64,
+    pub blobs_mounted: u64,
+    pub bytes_copied: u64,
+}
+
 /// Keeps a local registry a superset of its peers, round after round.
 pub struct Syncer {
     local: Arc<Registry>,
@@ -176,6 +208,7 @@ impl Syncer {
         let before = self.request_totals();
         let round = Round {
             syncer: self,
+            dst: &self.local,
             state: RoundState::default(),
         };
         let peer_reports =
@@ -204,6 +237,61 @@ impl Syncer {
             state_error,
             duration: started.elapsed(),
         }
+    }
+
+    /// Copies the local `repo:tag`, which holds `digest`, to `peer` now, as the peer's own
+    /// round would copy it from here: children and blobs first, the tag last. One HEAD when
+    /// the peer has it already. A peer tag that differs is replaced only when the rules of
+    /// [`peer_wins`] keep the local digest; otherwise the rounds settle it. Records the
+    /// agreement once the peer holds the digest, so that the next round does not take the
+    /// peer's older digest back.
+    pub async fn push_out(
+        &self,
+        peer: &Registry,
+        repo: &str,
+        tag: &str,
+        digest: &Digest,
+    ) -> Result<PushReport, OciError> {
+        // Before the peer's tag, as in a round (see `Round::sync_tag`).
+        let memory = self.agreed.get(peer.name(), repo, tag);
+        let peer_digest = match peer.head_manifest(repo, tag).await? {
+            None => None,
+            Some(head) => Some(match head.digest {
+                Some(d) => d,
+                None => peer.get_manifest(repo, tag).await?.digest,
+            }),
+        };
+        let mut report = PushReport::default();
+        match &peer_digest {
+            Some(d) if d == digest => {
+                self.agreed.record(peer.name(), repo, tag, digest);
+                report.outcome = PushOutcome::Present;
+                return Ok(report);
+            }
+            Some(d) if peer_wins(memory.as_ref(), digest, d) => {
+                report.outcome = PushOutcome::PeerKept;
+                return Ok(report);
+            }
+            _ => {}
+        }
+        let round = Round {
+            syncer: self,
+            dst: peer,
+            state: RoundState::default(),
+        };
+        let manifest = self.local.get_manifest(repo, digest.as_ref()).await?;
+        round
+            .ensure_dependencies(&self.local, repo, &manifest)
+            .await?;
+        peer.put_manifest(repo, tag, &manifest).await?;
+        self.agreed.record(peer.name(), repo, tag, digest);
+        let s = &round.state;
+        report.outcome = PushOutcome::Copied;
+        report.manifests_copied = s.manifests_copied.load(Ordering::Relaxed) + 1;
+        report.blobs_copied = s.blobs_copied.load(Ordering::Relaxed);
+        report.blobs_mounted = s.blobs_mounted.load(Ordering::Relaxed);
+        report.bytes_copied = s.bytes_copied.load(Ordering::Relaxed);
+        Ok(report)
     }
 
     fn request_totals(&self) -> (u64, u64, u64, u64) {
@@ -271,14 +359,18 @@ struct RoundState {
     bytes_copied: AtomicU64,
 }
 
+/// The copy work of a round, into `dst`: the local registry in a sync round, a peer when a
+/// tag pushed here is pushed out at once ([`Syncer::push_out`]). The methods call `dst`
+/// "local" and their source "peer", as a round sees them.
 struct Round<'a> {
     syncer: &'a Syncer,
+    dst: &'a Registry,
     state: RoundState,
 }
 
 impl Round<'_> {
     fn local(&self) -> &Registry {
-        &self.syncer.local
+        self.dst
     }
 
     async fn sync_peer(&self, peer: &Registry) -> PeerReport {
@@ -376,6 +468,12 @@ impl Round<'_> {
     }
 
     async fn sync_tag(&self, peer: &Registry, repo: &str, tag: &str) -> Result<(), OciError> {
+        let agreed = &self.syncer.agreed;
+        // Read before the peer's tag: a tag pushed out to the peer meanwhile
+        // (`Syncer::push_out`) is recorded only after the peer holds it, so an agreement
+        // read here is never newer than the peer's digest read next. The other order could
+        // pair a new agreement with the peer's old digest and revert the local tag.
+        let memory = agreed.get(peer.name(), repo, tag);
         let Some(head) = peer.head_manifest(repo, tag).await? else {
             // Deleted on the peer since the listing.
             return Ok(());
@@ -385,13 +483,11 @@ impl Round<'_> {
             None => peer.get_manifest(repo, tag).await?.digest,
         };
         let local_digest = self.local_tag(repo, tag).await?;
-        let agreed = &self.syncer.agreed;
         if local_digest.as_ref() == Some(&peer_digest) {
             agreed.record(peer.name(), repo, tag, &peer_digest);
             return Ok(());
         }
         if let Some(local_digest) = &local_digest {
-            let memory = agreed.get(peer.name(), repo, tag);
             if !peer_wins(memory.as_ref(), local_digest, &peer_digest) {
                 tracing::debug!(
                     peer = peer.name(),
@@ -652,10 +748,15 @@ impl Round<'_> {
         blob: &Reference,
         session: reqwest::Url,
     ) -> Result<u64, OciError> {
-        // Always peer first, then local: every transfer goes the same way, so permits are
-        // taken in one order and cannot deadlock.
-        let _peer_permit = peer.blob_permit().await;
-        let _local_permit = self.local().blob_permit().await;
+        // Always the remote registry first, then this replica's: every transfer, in a round
+        // or pushing out, takes permits in one order and cannot deadlock.
+        let (_first, _second) = if std::ptr::eq(peer, &*self.syncer.local) {
+            let first = self.local().blob_permit().await;
+            (first, peer.blob_permit().await)
+        } else {
+            let first = peer.blob_permit().await;
+            (first, self.local().blob_permit().await)
+        };
         let download = peer.get_blob(repo, &blob.digest).await?;
         let what = format!("blob {repo}@{}", blob.digest);
         if let (Some(expected), Some(served)) = (blob.size, download.size) {
