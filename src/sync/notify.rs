@@ -10,8 +10,12 @@
 //! one HEAD when the peer has it already.
 //!
 //! No loops: the syncer's own pushes carry [`SYNC_USER_AGENT`], which Distribution reports
-//! in the event's `request.useragent`; their events are dropped. A push the syncer makes to a
-//! peer therefore notifies that peer's sidecar, which ignores it.
+//! in the event's `request.useragent`; they are never pushed on. A push the syncer makes to
+//! a peer notifies that peer's sidecar, which only HEADs its own peers for the tag and
+//! remembers those that hold the same digest ([`Syncer::learn`]): it never writes, so
+//! nothing can bounce, and its memory of agreed digests is as a round would leave it. Without
+//! that, a replica that received a tag this way would settle a later difference with a peer
+//! that was down by the tie-break alone, and could take an older digest back.
 //!
 //! Bounded work: a tag is queued at most once; a burst of pushes to one tag while it is
 //! being pushed out leads to one more push-out, of the digest the tag holds then. Beyond
@@ -47,8 +51,17 @@ const MAX_BODY: usize = 4 * 1024 * 1024;
 /// The shortest token accepted.
 pub const MIN_TOKEN_LEN: usize = 16;
 
-/// A pushed tag.
-type TagKey = (String, String);
+/// What to do with a pushed tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Job {
+    /// Pushed by someone else: push it out to the peers.
+    Push,
+    /// Pushed here by a peer's syncer: remember which peers hold it.
+    Learn,
+}
+
+/// A pushed tag: repository, tag, and what to do.
+type TagKey = (String, String, Job);
 
 /// One event of a notification envelope, only the fields used.
 #[derive(Debug, Default, Deserialize)]
@@ -81,10 +94,8 @@ struct Envelope {
 /// What an event asks for.
 #[derive(Debug, PartialEq, Eq)]
 enum Decision {
-    /// A tag pushed by someone else: push it out.
+    /// A tag pushed by someone else (`Job::Push`), or by a syncer (`Job::Learn`).
     Queue(TagKey),
-    /// The syncer's own push.
-    Own,
     /// Not a tag push (a pull, a delete, a blob, a push by digest) or not a valid name.
     Ignore,
 }
@@ -93,14 +104,16 @@ fn decide(event: &Event) -> Decision {
     if event.action != "push" || event.target.tag.is_empty() {
         return Decision::Ignore;
     }
-    if event.request.useragent.starts_with("registry-addon-sync/") {
-        return Decision::Own;
-    }
     let (repo, tag) = (&event.target.repository, &event.target.tag);
     if !valid_repository(repo) || !valid_tag(tag) {
         return Decision::Ignore;
     }
-    Decision::Queue((repo.clone(), tag.clone()))
+    let job = if event.request.useragent.starts_with("registry-addon-sync/") {
+        Job::Learn
+    } else {
+        Job::Push
+    };
+    Decision::Queue((repo.clone(), tag.clone(), job))
 }
 
 #[derive(Default)]
@@ -222,10 +235,13 @@ impl Notifier {
         for event in &envelope.events {
             match decide(event) {
                 Decision::Queue(key) => {
+                    let job = key.2;
                     let outcome = self.enqueue(key, received);
-                    self.metrics.notify_event(outcome);
+                    self.metrics.notify_event(match (job, outcome) {
+                        (Job::Learn, "queued") => "own",
+                        (_, outcome) => outcome,
+                    });
                 }
-                Decision::Own => self.metrics.notify_event("own"),
                 Decision::Ignore => self.metrics.notify_event("ignored"),
             }
         }
@@ -276,14 +292,16 @@ impl Notifier {
                 self.wake.notified().await;
                 continue;
             };
-            self.push_out(&key.0, &key.1, received).await;
+            match key.2 {
+                Job::Push => self.push_out(&key.0, &key.1, received).await,
+                Job::Learn => self.learn(&key.0, &key.1).await,
+            }
             self.finished(key);
         }
     }
 
-    /// The tag's current local digest to every peer at once; a failing peer does not hold
-    /// the others back.
-    async fn push_out(&self, repo: &str, tag: &str, received: Instant) {
+    /// The digest the local tag holds now; `None` when it is gone or unreadable (logged).
+    async fn local_digest(&self, repo: &str, tag: &str) -> Option<Digest> {
         let local = self.syncer.local();
         let digest: Digest = match local.head_manifest(repo, tag).await {
             Ok(Some(head)) => match head.digest {
@@ -292,16 +310,50 @@ impl Notifier {
                     Ok(m) => m.digest,
                     Err(err) => {
                         tracing::warn!(repo, tag, error = %err, "notified tag not readable locally");
-                        return;
+                        return None;
                     }
                 },
             },
-            // Deleted since: nothing to push.
-            Ok(None) => return,
+            // Deleted since: nothing to do.
+            Ok(None) => return None,
             Err(err) => {
                 tracing::warn!(repo, tag, error = %err, "notified tag not readable locally");
-                return;
+                return None;
             }
+        };
+        Some(digest)
+    }
+
+    /// Remembers the peers whose tag holds the digest a peer's syncer just pushed here. The
+    /// pushing syncer writes to all its peers at once, so a peer may get it a moment later:
+    /// those are asked again, twice.
+    async fn learn(&self, repo: &str, tag: &str) {
+        let Some(digest) = self.local_digest(repo, tag).await else {
+            return;
+        };
+        futures::future::join_all(self.syncer.peers().iter().map(|peer| {
+            let digest = &digest;
+            async move {
+                for delay_ms in [0u64, 500, 1500] {
+                    tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+                    match self.syncer.learn(peer, repo, tag, digest).await {
+                        Ok(true) | Err(_) => return,
+                        Ok(false) => {}
+                    }
+                }
+            }
+        }))
+        .await;
+        if let Err(error) = self.syncer.agreements().save_if_changed().await {
+            tracing::warn!(error = %error, "cannot write the sync state file; trying again later");
+        }
+    }
+
+    /// The tag's current local digest to every peer at once; a failing peer does not hold
+    /// the others back.
+    async fn push_out(&self, repo: &str, tag: &str, received: Instant) {
+        let Some(digest) = self.local_digest(repo, tag).await else {
+            return;
         };
         futures::future::join_all(self.syncer.peers().iter().map(|peer| {
             let digest = &digest;
@@ -376,10 +428,19 @@ mod tests {
         let push = r#"{"action":"push","target":{"mediaType":"application/vnd.oci.image.index.v1+json","repository":"library/nginx","tag":"1.27","digest":"sha256:00"},"request":{"useragent":"skopeo/1.9.3"}}"#;
         assert_eq!(
             decide(&event(push)),
-            Decision::Queue(("library/nginx".into(), "1.27".into()))
+            Decision::Queue(("library/nginx".into(), "1.27".into(), Job::Push))
         );
         let own = push.replace("skopeo/1.9.3", SYNC_USER_AGENT);
-        assert_eq!(decide(&event(&own)), Decision::Own);
+        assert_eq!(
+            decide(&event(&own)),
+            Decision::Queue(("library/nginx".into(), "1.27".into(), Job::Learn))
+        );
+        // `mirror push` and other tools of this project are pushed out like any client.
+        let addon = push.replace("skopeo/1.9.3", crate::oci::client::DEFAULT_USER_AGENT);
+        assert_eq!(
+            decide(&event(&addon)),
+            Decision::Queue(("library/nginx".into(), "1.27".into(), Job::Push))
+        );
         let by_digest = r#"{"action":"push","target":{"repository":"a","digest":"sha256:00"}}"#;
         assert_eq!(decide(&event(by_digest)), Decision::Ignore);
         let pull = push.replace("\"push\"", "\"pull\"");
@@ -392,7 +453,7 @@ mod tests {
                 .unwrap();
         assert_eq!(
             decide(&envelope.events[0]),
-            Decision::Queue(("a".into(), "b".into()))
+            Decision::Queue(("a".into(), "b".into(), Job::Push))
         );
     }
 

@@ -294,6 +294,29 @@ impl Syncer {
         Ok(report)
     }
 
+    /// Records that `peer` agrees on `repo:tag` when it holds `digest`, which the local tag
+    /// holds; says whether it does. Never writes to a registry.
+    pub async fn learn(
+        &self,
+        peer: &Registry,
+        repo: &str,
+        tag: &str,
+        digest: &Digest,
+    ) -> Result<bool, OciError> {
+        let held = match peer.head_manifest(repo, tag).await {
+            Ok(Some(head)) => head.digest.as_ref() == Some(digest),
+            Ok(None) => false,
+            Err(err) => {
+                tracing::debug!(peer = peer.name(), repo, tag, error = %err, "cannot check a peer's tag");
+                return Err(err);
+            }
+        };
+        if held {
+            self.agreed.record(peer.name(), repo, tag, digest);
+        }
+        Ok(held)
+    }
+
     fn request_totals(&self) -> (u64, u64, u64, u64) {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut t = (0, 0, 0, load(&self.local.stats.manifest_heads));
