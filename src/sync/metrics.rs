@@ -35,6 +35,7 @@ pub struct SyncMetrics {
     notify_events: Family<OutcomeLabel, Counter>,
     notified: Family<PeerOutcomeLabel, Counter>,
     notified_errors: Family<PeerLabel, Counter>,
+    checks: Family<PeerOutcomeLabel, Counter>,
     notified_bytes: Counter,
     notified_duration: Histogram,
     rounds: Counter,
@@ -74,6 +75,7 @@ impl SyncMetrics {
             notify_events: Family::default(),
             notified: Family::default(),
             notified_errors: Family::default(),
+            checks: Family::default(),
             notified_bytes: Counter::default(),
             notified_duration: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
             registry: Registry::default(),
@@ -143,6 +145,11 @@ impl SyncMetrics {
             "notified_push_errors",
             "Tags that could not be pushed out to a peer after a push notification (after retries)",
             m.notified_errors.clone(),
+        );
+        registry.register(
+            "notify_checks",
+            "Peers HEADed after a peer's syncer pushed a tag here, by whether they held the same digest (agreed, differs, error)",
+            m.checks.clone(),
         );
         registry.register(
             "notified_bytes",
@@ -218,6 +225,16 @@ impl SyncMetrics {
             })
             .inc();
         self.notified_bytes.inc_by(report.bytes_copied);
+    }
+
+    /// A peer checked after a peer's syncer pushed a tag here.
+    pub fn checked(&self, peer: &str, outcome: &str) {
+        self.checks
+            .get_or_create(&PeerOutcomeLabel {
+                peer: peer.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
     }
 
     pub fn notified_error(&self, peer: &str) {

@@ -22,7 +22,7 @@
 //! [`MAX_QUEUED`] tags, events are dropped (and counted): the periodic round is the safety
 //! net for those, and for peers that were down.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -77,6 +77,7 @@ struct Event {
 struct Target {
     repository: String,
     tag: String,
+    digest: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -94,8 +95,9 @@ struct Envelope {
 /// What an event asks for.
 #[derive(Debug, PartialEq, Eq)]
 enum Decision {
-    /// A tag pushed by someone else (`Job::Push`), or by a syncer (`Job::Learn`).
-    Queue(TagKey),
+    /// A tag pushed by someone else (`Job::Push`), or by a syncer (`Job::Learn`), and the
+    /// digest pushed.
+    Queue(TagKey, Digest),
     /// Not a tag push (a pull, a delete, a blob, a push by digest) or not a valid name.
     Ignore,
 }
@@ -108,21 +110,30 @@ fn decide(event: &Event) -> Decision {
     if !valid_repository(repo) || !valid_tag(tag) {
         return Decision::Ignore;
     }
+    // The event's digest, not a HEAD of the tag: Distribution sends the event once the
+    // manifest is stored, before it points the tag at it.
+    let Ok(digest) = event.target.digest.parse::<Digest>() else {
+        return Decision::Ignore;
+    };
     let job = if event.request.useragent.starts_with("registry-addon-sync/") {
         Job::Learn
     } else {
         Job::Push
     };
-    Decision::Queue((repo.clone(), tag.clone(), job))
+    Decision::Queue((repo.clone(), tag.clone(), job), digest)
 }
+
+/// The digest last pushed to a tag, and when the first event not yet handled came.
+type Pushed = (Digest, Instant);
 
 #[derive(Default)]
 struct Queue {
-    pending: VecDeque<(TagKey, Instant)>,
-    queued: HashSet<TagKey>,
+    pending: VecDeque<TagKey>,
+    /// The tags in `pending`; a later event replaces the digest.
+    queued: HashMap<TagKey, Pushed>,
     running: HashSet<TagKey>,
-    /// Notified again while being pushed out: run once more afterwards.
-    again: HashSet<TagKey>,
+    /// Notified again while being handled: run once more afterwards, with this digest.
+    again: HashMap<TagKey, Pushed>,
 }
 
 /// Pushes each tag the local registry reports pushed out to the peers.
@@ -234,9 +245,9 @@ impl Notifier {
         let received = Instant::now();
         for event in &envelope.events {
             match decide(event) {
-                Decision::Queue(key) => {
+                Decision::Queue(key, digest) => {
                     let job = key.2;
-                    let outcome = self.enqueue(key, received);
+                    let outcome = self.enqueue(key, digest, received);
                     self.metrics.notify_event(match (job, outcome) {
                         (Job::Learn, "queued") => "own",
                         (_, outcome) => outcome,
@@ -249,99 +260,84 @@ impl Notifier {
     }
 
     /// Queues a tag; says what became of it.
-    fn enqueue(&self, key: TagKey, received: Instant) -> &'static str {
+    fn enqueue(&self, key: TagKey, digest: Digest, received: Instant) -> &'static str {
         let mut q = lock(&self.queue);
-        if q.queued.contains(&key) {
+        if let Some(pushed) = q.queued.get_mut(&key) {
+            pushed.0 = digest;
             return "coalesced";
         }
         if q.running.contains(&key) {
-            q.again.insert(key);
+            let since = q.again.get(&key).map_or(received, |p| p.1);
+            q.again.insert(key, (digest, since));
             return "coalesced";
         }
         if q.queued.len() >= MAX_QUEUED {
-            tracing::warn!(repo = key.0, tag = key.1, "push notification dropped: too many tags queued; the next round copies it");
+            tracing::warn!(
+                repo = key.0,
+                tag = key.1,
+                "push notification dropped: too many tags queued; the next round copies it"
+            );
             return "dropped";
         }
-        q.queued.insert(key.clone());
-        q.pending.push_back((key, received));
+        q.queued.insert(key.clone(), (digest, received));
+        q.pending.push_back(key);
         drop(q);
         self.wake.notify_one();
         "queued"
     }
 
-    fn next(&self) -> Option<(TagKey, Instant)> {
+    fn next(&self) -> Option<(TagKey, Pushed)> {
         let mut q = lock(&self.queue);
-        let (key, received) = q.pending.pop_front()?;
-        q.queued.remove(&key);
+        let key = q.pending.pop_front()?;
+        let pushed = q.queued.remove(&key)?;
         q.running.insert(key.clone());
-        Some((key, received))
+        Some((key, pushed))
     }
 
     fn finished(&self, key: TagKey) {
         let mut q = lock(&self.queue);
         q.running.remove(&key);
-        if q.again.remove(&key) {
+        if let Some((digest, since)) = q.again.remove(&key) {
             drop(q);
-            self.enqueue(key, Instant::now());
+            self.enqueue(key, digest, since);
         }
     }
 
     async fn work(self: Arc<Self>) {
         loop {
-            let Some((key, received)) = self.next() else {
+            let Some((key, (digest, received))) = self.next() else {
                 self.wake.notified().await;
                 continue;
             };
             match key.2 {
-                Job::Push => self.push_out(&key.0, &key.1, received).await,
-                Job::Learn => self.learn(&key.0, &key.1).await,
+                Job::Push => self.push_out(&key.0, &key.1, &digest, received).await,
+                Job::Learn => self.learn(&key.0, &key.1, &digest).await,
             }
             self.finished(key);
         }
     }
 
-    /// The digest the local tag holds now; `None` when it is gone or unreadable (logged).
-    async fn local_digest(&self, repo: &str, tag: &str) -> Option<Digest> {
-        let local = self.syncer.local();
-        let digest: Digest = match local.head_manifest(repo, tag).await {
-            Ok(Some(head)) => match head.digest {
-                Some(d) => d,
-                None => match local.get_manifest(repo, tag).await {
-                    Ok(m) => m.digest,
-                    Err(err) => {
-                        tracing::warn!(repo, tag, error = %err, "notified tag not readable locally");
-                        return None;
-                    }
-                },
-            },
-            // Deleted since: nothing to do.
-            Ok(None) => return None,
-            Err(err) => {
-                tracing::warn!(repo, tag, error = %err, "notified tag not readable locally");
-                return None;
-            }
-        };
-        Some(digest)
-    }
-
     /// Remembers the peers whose tag holds the digest a peer's syncer just pushed here. The
     /// pushing syncer writes to all its peers at once, so a peer may get it a moment later:
     /// those are asked again, twice.
-    async fn learn(&self, repo: &str, tag: &str) {
-        let Some(digest) = self.local_digest(repo, tag).await else {
-            return;
-        };
-        futures::future::join_all(self.syncer.peers().iter().map(|peer| {
-            let digest = &digest;
-            async move {
-                for delay_ms in [0u64, 500, 1500] {
-                    tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
-                    match self.syncer.learn(peer, repo, tag, digest).await {
-                        Ok(true) | Err(_) => return,
-                        Ok(false) => {}
+    async fn learn(&self, repo: &str, tag: &str, digest: &Digest) {
+        futures::future::join_all(self.syncer.peers().iter().map(|peer| async move {
+            let mut outcome = "differs";
+            for delay_ms in [0u64, 500, 1500] {
+                tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+                match self.syncer.learn(peer, repo, tag, digest).await {
+                    Ok(true) => {
+                        outcome = "agreed";
+                        break;
                     }
+                    Err(_) => {
+                        outcome = "error";
+                        break;
+                    }
+                    Ok(false) => {}
                 }
             }
+            self.metrics.checked(peer.name(), outcome);
         }))
         .await;
         if let Err(error) = self.syncer.agreements().save_if_changed().await {
@@ -349,14 +345,10 @@ impl Notifier {
         }
     }
 
-    /// The tag's current local digest to every peer at once; a failing peer does not hold
+    /// The digest pushed to the tag, to every peer at once; a failing peer does not hold
     /// the others back.
-    async fn push_out(&self, repo: &str, tag: &str, received: Instant) {
-        let Some(digest) = self.local_digest(repo, tag).await else {
-            return;
-        };
+    async fn push_out(&self, repo: &str, tag: &str, digest: &Digest, received: Instant) {
         futures::future::join_all(self.syncer.peers().iter().map(|peer| {
-            let digest = &digest;
             async move {
                 match self.syncer.push_out(peer, repo, tag, digest).await {
                     Ok(report) => {
@@ -425,21 +417,33 @@ mod tests {
 
     #[test]
     fn queues_tag_pushes_of_others_only() {
-        let push = r#"{"action":"push","target":{"mediaType":"application/vnd.oci.image.index.v1+json","repository":"library/nginx","tag":"1.27","digest":"sha256:00"},"request":{"useragent":"skopeo/1.9.3"}}"#;
+        let hex = "ab".repeat(32);
+        let d: Digest = format!("sha256:{hex}").parse().unwrap();
+        let push = r#"{"action":"push","target":{"mediaType":"application/vnd.oci.image.index.v1+json","repository":"library/nginx","tag":"1.27","digest":"sha256:HEX"},"request":{"useragent":"skopeo/1.9.3"}}"#.replace("HEX", &hex);
+        let push = push.as_str();
         assert_eq!(
             decide(&event(push)),
-            Decision::Queue(("library/nginx".into(), "1.27".into(), Job::Push))
+            Decision::Queue(
+                ("library/nginx".into(), "1.27".into(), Job::Push),
+                d.clone()
+            )
         );
         let own = push.replace("skopeo/1.9.3", SYNC_USER_AGENT);
         assert_eq!(
             decide(&event(&own)),
-            Decision::Queue(("library/nginx".into(), "1.27".into(), Job::Learn))
+            Decision::Queue(
+                ("library/nginx".into(), "1.27".into(), Job::Learn),
+                d.clone()
+            )
         );
         // `mirror push` and other tools of this project are pushed out like any client.
         let addon = push.replace("skopeo/1.9.3", crate::oci::client::DEFAULT_USER_AGENT);
         assert_eq!(
             decide(&event(&addon)),
-            Decision::Queue(("library/nginx".into(), "1.27".into(), Job::Push))
+            Decision::Queue(
+                ("library/nginx".into(), "1.27".into(), Job::Push),
+                d.clone()
+            )
         );
         let by_digest = r#"{"action":"push","target":{"repository":"a","digest":"sha256:00"}}"#;
         assert_eq!(decide(&event(by_digest)), Decision::Ignore);
@@ -447,13 +451,15 @@ mod tests {
         assert_eq!(decide(&event(&pull)), Decision::Ignore);
         let bad = push.replace("library/nginx", "Library/../x");
         assert_eq!(decide(&event(&bad)), Decision::Ignore);
+        let bad = push.replace(&hex, "00");
+        assert_eq!(decide(&event(&bad)), Decision::Ignore);
         // Unknown fields and a missing request block are fine.
         let envelope: Envelope =
-            serde_json::from_str(r#"{"events":[{"action":"push","target":{"repository":"a","tag":"b"},"extra":1}]}"#)
+            serde_json::from_str(&r#"{"events":[{"action":"push","target":{"repository":"a","tag":"b","digest":"sha256:HEX"},"extra":1}]}"#.replace("HEX", &hex))
                 .unwrap();
         assert_eq!(
             decide(&envelope.events[0]),
-            Decision::Queue(("a".into(), "b".into(), Job::Push))
+            Decision::Queue(("a".into(), "b".into(), Job::Push), d.clone())
         );
     }
 

@@ -119,11 +119,15 @@ pub struct RegistryOptions<'a> {
     pub htpasswd: Option<&'a Path>,
     /// Write the access log to `registry.log` (for counting requests).
     pub access_log: bool,
+    /// Push notifications: (endpoint URL, bearer token), tag pushes only, as the chart
+    /// configures them.
+    pub notify: Option<(&'a str, &'a str)>,
 }
 
 /// A `docker-registry` process, killed when dropped.
 pub struct RegistryProcess {
     child: Child,
+    config: PathBuf,
     pub url: String,
     pub port: u16,
     pub root: PathBuf,
@@ -161,6 +165,15 @@ impl RegistryProcess {
                     tls.key_file.display()
                 ));
             }
+            if let Some((url, token)) = options.notify {
+                config.push_str(&format!(
+                    "notifications:\n  endpoints:\n    - name: sync\n      url: {url}\n      \
+                     headers:\n        Authorization: [\"Bearer {token}\"]\n      \
+                     timeout: 2s\n      threshold: 3\n      backoff: 1s\n      \
+                     ignore:\n        mediatypes: [application/octet-stream]\n        \
+                     actions: [pull]\n"
+                ));
+            }
             if let Some(htpasswd) = options.htpasswd {
                 config.push_str(&format!(
                     "auth:\n  htpasswd:\n    realm: sync-test\n    path: {}\n",
@@ -169,15 +182,7 @@ impl RegistryProcess {
             }
             let config_file = dir.join("config.yml");
             std::fs::write(&config_file, config).unwrap();
-            let log_file = std::fs::File::create(&log).unwrap();
-            let child = Command::new("/usr/bin/docker-registry")
-                .arg("serve")
-                .arg(&config_file)
-                .stdin(Stdio::null())
-                .stdout(log_file.try_clone().unwrap())
-                .stderr(log_file)
-                .spawn()
-                .expect("docker-registry must be installed (Debian package docker-registry)");
+            let child = spawn_registry(&config_file, &log);
             let scheme = if options.tls.is_some() {
                 "https"
             } else {
@@ -185,6 +190,7 @@ impl RegistryProcess {
             };
             let mut process = RegistryProcess {
                 child,
+                config: config_file.clone(),
                 url: format!("{scheme}://127.0.0.1:{port}"),
                 port,
                 root: root.clone(),
@@ -197,6 +203,24 @@ impl RegistryProcess {
         panic!(
             "docker-registry did not start; log:\n{}",
             std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    /// Stops the registry (a replica going down); its storage stays.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the registry again, same port and storage, and waits until it answers.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = spawn_registry(&self.config, &self.log);
+        assert!(
+            self.wait_ready(),
+            "docker-registry did not start again on port {}; log:\n{}",
+            self.port,
+            std::fs::read_to_string(&self.log).unwrap_or_default()
         );
     }
 
@@ -216,6 +240,18 @@ impl RegistryProcess {
         }
         false
     }
+}
+
+fn spawn_registry(config_file: &Path, log: &Path) -> Child {
+    let log_file = std::fs::File::create(log).unwrap();
+    Command::new("/usr/bin/docker-registry")
+        .arg("serve")
+        .arg(config_file)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
+        .spawn()
+        .expect("docker-registry must be installed (Debian package docker-registry)")
 }
 
 /// An htpasswd file with one bcrypt entry (distribution takes no other hash; cost 5, as the
