@@ -2,7 +2,8 @@
 # Benchmark of `registry-addon sync` against `skopeo sync --all` on the same corpus.
 #
 # Builds a corpus (15 images: 6 multi-platform, shared base layers, one big layer) on two
-# peer registries, then syncs it into an empty registry with a release build of
+# peer registries, and EXTRA_REPOS more one-layer repositories on the first peer (so that
+# its `_catalog` pages), then syncs it into an empty registry with a release build of
 # registry-addon, and the same repositories with skopeo into another empty registry. Then
 # both again with nothing to do. Prints the times, the ratios, the peers' request counts of
 # the no-change round, and registry-addon's peak RSS.
@@ -10,11 +11,13 @@
 # Needs: docker-registry, skopeo, openssl, python3, /usr/bin/time (Debian: docker-registry,
 # skopeo, openssl, time). Only loopback addresses are used.
 #
-# Environment: BIG_MIB (size of the big layer, default 256), SKIP_BUILD=1 to reuse
-# target/release/registry-addon, KEEP=1 to keep the work directory.
+# Environment: BIG_MIB (size of the big layer, default 256), EXTRA_REPOS (default 150; 0
+# for the 15 images alone), SKIP_BUILD=1 to reuse target/release/registry-addon, KEEP=1 to
+# keep the work directory.
 set -euo pipefail
 
 BIG_MIB=${BIG_MIB:-256}
+EXTRA_REPOS=${EXTRA_REPOS:-150}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d /tmp/bench-sync.XXXXXX)
 PIDS=()
@@ -91,8 +94,8 @@ start_registry skopeo
 echo "registries: peer1 :$PORT_peer1, peer2 :$PORT_peer2, ours :$PORT_ours, skopeo :$PORT_skopeo"
 
 # --- corpus -----------------------------------------------------------------------------------
-echo "building the corpus (big layer: $BIG_MIB MiB)..."
-python3 "$ROOT/hack/bench_corpus.py" "$WORK/corpus" "$BIG_MIB" >"$WORK/corpus.txt"
+echo "building the corpus (big layer: $BIG_MIB MiB, $EXTRA_REPOS extra repositories)..."
+python3 "$ROOT/hack/bench_corpus.py" "$WORK/corpus" "$BIG_MIB" "$EXTRA_REPOS" >"$WORK/corpus.txt"
 mapfile -t IMAGES <"$WORK/corpus.txt"
 
 push() { # port name tag dir [dest tag]
@@ -102,10 +105,18 @@ push() { # port name tag dir [dest tag]
 
 PEER1_REPOS=()
 PEER2_REPOS=()
+EXTRA=()
 # Images 0-9 (and the big one) on peer1, 5-14 on peer2: an overlap, as between replicas.
+# The extra repositories on peer1 only, pushed four at a time.
 i=0
 for line in "${IMAGES[@]}"; do
     read -r name tag dir <<<"$line"
+    if [[ $name == extra/* ]]; then
+        push "$PORT_peer1" "$name" "$tag" "$dir" &
+        EXTRA+=("bench/$name")
+        if (($(jobs -rp | wc -l) >= 4)); then wait -n; fi
+        continue
+    fi
     if ((i < 10)) || [[ $name == big ]]; then
         push "$PORT_peer1" "$name" "$tag" "$dir"
         push "$PORT_peer1" "$name" "$tag" "$dir" stable
@@ -117,7 +128,17 @@ for line in "${IMAGES[@]}"; do
     fi
     i=$((i + 1))
 done
-echo "corpus: ${#IMAGES[@]} images; peer1 ${#PEER1_REPOS[@]} repositories, peer2 ${#PEER2_REPOS[@]}"
+wait
+echo "corpus: ${#IMAGES[@]} images; peer1 $((${#PEER1_REPOS[@]} + ${#EXTRA[@]})) repositories, peer2 ${#PEER2_REPOS[@]}"
+
+# skopeo syncs the extra repositories in one run from a YAML list (one process per
+# repository would charge it a start-up each).
+{
+    echo "127.0.0.1:$PORT_peer1:"
+    echo "  cert-dir: $WORK/tls/certs.d"
+    echo "  images:"
+    for repo in "${EXTRA[@]}"; do echo "    $repo: [v1]"; done
+} >"$WORK/extra.yaml"
 
 # --- registry-addon sync --------------------------------------------------------------------
 run_ours() { # label
@@ -140,6 +161,12 @@ run_skopeo() {
             --src-cert-dir "$WORK/tls/certs.d" --dest-cert-dir "$WORK/tls/certs.d" \
             "127.0.0.1:$PORT_peer2/$repo" "127.0.0.1:$PORT_skopeo/bench" >>"$WORK/skopeo.log" 2>&1
     done
+    if ((${#EXTRA[@]} > 0)); then
+        # skopeo puts each image under the destination by its last path component.
+        skopeo --insecure-policy sync --all --preserve-digests --src yaml --dest docker \
+            --dest-cert-dir "$WORK/tls/certs.d" \
+            "$WORK/extra.yaml" "127.0.0.1:$PORT_skopeo/bench/extra" >>"$WORK/skopeo.log" 2>&1
+    fi
 }
 
 count() { # pattern -> requests to both peers since the marks
@@ -170,8 +197,8 @@ t0=$(now); run_skopeo; t1=$(now)
 SKOPEO_WARM=$(elapsed "$t0" "$t1")
 
 # Peers' repositories and tags, to compare the request counts with.
-REPOS=$((${#PEER1_REPOS[@]} + ${#PEER2_REPOS[@]}))
-TAGS=$((2 * ${#PEER1_REPOS[@]} + ${#PEER2_REPOS[@]}))
+REPOS=$((${#PEER1_REPOS[@]} + ${#EXTRA[@]} + ${#PEER2_REPOS[@]}))
+TAGS=$((2 * ${#PEER1_REPOS[@]} + ${#EXTRA[@]} + ${#PEER2_REPOS[@]}))
 RSS_COLD=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$WORK/time-cold.txt")
 RSS_WARM=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$WORK/time-warm.txt")
 
@@ -186,7 +213,7 @@ done
 
 cat <<EOF
 
-== sync benchmark: ${#IMAGES[@]} images, big layer $BIG_MIB MiB, 2 peers ($REPOS peer repositories, $TAGS peer tags) ==
+== sync benchmark: ${#IMAGES[@]} images ($EXTRA_REPOS one-layer extras), big layer $BIG_MIB MiB, 2 peers ($REPOS peer repositories, $TAGS peer tags) ==
 cold round:       registry-addon ${OURS_COLD}s   skopeo sync ${SKOPEO_COLD}s   ratio $(ratio "$OURS_COLD" "$SKOPEO_COLD") (target <= 0.5)
 no-change round:  registry-addon ${OURS_WARM}s   skopeo sync ${SKOPEO_WARM}s   ratio $(ratio "$OURS_WARM" "$SKOPEO_WARM") (target <= 0.1)
 no-change round requests to the peers: blob GETs $BLOB_GETS (target 0), tags/list $TAG_LISTS (repositories: $REPOS), manifest HEADs $MANIFEST_HEADS (tags: $TAGS), manifest GETs $MANIFEST_GETS

@@ -399,9 +399,13 @@ pub fn read_token(file: Option<&std::path::Path>) -> Result<String, String> {
             "{source}: the token must be at least {MIN_TOKEN_LEN} characters"
         ));
     }
-    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+    // RFC 6750's b64token characters: safe in the header and in the registry's YAML.
+    if !token
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._~+/=".contains(&b))
+    {
         return Err(format!(
-            "{source}: the token must be printable ASCII without spaces"
+            "{source}: the token may hold only A-Z a-z 0-9 - . _ ~ + / ="
         ));
     }
     Ok(token)

@@ -119,8 +119,8 @@ pub struct RegistryOptions<'a> {
     pub htpasswd: Option<&'a Path>,
     /// Write the access log to `registry.log` (for counting requests).
     pub access_log: bool,
-    /// Push notifications: (endpoint URL, bearer token), tag pushes only, as the chart
-    /// configures them.
+    /// Push notifications: (endpoint URL, bearer token), configured exactly as the chart
+    /// does, through `REGISTRY_NOTIFICATIONS_ENDPOINTS`.
     pub notify: Option<(&'a str, &'a str)>,
 }
 
@@ -128,6 +128,7 @@ pub struct RegistryOptions<'a> {
 pub struct RegistryProcess {
     child: Child,
     config: PathBuf,
+    env: Vec<(String, String)>,
     pub url: String,
     pub port: u16,
     pub root: PathBuf,
@@ -165,14 +166,20 @@ impl RegistryProcess {
                     tls.key_file.display()
                 ));
             }
+            let mut env = Vec::new();
             if let Some((url, token)) = options.notify {
-                config.push_str(&format!(
-                    "notifications:\n  endpoints:\n    - name: sync\n      url: {url}\n      \
-                     headers:\n        Authorization: [\"Bearer {token}\"]\n      \
-                     timeout: 2s\n      threshold: 3\n      backoff: 1s\n      \
-                     ignore:\n        mediatypes: [application/octet-stream]\n        \
-                     actions: [pull]\n"
-                ));
+                // The kubelet expands the token; the sidecar's address differs here.
+                let endpoints = registry_addon::render::registry::notification_endpoints()
+                    .replace("$(REGISTRY_NOTIFY_TOKEN)", token)
+                    .replace(
+                        &format!(
+                            "http://{}/events",
+                            registry_addon::render::registry::SYNC_NOTIFY_ADDR
+                        ),
+                        url,
+                    );
+                assert!(endpoints.contains(url) && endpoints.contains(token));
+                env.push(("REGISTRY_NOTIFICATIONS_ENDPOINTS".to_string(), endpoints));
             }
             if let Some(htpasswd) = options.htpasswd {
                 config.push_str(&format!(
@@ -182,7 +189,7 @@ impl RegistryProcess {
             }
             let config_file = dir.join("config.yml");
             std::fs::write(&config_file, config).unwrap();
-            let child = spawn_registry(&config_file, &log);
+            let child = spawn_registry(&config_file, &log, &env);
             let scheme = if options.tls.is_some() {
                 "https"
             } else {
@@ -191,6 +198,7 @@ impl RegistryProcess {
             let mut process = RegistryProcess {
                 child,
                 config: config_file.clone(),
+                env,
                 url: format!("{scheme}://127.0.0.1:{port}"),
                 port,
                 root: root.clone(),
@@ -215,7 +223,7 @@ impl RegistryProcess {
     /// Starts the registry again, same port and storage, and waits until it answers.
     pub fn restart(&mut self) {
         self.stop();
-        self.child = spawn_registry(&self.config, &self.log);
+        self.child = spawn_registry(&self.config, &self.log, &self.env);
         assert!(
             self.wait_ready(),
             "docker-registry did not start again on port {}; log:\n{}",
@@ -242,9 +250,10 @@ impl RegistryProcess {
     }
 }
 
-fn spawn_registry(config_file: &Path, log: &Path) -> Child {
+fn spawn_registry(config_file: &Path, log: &Path, env: &[(String, String)]) -> Child {
     let log_file = std::fs::File::create(log).unwrap();
     Command::new("/usr/bin/docker-registry")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .arg("serve")
         .arg(config_file)
         .stdin(Stdio::null())
