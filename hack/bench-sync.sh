@@ -106,15 +106,20 @@ push() { # port name tag dir [dest tag]
 PEER1_REPOS=()
 PEER2_REPOS=()
 EXTRA=()
+PUSHING=()
 # Images 0-9 (and the big one) on peer1, 5-14 on peer2: an overlap, as between replicas.
 # The extra repositories on peer1 only, pushed four at a time.
 i=0
 for line in "${IMAGES[@]}"; do
     read -r name tag dir <<<"$line"
     if [[ $name == extra/* ]]; then
+        if ((${#PUSHING[@]} >= 4)); then
+            wait "${PUSHING[0]}"
+            PUSHING=("${PUSHING[@]:1}")
+        fi
         push "$PORT_peer1" "$name" "$tag" "$dir" &
+        PUSHING+=($!)
         EXTRA+=("bench/$name")
-        if (($(jobs -rp | wc -l) >= 4)); then wait -n; fi
         continue
     fi
     if ((i < 10)) || [[ $name == big ]]; then
@@ -128,7 +133,7 @@ for line in "${IMAGES[@]}"; do
     fi
     i=$((i + 1))
 done
-wait
+for pid in "${PUSHING[@]}"; do wait "$pid"; done
 echo "corpus: ${#IMAGES[@]} images; peer1 $((${#PEER1_REPOS[@]} + ${#EXTRA[@]})) repositories, peer2 ${#PEER2_REPOS[@]}"
 
 # skopeo syncs the extra repositories in one run from a YAML list (one process per

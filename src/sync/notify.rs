@@ -309,6 +309,8 @@ impl Notifier {
                 self.wake.notified().await;
                 continue;
             };
+            // The local tag holds it now, or will in a moment: the rounds need not HEAD it.
+            self.syncer.saw_local(&key.0, &key.1, &digest);
             match key.2 {
                 Job::Push => self.push_out(&key.0, &key.1, &digest, received).await,
                 Job::Learn => self.learn(&key.0, &key.1, &digest).await,

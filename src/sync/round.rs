@@ -28,6 +28,11 @@
 //! At most one digest is written to a local tag per round; a peer holding yet another digest
 //! is compared again in the next round, against what was written.
 //!
+//! Local tags are HEADed only when needed: a peer tag at the digest the local tag was last
+//! seen at (HEADed, written by a round, or reported by a push notification) is taken as
+//! agreed without asking the local registry. A tag deleted locally behind the syncer's back
+//! is noticed in the next round that HEADs every local tag, one in [`FULL_CHECK_EVERY`].
+//!
 //! At the end of a round the memory forgets tags that exist neither locally nor on the peer
 //! (as far as the round could list the peer), and is written back when it changed.
 
@@ -153,7 +158,17 @@ pub struct Syncer {
     /// Per (peer URL, repository, tag): the digest both sides last agreed on (see the
     /// module documentation).
     agreed: Agreements,
+    /// The local digest of each tag as last seen (HEAD, own write, push notification), kept
+    /// across rounds: a peer tag found at that digest needs no local HEAD. Only a "nothing to
+    /// do" answer is taken from it; any difference is checked against the local registry.
+    /// Emptied every [`FULL_CHECK_EVERY`] rounds, so that a tag deleted locally behind the
+    /// syncer's back is copied again within that many rounds.
+    local_seen: Mutex<HashMap<(String, String), Digest>>,
+    rounds: AtomicU64,
 }
+
+/// Rounds between two in which every local tag is HEADed again (see `Syncer::local_seen`).
+pub const FULL_CHECK_EVERY: u64 = 10;
 
 impl Syncer {
     pub fn new(
@@ -170,6 +185,8 @@ impl Syncer {
             attempts: attempts.max(1),
             backoff,
             agreed: Agreements::in_memory(),
+            local_seen: Mutex::default(),
+            rounds: AtomicU64::new(0),
         }
     }
 
@@ -204,6 +221,9 @@ impl Syncer {
                 duration: started.elapsed(),
                 ..RoundReport::default()
             };
+        }
+        if self.rounds.fetch_add(1, Ordering::Relaxed) % FULL_CHECK_EVERY == 0 {
+            lock(&self.local_seen).clear();
         }
         let before = self.request_totals();
         let round = Round {
@@ -315,6 +335,17 @@ impl Syncer {
             self.agreed.record(peer.name(), repo, tag, digest);
         }
         Ok(held)
+    }
+
+    /// Notes that the local `repo:tag` now holds `digest` (a push notification said so).
+    pub fn saw_local(&self, repo: &str, tag: &str, digest: &Digest) {
+        lock(&self.local_seen).insert((repo.to_string(), tag.to_string()), digest.clone());
+    }
+
+    fn seen_local(&self, repo: &str, tag: &str) -> Option<Digest> {
+        lock(&self.local_seen)
+            .get(&(repo.to_string(), tag.to_string()))
+            .cloned()
     }
 
     fn request_totals(&self) -> (u64, u64, u64, u64) {
@@ -477,14 +508,21 @@ impl Round<'_> {
         let cell = shared(&self.state.local_tags, &(repo.to_string(), tag.to_string()));
         let digest = cell
             .get_or_try_init(|| async {
-                match self.local().head_manifest(repo, tag).await? {
-                    None => Ok(None),
+                let digest = match self.local().head_manifest(repo, tag).await? {
+                    None => None,
                     Some(head) => match head.digest {
-                        Some(d) => Ok(Some(d)),
+                        Some(d) => Some(d),
                         // A registry that does not say: ask for the bytes.
-                        None => Ok(Some(self.local().get_manifest(repo, tag).await?.digest)),
+                        None => Some(self.local().get_manifest(repo, tag).await?.digest),
                     },
-                }
+                };
+                let key = (repo.to_string(), tag.to_string());
+                let mut seen = lock(&self.syncer.local_seen);
+                match &digest {
+                    Some(d) => seen.insert(key, d.clone()),
+                    None => seen.remove(&key),
+                };
+                Ok::<_, OciError>(digest)
             })
             .await?;
         Ok(digest.clone())
@@ -505,6 +543,10 @@ impl Round<'_> {
             Some(d) => d,
             None => peer.get_manifest(repo, tag).await?.digest,
         };
+        if self.syncer.seen_local(repo, tag).as_ref() == Some(&peer_digest) {
+            agreed.record(peer.name(), repo, tag, &peer_digest);
+            return Ok(());
+        }
         let local_digest = self.local_tag(repo, tag).await?;
         if local_digest.as_ref() == Some(&peer_digest) {
             agreed.record(peer.name(), repo, tag, &peer_digest);
@@ -531,6 +573,7 @@ impl Round<'_> {
                 let manifest = peer.get_manifest(repo, peer_digest.as_ref()).await?;
                 self.ensure_dependencies(peer, repo, &manifest).await?;
                 self.local().put_manifest(repo, tag, &manifest).await?;
+                self.syncer.saw_local(repo, tag, &peer_digest);
                 self.state.tags_copied.fetch_add(1, Ordering::Relaxed);
                 self.state.manifests_copied.fetch_add(1, Ordering::Relaxed);
                 // The manifest is now present by digest too.
