@@ -535,7 +535,17 @@ impl Round<'_> {
         // read here is never newer than the peer's digest read next. The other order could
         // pair a new agreement with the peer's old digest and revert the local tag.
         let memory = agreed.get(peer.name(), repo, tag);
-        let Some(head) = peer.head_manifest(repo, tag).await? else {
+        // A local tag not seen yet is HEADed at the same time as the peer's: two registries,
+        // two queues.
+        let seen = self.syncer.seen_local(repo, tag);
+        let (head, early_local) = if seen.is_none() {
+            let (head, local) =
+                futures::join!(peer.head_manifest(repo, tag), self.local_tag(repo, tag));
+            (head, Some(local))
+        } else {
+            (peer.head_manifest(repo, tag).await, None)
+        };
+        let Some(head) = head? else {
             // Deleted on the peer since the listing.
             return Ok(());
         };
@@ -543,11 +553,14 @@ impl Round<'_> {
             Some(d) => d,
             None => peer.get_manifest(repo, tag).await?.digest,
         };
-        if self.syncer.seen_local(repo, tag).as_ref() == Some(&peer_digest) {
+        if seen.as_ref() == Some(&peer_digest) {
             agreed.record(peer.name(), repo, tag, &peer_digest);
             return Ok(());
         }
-        let local_digest = self.local_tag(repo, tag).await?;
+        let local_digest = match early_local {
+            Some(local) => local?,
+            None => self.local_tag(repo, tag).await?,
+        };
         if local_digest.as_ref() == Some(&peer_digest) {
             agreed.record(peer.name(), repo, tag, &peer_digest);
             return Ok(());
