@@ -12,6 +12,9 @@
 //! A tag that differs between replicas is settled from the digest both last agreed on, or by
 //! a tie-break every replica makes alike (see [`round`]); `--state-file` keeps that memory
 //! across restarts ([`state`]).
+//!
+//! With `--notify-listen`, the local registry's push notifications make the sidecar copy
+//! each tag pushed here to every peer at once ([`notify`]); the rounds stay the safety net.
 
 pub mod config;
 pub mod metrics;
@@ -388,5 +391,12 @@ mod tests {
         assert!(parse(&["--once", "--interval", "2m"]).is_err());
         assert!(parse(&["--interval", "2 minutes"]).is_err());
         assert!(parse(&["--concurrency", "0"]).is_err());
+        let notify = parse(&["--notify-listen", "127.0.0.1:5002"]).unwrap();
+        assert_eq!(
+            notify.notify_listen,
+            Some("127.0.0.1:5002".parse().unwrap())
+        );
+        assert!(parse(&["--once", "--notify-listen", "127.0.0.1:5002"]).is_err());
+        assert!(parse(&["--notify-listen", "localhost"]).is_err());
     }
 }
