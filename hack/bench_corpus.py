@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
 """Writes the sync benchmark corpus as one OCI image layout per image.
 
-Usage: bench_corpus.py OUT_DIR [BIG_LAYER_MIB]
+Usage: bench_corpus.py OUT_DIR [BIG_LAYER_MIB [EXTRA_REPOS]]
 
 Creates OUT_DIR/<name>/ (an OCI layout whose index.json tags the image) and prints one line
 per image: "<name> <tag> <layout dir>". Layers are random (incompressible); a few base
 layers are shared between images and platforms, and one image carries a big layer.
+
+EXTRA_REPOS (default 0) more images, "extra/rNNN", each of one small layer of its own: many
+repositories, so that a registry's `_catalog` pages (Distribution answers 100 per page
+unless asked for more).
 """
 
 import hashlib
@@ -90,6 +94,7 @@ def layout(out, name, tag, top):
 def main():
     out = sys.argv[1]
     big_mib = int(sys.argv[2]) if len(sys.argv) > 2 else 256
+    extra = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     cache = {}
     pool = os.path.join(out, "_pool")
     os.makedirs(pool, exist_ok=True)
@@ -112,6 +117,8 @@ def main():
         )
     # One image with the big layer.
     images.append(("big", "latest", [("amd64", [("base2", 6 * MiB), ("big", big_mib * MiB)])]))
+    for i in range(extra):
+        images.append((f"extra/r{i:03d}", "v1", [("amd64", [(f"x{i}", 4096 + i)])]))
 
     for name, tag, platforms in images:
         blobs = os.path.join(out, name, "blobs", "sha256")

@@ -124,6 +124,8 @@ pub const AUTH_PUSH_USERS_KEY: &str = "push.htpasswd";
 pub const AUTH_SYNC_CREDENTIALS_KEY: &str = "sync.credentials";
 /// Distribution's `http.secret`, the same on every replica behind the Service.
 pub const AUTH_HTTP_SECRET_KEY: &str = "http.secret";
+/// Bearer token the registry sends with its push notifications and the sync sidecar checks.
+pub const AUTH_NOTIFY_TOKEN_KEY: &str = "notify.token";
 /// Annotation on `registry-auth` naming what its hashes were made from (the management user
 /// Secrets' uid and resourceVersion, and a digest of the hash files), so a repeated call can
 /// tell the hashes are current without running bcrypt.

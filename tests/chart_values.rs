@@ -52,6 +52,8 @@ fn cases() -> Vec<(&'static str, RegistryValues)> {
         .limits
         .insert("memory".into(), "1Gi".into());
     tuned.resources.sync.requests.clear();
+    tuned.notifications.token_secret = "registry-sync-notify".into();
+    tuned.notifications.token_key = "notify-token".into();
     vec![
         ("defaults", values(&[], json!({}), "10.96.0.20", hash)),
         (

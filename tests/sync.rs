@@ -152,9 +152,33 @@ async fn one_round_copies_everything_and_a_second_copies_nothing() {
     assert_eq!(second.bytes_copied, 0);
     assert_eq!(second.manifests_copied, 0);
     assert_eq!(second.blobs_copied + second.blobs_mounted, 0);
-    // One manifest HEAD per tag per peer, and one local HEAD per tag.
+    // One manifest HEAD per tag per peer; no local HEAD: the first round saw every local tag.
     assert_eq!(second.peer_manifest_heads as usize, second.tags);
-    assert_eq!(second.local_manifest_heads as usize, expected.len());
+    assert_eq!(second.local_manifest_heads, 0);
+
+    // A tag deleted locally behind the syncer's back is copied again by the next round that
+    // HEADs every local tag.
+    let big = digest_of(&l, "tools/big", "1").await.unwrap();
+    let resp = registry_addon::oci::build_http_client(Some(&ca))
+        .unwrap()
+        .delete(format!("{}/v2/tools/big/manifests/{big}", local.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::ACCEPTED, "{resp:?}");
+    assert_eq!(digest_of(&l, "tools/big", "1").await, None);
+    let mut rounds = 2;
+    while digest_of(&l, "tools/big", "1").await.is_none() {
+        assert!(
+            rounds <= registry_addon::sync::round::FULL_CHECK_EVERY,
+            "not restored after {rounds} rounds"
+        );
+        let report = s.round().await;
+        assert!(report.is_success(), "{report:#?}");
+        rounds += 1;
+    }
+    assert_eq!(rounds, registry_addon::sync::round::FULL_CHECK_EVERY + 1);
+    assert_eq!(digest_of(&l, "tools/big", "1").await, Some(big));
 }
 
 /// A peer and an empty local registry, both serving TLS from one test CA.

@@ -125,6 +125,8 @@ pub struct RegistryAuth {
     pub sync_credentials: String,
     /// Distribution's `http.secret`, shared by every replica.
     pub http_secret: String,
+    /// Bearer token of the registry's push notifications to the sync sidecar.
+    pub notify_token: String,
     /// [`names::AUTH_SOURCE_ANNOTATION`].
     pub source: String,
 }
@@ -193,6 +195,7 @@ impl RegistryAuth {
                 .unwrap_or_default(),
         };
         let http_secret = kept(names::AUTH_HTTP_SECRET_KEY).unwrap_or_else(generate_password);
+        let notify_token = kept(names::AUTH_NOTIFY_TOKEN_KEY).unwrap_or_else(generate_password);
         let pull_users = format!("{}\n", htpasswd_line(&ro.credentials)?);
         let push_users = format!(
             "{}\n{}\n",
@@ -205,6 +208,7 @@ impl RegistryAuth {
             push_users,
             sync_credentials,
             http_secret,
+            notify_token,
             source,
         })
     }
@@ -217,6 +221,7 @@ impl RegistryAuth {
             push_users: key(names::AUTH_PUSH_USERS_KEY)?,
             sync_credentials: key(names::AUTH_SYNC_CREDENTIALS_KEY)?,
             http_secret: key(names::AUTH_HTTP_SECRET_KEY)?,
+            notify_token: key(names::AUTH_NOTIFY_TOKEN_KEY)?,
             source: secret["metadata"]["annotations"][names::AUTH_SOURCE_ANNOTATION]
                 .as_str()?
                 .to_string(),
@@ -240,6 +245,7 @@ impl RegistryAuth {
                 names::AUTH_PUSH_USERS_KEY: b64(&self.push_users),
                 names::AUTH_SYNC_CREDENTIALS_KEY: b64(&self.sync_credentials),
                 names::AUTH_HTTP_SECRET_KEY: b64(&self.http_secret),
+                names::AUTH_NOTIFY_TOKEN_KEY: b64(&self.notify_token),
             },
         })
     }
@@ -325,6 +331,7 @@ mod tests {
         assert_ne!(changed.push_users, first.push_users);
         assert_eq!(changed.sync_credentials, first.sync_credentials);
         assert_eq!(changed.http_secret, first.http_secret);
+        assert_eq!(changed.notify_token, first.notify_token);
         let rw_hash = changed.push_users.lines().next().unwrap();
         assert!(bcrypt::verify("new-password", rw_hash.split_once(':').unwrap().1).unwrap());
         // A hand edit of the hashes is noticed too.

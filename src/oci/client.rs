@@ -86,9 +86,25 @@ pub struct HttpClients {
 /// Builds the HTTP clients: rustls with ring. With a CA bundle, only that bundle is
 /// trusted; without one, the platform's roots.
 pub fn build_http_clients(ca_bundle_pem: Option<&[u8]>) -> Result<HttpClients, String> {
+    build_http_clients_with_agent(ca_bundle_pem, DEFAULT_USER_AGENT)
+}
+
+/// The `User-Agent` of [`build_http_clients`].
+pub const DEFAULT_USER_AGENT: &str = concat!("registry-addon/", env!("CARGO_PKG_VERSION"));
+
+/// [`build_http_clients`] with another `User-Agent`: lets a registry's push notifications
+/// tell one tool's pushes from another's.
+pub fn build_http_clients_with_agent(
+    ca_bundle_pem: Option<&[u8]>,
+    user_agent: &str,
+) -> Result<HttpClients, String> {
     Ok(HttpClients {
-        metadata: build_http_client(ca_bundle_pem)?,
+        metadata: client_builder(ca_bundle_pem, false)?
+            .user_agent(user_agent)
+            .build()
+            .map_err(|e| format!("HTTP client: {e}"))?,
         blobs: client_builder(ca_bundle_pem, true)?
+            .user_agent(user_agent)
             .build()
             .map_err(|e| format!("HTTP client: {e}"))?,
     })
@@ -108,7 +124,7 @@ fn client_builder(
     // Idempotent: the first provider installed stays.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut builder = reqwest::Client::builder()
-        .user_agent(concat!("registry-addon/", env!("CARGO_PKG_VERSION")))
+        .user_agent(DEFAULT_USER_AGENT)
         .connect_timeout(Duration::from_secs(10))
         .pool_idle_timeout(Duration::from_secs(60))
         .tcp_keepalive(Duration::from_secs(30))

@@ -11,7 +11,7 @@ pub mod verify;
 pub use auth::Credentials;
 pub use client::{
     BlobDownload, ClientOptions, HttpClients, Manifest, ManifestHead, Registry, UploadStart,
-    build_http_client, build_http_clients,
+    build_http_client, build_http_clients, build_http_clients_with_agent,
 };
 pub use error::OciError;
 pub use reference::{ImageReference, MirrorPath};

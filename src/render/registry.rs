@@ -32,6 +32,51 @@ pub struct RegistryValues {
     pub storage: StorageValues,
     pub control_plane: ControlPlaneValues,
     pub resources: ResourceValues,
+    /// Push notifications to the sync sidecar; left out of the values while off.
+    #[serde(default, skip_serializing_if = "NotificationValues::is_off")]
+    pub notifications: NotificationValues,
+}
+
+/// The registry notifies the sync sidecar of every tag pushed, which copies it to the
+/// other replicas at once; the rounds stay as the safety net.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NotificationValues {
+    /// Secret (in the registry's namespace) holding the bearer token the registry sends
+    /// and the sidecar checks; empty: notifications off.
+    pub token_secret: String,
+    /// Key of the token in that Secret.
+    pub token_key: String,
+}
+
+impl Default for NotificationValues {
+    fn default() -> Self {
+        NotificationValues {
+            token_secret: String::new(),
+            token_key: "token".into(),
+        }
+    }
+}
+
+impl NotificationValues {
+    pub fn is_off(&self) -> bool {
+        *self == NotificationValues::default()
+    }
+}
+
+/// Where the sync sidecar listens, on the pod's loopback, for the registry's notifications.
+pub const SYNC_NOTIFY_ADDR: &str = "127.0.0.1:5002";
+
+/// The registry's `notifications.endpoints` (Distribution parses YAML in the variable):
+/// tag pushes only, no blob or pull events. `$(REGISTRY_NOTIFY_TOKEN)` is expanded by the
+/// kubelet from the variable defined before it.
+pub fn notification_endpoints() -> String {
+    format!(
+        "- name: sync\n  url: http://{SYNC_NOTIFY_ADDR}/events\n  headers:\n    \
+         Authorization: [\"Bearer $(REGISTRY_NOTIFY_TOKEN)\"]\n  timeout: 5s\n  \
+         threshold: 3\n  backoff: 1s\n  ignore:\n    \
+         mediatypes: [application/octet-stream]\n    actions: [pull, delete]\n"
+    )
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -152,6 +197,10 @@ impl RegistryValues {
                 front: ContainerResources::new(&[("cpu", "50m"), ("memory", "32Mi")]),
                 sync: ContainerResources::new(&[("cpu", "20m"), ("memory", "64Mi")]),
             },
+            notifications: NotificationValues {
+                token_secret: names::REGISTRY_AUTH_SECRET.into(),
+                token_key: names::AUTH_NOTIFY_TOKEN_KEY.into(),
+            },
         }
     }
 }
@@ -243,6 +292,12 @@ fn pod_disruption_budget() -> Value {
             "selector": {"matchLabels": selector_labels()},
         },
     })
+}
+
+fn push(array: &mut Value, item: Value) {
+    if let Some(items) = array.as_array_mut() {
+        items.push(item);
+    }
 }
 
 /// Where the sync sidecar mounts its directory of the registry's volume, and that directory.
@@ -349,6 +404,26 @@ fn stateful_set(values: &RegistryValues) -> Value {
             {"name": "data", "mountPath": SYNC_STATE_DIR, "subPath": SYNC_STATE_SUBPATH},
         ],
     });
+
+    let notify = &values.notifications;
+    if !notify.token_secret.is_empty() {
+        let token = json!({"name": "REGISTRY_NOTIFY_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": notify.token_secret, "key": notify.token_key,
+        }}});
+        push(&mut registry["env"], token.clone());
+        push(
+            &mut registry["env"],
+            json!({"name": "REGISTRY_NOTIFICATIONS_ENDPOINTS", "value": notification_endpoints()}),
+        );
+        // Distribution logs its endpoints, headers and so the token included, at info.
+        push(
+            &mut registry["env"],
+            json!({"name": "REGISTRY_LOG_LEVEL", "value": "warn"}),
+        );
+        push(&mut sync["env"], token);
+        push(&mut sync["args"], json!("--notify-listen"));
+        push(&mut sync["args"], json!(SYNC_NOTIFY_ADDR));
+    }
 
     for (container, resources) in [
         (&mut registry, &values.resources.registry),

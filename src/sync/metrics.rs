@@ -19,8 +19,25 @@ pub struct PeerLabel {
     pub peer: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerOutcomeLabel {
+    pub peer: String,
+    pub outcome: String,
+}
+
 pub struct SyncMetrics {
     registry: Registry,
+    notify_events: Family<OutcomeLabel, Counter>,
+    notified: Family<PeerOutcomeLabel, Counter>,
+    notified_errors: Family<PeerLabel, Counter>,
+    checks: Family<PeerOutcomeLabel, Counter>,
+    notified_bytes: Counter,
+    notified_duration: Histogram,
     rounds: Counter,
     bytes: Counter,
     blobs: Counter,
@@ -55,6 +72,12 @@ impl SyncMetrics {
             round_duration: Histogram::new(exponential_buckets(0.05, 2.0, 16)),
             last_success: Gauge::default(),
             last_round: Gauge::default(),
+            notify_events: Family::default(),
+            notified: Family::default(),
+            notified_errors: Family::default(),
+            checks: Family::default(),
+            notified_bytes: Counter::default(),
+            notified_duration: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
             registry: Registry::default(),
         };
         registry.register("rounds", "Sync rounds run", m.rounds.clone());
@@ -108,6 +131,36 @@ impl SyncMetrics {
             "Unix time at which the last round finished",
             m.last_round.clone(),
         );
+        registry.register(
+            "notify_events",
+            "Push notification events received, by what was done with them (queued, own, ignored, dropped) and refused requests",
+            m.notify_events.clone(),
+        );
+        registry.register(
+            "notified_pushes",
+            "Tags pushed out to a peer after a push notification, by outcome (copied, present, peer_kept)",
+            m.notified.clone(),
+        );
+        registry.register(
+            "notified_push_errors",
+            "Tags that could not be pushed out to a peer after a push notification (after retries)",
+            m.notified_errors.clone(),
+        );
+        registry.register(
+            "notify_checks",
+            "Peers HEADed after a peer's syncer pushed a tag here, by whether they held the same digest (agreed, differs, error)",
+            m.checks.clone(),
+        );
+        registry.register(
+            "notified_bytes",
+            "Blob bytes copied to peers after push notifications",
+            m.notified_bytes.clone(),
+        );
+        registry.register(
+            "notified_push_duration_seconds",
+            "Time from a push notification to its tag being on every peer that could take it",
+            m.notified_duration.clone(),
+        );
         SyncMetrics { registry, ..m }
     }
 
@@ -118,6 +171,7 @@ impl SyncMetrics {
                 peer: peer.to_string(),
             };
             let _ = self.errors.get_or_create(&label);
+            let _ = self.notified_errors.get_or_create(&label);
             let _ = self.peer_up.get_or_create(&label);
         }
     }
@@ -151,6 +205,48 @@ impl SyncMetrics {
         if report.is_success() {
             self.last_success.set(now);
         }
+    }
+
+    /// A push notification event (or a refused request), by outcome.
+    pub fn notify_event(&self, outcome: &str) {
+        self.notify_events
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    /// A tag pushed out to a peer after a notification.
+    pub fn notified(&self, peer: &str, report: &super::round::PushReport) {
+        self.notified
+            .get_or_create(&PeerOutcomeLabel {
+                peer: peer.to_string(),
+                outcome: report.outcome.as_str().to_string(),
+            })
+            .inc();
+        self.notified_bytes.inc_by(report.bytes_copied);
+    }
+
+    /// A peer checked after a peer's syncer pushed a tag here.
+    pub fn checked(&self, peer: &str, outcome: &str) {
+        self.checks
+            .get_or_create(&PeerOutcomeLabel {
+                peer: peer.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn notified_error(&self, peer: &str) {
+        self.notified_errors
+            .get_or_create(&PeerLabel {
+                peer: peer.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn notified_duration(&self, seconds: f64) {
+        self.notified_duration.observe(seconds);
     }
 
     /// The metrics in the Prometheus text format.

@@ -12,9 +12,13 @@
 //! A tag that differs between replicas is settled from the digest both last agreed on, or by
 //! a tie-break every replica makes alike (see [`round`]); `--state-file` keeps that memory
 //! across restarts ([`state`]).
+//!
+//! With `--notify-listen`, the local registry's push notifications make the sidecar copy
+//! each tag pushed here to every peer at once ([`notify`]); the rounds stay the safety net.
 
 pub mod config;
 pub mod metrics;
+pub mod notify;
 pub mod round;
 pub mod state;
 
@@ -27,10 +31,11 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use crate::names;
-use crate::oci::{ClientOptions, Credentials, Registry, build_http_clients};
+use crate::oci::{ClientOptions, Credentials, Registry, build_http_clients_with_agent};
 pub use config::{CredentialSet, StatefulSetPeers};
 pub use metrics::SyncMetrics;
-pub use round::{PeerReport, RoundReport, Syncer, peer_wins};
+pub use notify::{Notifier, SYNC_USER_AGENT};
+pub use round::{PeerReport, PushOutcome, PushReport, RoundReport, Syncer, peer_wins};
 pub use state::Agreements;
 
 /// Command-line of `registry-addon sync`.
@@ -100,6 +105,15 @@ pub struct SyncArgs {
     /// to a peer's older one. Without it the memory lasts as long as the process.
     #[arg(long)]
     pub state_file: Option<PathBuf>,
+    /// Accept the local registry's push notifications on this address (`POST /events`, CNCF
+    /// Distribution's `notifications.endpoints`) and push each tag pushed here out to every
+    /// peer at once, instead of waiting for the peers' rounds. Requests must carry
+    /// `Authorization: Bearer <token>`.
+    #[arg(long, conflicts_with = "once")]
+    pub notify_listen: Option<SocketAddr>,
+    /// File holding the notification token; without it, `REGISTRY_NOTIFY_TOKEN`.
+    #[arg(long, env = "REGISTRY_NOTIFY_TOKEN_FILE", requires = "notify_listen")]
+    pub notify_token_file: Option<PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -159,7 +173,10 @@ impl SyncArgs {
             }
             None => None,
         };
-        let http = build_http_clients(ca.as_deref()).map_err(anyhow::Error::msg)?;
+        // A User-Agent of its own: the registries' push notifications tell the syncer's
+        // pushes from those of people and other tools by it (see [`notify`]).
+        let http = build_http_clients_with_agent(ca.as_deref(), SYNC_USER_AGENT)
+            .map_err(anyhow::Error::msg)?;
         let credentials = self.credentials()?;
         let base = ClientOptions {
             concurrency: usize::from(self.concurrency),
@@ -231,7 +248,15 @@ pub fn log_round(report: &RoundReport) {
 const FIRST_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 pub async fn run(args: SyncArgs) -> anyhow::Result<()> {
-    let syncer = args.build()?;
+    // Checked before anything starts: a misconfigured token is an error, not a silent
+    // fallback to rounds only.
+    let notify_token = match args.notify_listen {
+        Some(_) => Some(
+            notify::read_token(args.notify_token_file.as_deref()).map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
+    let syncer = Arc::new(args.build()?);
     if syncer.peers().is_empty() {
         tracing::warn!("no peers to sync from");
     }
@@ -241,6 +266,17 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<()> {
         metrics::serve(addr, metrics.clone())
             .await
             .with_context(|| format!("metrics listener on {addr}"))?;
+    }
+    if let (Some(addr), Some(token)) = (args.notify_listen, notify_token) {
+        Notifier::start(
+            syncer.clone(),
+            metrics.clone(),
+            addr,
+            token,
+            usize::from(args.concurrency),
+        )
+        .await
+        .with_context(|| format!("notification listener on {addr}"))?;
     }
     tracing::info!(
         local = syncer.local().name(),
@@ -355,5 +391,12 @@ mod tests {
         assert!(parse(&["--once", "--interval", "2m"]).is_err());
         assert!(parse(&["--interval", "2 minutes"]).is_err());
         assert!(parse(&["--concurrency", "0"]).is_err());
+        let notify = parse(&["--notify-listen", "127.0.0.1:5002"]).unwrap();
+        assert_eq!(
+            notify.notify_listen,
+            Some("127.0.0.1:5002".parse().unwrap())
+        );
+        assert!(parse(&["--once", "--notify-listen", "127.0.0.1:5002"]).is_err());
+        assert!(parse(&["--notify-listen", "localhost"]).is_err());
     }
 }

@@ -28,6 +28,11 @@
 //! At most one digest is written to a local tag per round; a peer holding yet another digest
 //! is compared again in the next round, against what was written.
 //!
+//! Local tags are HEADed only when needed: a peer tag at the digest the local tag was last
+//! seen at (HEADed, written by a round, or reported by a push notification) is taken as
+//! agreed without asking the local registry. A tag deleted locally behind the syncer's back
+//! is noticed in the next round that HEADs every local tag, one in [`FULL_CHECK_EVERY`].
+//!
 //! At the end of a round the memory forgets tags that exist neither locally nor on the peer
 //! (as far as the round could list the peer), and is written back when it changed.
 
@@ -111,6 +116,38 @@ impl RoundReport {
     }
 }
 
+/// What [`Syncer::push_out`] did with a tag and a peer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// The peer held the digest already.
+    #[default]
+    Present,
+    /// The digest was copied and the peer's tag points at it.
+    Copied,
+    /// The peer's tag points at another digest that wins by the conflict rules.
+    PeerKept,
+}
+
+impl PushOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PushOutcome::Present => "present",
+            PushOutcome::Copied => "copied",
+            PushOutcome::PeerKept => "peer_kept",
+        }
+    }
+}
+
+/// What one [`Syncer::push_out`] moved.
+#[derive(Debug, Clone, Default)]
+pub struct PushReport {
+    pub outcome: PushOutcome,
+    pub manifests_copied: u64,
+    pub blobs_copied: u64,
+    pub blobs_mounted: u64,
+    pub bytes_copied: u64,
+}
+
 /// Keeps a local registry a superset of its peers, round after round.
 pub struct Syncer {
     local: Arc<Registry>,
@@ -121,7 +158,17 @@ pub struct Syncer {
     /// Per (peer URL, repository, tag): the digest both sides last agreed on (see the
     /// module documentation).
     agreed: Agreements,
+    /// The local digest of each tag as last seen (HEAD, own write, push notification), kept
+    /// across rounds: a peer tag found at that digest needs no local HEAD. Only a "nothing to
+    /// do" answer is taken from it; any difference is checked against the local registry.
+    /// Emptied every [`FULL_CHECK_EVERY`] rounds, so that a tag deleted locally behind the
+    /// syncer's back is copied again within that many rounds.
+    local_seen: Mutex<HashMap<(String, String), Digest>>,
+    rounds: AtomicU64,
 }
+
+/// Rounds between two in which every local tag is HEADed again (see `Syncer::local_seen`).
+pub const FULL_CHECK_EVERY: u64 = 10;
 
 impl Syncer {
     pub fn new(
@@ -138,6 +185,8 @@ impl Syncer {
             attempts: attempts.max(1),
             backoff,
             agreed: Agreements::in_memory(),
+            local_seen: Mutex::default(),
+            rounds: AtomicU64::new(0),
         }
     }
 
@@ -173,9 +222,13 @@ impl Syncer {
                 ..RoundReport::default()
             };
         }
+        if self.rounds.fetch_add(1, Ordering::Relaxed) % FULL_CHECK_EVERY == 0 {
+            lock(&self.local_seen).clear();
+        }
         let before = self.request_totals();
         let round = Round {
             syncer: self,
+            dst: &self.local,
             state: RoundState::default(),
         };
         let peer_reports =
@@ -204,6 +257,95 @@ impl Syncer {
             state_error,
             duration: started.elapsed(),
         }
+    }
+
+    /// Copies the local `repo:tag`, which holds `digest`, to `peer` now, as the peer's own
+    /// round would copy it from here: children and blobs first, the tag last. One HEAD when
+    /// the peer has it already. A peer tag that differs is replaced only when the rules of
+    /// [`peer_wins`] keep the local digest; otherwise the rounds settle it. Records the
+    /// agreement once the peer holds the digest, so that the next round does not take the
+    /// peer's older digest back.
+    pub async fn push_out(
+        &self,
+        peer: &Registry,
+        repo: &str,
+        tag: &str,
+        digest: &Digest,
+    ) -> Result<PushReport, OciError> {
+        // Before the peer's tag, as in a round (see `Round::sync_tag`).
+        let memory = self.agreed.get(peer.name(), repo, tag);
+        let peer_digest = match peer.head_manifest(repo, tag).await? {
+            None => None,
+            Some(head) => Some(match head.digest {
+                Some(d) => d,
+                None => peer.get_manifest(repo, tag).await?.digest,
+            }),
+        };
+        let mut report = PushReport::default();
+        match &peer_digest {
+            Some(d) if d == digest => {
+                self.agreed.record(peer.name(), repo, tag, digest);
+                report.outcome = PushOutcome::Present;
+                return Ok(report);
+            }
+            Some(d) if peer_wins(memory.as_ref(), digest, d) => {
+                report.outcome = PushOutcome::PeerKept;
+                return Ok(report);
+            }
+            _ => {}
+        }
+        let round = Round {
+            syncer: self,
+            dst: peer,
+            state: RoundState::default(),
+        };
+        let manifest = self.local.get_manifest(repo, digest.as_ref()).await?;
+        round
+            .ensure_dependencies(&self.local, repo, &manifest)
+            .await?;
+        peer.put_manifest(repo, tag, &manifest).await?;
+        self.agreed.record(peer.name(), repo, tag, digest);
+        let s = &round.state;
+        report.outcome = PushOutcome::Copied;
+        report.manifests_copied = s.manifests_copied.load(Ordering::Relaxed) + 1;
+        report.blobs_copied = s.blobs_copied.load(Ordering::Relaxed);
+        report.blobs_mounted = s.blobs_mounted.load(Ordering::Relaxed);
+        report.bytes_copied = s.bytes_copied.load(Ordering::Relaxed);
+        Ok(report)
+    }
+
+    /// Records that `peer` agrees on `repo:tag` when it holds `digest`, which the local tag
+    /// holds; says whether it does. Never writes to a registry.
+    pub async fn learn(
+        &self,
+        peer: &Registry,
+        repo: &str,
+        tag: &str,
+        digest: &Digest,
+    ) -> Result<bool, OciError> {
+        let held = match peer.head_manifest(repo, tag).await {
+            Ok(Some(head)) => head.digest.as_ref() == Some(digest),
+            Ok(None) => false,
+            Err(err) => {
+                tracing::debug!(peer = peer.name(), repo, tag, error = %err, "cannot check a peer's tag");
+                return Err(err);
+            }
+        };
+        if held {
+            self.agreed.record(peer.name(), repo, tag, digest);
+        }
+        Ok(held)
+    }
+
+    /// Notes that the local `repo:tag` now holds `digest` (a push notification said so).
+    pub fn saw_local(&self, repo: &str, tag: &str, digest: &Digest) {
+        lock(&self.local_seen).insert((repo.to_string(), tag.to_string()), digest.clone());
+    }
+
+    fn seen_local(&self, repo: &str, tag: &str) -> Option<Digest> {
+        lock(&self.local_seen)
+            .get(&(repo.to_string(), tag.to_string()))
+            .cloned()
     }
 
     fn request_totals(&self) -> (u64, u64, u64, u64) {
@@ -271,14 +413,18 @@ struct RoundState {
     bytes_copied: AtomicU64,
 }
 
+/// The copy work of a round, into `dst`: the local registry in a sync round, a peer when a
+/// tag pushed here is pushed out at once ([`Syncer::push_out`]). The methods call `dst`
+/// "local" and their source "peer", as a round sees them.
 struct Round<'a> {
     syncer: &'a Syncer,
+    dst: &'a Registry,
     state: RoundState,
 }
 
 impl Round<'_> {
     fn local(&self) -> &Registry {
-        &self.syncer.local
+        self.dst
     }
 
     async fn sync_peer(&self, peer: &Registry) -> PeerReport {
@@ -362,21 +508,44 @@ impl Round<'_> {
         let cell = shared(&self.state.local_tags, &(repo.to_string(), tag.to_string()));
         let digest = cell
             .get_or_try_init(|| async {
-                match self.local().head_manifest(repo, tag).await? {
-                    None => Ok(None),
+                let digest = match self.local().head_manifest(repo, tag).await? {
+                    None => None,
                     Some(head) => match head.digest {
-                        Some(d) => Ok(Some(d)),
+                        Some(d) => Some(d),
                         // A registry that does not say: ask for the bytes.
-                        None => Ok(Some(self.local().get_manifest(repo, tag).await?.digest)),
+                        None => Some(self.local().get_manifest(repo, tag).await?.digest),
                     },
-                }
+                };
+                let key = (repo.to_string(), tag.to_string());
+                let mut seen = lock(&self.syncer.local_seen);
+                match &digest {
+                    Some(d) => seen.insert(key, d.clone()),
+                    None => seen.remove(&key),
+                };
+                Ok::<_, OciError>(digest)
             })
             .await?;
         Ok(digest.clone())
     }
 
     async fn sync_tag(&self, peer: &Registry, repo: &str, tag: &str) -> Result<(), OciError> {
-        let Some(head) = peer.head_manifest(repo, tag).await? else {
+        let agreed = &self.syncer.agreed;
+        // Read before the peer's tag: a tag pushed out to the peer meanwhile
+        // (`Syncer::push_out`) is recorded only after the peer holds it, so an agreement
+        // read here is never newer than the peer's digest read next. The other order could
+        // pair a new agreement with the peer's old digest and revert the local tag.
+        let memory = agreed.get(peer.name(), repo, tag);
+        // A local tag not seen yet is HEADed at the same time as the peer's: two registries,
+        // two queues.
+        let seen = self.syncer.seen_local(repo, tag);
+        let (head, early_local) = if seen.is_none() {
+            let (head, local) =
+                futures::join!(peer.head_manifest(repo, tag), self.local_tag(repo, tag));
+            (head, Some(local))
+        } else {
+            (peer.head_manifest(repo, tag).await, None)
+        };
+        let Some(head) = head? else {
             // Deleted on the peer since the listing.
             return Ok(());
         };
@@ -384,14 +553,19 @@ impl Round<'_> {
             Some(d) => d,
             None => peer.get_manifest(repo, tag).await?.digest,
         };
-        let local_digest = self.local_tag(repo, tag).await?;
-        let agreed = &self.syncer.agreed;
+        if seen.as_ref() == Some(&peer_digest) {
+            agreed.record(peer.name(), repo, tag, &peer_digest);
+            return Ok(());
+        }
+        let local_digest = match early_local {
+            Some(local) => local?,
+            None => self.local_tag(repo, tag).await?,
+        };
         if local_digest.as_ref() == Some(&peer_digest) {
             agreed.record(peer.name(), repo, tag, &peer_digest);
             return Ok(());
         }
         if let Some(local_digest) = &local_digest {
-            let memory = agreed.get(peer.name(), repo, tag);
             if !peer_wins(memory.as_ref(), local_digest, &peer_digest) {
                 tracing::debug!(
                     peer = peer.name(),
@@ -412,6 +586,7 @@ impl Round<'_> {
                 let manifest = peer.get_manifest(repo, peer_digest.as_ref()).await?;
                 self.ensure_dependencies(peer, repo, &manifest).await?;
                 self.local().put_manifest(repo, tag, &manifest).await?;
+                self.syncer.saw_local(repo, tag, &peer_digest);
                 self.state.tags_copied.fetch_add(1, Ordering::Relaxed);
                 self.state.manifests_copied.fetch_add(1, Ordering::Relaxed);
                 // The manifest is now present by digest too.
@@ -652,10 +827,15 @@ impl Round<'_> {
         blob: &Reference,
         session: reqwest::Url,
     ) -> Result<u64, OciError> {
-        // Always peer first, then local: every transfer goes the same way, so permits are
-        // taken in one order and cannot deadlock.
-        let _peer_permit = peer.blob_permit().await;
-        let _local_permit = self.local().blob_permit().await;
+        // Always the remote registry first, then this replica's: every transfer, in a round
+        // or pushing out, takes permits in one order and cannot deadlock.
+        let (_first, _second) = if std::ptr::eq(peer, &*self.syncer.local) {
+            let first = self.local().blob_permit().await;
+            (first, peer.blob_permit().await)
+        } else {
+            let first = peer.blob_permit().await;
+            (first, self.local().blob_permit().await)
+        };
         let download = peer.get_blob(repo, &blob.digest).await?;
         let what = format!("blob {repo}@{}", blob.digest);
         if let (Some(expected), Some(served)) = (blob.size, download.size) {

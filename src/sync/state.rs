@@ -52,6 +52,9 @@ pub struct PeerListing {
 pub struct Agreements {
     path: Option<PathBuf>,
     entries: Mutex<Entries>,
+    /// Held across a save: the round and the push notifications both save, and a later
+    /// snapshot must not be overwritten by an earlier one.
+    saving: tokio::sync::Mutex<()>,
 }
 
 impl Agreements {
@@ -60,6 +63,7 @@ impl Agreements {
         Agreements {
             path: None,
             entries: Mutex::default(),
+            saving: tokio::sync::Mutex::default(),
         }
     }
 
@@ -77,6 +81,7 @@ impl Agreements {
         Agreements {
             path: Some(path.to_path_buf()),
             entries: Mutex::new(Entries { map, dirty: false }),
+            saving: tokio::sync::Mutex::default(),
         }
     }
 
@@ -151,6 +156,7 @@ impl Agreements {
         let Some(path) = self.path.clone() else {
             return Ok(false);
         };
+        let _saving = self.saving.lock().await;
         let bytes = {
             let mut entries = self.lock();
             if !entries.dirty {

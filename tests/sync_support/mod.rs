@@ -121,11 +121,16 @@ pub struct RegistryOptions<'a> {
     pub access_log: bool,
     /// Upload URLs relative to the request (`http.relativeurls`), as behind the front.
     pub relative_urls: bool,
+    /// Push notifications: (endpoint URL, bearer token), configured exactly as the chart
+    /// does, through `REGISTRY_NOTIFICATIONS_ENDPOINTS`.
+    pub notify: Option<(&'a str, &'a str)>,
 }
 
 /// A `docker-registry` process, killed when dropped.
 pub struct RegistryProcess {
     child: Child,
+    config: PathBuf,
+    env: Vec<(String, String)>,
     pub url: String,
     pub port: u16,
     pub root: PathBuf,
@@ -164,6 +169,21 @@ impl RegistryProcess {
                     tls.key_file.display()
                 ));
             }
+            let mut env = Vec::new();
+            if let Some((url, token)) = options.notify {
+                // The kubelet expands the token; the sidecar's address differs here.
+                let endpoints = registry_addon::render::registry::notification_endpoints()
+                    .replace("$(REGISTRY_NOTIFY_TOKEN)", token)
+                    .replace(
+                        &format!(
+                            "http://{}/events",
+                            registry_addon::render::registry::SYNC_NOTIFY_ADDR
+                        ),
+                        url,
+                    );
+                assert!(endpoints.contains(url) && endpoints.contains(token));
+                env.push(("REGISTRY_NOTIFICATIONS_ENDPOINTS".to_string(), endpoints));
+            }
             if let Some(htpasswd) = options.htpasswd {
                 config.push_str(&format!(
                     "auth:\n  htpasswd:\n    realm: sync-test\n    path: {}\n",
@@ -172,15 +192,7 @@ impl RegistryProcess {
             }
             let config_file = dir.join("config.yml");
             std::fs::write(&config_file, config).unwrap();
-            let log_file = std::fs::File::create(&log).unwrap();
-            let child = Command::new("/usr/bin/docker-registry")
-                .arg("serve")
-                .arg(&config_file)
-                .stdin(Stdio::null())
-                .stdout(log_file.try_clone().unwrap())
-                .stderr(log_file)
-                .spawn()
-                .expect("docker-registry must be installed (Debian package docker-registry)");
+            let child = spawn_registry(&config_file, &log, &env);
             let scheme = if options.tls.is_some() {
                 "https"
             } else {
@@ -188,6 +200,8 @@ impl RegistryProcess {
             };
             let mut process = RegistryProcess {
                 child,
+                config: config_file.clone(),
+                env,
                 url: format!("{scheme}://127.0.0.1:{port}"),
                 port,
                 root: root.clone(),
@@ -200,6 +214,24 @@ impl RegistryProcess {
         panic!(
             "docker-registry did not start; log:\n{}",
             std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    /// Stops the registry (a replica going down); its storage stays.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the registry again, same port and storage, and waits until it answers.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = spawn_registry(&self.config, &self.log, &self.env);
+        assert!(
+            self.wait_ready(),
+            "docker-registry did not start again on port {}; log:\n{}",
+            self.port,
+            std::fs::read_to_string(&self.log).unwrap_or_default()
         );
     }
 
@@ -219,6 +251,19 @@ impl RegistryProcess {
         }
         false
     }
+}
+
+fn spawn_registry(config_file: &Path, log: &Path, env: &[(String, String)]) -> Child {
+    let log_file = std::fs::File::create(log).unwrap();
+    Command::new("/usr/bin/docker-registry")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .arg("serve")
+        .arg(config_file)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
+        .spawn()
+        .expect("docker-registry must be installed (Debian package docker-registry)")
 }
 
 /// An htpasswd file with one bcrypt entry (distribution takes no other hash; cost 5, as the
