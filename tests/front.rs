@@ -452,3 +452,137 @@ async fn pushes_through_the_service_and_sync_with_auth() {
         .unwrap();
     assert!(!out.status.success(), "sync without credentials succeeded");
 }
+
+/// The whole replica as the chart runs it (registry notifying its sync sidecar, the front,
+/// the sidecar reaching its peers through their fronts as `sync`): an image pushed through one
+/// replica's front is served by the other replicas' fronts within 5 s, with rounds every 2m.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_push_is_served_by_every_replica_within_seconds() {
+    need("docker-registry", "docker-registry");
+    need("skopeo", "skopeo");
+    const TOKEN: &str = "notify-token-0123456789abcdef";
+    let dir = tempfile::tempdir().unwrap();
+    let tls = TestTls::new(&dir.path().join("tls"));
+    let creds = dir.path().join("sync.credentials");
+    std::fs::write(&creds, format!("{}:{}\n", SYNC.0, SYNC.1)).unwrap();
+    let mut replicas = Vec::new();
+    for i in 0..3 {
+        let rdir = dir.path().join(format!("r{i}"));
+        let notify_port = free_port();
+        let url = format!("http://127.0.0.1:{notify_port}/events");
+        let registry = RegistryProcess::start(
+            &rdir.join("registry"),
+            &RegistryOptions {
+                relative_urls: true,
+                notify: Some((url.as_str(), TOKEN)),
+                ..RegistryOptions::default()
+            },
+        );
+        let front = FrontProcess::start(
+            &rdir.join("front"),
+            &registry.url,
+            &tls.cert_file,
+            &tls.key_file,
+            &users(),
+        );
+        replicas.push((Replica { front, registry }, notify_port, rdir));
+    }
+    let mut sidecars = Vec::new();
+    for (i, (me, notify_port, rdir)) in replicas.iter().enumerate() {
+        let metrics_port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_registry-addon"));
+        cmd.args(["sync", "--local", &me.registry.url, "--interval", "2m"])
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+            .args(["--notify-listen", &format!("127.0.0.1:{notify_port}")])
+            .arg("--ca-file")
+            .arg(&tls.ca_file)
+            .arg("--credentials-file")
+            .arg(&creds)
+            .arg("--state-file")
+            .arg(rdir.join("agreed.json"));
+        for (j, (peer, _, _)) in replicas.iter().enumerate() {
+            if j != i {
+                cmd.args(["--peer", &peer.front.url]);
+            }
+        }
+        let log = std::fs::File::create(rdir.join("sidecar.log")).unwrap();
+        let child = cmd
+            .env("REGISTRY_NOTIFY_TOKEN", TOKEN)
+            .env_remove("REGISTRY_NOTIFY_TOKEN_FILE")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        sidecars.push(KillOnDrop(child));
+        // Its first round done: from here on only notifications move images quickly.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = http_get(metrics_port, "/metrics").unwrap_or_default();
+            let rounds = text
+                .lines()
+                .find(|l| l.starts_with("registry_sync_rounds_total"))
+                .and_then(|l| l.split_whitespace().last())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if rounds >= 1.0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sidecar {i} did not finish its first round: {}",
+                std::fs::read_to_string(rdir.join("sidecar.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    let client = http(&tls);
+    let layout = layout(dir.path(), 300);
+    let out = skopeo(
+        &tls,
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{}/team/fresh:v1", host(&replicas[0].0.front.url)),
+        Some(RW),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pushed = Instant::now();
+    for (replica, _, rdir) in &replicas[1..] {
+        loop {
+            let head = client
+                .head(format!("{}/v2/team/fresh/manifests/v1", replica.front.url))
+                .header("authorization", basic(RO.0, RO.1))
+                .header("accept", format!("{OCI_MANIFEST}, {OCI_INDEX}"))
+                .send()
+                .await
+                .unwrap();
+            if head.status() == 200 {
+                break;
+            }
+            assert!(
+                pushed.elapsed() < Duration::from_secs(5),
+                "not served by {} within 5 s; sidecar log:\n{}",
+                replica.front.url,
+                std::fs::read_to_string(rdir.join("sidecar.log")).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    println!(
+        "served by every replica {:.0} ms after the push",
+        pushed.elapsed().as_secs_f64() * 1000.0
+    );
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
