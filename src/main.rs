@@ -24,6 +24,7 @@ fn main() -> std::process::ExitCode {
             Command::Front(args) => registry_addon::front::run(args).await,
             Command::Render(args) => registry_addon::render::run_cli(args).await,
             Command::Mirror(args) => registry_addon::mirror::run(args).await,
+            Command::NodeAgent(args) => registry_addon::agent::run(args).await,
         }
     });
     match result {
