@@ -105,7 +105,10 @@ impl NodeWriter {
             .and_then(|s| s.conditions.as_ref())
             .cloned()
             .unwrap_or_default();
-        let mut changed = Vec::new();
+        // Every condition of the agent goes in the patch, the unchanged ones as they are, so
+        // that a server merging the list whole (not by `type`) keeps them too.
+        let mut conditions = Vec::new();
+        let mut changed = false;
         for want in self.want_conditions.values() {
             let existing = current.iter().find(|c| c.type_ == want.type_);
             let same = existing.is_some_and(|c| {
@@ -114,8 +117,12 @@ impl NodeWriter {
                     && c.message.as_deref() == Some(want.message.as_str())
             });
             if same {
+                if let Some(c) = existing.and_then(|c| serde_json::to_value(c).ok()) {
+                    conditions.push(c);
+                }
                 continue;
             }
+            changed = true;
             let now =
                 serde_json::to_value(Time(k8s_openapi::jiff::Timestamp::now())).unwrap_or_default();
             let transition = match existing {
@@ -126,7 +133,7 @@ impl NodeWriter {
                     .unwrap_or_else(|| now.clone()),
                 _ => now.clone(),
             };
-            changed.push(json!({
+            conditions.push(json!({
                 "type": want.type_,
                 "status": want.status,
                 "reason": want.reason,
@@ -135,11 +142,11 @@ impl NodeWriter {
                 "lastTransitionTime": transition,
             }));
         }
-        if changed.is_empty() {
+        if !changed {
             return;
         }
         // Strategic merge: Node conditions merge by `type`, the kubelet's stay as they are.
-        let patch = json!({"status": {"conditions": changed}});
+        let patch = json!({"status": {"conditions": conditions}});
         match self
             .nodes
             .patch_status(

@@ -104,6 +104,15 @@ async fn probe_host(
             ),
         )
     })?;
+    verify_tls(url, &ca_pem, timeout).await.map_err(|reason| {
+        failed(
+            "CertificateUntrusted",
+            format!(
+                "{url}: the server certificate does not verify against {}: {reason}; the node's CA bundle is out of date",
+                entry.ca.as_deref().unwrap_or_default()
+            ),
+        )
+    })?;
     let mut request = client
         .get(format!("{}/v2/", url.trim_end_matches('/')))
         .timeout(timeout);
@@ -128,14 +137,6 @@ async fn probe_host(
                 ),
             )),
         },
-        Err(e) if is_tls_error(&e) => Err(failed(
-            "CertificateUntrusted",
-            format!(
-                "{url}: the server certificate does not verify against {}: {}; the node's CA bundle is out of date",
-                entry.ca.as_deref().unwrap_or_default(),
-                tls_reason(&e)
-            ),
-        )),
         Err(e) => Err(failed(
             "Unreachable",
             format!(
@@ -143,33 +144,65 @@ async fn probe_host(
                 if e.is_timeout() {
                     "timed out".to_string()
                 } else {
-                    "connection failed".to_string()
+                    error_chain(&e)
                 }
             ),
         )),
     }
 }
 
-fn tls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
-    let mut source = Some(e);
+/// The error and its causes, `: `-separated (reqwest's own message names only the URL).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
     while let Some(err) = source {
-        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-            return Some(tls);
-        }
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
-        {
-            return Some(tls);
-        }
+        out.push_str(": ");
+        out.push_str(&err.to_string());
         source = err.source();
     }
-    None
+    out
 }
 
-fn is_tls_error(e: &reqwest::Error) -> bool {
-    tls_error(e).is_some()
-}
-
-fn tls_reason(e: &reqwest::Error) -> String {
-    tls_error(e).map(|t| t.to_string()).unwrap_or_default()
+/// A TLS handshake with `url`'s host trusting only `ca_pem`: `Err` with rustls' reason when the
+/// certificate does not verify. A host that cannot be reached passes here and fails the GET.
+async fn verify_tls(url: &str, ca_pem: &[u8], timeout: Duration) -> Result<(), String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, ServerName};
+    let Some(authority) = url
+        .strip_prefix("https://")
+        .map(|a| a.trim_end_matches('/'))
+    else {
+        return Err("not an https:// host".into());
+    };
+    let uri: http::Uri = format!("https://{authority}/")
+        .parse()
+        .map_err(|_| format!("bad host {authority:?}"))?;
+    let host = uri.host().unwrap_or_default();
+    let port = uri.port_u16().unwrap_or(443);
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let name = ServerName::try_from(bare.to_string()).map_err(|e| e.to_string())?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem).flatten() {
+        let _ = roots.add(cert);
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let Ok(Ok(tcp)) =
+        tokio::time::timeout(timeout, tokio::net::TcpStream::connect((bare, port))).await
+    else {
+        return Ok(());
+    };
+    match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
+        Ok(Ok(_)) | Err(_) => Ok(()),
+        Ok(Err(e)) => match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            Some(tls) => Err(tls.to_string()),
+            // Reset or closed during the handshake: a reachability problem, left to the GET.
+            None => Ok(()),
+        },
+    }
 }
