@@ -84,7 +84,7 @@ async fn within(limit: Duration, what: &str, mut check: impl FnMut() -> bool) ->
 fn image_layout(dir: &Path) {
     let blob = |bytes: &[u8]| {
         let d = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
-        write(&dir.join("blobs/sha256").join(&d[7..]), bytes);
+        write(dir.join("blobs/sha256").join(&d[7..]), bytes);
         d
     };
     let layer = b"registry-addon node agent test layer".to_vec();

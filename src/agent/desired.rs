@@ -178,7 +178,8 @@ mod tests {
     #[test]
     fn refusals_name_the_key() {
         let good = secret_data(&config("/etc/containerd/certs.d"));
-        let cases: Vec<(&str, Box<dyn Fn(&mut BTreeMap<String, String>)>)> = vec![
+        type Change = Box<dyn Fn(&mut BTreeMap<String, String>)>;
+        let cases: Vec<(&str, Change)> = vec![
             (
                 "hash",
                 Box::new(|d| {
