@@ -299,6 +299,159 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
         .unwrap()
 }
 
+/// The agent binary for `node-1`, its log in `dir/agent.log`, its kubeconfig `dir/kubeconfig`.
+fn start_agent(dir: &Path, certs: &Path, metrics_port: u16) -> Running {
+    let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+    Running(
+        Command::new(env!("CARGO_BIN_EXE_registry-addon"))
+            .arg("node-agent")
+            .arg("--certs-dir")
+            .arg(certs)
+            .args(["--node-name", NODE])
+            .arg("--kubeconfig")
+            .arg(dir.join("kubeconfig"))
+            .args(["--probe-interval", "200ms"])
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// A CA rotation in two phases with containerd pulling throughout: the nodes first trust
+/// both CAs (transition), then the registry serves a certificate of the new CA, then the
+/// nodes trust the new CA only (final). No pull fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_rotation_in_two_phases_fails_no_pull() {
+    require_tools();
+    let dir = tempfile::Builder::new()
+        .prefix("ra")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let old_ca =
+        CertificateAuthority::generate(KeyAlgorithm::EcdsaP256, OffsetDateTime::now_utc()).unwrap();
+    let new_ca =
+        CertificateAuthority::generate(KeyAlgorithm::EcdsaP256, OffsetDateTime::now_utc()).unwrap();
+    let replica_dir = dir.path().join("replica");
+    let (front, _registry) = start_replica(&replica_dir, &old_ca);
+    let port = front.port;
+    let (_containerd, socket) = start_containerd(&dir.path().join("containerd"));
+    let certs = dir.path().join("certs.d");
+    let certs_str = certs.to_str().unwrap().to_string();
+
+    // Bootstrap wrote the files already (the same rendering); the agent takes them over.
+    let old = side(port, old_ca.cert_pem(), RO_PASSWORD);
+    let first = node_config(&certs_str, &Rollout::Final(&old));
+    for (path, content) in &first.files {
+        write(certs.join(path), content);
+    }
+    let api = ApiServer::start().await;
+    api.put(
+        "/api/v1/nodes",
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}}),
+    );
+    put_config(&api, &first);
+    write(dir.path().join("kubeconfig"), api.kubeconfig());
+    let _agent = start_agent(dir.path(), &certs, sync_support::free_port());
+    within(Duration::from_secs(10), "first config acked", || {
+        annotation(&api).as_deref() == Some(first.hash.as_str())
+    })
+    .await;
+
+    // containerd pulls in a loop from here on.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pulls = {
+        let (stop, socket, certs) = (stop.clone(), socket.clone(), certs.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = fetch(&socket, &certs);
+                if out.status.success() {
+                    ok += 1;
+                } else {
+                    failed.push(String::from_utf8_lossy(&out.stderr).into_owned());
+                }
+            }
+            (ok, failed)
+        })
+    };
+
+    // Phase 1: both CAs trusted.
+    let new = side(port, new_ca.cert_pem(), RO_PASSWORD);
+    let transition = node_config(
+        &certs_str,
+        &Rollout::Transition {
+            old: &old,
+            new: &new,
+        },
+    );
+    put_config(&api, &transition);
+    within(Duration::from_secs(5), "transition acked", || {
+        annotation(&api).as_deref() == Some(transition.hash.as_str())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The registry switches to a certificate of the new CA (the front reloads it).
+    let subject = registry_subject_names(2, "10.96.0.20".parse().unwrap());
+    let server = new_ca
+        .issue_server(&subject, KeyAlgorithm::EcdsaP256, OffsetDateTime::now_utc())
+        .unwrap();
+    write(replica_dir.join("tls.key.new"), server.key_pem.expose());
+    write(replica_dir.join("tls.crt.new"), &server.cert_pem);
+    std::fs::rename(replica_dir.join("tls.key.new"), replica_dir.join("tls.key")).unwrap();
+    std::fs::rename(replica_dir.join("tls.crt.new"), replica_dir.join("tls.crt")).unwrap();
+    let new_only =
+        registry_addon::oci::client::build_http_client(Some(new_ca.cert_pem().as_bytes())).unwrap();
+    let start = Instant::now();
+    while new_only
+        .get(format!("https://127.0.0.1:{port}/v2/"))
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the front did not reload its certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Phase 2: the new CA only.
+    let last = node_config(&certs_str, &Rollout::Final(&new));
+    put_config(&api, &last);
+    within(Duration::from_secs(5), "final acked", || {
+        annotation(&api).as_deref() == Some(last.hash.as_str())
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(certs.join(format!("127.0.0.1:{port}/ca.crt"))).unwrap(),
+        new_ca.cert_pem()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = pulls.join().unwrap();
+    println!(
+        "pulls during the rotation: {ok} succeeded, {} failed",
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} pulls failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    assert!(ok >= 5, "only {ok} pulls ran");
+    within(
+        Duration::from_secs(5),
+        "mirror ready after the rotation",
+        || mirror(&api) == Some(("True".into(), "MirrorReachable".into())),
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_agent_keeps_the_mirror_files_and_reports_health() {
     require_tools();
@@ -333,22 +486,7 @@ async fn node_agent_keeps_the_mirror_files_and_reports_health() {
     write(dir.path().join("kubeconfig"), api.kubeconfig());
 
     let metrics_port = sync_support::free_port();
-    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
-    let agent = Running(
-        Command::new(env!("CARGO_BIN_EXE_registry-addon"))
-            .arg("node-agent")
-            .arg("--certs-dir")
-            .arg(&certs)
-            .args(["--node-name", NODE])
-            .arg("--kubeconfig")
-            .arg(dir.path().join("kubeconfig"))
-            .args(["--probe-interval", "200ms"])
-            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let agent = start_agent(dir.path(), &certs, metrics_port);
     let agent_log = || std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
 
     // Files written, the Node acked, the mirror reachable; a real fetch goes through them.
