@@ -709,4 +709,38 @@ mod tests {
                 .is_none()
         );
     }
+
+    #[test]
+    fn node_agent_is_confined_to_the_hosts_directory() {
+        let objects = node_agent_objects(&values(json!({})));
+        let ds = objects.iter().find(|o| o["kind"] == "DaemonSet").unwrap();
+        assert_eq!(ds["metadata"]["name"], names::NODE_AGENT_NAME);
+        let pod = &ds["spec"]["template"]["spec"];
+        assert_eq!(pod["tolerations"], json!([{"operator": "Exists"}]));
+        assert_eq!(
+            pod["volumes"],
+            json!([{"name": "containerd-hosts", "hostPath": {"path": "/etc/containerd/certs.d", "type": "DirectoryOrCreate"}}])
+        );
+        let container = &pod["containers"][0];
+        assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+        assert_eq!(
+            container["securityContext"]["capabilities"]["drop"],
+            json!(["ALL"])
+        );
+        assert_eq!(
+            container["env"][0]["valueFrom"]["fieldRef"]["fieldPath"],
+            "spec.nodeName"
+        );
+        let role = objects.iter().find(|o| o["kind"] == "Role").unwrap();
+        assert_eq!(
+            role["rules"][0]["resourceNames"],
+            json!([names::NODE_CONFIG_SECRET])
+        );
+        let cluster_role = objects.iter().find(|o| o["kind"] == "ClusterRole").unwrap();
+        for rule in cluster_role["rules"].as_array().unwrap() {
+            for verb in rule["verbs"].as_array().unwrap() {
+                assert!(["get", "list", "watch", "patch"].contains(&verb.as_str().unwrap()));
+            }
+        }
+    }
 }
