@@ -1,4 +1,4 @@
-//! The command line: `registry-addon serve | sync | front | render | mirror`.
+//! The command line: `registry-addon serve | sync | front | render | mirror | node-agent`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -34,6 +34,8 @@ pub enum Command {
     Render(RenderArgs),
     /// Copy images into an OCI layout or archive (`pull`) and from there into a mirror (`push`).
     Mirror(crate::mirror::MirrorArgs),
+    /// On a workload node: keep containerd's mirror files current and report mirror health.
+    NodeAgent(crate::agent::NodeAgentArgs),
 }
 
 #[derive(Debug, Clone, Args)]

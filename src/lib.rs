@@ -7,9 +7,10 @@
 //! and `sync` are the registry client and the replica syncer; `controller` is the day-2
 //! controller in `serve` (Cluster watch, Lease, work queue, `ClusterRegistry` status);
 //! `front` authorizes requests to a replica; `mirror` fills a mirror from OCI layouts and
-//! archives.
+//! archives; `agent` is the node agent keeping each node's containerd mirror files current.
 
 pub mod addon;
+pub mod agent;
 pub mod certs;
 pub mod cli;
 pub mod controller;

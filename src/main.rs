@@ -7,10 +7,13 @@ fn main() -> std::process::ExitCode {
     // One process-wide rustls provider: ring, also used by the Kubernetes and registry clients.
     let _ = rustls::crypto::ring::default_provider().install_default();
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The node agent runs on every node: one thread keeps its memory small.
+    let mut builder = if matches!(cli.command, Command::NodeAgent(_)) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");
@@ -24,6 +27,7 @@ fn main() -> std::process::ExitCode {
             Command::Front(args) => registry_addon::front::run(args).await,
             Command::Render(args) => registry_addon::render::run_cli(args).await,
             Command::Mirror(args) => registry_addon::mirror::run(args).await,
+            Command::NodeAgent(args) => registry_addon::agent::run(args).await,
         }
     });
     match result {

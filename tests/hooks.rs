@@ -469,7 +469,8 @@ async fn direct_deployer_marks_the_chart_objects_for_helm_to_adopt() {
     );
 
     let chart_objects = registry_objects(&values);
-    assert_eq!(chart_objects.len(), 4);
+    // The registry's four, and the node agent's six.
+    assert_eq!(chart_objects.len(), 10);
     for object in &chart_objects {
         let id = registry_addon::k8s::ObjectId::of(object);
         let stored = env.workload.get(&object_path(object)).unwrap();

@@ -238,6 +238,9 @@ pub fn registry_objects(values: &RegistryValues) -> Vec<Value> {
         pod_disruption_budget(),
         stateful_set(values),
     ]
+    .into_iter()
+    .chain(node_agent_objects(values))
+    .collect()
 }
 
 fn headless_service() -> Value {
@@ -530,6 +533,172 @@ fn stateful_set(values: &RegistryValues) -> Value {
     })
 }
 
+/// Labels of the node agent's objects; the first two select its pods.
+fn node_agent_labels() -> Value {
+    json!({
+        "app.kubernetes.io/name": names::NODE_AGENT_NAME,
+        "app.kubernetes.io/part-of": "registry-addon",
+        "app.kubernetes.io/component": "node-agent",
+    })
+}
+
+fn node_agent_selector_labels() -> Value {
+    json!({
+        "app.kubernetes.io/name": names::NODE_AGENT_NAME,
+        "app.kubernetes.io/part-of": "registry-addon",
+    })
+}
+
+fn node_agent_metadata(namespaced: bool) -> Value {
+    let mut metadata = json!({"name": names::NODE_AGENT_NAME, "labels": node_agent_labels()});
+    if namespaced {
+        metadata["namespace"] = json!(names::REGISTRY_NAMESPACE);
+    }
+    metadata
+}
+
+/// The node agent (`registry-addon node-agent`) on every node, and its permissions: read the
+/// desired-config Secret only (by name), record refusals as Events, and patch Nodes (the
+/// applied-config annotation) and their status (the conditions). Reading Nodes (get, list,
+/// watch) is what a watch of its own Node needs; list and watch cannot be narrowed by name in
+/// a ClusterRole whose node names are unknown.
+pub fn node_agent_objects(values: &RegistryValues) -> Vec<Value> {
+    let subject = json!([{
+        "kind": "ServiceAccount",
+        "name": names::NODE_AGENT_NAME,
+        "namespace": names::REGISTRY_NAMESPACE,
+    }]);
+    vec![
+        json!({
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": node_agent_metadata(true),
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": node_agent_metadata(true),
+            "rules": [
+                {
+                    "apiGroups": [""],
+                    "resources": ["secrets"],
+                    "resourceNames": [names::NODE_CONFIG_SECRET],
+                    "verbs": ["get", "list", "watch"],
+                },
+                {
+                    "apiGroups": [""],
+                    "resources": ["events"],
+                    "verbs": ["create"],
+                },
+            ],
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": node_agent_metadata(true),
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Role",
+                "name": names::NODE_AGENT_NAME,
+            },
+            "subjects": subject,
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": node_agent_metadata(false),
+            "rules": [
+                {
+                    "apiGroups": [""],
+                    "resources": ["nodes"],
+                    "verbs": ["get", "list", "watch", "patch"],
+                },
+                {
+                    "apiGroups": [""],
+                    "resources": ["nodes/status"],
+                    "verbs": ["patch"],
+                },
+            ],
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": node_agent_metadata(false),
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": names::NODE_AGENT_NAME,
+            },
+            "subjects": subject,
+        }),
+        node_agent_daemon_set(values),
+    ]
+}
+
+fn node_agent_daemon_set(values: &RegistryValues) -> Value {
+    let port = names::NODE_AGENT_METRICS_PORT;
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": node_agent_metadata(true),
+        "spec": {
+            "selector": {"matchLabels": node_agent_selector_labels()},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}},
+            "template": {
+                "metadata": {"labels": node_agent_labels()},
+                "spec": {
+                    "serviceAccountName": names::NODE_AGENT_NAME,
+                    // The probe takes the node's own network path to the mirror, as containerd does.
+                    "hostNetwork": true,
+                    "dnsPolicy": "ClusterFirstWithHostNet",
+                    "priorityClassName": "system-node-critical",
+                    // Every node, whatever its taints: a node the agent skips is a node nobody watches.
+                    "tolerations": [{"operator": "Exists"}],
+                    "containers": [{
+                        "name": "node-agent",
+                        "image": values.sync_image,
+                        "imagePullPolicy": values.image_pull_policy,
+                        "args": [
+                            "node-agent",
+                            "--certs-dir", names::CONTAINERD_CERTS_DIR,
+                            "--metrics-listen", format!("0.0.0.0:{port}"),
+                        ],
+                        "env": [{
+                            "name": "NODE_NAME",
+                            "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}},
+                        }],
+                        "ports": [{"name": "metrics", "containerPort": port, "protocol": "TCP"}],
+                        "livenessProbe": {"httpGet": {"path": "/healthz", "port": port}},
+                        "resources": {
+                            "requests": {"cpu": "10m", "memory": "16Mi"},
+                            "limits": {"memory": "64Mi"},
+                        },
+                        // Root, only for the hostPath: containerd's hosts directory and its files
+                        // belong to root (the hosts file is 0600), and no capability is needed
+                        // to write files one owns.
+                        "securityContext": {
+                            "runAsUser": 0,
+                            "runAsNonRoot": false,
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "capabilities": {"drop": ["ALL"]},
+                            "seccompProfile": {"type": "RuntimeDefault"},
+                        },
+                        "volumeMounts": [{
+                            "name": "containerd-hosts",
+                            "mountPath": names::CONTAINERD_CERTS_DIR,
+                        }],
+                    }],
+                    "volumes": [{
+                        "name": "containerd-hosts",
+                        "hostPath": {"path": names::CONTAINERD_CERTS_DIR, "type": "DirectoryOrCreate"},
+                    }],
+                },
+            },
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -555,11 +724,15 @@ mod tests {
     }
 
     #[test]
-    fn every_object_is_namespaced_in_registry_system() {
+    fn every_namespaced_object_is_in_registry_system() {
         for object in registry_objects(&values(json!({}))) {
             assert!(object["apiVersion"].is_string() && object["kind"].is_string());
             assert!(object["metadata"]["name"].is_string());
-            assert_eq!(object["metadata"]["namespace"], names::REGISTRY_NAMESPACE);
+            if object["kind"] == "ClusterRole" || object["kind"] == "ClusterRoleBinding" {
+                assert!(object["metadata"].get("namespace").is_none());
+            } else {
+                assert_eq!(object["metadata"]["namespace"], names::REGISTRY_NAMESPACE);
+            }
         }
     }
 
@@ -610,5 +783,39 @@ mod tests {
                 .get("storageClassName")
                 .is_none()
         );
+    }
+
+    #[test]
+    fn node_agent_is_confined_to_the_hosts_directory() {
+        let objects = node_agent_objects(&values(json!({})));
+        let ds = objects.iter().find(|o| o["kind"] == "DaemonSet").unwrap();
+        assert_eq!(ds["metadata"]["name"], names::NODE_AGENT_NAME);
+        let pod = &ds["spec"]["template"]["spec"];
+        assert_eq!(pod["tolerations"], json!([{"operator": "Exists"}]));
+        assert_eq!(
+            pod["volumes"],
+            json!([{"name": "containerd-hosts", "hostPath": {"path": "/etc/containerd/certs.d", "type": "DirectoryOrCreate"}}])
+        );
+        let container = &pod["containers"][0];
+        assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+        assert_eq!(
+            container["securityContext"]["capabilities"]["drop"],
+            json!(["ALL"])
+        );
+        assert_eq!(
+            container["env"][0]["valueFrom"]["fieldRef"]["fieldPath"],
+            "spec.nodeName"
+        );
+        let role = objects.iter().find(|o| o["kind"] == "Role").unwrap();
+        assert_eq!(
+            role["rules"][0]["resourceNames"],
+            json!([names::NODE_CONFIG_SECRET])
+        );
+        let cluster_role = objects.iter().find(|o| o["kind"] == "ClusterRole").unwrap();
+        for rule in cluster_role["rules"].as_array().unwrap() {
+            for verb in rule["verbs"].as_array().unwrap() {
+                assert!(["get", "list", "watch", "patch"].contains(&verb.as_str().unwrap()));
+            }
+        }
     }
 }

@@ -44,9 +44,15 @@ def test_lint_with_the_ci_values_is_clean():
 def test_rendered_objects_are_valid(values):
     objects = render(REGISTRY_CHART, values, NAMESPACE)
     assert [key(o) for o in objects] == [
+        "ClusterRole /registry-node-agent",
+        "ClusterRoleBinding /registry-node-agent",
+        "DaemonSet registry-system/registry-node-agent",
         "PodDisruptionBudget registry-system/registry",
+        "Role registry-system/registry-node-agent",
+        "RoleBinding registry-system/registry-node-agent",
         "Service registry-system/registry",
         "Service registry-system/registry-headless",
+        "ServiceAccount registry-system/registry-node-agent",
         "StatefulSet registry-system/registry",
     ]
     for obj in objects:

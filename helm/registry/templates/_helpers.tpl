@@ -30,3 +30,16 @@ limits:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
+
+{{/* Labels of the node agent's objects. */}}
+{{- define "registry.nodeAgentLabels" -}}
+app.kubernetes.io/name: registry-node-agent
+app.kubernetes.io/part-of: registry-addon
+app.kubernetes.io/component: node-agent
+{{- end }}
+
+{{/* Labels selecting the node agent's pods. */}}
+{{- define "registry.nodeAgentSelectorLabels" -}}
+app.kubernetes.io/name: registry-node-agent
+app.kubernetes.io/part-of: registry-addon
+{{- end }}

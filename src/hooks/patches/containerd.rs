@@ -97,10 +97,7 @@ pub fn hosts_toml(mirror_url: &str, ca_file: &str, authorization: Option<&str>) 
             },
         )]),
     };
-    let body = toml::to_string(&file).expect("a hosts file always serializes");
-    format!(
-        "# Managed by registry-addon: pull through the cluster's registry, then upstream.\n{body}"
-    )
+    render_hosts_file(&file)
 }
 
 /// The containerd configuration fragment setting `config_path` for containerd `major`
@@ -209,13 +206,21 @@ pub fn default_hosts_path() -> String {
 
 /// The `_default` `hosts.toml` of a node of the cluster whose registry is at `service_ip`:
 /// pull through it as `ro`. It carries the password, so it reaches nodes through the Secret
-/// [`names::containerd_hosts_secret`], never inline in a template.
+/// [`names::containerd_hosts_secret`], never inline in a template. Taken from
+/// [`node_config`], as the node agent's desired config is, so the two cannot differ.
 pub fn default_hosts_toml(service_ip: IpAddr, ro: &Credentials) -> String {
-    hosts_toml(
-        &mirror_url(service_ip),
-        &ca_path(service_ip),
-        Some(&ro.basic_header()),
-    )
+    let side = MirrorSide {
+        host: mirror_host(service_ip),
+        // The hosts file does not depend on the CA's content.
+        ca_pem: String::new(),
+        ro: ro.clone(),
+    };
+    let config = node_config(names::CONTAINERD_CERTS_DIR, &Rollout::Final(&side));
+    config
+        .files
+        .get(DEFAULT_HOSTS_FILE)
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// Every file a node gets, for the registry at `service_ip` whose CA is `ca_pem`; the
@@ -229,6 +234,18 @@ pub fn node_files(service_ip: IpAddr, ca_pem: &str, hosts_secret: &str) -> Vec<N
         content: FileContent::Content(content),
     };
     let ca = ca_path(service_ip);
+    let side = MirrorSide {
+        host: mirror_host(service_ip),
+        ca_pem: ca_pem.to_string(),
+        ro: Credentials {
+            username: String::new(),
+            password: String::new(),
+        },
+    };
+    let ca_pem = node_config(names::CONTAINERD_CERTS_DIR, &Rollout::Final(&side))
+        .files
+        .remove(&ca_file(&side.host))
+        .unwrap_or_default();
     vec![
         NodeFile {
             path: default_hosts_path(),
@@ -242,16 +259,257 @@ pub fn node_files(service_ip: IpAddr, ca_pem: &str, hosts_secret: &str) -> Vec<N
                 },
             },
         },
-        file(ca, "0644", ca_pem.to_string()),
+        file(ca, "0644", ca_pem),
         file(fragment_path(1), "0644", containerd_fragment(1)),
         file(fragment_path(2), "0644", containerd_fragment(2)),
         file(script_path(), "0700", configure_script()),
     ]
 }
 
+/// Where the `_default` `hosts.toml` lies, relative to containerd's hosts directory.
+pub const DEFAULT_HOSTS_FILE: &str = "_default/hosts.toml";
+
+/// Where the CA bundle for mirror `host` lies, relative to containerd's hosts directory.
+pub fn ca_file(host: &str) -> String {
+    format!("{host}/ca.crt")
+}
+
+/// One state of the mirror as nodes see it: where it is (`10.96.0.20`, or `host:port`), the
+/// CA bundle it is trusted with, and the `ro` credentials it accepts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MirrorSide {
+    pub host: String,
+    pub ca_pem: String,
+    pub ro: Credentials,
+}
+
+/// Which phase of a change the node configuration belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Old and new both accepted.
+    Transition,
+    /// New only: also the phase of a configuration that is not changing.
+    Final,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Transition => "transition",
+            Phase::Final => "final",
+        }
+    }
+}
+
+impl std::str::FromStr for Phase {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "transition" => Ok(Phase::Transition),
+            "final" => Ok(Phase::Final),
+            other => Err(format!(
+                "unknown phase {other:?}: expected transition or final"
+            )),
+        }
+    }
+}
+
+/// What the node configuration is made from.
+///
+/// A change that could break pulls (a new CA, new `ro` credentials, another mirror address)
+/// goes out in two phases, so that a node always holds a configuration that works:
+/// - `Transition { old, new }`: every mirror host of both sides is listed (containerd tries
+///   the next host when one fails); each host's `ca.crt` is the bundle of both CAs, so either
+///   server certificate verifies; the header is the **old** credentials. containerd sends one
+///   static header per host, so the node cannot offer both: the registry side accepts old and
+///   new credentials before this phase is written, and keeps accepting the old ones until
+///   every node carries the final hash.
+/// - `Final(new)`: the new host, CA and credentials only.
+#[derive(Debug, Clone, Copy)]
+pub enum Rollout<'a> {
+    Transition {
+        old: &'a MirrorSide,
+        new: &'a MirrorSide,
+    },
+    Final(&'a MirrorSide),
+}
+
+/// A node's desired mirror configuration: the files the addon owns, relative to containerd's
+/// hosts directory, and a hash of them and the phase.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeConfig {
+    pub phase: Phase,
+    pub files: BTreeMap<String, String>,
+    pub hash: String,
+}
+
+impl NodeConfig {
+    /// A configuration from its files; the hash is computed here, never taken on trust.
+    pub fn new(phase: Phase, files: BTreeMap<String, String>) -> NodeConfig {
+        let hash = config_hash(phase, &files);
+        NodeConfig { phase, files, hash }
+    }
+}
+
+/// `sha256:<hex>` over the phase and every (path, content), in path order, each part
+/// length-prefixed so that no two configurations hash alike.
+fn config_hash(phase: Phase, files: &BTreeMap<String, String>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    let mut part = |bytes: &[u8]| {
+        hasher.update((bytes.len() as u64).to_be_bytes());
+        hasher.update(bytes);
+    };
+    part(phase.as_str().as_bytes());
+    for (path, content) in files {
+        part(path.as_bytes());
+        part(content.as_bytes());
+    }
+    format!("sha256:{}", hex::encode(hasher.finalize()))
+}
+
+/// Concatenates PEM bundles, each ending in a newline, skipping repeats.
+fn ca_bundle(pems: &[&str]) -> String {
+    let mut out = String::new();
+    let mut seen: Vec<&str> = Vec::new();
+    for pem in pems {
+        let trimmed = pem.trim_end();
+        if trimmed.is_empty() || seen.contains(&trimmed) {
+            continue;
+        }
+        seen.push(trimmed);
+        out.push_str(pem);
+        if !pem.ends_with('\n') {
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// The one rendering of a node's mirror configuration, used by GeneratePatches (bootstrap
+/// files) and by the node agent's desired config. `certs_dir` is containerd's hosts directory
+/// on the node: `hosts.toml` names each CA file by its absolute path. See [`Rollout`] for the
+/// two-phase rule.
+pub fn node_config(certs_dir: &str, rollout: &Rollout<'_>) -> NodeConfig {
+    let certs_dir = certs_dir.trim_end_matches('/');
+    let (phase, sides, header_side): (Phase, Vec<&MirrorSide>, &MirrorSide) = match rollout {
+        Rollout::Final(new) => (Phase::Final, vec![new], new),
+        Rollout::Transition { old, new } => (Phase::Transition, vec![new, old], old),
+    };
+    let bundle = if sides.len() == 1 && phase == Phase::Final {
+        // Bootstrap writes the CA exactly as it is.
+        sides[0].ca_pem.clone()
+    } else {
+        ca_bundle(&sides.iter().map(|s| s.ca_pem.as_str()).collect::<Vec<_>>())
+    };
+    let authorization = header_side.ro.basic_header();
+    let mut hosts = BTreeMap::new();
+    let mut files = BTreeMap::new();
+    for side in &sides {
+        let ca = ca_file(&side.host);
+        hosts.insert(
+            format!("https://{}", side.host),
+            HostEntry {
+                capabilities: vec!["pull".into(), "resolve".into()],
+                ca: Some(format!("{certs_dir}/{ca}")),
+                header: BTreeMap::from([("Authorization".to_string(), authorization.clone())]),
+            },
+        );
+        files.insert(ca, bundle.clone());
+    }
+    files.insert(
+        DEFAULT_HOSTS_FILE.to_string(),
+        render_hosts_file(&HostsFile {
+            server: None,
+            host: hosts,
+        }),
+    );
+    NodeConfig::new(phase, files)
+}
+
+fn render_hosts_file(file: &HostsFile) -> String {
+    let body = toml::to_string(file).expect("a hosts file always serializes");
+    format!(
+        "# Managed by registry-addon: pull through the cluster's registry, then upstream.\n{body}"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn side(host: &str, ca: &str, password: &str) -> MirrorSide {
+        MirrorSide {
+            host: host.into(),
+            ca_pem: ca.into(),
+            ro: Credentials {
+                username: "ro".into(),
+                password: password.into(),
+            },
+        }
+    }
+
+    #[test]
+    fn bootstrap_files_are_the_final_node_config() {
+        let ip: IpAddr = "10.96.0.20".parse().unwrap();
+        let new = side("10.96.0.20", "-----CA-----\n", "secret");
+        let config = node_config(names::CONTAINERD_CERTS_DIR, &Rollout::Final(&new));
+        assert_eq!(config.phase, Phase::Final);
+        assert_eq!(
+            config.files.keys().collect::<Vec<_>>(),
+            ["10.96.0.20/ca.crt", "_default/hosts.toml"]
+        );
+        assert_eq!(
+            config.files["_default/hosts.toml"],
+            default_hosts_toml(ip, &new.ro)
+        );
+        let files = node_files(ip, "-----CA-----\n", "s");
+        let ca = files.iter().find(|f| f.path == ca_path(ip)).unwrap();
+        assert_eq!(
+            ca.content,
+            FileContent::Content(config.files["10.96.0.20/ca.crt"].clone())
+        );
+        assert!(config.hash.starts_with("sha256:") && config.hash.len() == 71);
+    }
+
+    #[test]
+    fn transition_lists_both_and_sends_the_old_header() {
+        let old = side("10.96.0.20", "OLD\n", "old");
+        let new = side("10.96.0.21", "NEW", "new");
+        let config = node_config(
+            "/certs",
+            &Rollout::Transition {
+                old: &old,
+                new: &new,
+            },
+        );
+        assert_eq!(config.phase, Phase::Transition);
+        let hosts: HostsFile = toml::from_str(&config.files["_default/hosts.toml"]).unwrap();
+        assert_eq!(hosts.host.len(), 2);
+        for (url, entry) in &hosts.host {
+            let host = url.trim_start_matches("https://");
+            assert_eq!(
+                entry.ca.as_deref(),
+                Some(format!("/certs/{host}/ca.crt").as_str())
+            );
+            assert_eq!(entry.header["Authorization"], old.ro.basic_header());
+            assert_eq!(config.files[&ca_file(host)], "NEW\nOLD\n");
+        }
+        // The same host with a new CA: one host, both CAs, and a different hash from final.
+        let rotated = side("10.96.0.20", "NEW\n", "old");
+        let transition = node_config(
+            "/certs",
+            &Rollout::Transition {
+                old: &old,
+                new: &rotated,
+            },
+        );
+        assert_eq!(transition.files.len(), 2);
+        assert_eq!(transition.files["10.96.0.20/ca.crt"], "NEW\nOLD\n");
+        let last = node_config("/certs", &Rollout::Final(&rotated));
+        assert_eq!(last.files["10.96.0.20/ca.crt"], "NEW\n");
+        assert_ne!(transition.hash, last.hash);
+    }
 
     #[test]
     fn hosts_toml_reads_back() {
