@@ -29,6 +29,7 @@ const COMMANDS: &[&[&str]] = &[
     &["render"],
     &["mirror", "pull"],
     &["mirror", "push"],
+    &["node-agent"],
 ];
 
 const TOOLS: [&str; 7] = [
