@@ -16,7 +16,10 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use registry_addon::certs::CertificateAuthority;
+use registry_addon::cli::KeyAlgorithm;
 use serde_json::json;
+use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
@@ -231,6 +234,21 @@ impl Fleet {
     }
 }
 
+/// A workload kubeconfig as CAPI writes it: the cluster's CA and a client certificate inline
+/// (the URL is plain HTTP, so neither is used on the wire, but the client is built with them).
+/// `BENCH_KUBECONFIG=plain`: no CA, so every client falls back to the platform's trust store.
+fn workload_kubeconfig(server: &ApiServer, ca: Option<&CertificateAuthority>) -> String {
+    let Some(ca) = ca else {
+        return server.kubeconfig();
+    };
+    let cert = b64(ca.cert_pem());
+    let key = b64(ca.key_pem().expose());
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: workload\n  cluster:\n    server: {}\n    certificate-authority-data: {cert}\nusers:\n- name: admin\n  user:\n    client-certificate-data: {cert}\n    client-key-data: {key}\ncontexts:\n- name: workload\n  context:\n    cluster: workload\n    user: admin\ncurrent-context: workload\n",
+        server.url
+    )
+}
+
 fn mib(kib: u64) -> String {
     format!("{:.1}", kib as f64 / 1024.0)
 }
@@ -258,6 +276,11 @@ async fn bench_controller_1000_clusters() {
         workloads.push(ApiServer::start().await);
     }
     let fixture = support::cluster_fixture("cluster-v1beta2.json");
+    let kubeconfig_shape: String = env_or("BENCH_KUBECONFIG", "capi".to_string());
+    let ca = (kubeconfig_shape != "plain").then(|| {
+        CertificateAuthority::generate(KeyAlgorithm::EcdsaP256, OffsetDateTime::now_utc())
+            .expect("workload CA")
+    });
     for (i, workload) in workloads.iter().enumerate() {
         let (ns, name) = (namespace(i), name(i));
         let mut cluster = fixture.clone();
@@ -280,7 +303,7 @@ async fn bench_controller_1000_clusters() {
                 "kind": "Secret",
                 "metadata": {"name": format!("{name}-kubeconfig")},
                 "type": "cluster.x-k8s.io/secret",
-                "data": {"value": b64(&workload.kubeconfig())},
+                "data": {"value": b64(&workload_kubeconfig(workload, ca.as_ref()))},
             }),
         );
     }
@@ -373,7 +396,7 @@ async fn bench_controller_1000_clusters() {
 
     let per = |m: usize, w: usize| format!("{:.1} + {:.1}", m as f64 / n as f64, w as f64 / n as f64);
     println!(
-        "registry-addon serve ({}), {n} Clusters, direct deployer, one workload API server each",
+        "registry-addon serve ({}), {n} Clusters, direct deployer, one workload API server each, {kubeconfig_shape} kubeconfigs",
         binary().display()
     );
     println!(
