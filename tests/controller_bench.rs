@@ -134,7 +134,10 @@ impl Serve {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("serve exited ({status}) while waiting for {what}; log: {}", self.log_tail());
+                panic!(
+                    "serve exited ({status}) while waiting for {what}; log: {}",
+                    self.log_tail()
+                );
             }
             assert!(
                 Instant::now() < deadline,
@@ -179,7 +182,11 @@ impl Serve {
             .await
             .expect("serve stops within 30 s of SIGTERM")
             .expect("serve's exit status");
-        assert!(exit.success(), "serve exited with {exit}: {}", self.log_tail());
+        assert!(
+            exit.success(),
+            "serve exited with {exit}: {}",
+            self.log_tail()
+        );
     }
 }
 
@@ -227,9 +234,10 @@ impl Fleet {
 
     fn ready(&self, i: usize) -> bool {
         self.management.get(&creg_path(i)).is_some_and(|c| {
-            c["status"]["conditions"]
-                .as_array()
-                .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+            c["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
         })
     }
 }
@@ -394,7 +402,8 @@ async fn bench_controller_1000_clusters() {
     let (total_ok, total_err) = serve.reconciles().await.unwrap_or_default();
     serve.stop().await;
 
-    let per = |m: usize, w: usize| format!("{:.1} + {:.1}", m as f64 / n as f64, w as f64 / n as f64);
+    let per =
+        |m: usize, w: usize| format!("{:.1} + {:.1}", m as f64 / n as f64, w as f64 / n as f64);
     println!(
         "registry-addon serve ({}), {n} Clusters, direct deployer, one workload API server each, {kubeconfig_shape} kubeconfigs",
         binary().display()
