@@ -1,7 +1,17 @@
 #!/bin/sh
-# Controller benchmark against the in-memory API server: 1,000 converged Clusters (override
-# with BENCH_CLUSTERS), cold start until all are reconciled, a resync that must write
-# nothing, and the process's RSS. Release build.
+# Controller benchmark: `registry-addon serve` as a child process with the real reconciler,
+# against one in-memory management API server and one in-memory workload API server per
+# Cluster. 1,000 Clusters (BENCH_CLUSTERS), deployed once (prepare), then a cold start until
+# every cluster is reconciled, then a resync (BENCH_RESYNC, default 30s) that must write
+# nothing; serve's own RSS from /proc.
+#
+# The test harness is built in the debug test profile; serve is this build's binary unless BIN
+# names another one, e.g. the release binary from hack/build-image.sh:
+#   BIN=target/x86_64-unknown-linux-gnu/release/registry-addon hack/bench-controller.sh
 set -eu
 cd "$(dirname "$0")/.."
-exec cargo test --release --test controller_bench -- --ignored --nocapture bench_controller_1000_clusters
+if [ -n "${BIN:-}" ]; then
+    BIN=$(realpath "$BIN")
+    export BIN
+fi
+exec cargo test --test controller_bench -- --ignored --nocapture bench_controller_1000_clusters
