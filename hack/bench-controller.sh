@@ -5,7 +5,7 @@
 # every cluster is reconciled, then a resync (BENCH_RESYNC, default 30s) that must write
 # nothing; serve's own RSS from /proc.
 #
-# The test harness is built in the debug test profile; serve is this build's binary unless BIN
+# The harness is built in the dev profile; serve is this build's binary unless BIN
 # names another one, e.g. the release binary from hack/build-image.sh:
 #   BIN=target/x86_64-unknown-linux-gnu/release/registry-addon hack/bench-controller.sh
 set -eu
@@ -14,4 +14,4 @@ if [ -n "${BIN:-}" ]; then
     BIN=$(realpath "$BIN")
     export BIN
 fi
-exec cargo test --test controller_bench -- --ignored --nocapture bench_controller_1000_clusters
+exec cargo bench --profile dev --bench controller

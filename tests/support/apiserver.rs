@@ -1359,6 +1359,8 @@ fn parse_selector(selector: &str) -> Result<Vec<Requirement>, String> {
 
 #[cfg(test)]
 mod tests {
+    // Unused where this module is built without a test harness (the controller benchmark).
+    #[allow(unused_imports)]
     use super::*;
 
     #[test]

@@ -1,5 +1,6 @@
 //! Benchmark of `registry-addon serve`'s controller with the addon's real reconciler (run by
-//! hack/bench-controller.sh; ignored in the normal test run). One in-memory management API
+//! hack/bench-controller.sh: `cargo bench --profile dev --bench controller`; not a test, so
+//! not in the test run). One in-memory management API
 //! server holds N Clusters (default 1,000, `BENCH_CLUSTERS`) and their kubeconfig Secrets, each
 //! pointing at its own in-memory workload API server. `serve` runs as a child process (`BIN`, or
 //! this build's binary), so the RSS read from /proc is the controller's own:
@@ -10,6 +11,7 @@
 //!    `registry_addon_reconcile_total`), writes counted on every server;
 //! 3. resync: the same process, until every cluster was reconciled a second time: no write.
 
+#[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::path::{Path, PathBuf};
@@ -270,8 +272,15 @@ fn rss_of_test_process() -> u64 {
         .unwrap_or(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark: hack/bench-controller.sh"]
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(bench_controller_1000_clusters());
+}
+
 async fn bench_controller_1000_clusters() {
     let n: usize = env_or("BENCH_CLUSTERS", 1000);
     let resync: String = env_or("BENCH_RESYNC", "30s".to_string());
