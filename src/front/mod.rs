@@ -18,7 +18,6 @@ use std::time::Duration;
 use clap::Args;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -239,63 +238,22 @@ async fn watch_upstream(upstream: Upstream, ready: Arc<AtomicBool>, interval: Du
     }
 }
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     front: Arc<Front>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let acceptor = acceptor.clone();
+    crate::webhook::server::serve_tls(listener, acceptor, shutdown, move |peer| {
         let front = front.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => tls,
-                _ => {
-                    tracing::debug!(%peer, "TLS handshake failed or timed out");
-                    return;
-                }
-            };
-            let client_ip = peer.ip().to_string();
-            let service = hyper::service::service_fn(move |req| {
-                let front = front.clone();
-                let client_ip = client_ip.clone();
-                async move { Ok::<_, std::convert::Infallible>(front.handle(req, &client_ip).await) }
-            });
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HANDSHAKE_TIMEOUT);
-            builder
-                .http2()
-                .timer(TokioTimer::new())
-                .adaptive_window(true)
-                .max_concurrent_streams(256);
-            let conn = builder.serve_connection(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(%peer, error = %e, "connection closed with an error");
-            }
-        });
-    }
-    drop(listener);
-    let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+        let client_ip = peer.ip().to_string();
+        hyper::service::service_fn(move |req| {
+            let front = front.clone();
+            let client_ip = client_ip.clone();
+            async move { Ok::<_, std::convert::Infallible>(front.handle(req, &client_ip).await) }
+        })
+    })
+    .await
 }
 
 impl Front {

@@ -238,8 +238,33 @@ async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     app: Arc<App>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
+    serve_tls(listener, acceptor, shutdown, move |_peer| {
+        let app = app.clone();
+        hyper::service::service_fn(move |req| handle(app.clone(), req))
+    })
+    .await
+}
+
+/// Accepts TLS connections until `shutdown` turns true, serving each over HTTP/1.1 or HTTP/2
+/// (ALPN) with the service `make` builds for its peer, then lets open requests finish (up to
+/// 10 s). Shared by the hook server and the registry front.
+pub async fn serve_tls<F, S, B>(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    mut shutdown: watch::Receiver<bool>,
+    make: F,
+) where
+    F: Fn(SocketAddr) -> S,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -256,7 +281,7 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
-        let app = app.clone();
+        let service = make(peer);
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -270,15 +295,16 @@ async fn accept_loop(
                     return;
                 }
             };
-            let service = hyper::service::service_fn(move |req| handle(app.clone(), req));
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HANDSHAKE_TIMEOUT);
+            // Adaptive flow-control windows: large blobs stream at full speed over HTTP/2.
             builder
                 .http2()
                 .timer(TokioTimer::new())
+                .adaptive_window(true)
                 .max_concurrent_streams(256);
             let conn = builder.serve_connection(TokioIo::new(tls), service);
             if let Err(e) = watcher.watch(conn.into_owned()).await {
