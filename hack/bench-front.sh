@@ -173,6 +173,40 @@ read -r F50 F99 FRPS < <(latency "https://127.0.0.1:$FRONT")
 read -r S50b S99b SRPSb < <(latency "https://127.0.0.1:$STRAIGHT")
 read -r F50b F99b FRPSb < <(latency "https://127.0.0.1:$FRONT")
 
+# HEAD, which wrk cannot drive: 16 keep-alive clients in Python threads, the same client for
+# both sides, so the difference is the front's (the client's own overhead is in both).
+head_latency() { # port -> "p50 p99" in ms
+    python3 - "$1" "$WORK/tls/ca.pem" "$AUTH" <<'PYHEAD'
+import http.client, ssl, sys, threading, time
+port, ca, auth = int(sys.argv[1]), sys.argv[2], sys.argv[3].split(": ", 1)[1]
+ctx = ssl.create_default_context(cafile=ca)
+samples, lock = [], threading.Lock()
+def client():
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx)
+    mine = []
+    for _ in range(300):
+        start = time.perf_counter()
+        conn.request("HEAD", "/v2/bench/manifests/v1", headers={"Authorization": auth,
+                     "Accept": "application/vnd.oci.image.manifest.v1+json"})
+        r = conn.getresponse(); r.read()
+        if r.status != 200:
+            sys.exit(f"HEAD answered {r.status}")
+        mine.append(time.perf_counter() - start)
+    with lock:
+        samples.extend(mine)
+threads = [threading.Thread(target=client) for _ in range(16)]
+[t.start() for t in threads]; [t.join() for t in threads]
+samples.sort()
+q = lambda f: samples[int(f * (len(samples) - 1))] * 1000
+print(f"{q(0.5):.3f} {q(0.99):.3f}")
+PYHEAD
+}
+read -r HS50 HS99 < <(head_latency "$STRAIGHT")
+read -r HF50 HF99 < <(head_latency "$FRONT")
+read -r HS50b HS99b < <(head_latency "$STRAIGHT")
+read -r HF50b HF99b < <(head_latency "$FRONT")
+echo "manifest HEAD, 16 clients (Python): straight p50 $HS50 p99 $HS99 / $HS50b $HS99b ms; front p50 $HF50 p99 $HF99 / $HF50b $HF99b ms; p99 added $(python3 -c "print(f'{$HF99 - $HS99:.3f} / {$HF99b - $HS99b:.3f}')") ms (target <= 1 ms)" >"$WORK/head.txt"
+
 RSS_KIB=$(awk '/VmHWM/{print $2}' "/proc/$FRONT_PID/status")
 
 python3 - "$BIG_MIB" "$ROUNDS" "$RSS_KIB" "$S50 $S99 $SRPS $F50 $F99 $FRPS $S50b $S99b $SRPSb $F50b $F99b $FRPSb" \
@@ -199,3 +233,4 @@ added = [lat[4] - lat[1], lat[10] - lat[7]]
 print(f"p99 added by the front: {added[0]:.3f} ms, {added[1]:.3f} ms (target <= 1 ms)")
 print(f"front peak RSS: {rss / 1024:.1f} MiB (target <= 32 MiB)")
 EOF
+cat "$WORK/head.txt"
