@@ -104,6 +104,14 @@ pub struct AddonOptions {
     /// Chart version.
     #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
     pub chart_version: String,
+    /// How long a NotReady node may hold back a two-phase node configuration change before it
+    /// is skipped (Go duration); Ready nodes that have not applied it always hold it back.
+    #[arg(long, default_value = "10m", value_parser = parse_rollout_timeout)]
+    pub node_rollout_timeout: std::time::Duration,
+}
+
+fn parse_rollout_timeout(s: &str) -> Result<std::time::Duration, String> {
+    crate::duration::parse_go_duration(s)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -589,6 +589,7 @@ async fn enabling_on_an_existing_cluster_creates_its_cluster_registry_and_a_resy
             "Local",
             "True",
             "3/3",
+            "",
             "2028-11-16T15:06:40Z",
             "2026-01-01T00:00:00Z"
         ]

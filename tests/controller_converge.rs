@@ -292,6 +292,7 @@ async fn enabling_on_an_existing_cluster_deploys_and_shows_the_statefulset() {
             "Local",
             "True",
             "3/3",
+            "0/0",
             not_after.as_str(),
             "2026-01-01T00:00:00Z"
         ]
@@ -359,7 +360,7 @@ async fn an_up_to_date_resync_writes_nothing_on_either_cluster() {
     let (management, workload) = env.request_counts();
     println!("requests of one reconcile: management {management}, workload {workload}");
     assert!(
-        management <= 8 && workload <= 14,
+        management <= 8 && workload <= 16,
         "{:?} {:?}",
         env.management.requests(),
         env.workload.requests()
@@ -756,5 +757,262 @@ async fn a_cluster_a_hook_deployed_directly_stays_direct_whatever_the_flag_says(
         env.management.get(&hcp_path()).is_none(),
         "no HelmChartProxy over a direct deployment"
     );
+    controller.shutdown().await;
+}
+
+fn node_config_path() -> String {
+    secret_path(names::REGISTRY_NAMESPACE, names::NODE_CONFIG_SECRET)
+}
+
+fn node_path(name: &str) -> String {
+    format!("/api/v1/nodes/{name}")
+}
+
+/// A Node as the kubelet shows it, without the agent's annotation yet.
+fn put_node(env: &Env, name: &str, ready: bool) {
+    env.workload.put(
+        "/api/v1/nodes",
+        json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": name},
+            "status": {"conditions": [
+                {"type": "Ready", "status": if ready { "True" } else { "False" }},
+            ]},
+        }),
+    );
+}
+
+/// Plays a node's agent: acks the desired config it was given.
+fn ack(env: &Env, node: &str, hash: &str) {
+    env.workload.update(&node_path(node), |n| {
+        n["metadata"]["annotations"][names::NODE_CONFIG_ANNOTATION] = json!(hash);
+    });
+}
+
+fn node_config_key(env: &Env, key: &str) -> String {
+    env.workload
+        .get(&node_config_path())
+        .map(|s| support::unb64(&s["data"][key]))
+        .unwrap_or_default()
+}
+
+fn certificates(pem: &str) -> usize {
+    registry_addon::certs::pem_certificates(pem).map_or(0, |c| c.len())
+}
+
+#[tokio::test]
+async fn a_root_ca_rotation_rolls_out_to_the_nodes_in_two_phases() {
+    let setup = Setup::new().await;
+    let env = &setup.env;
+    put_node(env, "n1", true);
+    put_node(env, "n2", true);
+    put_node(env, "down", false);
+    let controller = setup.converged().await;
+    let old = root_ca(env);
+    let pod_hash = || {
+        env.workload.get(&statefulset_path()).unwrap()["spec"]["template"]["metadata"]
+            ["annotations"][names::CERTIFICATE_HASH_ANNOTATION]
+            .clone()
+    };
+    let hash_before = pod_hash();
+    eventually("the node config, final", || {
+        node_config_key(env, names::NODE_CONFIG_PHASE_KEY) == "final"
+    })
+    .await;
+    let first = node_config_key(env, names::NODE_CONFIG_HASH_KEY);
+    ack(env, "n1", &first);
+    ack(env, "n2", &first);
+    eventually("2 of 3 nodes shown", || {
+        setup
+            .creg()
+            .is_some_and(|c| c["status"]["nodes"]["configured"] == "2/3")
+    })
+    .await;
+
+    // The documented trigger: the new CA in tls.crt/tls.key, the old one kept in ca.crt.
+    let new = registry_addon::certs::CertificateAuthority::generate(
+        registry_addon::cli::KeyAlgorithm::EcdsaP256,
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    env.management.update(&root_ca_path(), |s| {
+        s["data"]["tls.crt"] = json!(support::b64(new.cert_pem()));
+        s["data"]["tls.key"] = json!(support::b64(new.key_pem().expose()));
+        s["data"]["ca.crt"] = json!(support::b64(&format!(
+            "{}{}",
+            new.cert_pem(),
+            old.cert_pem()
+        )));
+    });
+
+    // Phase 1: both CAs everywhere; the registry keeps the old CA's certificate.
+    eventually("the transition phase", || {
+        node_config_key(env, names::NODE_CONFIG_PHASE_KEY) == "transition"
+    })
+    .await;
+    assert_eq!(
+        certificates(&node_config_key(env, names::NODE_CONFIG_CA_KEY)),
+        2
+    );
+    let tls = env.workload.get(&tls_path()).unwrap();
+    assert_eq!(certificates(&support::unb64(&tls["data"]["ca.crt"])), 2);
+    let serving = registry_addon::certs::CertInfo::from_pem(&env.tls_cert_pem()).unwrap();
+    assert!(serving.is_signed_by(&old), "no node trusts the new CA yet");
+    // The replicas restart to trust both: their sync sidecars read the CA file at start.
+    eventually("the pods rolled for the new trust", || {
+        pod_hash() != hash_before
+    })
+    .await;
+    let copy = env.management.get(&cluster_ca_path()).unwrap();
+    assert_eq!(certificates(&support::unb64(&copy["data"]["ca.crt"])), 2);
+    let transition = node_config_key(env, names::NODE_CONFIG_HASH_KEY);
+    eventually("phase 1 progress shown", || {
+        setup.reason(registry_addon::controller::status::NODES_CONFIGURED) == "TransitionPhase"
+    })
+    .await;
+    let message = setup.creg_condition("NodesConfigured")["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(message.contains("phase 1 of 2"), "{message}");
+    assert!(message.contains("0 of 3 nodes"), "{message}");
+
+    // The Ready nodes ack; the NotReady one holds the phase until the rollout timeout.
+    ack(env, "n1", &transition);
+    ack(env, "n2", &transition);
+    eventually("the NotReady node named", || {
+        let message = setup.creg_condition("NodesConfigured")["message"].clone();
+        message
+            .as_str()
+            .is_some_and(|m| m.contains("2 of 3") && m.contains("waiting for down"))
+    })
+    .await;
+    assert!(
+        registry_addon::certs::CertInfo::from_pem(&env.tls_cert_pem())
+            .unwrap()
+            .is_signed_by(&old)
+    );
+    setup.clock.advance(Duration::from_secs(601));
+
+    // Past the timeout: the registry switches to the new CA, then the nodes go final.
+    eventually("a certificate of the new CA", || {
+        registry_addon::certs::CertInfo::from_pem(&env.tls_cert_pem())
+            .unwrap()
+            .is_signed_by(&new)
+    })
+    .await;
+    assert_eq!(
+        node_config_key(env, names::NODE_CONFIG_PHASE_KEY),
+        "transition"
+    );
+    eventually("the final phase once the replicas serve it", || {
+        env.make_registry_ready(3);
+        node_config_key(env, names::NODE_CONFIG_PHASE_KEY) == "final"
+    })
+    .await;
+    assert_eq!(
+        node_config_key(env, names::NODE_CONFIG_CA_KEY),
+        new.cert_pem(),
+        "nodes trust the new CA only"
+    );
+    // The sync sidecars and new machines still trust both until the nodes ack.
+    let tls = env.workload.get(&tls_path()).unwrap();
+    assert_eq!(certificates(&support::unb64(&tls["data"]["ca.crt"])), 2);
+    let last = node_config_key(env, names::NODE_CONFIG_HASH_KEY);
+    ack(env, "n1", &last);
+    ack(env, "n2", &last);
+    setup.clock.advance(Duration::from_secs(601));
+    eventually("the old CA dropped everywhere", || {
+        env.make_registry_ready(3);
+        let tls = env.workload.get(&tls_path()).unwrap();
+        let copy = env.management.get(&cluster_ca_path()).unwrap();
+        support::unb64(&tls["data"]["ca.crt"]) == new.cert_pem()
+            && support::unb64(&copy["data"]["ca.crt"]) == new.cert_pem()
+    })
+    .await;
+    eventually("the rollout shown done but for the skipped node", || {
+        let message = setup.creg_condition("NodesConfigured")["message"].clone();
+        message
+            .as_str()
+            .is_some_and(|m| m.contains("2 of 3") && m.contains("skipped") && m.contains("down"))
+    })
+    .await;
+    controller.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_new_ro_password_is_accepted_before_nodes_send_it_and_the_old_one_after() {
+    let setup = Setup::new().await;
+    let env = &setup.env;
+    put_node(env, "n1", true);
+    let controller = setup.converged().await;
+    eventually("the node config", || {
+        !node_config_key(env, names::NODE_CONFIG_HASH_KEY).is_empty()
+    })
+    .await;
+    ack(
+        env,
+        "n1",
+        &node_config_key(env, names::NODE_CONFIG_HASH_KEY),
+    );
+    let auth = || secret_path("registry-system", names::REGISTRY_AUTH_SECRET);
+    let pull_users = || {
+        env.workload
+            .get(&auth())
+            .map(|s| support::unb64(&s["data"][names::AUTH_PULL_USERS_KEY]))
+            .unwrap_or_default()
+    };
+    assert_eq!(pull_users().lines().count(), 1);
+    let old_hosts = node_config_key(env, names::NODE_CONFIG_HOSTS_KEY);
+
+    // The operator deletes the ro Secret: a new password is generated.
+    env.management.remove(&secret_path(
+        CLUSTER_NS,
+        &names::user_secret(CLUSTER, names::READ_ONLY_USER),
+    ));
+    eventually("old and new accepted, nodes in transition", || {
+        pull_users().lines().count() == 2
+            && node_config_key(env, names::NODE_CONFIG_PHASE_KEY) == "transition"
+    })
+    .await;
+    // Nodes keep sending the old header while the new one rolls out.
+    let hosts = node_config_key(env, names::NODE_CONFIG_HOSTS_KEY);
+    let header = |text: &str| {
+        text.lines()
+            .find(|l| l.contains("Authorization"))
+            .map(str::to_string)
+            .unwrap()
+    };
+    assert_eq!(header(&hosts), header(&old_hosts));
+    ack(
+        env,
+        "n1",
+        &node_config_key(env, names::NODE_CONFIG_HASH_KEY),
+    );
+    eventually("the new header final", || {
+        node_config_key(env, names::NODE_CONFIG_PHASE_KEY) == "final"
+    })
+    .await;
+    let hosts = node_config_key(env, names::NODE_CONFIG_HOSTS_KEY);
+    assert_ne!(header(&hosts), header(&old_hosts));
+    assert_eq!(
+        pull_users().lines().count(),
+        2,
+        "old kept until the node acks"
+    );
+    ack(
+        env,
+        "n1",
+        &node_config_key(env, names::NODE_CONFIG_HASH_KEY),
+    );
+    eventually("the old password dropped", || {
+        pull_users().lines().count() == 1
+    })
+    .await;
+    eventually("NodesConfigured", || {
+        setup.creg_condition("NodesConfigured")["status"] == "True"
+    })
+    .await;
     controller.shutdown().await;
 }

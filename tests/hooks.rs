@@ -291,6 +291,43 @@ async fn after_control_plane_initialized_deploys_with_a_helmchartproxy() {
     assert_eq!(values["replicas"], 3);
     assert_eq!(values["serviceIP"], "10.128.0.20");
 
+    // The nodes' desired configuration, final from the start, as the agent reads it: the
+    // Service address, the root CA and the `ro` header.
+    let node_config = env
+        .workload
+        .get(&secret_path(
+            names::REGISTRY_NAMESPACE,
+            names::NODE_CONFIG_SECRET,
+        ))
+        .unwrap();
+    assert_eq!(
+        unb64(&node_config["data"][names::NODE_CONFIG_PHASE_KEY]),
+        "final"
+    );
+    assert_eq!(
+        unb64(&node_config["data"][names::NODE_CONFIG_CA_KEY]),
+        ca.cert_pem()
+    );
+    let hosts = unb64(&node_config["data"][names::NODE_CONFIG_HOSTS_KEY]);
+    assert!(hosts.contains("https://10.128.0.20"), "{hosts}");
+    assert!(hosts.contains("Authorization"), "{hosts}");
+    let data: std::collections::BTreeMap<String, k8s_openapi::ByteString> = node_config["data"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), k8s_openapi::ByteString(unb64(v).into_bytes())))
+        .collect();
+    let parsed = registry_addon::agent::desired::parse(
+        names::NODE_CONFIG_SECRET,
+        &data,
+        names::CONTAINERD_CERTS_DIR,
+    )
+    .unwrap();
+    assert_eq!(
+        unb64(&node_config["data"][names::NODE_CONFIG_HASH_KEY]),
+        parsed.hash
+    );
+
     // Every write is server-side apply (or the create of the root CA).
     for request in env
         .management

@@ -18,11 +18,12 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tracing::info;
 
+use crate::addon::rollout::{self, Plan, Progress, Signer};
 use crate::addon::users::{self, Credentials, RegistryAuth, StoredUser};
 use crate::certs::{self, CertInfo, CertificateAuthority, CertifiedKey, PrivateKeyPem};
 use crate::cli::Deployer;
 use crate::hooks::HookConfig;
-use crate::hooks::patches::containerd;
+use crate::hooks::patches::containerd::{self, MirrorSide};
 use crate::k8s::{self, ClusterApi, Outcome, Place};
 use crate::names;
 use crate::render::objects::{self, secret_data};
@@ -229,8 +230,13 @@ pub async fn ensure_root_ca(
             describe()
         )));
     };
-    CertificateAuthority::from_pem(&cert, &key)
-        .map_err(|e| ConvergeError::Invalid(format!("{}: {e}", describe())))
+    let ca = CertificateAuthority::from_pem(&cert, &key)
+        .map_err(|e| ConvergeError::Invalid(format!("{}: {e}", describe())))?;
+    // During a rotation `ca.crt` lists the previous root CA after the new one.
+    Ok(match secret_data(&secret, "ca.crt") {
+        Some(bundle) => ca.with_previous(&bundle),
+        None => ca,
+    })
 }
 
 /// A cluster holding a copy of a root CA (its `<cluster>-registry-addon-ca`), with that CA's
@@ -614,6 +620,7 @@ impl<'a> Converge<'a> {
         if let Some(existing) = &existing {
             if let Some(current) = secret_data(existing, "ca.crt").filter(|c| !c.trim().is_empty())
                 && !ca.is_in_bundle(&current)
+                && !ca.trusts_bundle(&current)
             {
                 return Err(ConvergeError::CaMismatch(format!(
                     "CA mismatch: secret {}/{name} holds a CA certificate that is not the root CA \
@@ -623,6 +630,13 @@ impl<'a> Converge<'a> {
                     self.config.namespace,
                     names::ROOT_CA_SECRET
                 )));
+            }
+            // It still holds an earlier root CA: the node rollout replaces it once every node
+            // trusts the new one (see `roll_nodes`).
+            if let Some(current) = secret_data(existing, "ca.crt")
+                && ca.bundle_has_previous(&current)
+            {
+                return Ok(());
             }
         }
         if self
@@ -700,6 +714,7 @@ impl<'a> Converge<'a> {
         &self,
         workload: &ClusterApi,
         users: &Users,
+        plan: &Plan,
     ) -> Result<usize, ConvergeError> {
         let ns = names::REGISTRY_NAMESPACE;
         let name = names::REGISTRY_AUTH_SECRET;
@@ -709,8 +724,13 @@ impl<'a> Converge<'a> {
             info!(cluster = %self.key, namespace = ns, "applied the registry Namespace on the workload cluster");
         }
         let existing = workload.get("v1", "Secret", Some(ns), name).await?;
-        let auth = RegistryAuth::desired(existing.as_ref(), &users.ro, &users.rw)
-            .map_err(ConvergeError::Invalid)?;
+        let auth = RegistryAuth::desired_accepting(
+            existing.as_ref(),
+            &users.ro,
+            &users.rw,
+            &plan.registry_state(self.now).accepted_ro(),
+        )
+        .map_err(ConvergeError::Invalid)?;
         if workload.converge(existing.as_ref(), &auth.secret()).await? == Outcome::Applied {
             applied += 1;
             info!(cluster = %self.key, secret = %format!("{ns}/{name}"), "applied the registry auth Secret on the workload cluster");
@@ -724,21 +744,130 @@ impl<'a> Converge<'a> {
             .map_err(|e| ConvergeError::Invalid(e.to_string()))
     }
 
+    /// The node rollout as it stands: the workload's node-config Secret, the side the nodes
+    /// should have (the Service address, the root CA, `ro`), and the Nodes. Read before the
+    /// registry is deployed, since the registry side follows the rollout: which credentials
+    /// it accepts, which CAs it trusts and which CA's certificate it serves.
+    pub async fn node_plan(
+        &self,
+        workload: &ClusterApi,
+        ca: &CertificateAuthority,
+        users: &Users,
+    ) -> Result<Plan, ConvergeError> {
+        // Before any request reaches the workload cluster (see `deploy`).
+        if self.deployer == Deployer::Direct {
+            self.check_no_helm_chart_proxy().await?;
+        }
+        let host = containerd::mirror_host(self.service_ip()?);
+        let desired = MirrorSide {
+            host: host.clone(),
+            ca_pem: ca.cert_pem().to_string(),
+            ro: users.ro.credentials.clone(),
+        };
+        let secret = workload
+            .get(
+                "v1",
+                "Secret",
+                Some(names::REGISTRY_NAMESPACE),
+                names::NODE_CONFIG_SECRET,
+            )
+            .await?;
+        let has_state = secret
+            .as_ref()
+            .and_then(|s| secret_data(s, rollout::STATE_KEY))
+            .is_some();
+        // Without a rollout state the nodes carry their bootstrap files, made from the
+        // cluster's CA copy: an earlier root CA there means a rotation must roll out.
+        let mut fallback = desired.clone();
+        if !has_state {
+            let cluster = self.cluster;
+            let copy = self
+                .management
+                .get(
+                    "v1",
+                    "Secret",
+                    Some(cluster.namespace()),
+                    &names::cluster_ca_secret(cluster.name()),
+                )
+                .await?
+                .and_then(|s| secret_data(&s, "ca.crt"));
+            if let Some(copy) = copy
+                && ca.bundle_has_previous(&copy)
+            {
+                fallback.ca_pem = copy;
+            }
+        }
+        let nodes = workload.list("v1", "Node", None).await?;
+        Ok(Plan::new(
+            secret.as_ref(),
+            &desired,
+            &fallback,
+            &nodes,
+            self.now,
+            self.config.addon.node_rollout_timeout,
+        ))
+    }
+
+    /// Moves the node rollout on, after the registry was deployed: writes the node-config
+    /// Secret when its state changes (the first one included), and the cluster's CA copy
+    /// that bootstraps new machines. `registry_serves_new` tells whether every replica runs
+    /// with the certificate of the current deploy, which nodes need before a rotated CA's
+    /// predecessor is dropped from their trust.
+    pub async fn roll_nodes(
+        &self,
+        workload: &ClusterApi,
+        plan: &Plan,
+        registry_serves_new: bool,
+    ) -> Result<Progress, ConvergeError> {
+        let (next, waiting_for_registry) = plan.next(self.now, registry_serves_new);
+        let written = !plan.stored || next != plan.current;
+        if written {
+            let secret = rollout::node_config_secret(&next);
+            workload.converge(plan.secret.as_ref(), &secret).await?;
+            info!(cluster = %self.key, secret = %k8s::ObjectId::of(&secret), phase = next.phase(), "applied the desired node configuration on the workload cluster");
+        }
+        let trusted = next.trusted_cas();
+        if written || trusted.len() > 1 {
+            let copy = objects::cluster_ca_secret(self.cluster, &trusted.concat());
+            if self.management.ensure(&copy).await? == Outcome::Applied {
+                info!(cluster = %self.key, secret = %k8s::ObjectId::of(&copy), "applied the cluster CA copy for the node rollout");
+            }
+        }
+        let hash = next.node_config().hash;
+        let acks = Plan {
+            current: next.clone(),
+            ..plan.clone()
+        }
+        .acks(self.now);
+        Ok(Progress {
+            state: next,
+            hash,
+            acks,
+            waiting_for_registry,
+            written,
+        })
+    }
+
+    /// Whether every replica serves the certificate of the root CA deployed just now.
+    pub fn serves_current(&self, plan: &Plan, readiness: &Readiness) -> bool {
+        readiness.waiting.is_none() && plan.signer(self.now) == Signer::Root
+    }
+
     /// Namespace, `registry-auth`, `registry-tls` (kept while usable, renewed inside the
-    /// renewal window when `renew_fraction` is set) and the registry itself.
+    /// renewal window when `renew_fraction` is set) and the registry itself, as the node
+    /// rollout `plan` allows: see [`rollout`]. `plan` comes from [`Converge::node_plan`],
+    /// which also refuses the direct deployer beside a HelmChartProxy.
     pub async fn deploy(
         &self,
         ca: &CertificateAuthority,
         workload: &ClusterApi,
         users: &Users,
         renew_fraction: Option<f64>,
+        plan: &Plan,
     ) -> Result<Deployed, ConvergeError> {
-        if self.deployer == Deployer::Direct {
-            self.check_no_helm_chart_proxy().await?;
-        }
         // From here on the addon's objects exist again: a later removal must look.
         self.state.set_removed(&self.key, false);
-        let mut applied = self.ensure_registry_auth(workload, users).await?;
+        let mut applied = self.ensure_registry_auth(workload, users, plan).await?;
         let service_ip = self.service_ip()?;
         let subject = certs::registry_subject_names(self.registry.replicas, service_ip);
 
@@ -746,9 +875,10 @@ impl<'a> Converge<'a> {
         let ns = names::REGISTRY_NAMESPACE;
         let existing = workload.get("v1", "Secret", Some(ns), tls_name).await?;
         let now = self.now;
+        let signer = plan.signer(now);
         let kept = match &existing {
             None => Err("it does not exist"),
-            Some(secret) => usable_certificate(secret, ca, &subject, now, renew_fraction),
+            Some(secret) => usable_certificate(secret, ca, &signer, &subject, now, renew_fraction),
         };
         let mut renewed = None;
         let cert = match kept {
@@ -772,7 +902,9 @@ impl<'a> Converge<'a> {
             workload.delete("v1", "Secret", Some(ns), tls_name).await?;
             info!(cluster = %self.key, secret = %format!("{ns}/{tls_name}"), "deleted a registry TLS Secret of the wrong type");
         }
-        let secret = objects::registry_tls_secret(&cert, ca.cert_pem());
+        // The sync sidecars trust what the nodes trust: both CAs during a rotation.
+        let trust = plan.registry_state(now).trusted_cas().concat();
+        let secret = objects::registry_tls_secret(&cert, &trust);
         if workload.converge(existing.as_ref(), &secret).await? == Outcome::Applied {
             applied += 1;
             info!(cluster = %self.key, secret = %format!("{ns}/{tls_name}"), "applied the registry TLS Secret on the workload cluster");
@@ -780,7 +912,7 @@ impl<'a> Converge<'a> {
 
         let certificate = CertInfo::from_pem(&cert.cert_pem)
             .map_err(|e| ConvergeError::Invalid(format!("registry certificate: {e}")))?;
-        let hash = certificate.sha256_hex();
+        let hash = pod_hash(&certificate, &trust, ca);
         let values =
             RegistryValues::new(&self.config.addon, self.registry, service_ip, hash.clone());
         match self.deployer {
@@ -950,10 +1082,28 @@ fn statefulset_not_ready(
     None
 }
 
+/// What the registry pods carry in [`names::CERTIFICATE_HASH_ANNOTATION`], so that they
+/// restart when what they serve or trust changes: the certificate's SHA-256, and with a trust
+/// bundle other than the root CA alone (a rotation), a hash of both.
+fn pod_hash(certificate: &CertInfo, trust: &str, ca: &CertificateAuthority) -> String {
+    let hash = certificate.sha256_hex();
+    if trust == ca.cert_pem() {
+        return hash;
+    }
+    let mut digest = Sha256::new();
+    digest.update(hash.as_bytes());
+    digest.update([0]);
+    digest.update(trust.as_bytes());
+    hex::encode(digest.finalize())
+}
+
 /// The certificate in a `registry-tls` Secret when it can stay, else why it must be replaced.
+/// `signer` is the CA it must be signed by (during a rotation, the previous one until every
+/// node trusts the new one); a certificate is always issued by `ca`.
 fn usable_certificate(
     secret: &serde_json::Value,
     ca: &CertificateAuthority,
+    signer: &Signer,
     subject: &certs::SubjectNames,
     now: OffsetDateTime,
     renew_fraction: Option<f64>,
@@ -964,7 +1114,11 @@ fn usable_certificate(
     if !info.key_matches(&key_pem) {
         return Err("its private key does not match the certificate");
     }
-    if !info.is_signed_by(ca) {
+    let signed = match signer {
+        Signer::Root => info.is_signed_by(ca),
+        Signer::Keep(pem) => info.is_signed_by_pem(pem),
+    };
+    if !signed {
         return Err("it is not signed by the cluster's CA");
     }
     if info.names != *subject {

@@ -3,4 +3,5 @@
 
 pub mod converge;
 pub mod reconcile;
+pub mod rollout;
 pub mod users;

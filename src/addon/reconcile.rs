@@ -15,10 +15,11 @@ use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::addon::converge::{Converge, ConvergeError, Deployed, Readiness, Scope};
+use crate::addon::rollout::{self, Progress, RolloutState};
 use crate::controller::clock::{Clock, to_k8s_time};
 use crate::controller::status::{
     CERTIFICATE_READY, CertificateStatus, ClusterRegistryStatus, ConditionStatus, Conditions,
-    READY, REGISTRY_READY,
+    NODES_CONFIGURED, NODES_MIRROR_READY, NodesStatus, READY, REGISTRY_READY,
 };
 use crate::controller::{ClusterEvent, ReconcileError, ReconcileOutcome, Reconciler, StatusReport};
 use crate::hooks::{HookContext, Management};
@@ -36,6 +37,8 @@ const BUDGET: Duration = Duration::from_secs(30);
 pub const WAIT_REQUEUE: Duration = Duration::from_secs(30);
 /// How soon a registry that is not ready yet is looked at again.
 pub const READINESS_REQUEUE: Duration = Duration::from_secs(15);
+/// How soon a node rollout is looked at again: the nodes' acks do not queue the Cluster.
+pub const ROLLOUT_REQUEUE: Duration = Duration::from_secs(5);
 
 /// Reconciles Clusters with the hooks' context: the same configuration, management client,
 /// per-cluster locks and workload clients.
@@ -186,11 +189,21 @@ impl AddonReconciler {
             converge.scope.deployer = deployer;
         }
         let fraction = converge.config.addon.renew_fraction;
+        let plan = converge.node_plan(&workload, &ca, &users).await?;
         let deployed = converge
-            .deploy(&ca, &workload, &users, Some(fraction))
+            .deploy(&ca, &workload, &users, Some(fraction), &plan)
             .await?;
         let readiness = converge.readiness(&workload, &deployed.hash).await?;
-        Ok(report.converged(converge, &deployed, &readiness, fraction))
+        let serves = converge.serves_current(&plan, &readiness);
+        let progress = converge.roll_nodes(&workload, &plan, serves).await?;
+        Ok(report.converged(
+            converge,
+            &deployed,
+            &readiness,
+            &progress,
+            &plan.nodes,
+            fraction,
+        ))
     }
 }
 
@@ -257,6 +270,8 @@ impl Report {
         converge: &Converge<'_>,
         deployed: &Deployed,
         readiness: &Readiness,
+        progress: &Progress,
+        nodes: &[rollout::NodeView],
         fraction: f64,
     ) -> ReconcileOutcome {
         let certificate = &deployed.certificate;
@@ -296,10 +311,61 @@ impl Report {
                 ),
             ),
         };
-        conditions
-            .set(REGISTRY_READY, status, reason, message)
-            .summarize();
+        conditions.set(REGISTRY_READY, status, reason, message);
+        let settled = matches!(progress.state, RolloutState::Final { retiring: None, .. })
+            && progress.acks.complete();
+        let (healthy, health) = rollout::describe_health(nodes);
+        let failing = nodes
+            .iter()
+            .any(|n| n.mirror.as_ref().is_some_and(|(ok, _)| !ok));
+        // Ready answers "can the cluster pull through the registry": nodes reporting that they
+        // cannot make it False; a rollout under way or agents not reporting yet do not.
+        if failing {
+            conditions.set(
+                NODES_MIRROR_READY,
+                false,
+                "MirrorUnreachable",
+                health.clone(),
+            );
+        }
+        conditions.summarize();
+        let (status, reason) = match (&progress.state, settled) {
+            (_, true) => (true, "NodesConfigured"),
+            (RolloutState::Transition { .. }, _) => (false, "TransitionPhase"),
+            (
+                RolloutState::Final {
+                    retiring: Some(_), ..
+                },
+                _,
+            ) => (false, "FinalPhase"),
+            (RolloutState::Final { .. }, _) => (false, "WaitingForNodes"),
+        };
+        conditions.set(
+            NODES_CONFIGURED,
+            status,
+            reason,
+            rollout::describe(progress),
+        );
+        if !failing {
+            let (status, reason) = if healthy {
+                (ConditionStatus::True, "MirrorReachable")
+            } else {
+                (ConditionStatus::Unknown, "NotReported")
+            };
+            conditions.set(NODES_MIRROR_READY, status, reason, health);
+        }
         let mut registry = self.status(conditions);
+        registry.nodes = Some(Box::new(NodesStatus {
+            total: clamp(progress.acks.total as u64),
+            configured: format!("{}/{}", progress.acks.acked, progress.acks.total),
+            phase: progress.state.phase().to_string(),
+            mirror_ready: clamp(
+                nodes
+                    .iter()
+                    .filter(|n| n.mirror.as_ref().is_some_and(|(ok, _)| *ok))
+                    .count() as u64,
+            ),
+        }));
         registry.replicas = Some(clamp(readiness.replicas.unwrap_or(wanted)));
         registry.ready_replicas = Some(clamp(ready));
         registry.certificate = Some(CertificateStatus {
@@ -313,11 +379,24 @@ impl Report {
             .unwrap_or(Duration::ZERO)
             // Just past the window's start, so the next reconcile renews.
             + Duration::from_secs(1);
-        outcome.requeue_after = Some(if readiness.waiting.is_some() {
+        // Only a rollout has a next step that waits on nodes; a final configuration that some
+        // nodes lack is shown, and looked at again on the usual schedule.
+        let rolling = !matches!(progress.state, RolloutState::Final { retiring: None, .. });
+        outcome.requeue_after = Some(if rolling {
+            until_renewal.min(ROLLOUT_REQUEUE)
+        } else if readiness.waiting.is_some() {
             until_renewal.min(READINESS_REQUEUE)
         } else {
             until_renewal
         });
+        if progress.written {
+            outcome.events.push(ClusterEvent {
+                warning: false,
+                reason: "NodeConfigUpdated".into(),
+                action: "RollOut".into(),
+                message: rollout::describe(progress),
+            });
+        }
         if let Some(why) = deployed.renewed {
             outcome.events.push(ClusterEvent {
                 warning: false,

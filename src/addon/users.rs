@@ -142,10 +142,22 @@ impl fmt::Debug for RegistryAuth {
 impl RegistryAuth {
     /// What the hashes were made from: the user Secrets' versions and a digest of the files,
     /// so an edit of either side is noticed without running bcrypt.
-    fn source_of(ro: &StoredUser, rw: &StoredUser, files: [&str; 3]) -> String {
+    fn source_of(
+        ro: &StoredUser,
+        rw: &StoredUser,
+        retired: &[Credentials],
+        files: [&str; 3],
+    ) -> String {
         let mut digest = Sha256::new();
         for file in files {
             digest.update(file.as_bytes());
+            digest.update([0]);
+        }
+        // Only a digest of the retiring credentials, never the passwords themselves.
+        for old in retired {
+            digest.update(old.username.as_bytes());
+            digest.update([1]);
+            digest.update(old.password.as_bytes());
             digest.update([0]);
         }
         format!(
@@ -164,13 +176,29 @@ impl RegistryAuth {
         ro: &StoredUser,
         rw: &StoredUser,
     ) -> Result<Self, String> {
+        Self::desired_accepting(existing, ro, rw, &[])
+    }
+
+    /// As [`RegistryAuth::desired`], the pull users also accepting `retired`: the `ro`
+    /// credentials nodes still send while a new password rolls out to them.
+    pub fn desired_accepting(
+        existing: Option<&Value>,
+        ro: &StoredUser,
+        rw: &StoredUser,
+        retired: &[Credentials],
+    ) -> Result<Self, String> {
+        let retired: Vec<Credentials> = retired
+            .iter()
+            .filter(|old| **old != ro.credentials)
+            .cloned()
+            .collect();
         if let Some(current) = existing.and_then(Self::from_secret) {
             let files = [
                 current.pull_users.as_str(),
                 current.push_users.as_str(),
                 current.sync_credentials.as_str(),
             ];
-            if current.source == Self::source_of(ro, rw, files) {
+            if current.source == Self::source_of(ro, rw, &retired, files) {
                 return Ok(current);
             }
         }
@@ -196,13 +224,22 @@ impl RegistryAuth {
         };
         let http_secret = kept(names::AUTH_HTTP_SECRET_KEY).unwrap_or_else(generate_password);
         let notify_token = kept(names::AUTH_NOTIFY_TOKEN_KEY).unwrap_or_else(generate_password);
-        let pull_users = format!("{}\n", htpasswd_line(&ro.credentials)?);
+        let mut pull_users = format!("{}\n", htpasswd_line(&ro.credentials)?);
+        for old in &retired {
+            pull_users.push_str(&htpasswd_line(old)?);
+            pull_users.push('\n');
+        }
         let push_users = format!(
             "{}\n{}\n",
             htpasswd_line(&rw.credentials)?,
             htpasswd_line(&sync)?
         );
-        let source = Self::source_of(ro, rw, [&pull_users, &push_users, &sync_credentials]);
+        let source = Self::source_of(
+            ro,
+            rw,
+            &retired,
+            [&pull_users, &push_users, &sync_credentials],
+        );
         Ok(RegistryAuth {
             pull_users,
             push_users,
@@ -340,5 +377,35 @@ mod tests {
         let repaired = RegistryAuth::desired(Some(&edited), &ro, &rw).unwrap();
         assert_ne!(repaired.pull_users, "ro:garbage\n");
         assert_eq!(repaired.sync_credentials, first.sync_credentials);
+    }
+
+    #[test]
+    fn retiring_ro_credentials_stay_accepted_until_dropped() {
+        let old = Credentials {
+            username: "ro".into(),
+            password: "old-password".into(),
+        };
+        let ro = stored("ro", "new-password", "a/2");
+        let rw = stored("rw", "rw-password", "b/1");
+        let both =
+            RegistryAuth::desired_accepting(None, &ro, &rw, std::slice::from_ref(&old)).unwrap();
+        let hashes: Vec<&str> = both
+            .pull_users
+            .lines()
+            .map(|l| l.split_once(':').unwrap().1)
+            .collect();
+        assert_eq!(hashes.len(), 2);
+        assert!(bcrypt::verify("new-password", hashes[0]).unwrap());
+        assert!(bcrypt::verify("old-password", hashes[1]).unwrap());
+        assert!(!both.source.contains("old-password"));
+        // Kept while the same credentials are retiring; re-hashed once they are dropped.
+        let written = both.secret();
+        let again =
+            RegistryAuth::desired_accepting(Some(&written), &ro, &rw, std::slice::from_ref(&old))
+                .unwrap();
+        assert_eq!(again, both);
+        let dropped = RegistryAuth::desired(Some(&written), &ro, &rw).unwrap();
+        assert_eq!(dropped.pull_users.lines().count(), 1);
+        assert_eq!(dropped.http_secret, both.http_secret);
     }
 }

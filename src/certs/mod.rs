@@ -98,6 +98,9 @@ pub struct CertificateAuthority {
     cert_pem: String,
     cert_der: Vec<u8>,
     key_pem: PrivateKeyPem,
+    /// Earlier root CAs still trusted while clusters rotate away from them: the other
+    /// certificates of the root CA Secret's `ca.crt`, as DER.
+    previous: Vec<Vec<u8>>,
 }
 
 impl fmt::Debug for CertificateAuthority {
@@ -133,6 +136,7 @@ impl CertificateAuthority {
             cert_pem: cert.pem(),
             cert_der: cert.der().to_vec(),
             key_pem: PrivateKeyPem::new(key.serialize_pem()),
+            previous: Vec::new(),
         })
     }
 
@@ -157,12 +161,41 @@ impl CertificateAuthority {
             cert_pem: pem_encode(&cert_der),
             cert_der,
             key_pem: PrivateKeyPem::new(key.serialize_pem()),
+            previous: Vec::new(),
         })
     }
 
     /// The CA certificate, one PEM block: what nodes and `ca.crt` keys hold.
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
+    }
+
+    /// Takes the certificates of `bundle` other than this CA's as earlier root CAs: the
+    /// root CA Secret's `ca.crt` lists the previous CA during a rotation. A bundle that
+    /// cannot be read adds none.
+    pub fn with_previous(mut self, bundle: &str) -> Self {
+        self.previous = pem_certificates(bundle)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|der| *der != self.cert_der)
+            .collect();
+        self
+    }
+
+    /// Whether every certificate of `bundle_pem` is this CA or an earlier root CA, and there
+    /// is at least one.
+    pub fn trusts_bundle(&self, bundle_pem: &str) -> bool {
+        pem_certificates(bundle_pem).is_ok_and(|blocks| {
+            blocks
+                .iter()
+                .all(|der| *der == self.cert_der || self.previous.contains(der))
+        })
+    }
+
+    /// Whether `bundle_pem` holds an earlier root CA: the cluster is rotating away from it.
+    pub fn bundle_has_previous(&self, bundle_pem: &str) -> bool {
+        pem_certificates(bundle_pem)
+            .is_ok_and(|blocks| blocks.iter().any(|der| self.previous.contains(der)))
     }
 
     pub fn cert_der(&self) -> &[u8] {
@@ -293,9 +326,21 @@ impl CertInfo {
     /// Whether `ca` signed this certificate: the issuer names the CA's subject and the
     /// signature verifies with the CA's public key.
     pub fn is_signed_by(&self, ca: &CertificateAuthority) -> bool {
+        self.is_signed_by_der(ca.cert_der())
+    }
+
+    /// Whether this certificate is signed by the first certificate of `ca_pem`.
+    pub fn is_signed_by_pem(&self, ca_pem: &str) -> bool {
+        pem_certificates(ca_pem)
+            .ok()
+            .and_then(|blocks| blocks.into_iter().next())
+            .is_some_and(|der| self.is_signed_by_der(&der))
+    }
+
+    fn is_signed_by_der(&self, ca_der: &[u8]) -> bool {
         let (Ok((_, cert)), Ok((_, ca_cert))) = (
             x509_parser::parse_x509_certificate(&self.der),
-            x509_parser::parse_x509_certificate(ca.cert_der()),
+            x509_parser::parse_x509_certificate(ca_der),
         ) else {
             return false;
         };

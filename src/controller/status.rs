@@ -22,6 +22,10 @@ pub const PLURAL: &str = "clusterregistries";
 pub const READY: &str = "Ready";
 pub const CERTIFICATE_READY: &str = "CertificateReady";
 pub const REGISTRY_READY: &str = "RegistryReady";
+/// Every node carries the current node configuration (SPEC §9.4).
+pub const NODES_CONFIGURED: &str = "NodesConfigured";
+/// Every node reaches the mirror, as its agent reports in `RegistryMirrorReady`.
+pub const NODES_MIRROR_READY: &str = "NodesMirrorReady";
 
 /// The API resource of `ClusterRegistry`.
 pub fn api_resource() -> ApiResource {
@@ -54,8 +58,23 @@ pub struct ClusterRegistryStatus {
     pub replicas_ready: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<CertificateStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<Box<NodesStatus>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// The workload cluster's nodes and their mirror configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodesStatus {
+    pub total: i32,
+    /// `carrying/total`: nodes that applied the current node configuration.
+    pub configured: String,
+    /// `transition` or `final`.
+    pub phase: String,
+    /// Nodes whose `RegistryMirrorReady` is True.
+    pub mirror_ready: i32,
 }
 
 /// The registry's serving certificate.

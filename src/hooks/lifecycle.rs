@@ -102,7 +102,10 @@ async fn run(converge: &Converge<'_>, hook: Hook) -> Result<Response, ConvergeEr
             converge.ensure_cluster_ca(&ca).await?;
             let users = converge.ensure_users().await?;
             let workload = converge.workload().await?;
-            converge.deploy(&ca, &workload, &users, None).await?;
+            let plan = converge.node_plan(&workload, &ca, &users).await?;
+            converge.deploy(&ca, &workload, &users, None, &plan).await?;
+            // The registry has just been (re)deployed: the rollout may start, not finish.
+            converge.roll_nodes(&workload, &plan, false).await?;
             Ok(Response::success(
                 hook,
                 format!(
@@ -117,10 +120,13 @@ async fn run(converge: &Converge<'_>, hook: Hook) -> Result<Response, ConvergeEr
             let users = converge.ensure_users().await?;
             let workload = converge.workload().await?;
             let fraction = converge.config.addon.renew_fraction;
+            let plan = converge.node_plan(&workload, &ca, &users).await?;
             let deployed = converge
-                .deploy(&ca, &workload, &users, Some(fraction))
+                .deploy(&ca, &workload, &users, Some(fraction), &plan)
                 .await?;
             let readiness = converge.readiness(&workload, &deployed.hash).await?;
+            let serves = converge.serves_current(&plan, &readiness);
+            converge.roll_nodes(&workload, &plan, serves).await?;
             let ns = names::REGISTRY_NAMESPACE;
             let name = names::REGISTRY_NAME;
             Ok(match readiness.waiting {

@@ -96,7 +96,7 @@ def test_cluster_registry_crd_is_installed_with_the_binding_names(tmp_path):
     assert spec["scope"] == "Namespaced" and spec["names"]["shortNames"] == ["creg"]
     version = spec["versions"][0]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Mode", "Ready", "Replicas", "Cert-Expires", "Age"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Mode", "Ready", "Replicas", "Nodes", "Cert-Expires", "Age"]
     example = {
         "apiVersion": "registry-addon.io/v1alpha1",
         "kind": "ClusterRegistry",

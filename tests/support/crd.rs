@@ -55,7 +55,10 @@ pub fn printed_columns(object: &Value) -> Vec<String> {
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["Mode", "Ready", "Replicas", "Cert-Expires", "Age"]);
+    assert_eq!(
+        names,
+        ["Mode", "Ready", "Replicas", "Nodes", "Cert-Expires", "Age"]
+    );
     columns
         .iter()
         .map(|c| {
