@@ -156,6 +156,9 @@ pub const MIRROR_READY_CONDITION: &str = "RegistryMirrorReady";
 pub const NODE_CONFIG_CONDITION: &str = "RegistryNodeConfigApplied";
 /// Manifest of the files the agent wrote, inside the hosts directory.
 pub const NODE_AGENT_MANIFEST: &str = ".registry-addon-owned";
+/// The last applied config, inside the hosts directory (root only: it holds the `ro` header),
+/// so that a restarted agent repairs the files before it reaches the API server.
+pub const NODE_AGENT_APPLIED: &str = ".registry-addon-applied";
 /// Port of the node agent's metrics and probes (host network: clear of the kubelet's and
 /// node-exporter's ports and of the extension's own 9440-9443).
 pub const NODE_AGENT_METRICS_PORT: u16 = 9445;

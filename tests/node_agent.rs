@@ -5,6 +5,7 @@
 //! Needs root (containerd), `containerd`, `ctr`, `docker-registry` and `skopeo` on PATH; the
 //! test fails, saying what to install, without them.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -636,5 +637,24 @@ async fn node_agent_keeps_the_mirror_files_and_reports_health() {
         !agent_log().contains(RO_PASSWORD),
         "the log shows a password"
     );
+
+    // Restarted while the API server is still gone: the last applied config was recorded,
+    // so the new process repairs the files before it ever reads the Secret.
+    drop(agent);
+    let record = certs.join(names::NODE_AGENT_APPLIED);
+    let mode = std::fs::metadata(&record).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the record holds the ro header");
+    std::fs::remove_file(&hosts_file).unwrap();
+    let _restarted = start_agent(dir.path(), &certs, sync_support::free_port());
+    let start = Instant::now();
+    while !on_disk(&certs, &good) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "a restarted agent without the API did not repair: {}",
+            agent_log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(agent_log().contains("resuming from the last applied config"));
     assert!(rss <= 16 * 1024, "idle anonymous memory {rss} KiB > 16 MiB");
 }

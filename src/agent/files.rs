@@ -56,6 +56,13 @@ pub struct Manifest {
     pub files: BTreeMap<String, String>,
 }
 
+/// The last applied config as recorded on disk.
+#[derive(Serialize, Deserialize)]
+struct AppliedRecord {
+    phase: String,
+    files: BTreeMap<String, String>,
+}
+
 /// What one pass changed.
 #[derive(Debug, Default, PartialEq)]
 pub struct Outcome {
@@ -89,6 +96,36 @@ impl CertsDir {
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default()
+    }
+
+    fn applied_path(&self) -> PathBuf {
+        self.root.join(names::NODE_AGENT_APPLIED)
+    }
+
+    /// Records `config` as the last applied one (mode 0600: it holds the `ro` header).
+    pub fn save_applied(&self, config: &NodeConfig) -> Result<(), FilesError> {
+        let record = AppliedRecord {
+            phase: config.phase.as_str().to_string(),
+            files: config.files.clone(),
+        };
+        let body = serde_json::to_vec(&record).unwrap_or_default();
+        write_atomic(&self.applied_path(), &body, 0o600)
+    }
+
+    /// The last applied config, when one was recorded and still reads; its hash is computed
+    /// again from the content, and every path must be one the agent may own.
+    pub fn load_applied(&self) -> Option<NodeConfig> {
+        let bytes = std::fs::read(self.applied_path()).ok()?;
+        let record: AppliedRecord = serde_json::from_slice(&bytes).ok()?;
+        let phase = record.phase.parse().ok()?;
+        if record
+            .files
+            .keys()
+            .any(|relative| owned_path(&self.root, relative).is_err())
+        {
+            return None;
+        }
+        Some(NodeConfig::new(phase, record.files))
     }
 
     /// Makes the owned files match `config`: writes each one that is absent or differs,

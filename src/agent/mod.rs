@@ -194,7 +194,11 @@ pub async fn run(args: NodeAgentArgs) -> anyhow::Result<()> {
 
     let files = files::CertsDir::new(certs_dir.clone());
     let mut writer = NodeWriter::new(client, &args.node_name, &args.namespace);
-    let mut applied: Option<NodeConfig> = None;
+    // A restart with the API server down still repairs the files, from the last record.
+    let mut applied: Option<NodeConfig> = files.load_applied();
+    if let Some(config) = &applied {
+        tracing::info!(hash = %config.hash, "resuming from the last applied config");
+    }
     let mut refused_version: Option<String> = None;
     let mut tick = tokio::time::interval(args.probe_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -233,6 +237,9 @@ pub async fn run(args: NodeAgentArgs) -> anyhow::Result<()> {
                             Ok(outcome) => {
                                 tracing::info!(hash = %config.hash, phase = config.phase.as_str(), written = ?outcome.written, removed = ?outcome.removed, "desired config applied");
                                 metrics.applied.inc();
+                                if let Err(e) = files.save_applied(&config) {
+                                    tracing::warn!(error = %e, "cannot record the applied config; a restart without the API server will not repair the files");
+                                }
                                 applied = Some(config);
                             }
                             Err(e) => {
