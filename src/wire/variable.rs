@@ -63,7 +63,7 @@ pub struct StorageConfig {
 }
 
 /// How the cluster gets its images (SPEC §9.5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub enum Mode {
     /// A full copy in the cluster.
     Local,
@@ -755,28 +755,94 @@ mod tests {
     fn mode_errors_name_the_field() {
         let up = json!({"url": "https://r.example"});
         let cases = [
-            (json!({"mode": "Direct"}), "addons.registry.upstream: required in mode Direct"),
-            (json!({"mode": "Local", "upstream": up}), "addons.registry.upstream: not allowed in mode Local"),
-            (json!({"upstream": up}), "addons.registry.upstream: not allowed in mode Local"),
-            (json!({"mode": "Unmanaged", "upstream": up}), "addons.registry.upstream: not allowed in mode Unmanaged"),
-            (json!({"mode": "Direct", "upstream": up, "cache": {"ttl": "1h"}}), "addons.registry.cache: not allowed in mode Direct"),
-            (json!({"mode": "Local", "cache": {"ttl": "1h"}}), "addons.registry.cache: not allowed in mode Local"),
-            (json!({"mode": "Proxy", "upstream": up, "cache": {"ttl": "a week"}}), "addons.registry.cache.ttl: must be a Go duration"),
-            (json!({"mode": "Proxy", "upstream": up, "cache": {"size": "1"}}), "addons.registry.cache.size: unknown field"),
-            (json!({"mode": "Proxy", "upstream": {}}), "addons.registry.upstream.url: required"),
-            (json!({"mode": "Proxy", "upstream": "https://r.example"}), "addons.registry.upstream: must be an object"),
-            (json!({"mode": "Proxy", "upstream": {"url": "http://r.example"}}), "addons.registry.upstream.url: \"http://r.example\" is not https"),
-            (json!({"mode": "Proxy", "upstream": {"url": "r.example/x"}}), "addons.registry.upstream.url: \"r.example/x\" is not a URL"),
-            (json!({"mode": "Proxy", "upstream": {"url": "https://"}}), "addons.registry.upstream.url: \"https://\" is not a URL"),
-            (json!({"mode": "Proxy", "upstream": {"url": "https://a b"}}), "addons.registry.upstream.url: \"https://a b\" is not a URL"),
-            (json!({"mode": "Proxy", "upstream": {"url": "https://u:p@r.example"}}), "addons.registry.upstream.url: \"https://u:p@r.example\" carries user information"),
-            (json!({"mode": "Proxy", "upstream": {"url": "https://r_x.example"}}), "addons.registry.upstream.url: \"https://r_x.example\" has an invalid host"),
-            (json!({"mode": "Proxy", "upstream": {"url": "https://r.example?x=1"}}), "addons.registry.upstream.url: \"https://r.example?x=1\" has a query or fragment"),
-            (json!({"mode": "Proxy", "upstream": {"url": 5}}), "addons.registry.upstream.url: must be a string"),
-            (json!({"mode": "Proxy", "upstream": {"url": "https://r.example", "token": "x"}}), "addons.registry.upstream.token: unknown field"),
-            (json!({"mode": "Proxy", "upstream": {"url": "https://r.example", "credentialsSecretRef": {}}}), "addons.registry.upstream.credentialsSecretRef.name: required"),
-            (json!({"mode": "Proxy", "upstream": {"url": "https://r.example", "caSecretRef": {"name": "Bad_Name"}}}), "addons.registry.upstream.caSecretRef.name: required"),
-            (json!({"mode": "Proxy", "upstream": {"url": "https://r.example", "caSecretRef": "ca"}}), "addons.registry.upstream.caSecretRef: must be an object"),
+            (
+                json!({"mode": "Direct"}),
+                "addons.registry.upstream: required in mode Direct",
+            ),
+            (
+                json!({"mode": "Local", "upstream": up}),
+                "addons.registry.upstream: not allowed in mode Local",
+            ),
+            (
+                json!({"upstream": up}),
+                "addons.registry.upstream: not allowed in mode Local",
+            ),
+            (
+                json!({"mode": "Unmanaged", "upstream": up}),
+                "addons.registry.upstream: not allowed in mode Unmanaged",
+            ),
+            (
+                json!({"mode": "Direct", "upstream": up, "cache": {"ttl": "1h"}}),
+                "addons.registry.cache: not allowed in mode Direct",
+            ),
+            (
+                json!({"mode": "Local", "cache": {"ttl": "1h"}}),
+                "addons.registry.cache: not allowed in mode Local",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": up, "cache": {"ttl": "a week"}}),
+                "addons.registry.cache.ttl: must be a Go duration",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": up, "cache": {"size": "1"}}),
+                "addons.registry.cache.size: unknown field",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": {}}),
+                "addons.registry.upstream.url: required",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": "https://r.example"}),
+                "addons.registry.upstream: must be an object",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": {"url": "http://r.example"}}),
+                "addons.registry.upstream.url: \"http://r.example\" is not https",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": {"url": "r.example/x"}}),
+                "addons.registry.upstream.url: \"r.example/x\" is not a URL",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": {"url": "https://"}}),
+                "addons.registry.upstream.url: \"https://\" is not a URL",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": {"url": "https://a b"}}),
+                "addons.registry.upstream.url: \"https://a b\" is not a URL",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": {"url": "https://u:p@r.example"}}),
+                "addons.registry.upstream.url: \"https://u:p@r.example\" carries user information",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": {"url": "https://r_x.example"}}),
+                "addons.registry.upstream.url: \"https://r_x.example\" has an invalid host",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": {"url": "https://r.example?x=1"}}),
+                "addons.registry.upstream.url: \"https://r.example?x=1\" has a query or fragment",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": {"url": 5}}),
+                "addons.registry.upstream.url: must be a string",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": {"url": "https://r.example", "token": "x"}}),
+                "addons.registry.upstream.token: unknown field",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": {"url": "https://r.example", "credentialsSecretRef": {}}}),
+                "addons.registry.upstream.credentialsSecretRef.name: required",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": {"url": "https://r.example", "caSecretRef": {"name": "Bad_Name"}}}),
+                "addons.registry.upstream.caSecretRef.name: required",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": {"url": "https://r.example", "caSecretRef": "ca"}}),
+                "addons.registry.upstream.caSecretRef: must be an object",
+            ),
             (json!({"mode": 3}), "addons.registry.mode: must be one of"),
         ];
         for (registry, expected) in cases {
