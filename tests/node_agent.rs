@@ -236,6 +236,7 @@ fn side(port: u16, ca_pem: &str, password: &str) -> MirrorSide {
             username: "ro".into(),
             password: password.into(),
         },
+        route: Some(containerd::Route::Default),
     }
 }
 

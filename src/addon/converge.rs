@@ -685,7 +685,11 @@ impl<'a> Converge<'a> {
         let service_ip = self.service_ip()?;
         let hosts = objects::containerd_hosts_secret(
             cluster,
-            &containerd::default_hosts_toml(service_ip, &ro.credentials),
+            &containerd::bootstrap_hosts_toml(
+                containerd::Route::of(self.registry).as_ref(),
+                service_ip,
+                &ro.credentials,
+            ),
         );
         if self.management.ensure(&hosts).await? == Outcome::Applied {
             info!(cluster = %self.key, secret = %k8s::ObjectId::of(&hosts), "applied the node containerd hosts Secret");

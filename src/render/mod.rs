@@ -150,7 +150,11 @@ pub fn render(
     out.push(rw_secret);
     out.push(objects::containerd_hosts_secret(
         cluster,
-        &containerd::default_hosts_toml(service_ip, &ro.credentials),
+        &containerd::bootstrap_hosts_toml(
+            containerd::Route::of(&registry).as_ref(),
+            service_ip,
+            &ro.credentials,
+        ),
     ));
     out.push(objects::registry_namespace());
     out.push(
