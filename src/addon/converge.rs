@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tracing::info;
 
+use crate::addon::modes;
 use crate::addon::users::{self, Credentials, RegistryAuth, StoredUser};
 use crate::certs::{self, CertInfo, CertificateAuthority, CertifiedKey, PrivateKeyPem};
 use crate::cli::Deployer;
@@ -26,9 +27,9 @@ use crate::hooks::patches::containerd;
 use crate::k8s::{self, ClusterApi, Outcome, Place};
 use crate::names;
 use crate::render::objects::{self, secret_data};
-use crate::render::registry::{self, RegistryValues};
+use crate::render::registry::RegistryValues;
 use crate::wire::cluster::Cluster;
-use crate::wire::variable::{RegistryConfig, registry_from_config};
+use crate::wire::variable::{Mode, RegistryConfig, registry_from_config};
 
 /// Workload clients kept at most. Each holds its TLS configuration and its pooled
 /// connection (about 60 KiB); a resync of 1,000 clusters would otherwise keep 1,000 of them
@@ -519,12 +520,15 @@ impl<'a> Scope<'a> {
         if let Some(workload) = workload {
             let mut targets: Vec<(String, String, String)> = Vec::new();
             if proxy.is_none() {
-                for object in removal_targets(&self.config.addon) {
-                    let id = k8s::ObjectId::of(&object);
+                for id in removal_targets(&self.config.addon) {
                     targets.push((id.api_version, id.kind, id.name));
                 }
             }
-            for secret in [names::REGISTRY_TLS_SECRET, names::REGISTRY_AUTH_SECRET] {
+            for secret in [
+                names::REGISTRY_TLS_SECRET,
+                names::REGISTRY_AUTH_SECRET,
+                names::REGISTRY_UPSTREAM_SECRET,
+            ] {
                 targets.push(("v1".into(), "Secret".into(), secret.into()));
             }
             let ns = names::REGISTRY_NAMESPACE;
@@ -551,9 +555,9 @@ impl<'a> Scope<'a> {
     }
 }
 
-/// The registry objects the direct deployer applies, rendered with default values: only
-/// their apiVersion, kind and name are used.
-fn removal_targets(options: &crate::cli::AddonOptions) -> Vec<serde_json::Value> {
+/// The registry objects the direct deployer applies in any mode, rendered with default
+/// values: only their apiVersion, kind and name are used.
+fn removal_targets(options: &crate::cli::AddonOptions) -> Vec<k8s::ObjectId> {
     let defaults = serde_json::json!({"addons": {"registry": {}}});
     let Ok(Some(registry)) = registry_from_config(Some(&defaults)) else {
         return Vec::new();
@@ -564,7 +568,7 @@ fn removal_targets(options: &crate::cli::AddonOptions) -> Vec<serde_json::Value>
         IpAddr::from([10, 96, 0, 10]),
         String::new(),
     );
-    registry::registry_objects(&values)
+    modes::removal_targets(&values)
 }
 
 /// One cluster's converge with its variable.
@@ -740,9 +744,13 @@ impl<'a> Converge<'a> {
         if self.deployer == Deployer::Direct {
             self.check_no_helm_chart_proxy().await?;
         }
+        // Proxy's and Direct's upstream Secrets, checked before anything is written.
+        let upstream =
+            modes::read_upstream_secrets(&self.management, self.cluster, self.registry).await?;
         // From here on the addon's objects exist again: a later removal must look.
         self.state.set_removed(&self.key, false);
         let mut applied = self.ensure_registry_auth(workload, users).await?;
+        applied += modes::ensure_upstream_secret(workload, upstream.as_ref(), &self.key).await?;
         let service_ip = self.service_ip()?;
         let subject = certs::registry_subject_names(self.registry.replicas, service_ip);
 
@@ -816,6 +824,7 @@ impl<'a> Converge<'a> {
                         info!(cluster = %self.key, object = %k8s::ObjectId::of(&object), "applied a registry object on the workload cluster");
                     }
                 }
+                applied += modes::prune_other_modes(workload, &values, &self.key).await?;
             }
         }
         Ok(Deployed {
@@ -848,6 +857,37 @@ impl<'a> Converge<'a> {
         workload: &ClusterApi,
         certificate_hash: &str,
     ) -> Result<Readiness, ConvergeError> {
+        match self.registry.mode {
+            // Nothing serves at the address: nothing to wait for.
+            Mode::Unmanaged => {
+                return Ok(Readiness {
+                    wanted: 0,
+                    replicas: None,
+                    ready_replicas: 0,
+                    waiting: None,
+                });
+            }
+            Mode::Direct => {
+                let deployment = workload
+                    .get(
+                        "apps/v1",
+                        "Deployment",
+                        Some(names::REGISTRY_NAMESPACE),
+                        names::REGISTRY_DIRECT_NAME,
+                    )
+                    .await?;
+                let wanted = u64::from(self.registry.replicas.max(2));
+                let (replicas, ready_replicas, waiting) =
+                    modes::deployment_not_ready(deployment.as_ref(), wanted, certificate_hash);
+                return Ok(Readiness {
+                    wanted,
+                    replicas,
+                    ready_replicas,
+                    waiting,
+                });
+            }
+            Mode::Local | Mode::Proxy => {}
+        }
         let statefulset = workload
             .get(
                 "apps/v1",

@@ -2,5 +2,6 @@
 //! and the controller.
 
 pub mod converge;
+pub mod modes;
 pub mod reconcile;
 pub mod users;
