@@ -48,6 +48,9 @@ pub struct State {
     uses: AtomicU64,
     root_ca: tokio::sync::Mutex<()>,
     removed: Mutex<HashSet<String>>,
+    /// The mode each cluster was last deployed in by this process: while it stays, the
+    /// objects of other modes are known to be gone and are not looked for again.
+    modes: Mutex<HashMap<String, Mode>>,
 }
 
 struct CachedWorkload {
@@ -95,8 +98,23 @@ impl State {
         }
     }
 
+    /// Whether the cluster `key` was last deployed in `mode` by this process.
+    pub fn deployed_in(&self, key: &str, mode: Mode) -> bool {
+        let modes = self.modes.lock().unwrap_or_else(|e| e.into_inner());
+        modes.get(key) == Some(&mode)
+    }
+
+    fn set_deployed_in(&self, key: &str, mode: Option<Mode>) {
+        let mut modes = self.modes.lock().unwrap_or_else(|e| e.into_inner());
+        match mode {
+            Some(mode) => modes.insert(key.to_string(), mode),
+            None => modes.remove(key),
+        };
+    }
+
     /// Drops what is kept for a deleted cluster.
     pub fn forget(&self, key: &str) {
+        self.set_deployed_in(key, None);
         self.workloads
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -551,6 +569,7 @@ impl<'a> Scope<'a> {
             }
         }
         self.state.set_removed(&self.key, true);
+        self.state.set_deployed_in(&self.key, None);
         Ok(removed)
     }
 }
@@ -749,8 +768,13 @@ impl<'a> Converge<'a> {
             modes::read_upstream_secrets(&self.management, self.cluster, self.registry).await?;
         // From here on the addon's objects exist again: a later removal must look.
         self.state.set_removed(&self.key, false);
+        // What another mode left needs looking for only when the mode may have changed.
+        let settled = self.state.deployed_in(&self.key, self.registry.mode);
         let mut applied = self.ensure_registry_auth(workload, users).await?;
-        applied += modes::ensure_upstream_secret(workload, upstream.as_ref(), &self.key).await?;
+        if upstream.is_some() || !settled {
+            applied +=
+                modes::ensure_upstream_secret(workload, upstream.as_ref(), &self.key).await?;
+        }
         let service_ip = self.service_ip()?;
         let subject = certs::registry_subject_names(self.registry.replicas, service_ip);
 
@@ -824,9 +848,13 @@ impl<'a> Converge<'a> {
                         info!(cluster = %self.key, object = %k8s::ObjectId::of(&object), "applied a registry object on the workload cluster");
                     }
                 }
-                applied += modes::prune_other_modes(workload, &values, &self.key).await?;
+                if !settled {
+                    applied += modes::prune_other_modes(workload, &values, &self.key).await?;
+                }
             }
         }
+        self.state
+            .set_deployed_in(&self.key, Some(self.registry.mode));
         Ok(Deployed {
             hash,
             certificate,

@@ -162,6 +162,8 @@ pub async fn ensure_upstream_secret(
 ) -> Result<usize, ConvergeError> {
     let ns = names::REGISTRY_NAMESPACE;
     let name = names::REGISTRY_UPSTREAM_SECRET;
+    // An anonymous upstream with a public certificate has nothing to copy.
+    let secrets = secrets.filter(|s| s.credentials.is_some() || s.ca_pem.is_some());
     let existing = workload.get("v1", "Secret", Some(ns), name).await?;
     let Some(secrets) = secrets else {
         if existing.is_some() && workload.delete("v1", "Secret", Some(ns), name).await? {
