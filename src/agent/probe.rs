@@ -36,7 +36,8 @@ fn failed(reason: &'static str, message: String) -> ProbeResult {
 }
 
 /// The hosts files the agent wrote (`_default/hosts.toml` in Local, the upstream host's in
-/// Proxy and Direct), or `_default/hosts.toml` before it wrote any (bootstrap files).
+/// Proxy and Direct; none in Unmanaged), or `_default/hosts.toml` before it applied any
+/// config (bootstrap files).
 fn hosts_files(certs_dir: &Path) -> Vec<std::path::PathBuf> {
     let manifest = super::files::CertsDir::new(certs_dir.to_path_buf()).manifest();
     let owned: Vec<_> = manifest
@@ -45,7 +46,8 @@ fn hosts_files(certs_dir: &Path) -> Vec<std::path::PathBuf> {
         .filter(|path| path.ends_with("/hosts.toml"))
         .filter_map(|path| super::files::owned_path(certs_dir, path).ok())
         .collect();
-    if owned.is_empty() && manifest.files.is_empty() {
+    let applied = certs_dir.join(crate::names::NODE_AGENT_MANIFEST).exists();
+    if owned.is_empty() && !applied {
         return vec![certs_dir.join(DEFAULT_HOSTS_FILE)];
     }
     owned
