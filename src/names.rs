@@ -22,6 +22,15 @@ pub const REGISTRY_NAMESPACE: &str = "registry-system";
 pub const REGISTRY_TLS_SECRET: &str = "registry-tls";
 /// StatefulSet and ClusterIP Service name.
 pub const REGISTRY_NAME: &str = "registry";
+/// Direct mode's Deployment of the front (and its PodDisruptionBudget).
+pub const REGISTRY_DIRECT_NAME: &str = "registry-direct";
+/// Workload Secret with the upstream's credentials and CA (Proxy and Direct), copied from the
+/// Secrets the variable names on the management cluster.
+pub const REGISTRY_UPSTREAM_SECRET: &str = "registry-upstream";
+/// Where the pods mount `registry-upstream`.
+pub const REGISTRY_UPSTREAM_DIR: &str = "/etc/registry-upstream";
+/// Key of `registry-upstream` holding `{"username":…,"password":…}` for Direct's front.
+pub const UPSTREAM_CREDENTIALS_KEY: &str = "credentials";
 /// Headless Service giving each replica a stable DNS name.
 pub const REGISTRY_HEADLESS_SERVICE: &str = "registry-headless";
 /// Port the registry container listens on (headless Service too).

@@ -66,6 +66,56 @@ fn cases() -> Vec<(&'static str, RegistryValues)> {
             ),
         ),
         ("tuned", tuned),
+        (
+            "proxy",
+            values(
+                &["--registry-image", "registry:3.0.0"],
+                json!({"mode": "Proxy", "replicas": 3, "upstream": {
+                    "url": "https://upstream.example:5443/library",
+                    "credentialsSecretRef": {"name": "up-creds"},
+                    "caSecretRef": {"name": "up-ca"},
+                }, "cache": {"ttl": "72h"}}),
+                "10.96.0.20",
+                hash,
+            ),
+        ),
+        (
+            "proxy-anonymous",
+            values(
+                &[],
+                json!({"mode": "Proxy", "upstream": {"url": "https://upstream.example"}, "cache": {"ttl": "72h"}}),
+                "10.96.0.20",
+                hash,
+            ),
+        ),
+        (
+            "direct",
+            values(
+                &[],
+                json!({"mode": "Direct", "replicas": 1, "upstream": {
+                    "url": "https://upstream.example:5443",
+                    "credentialsSecretRef": {"name": "up-creds"},
+                    "caSecretRef": {"name": "up-ca"},
+                }}),
+                "10.96.0.20",
+                hash,
+            ),
+        ),
+        (
+            "direct-ca-only",
+            values(
+                &[],
+                json!({"mode": "Direct", "replicas": 4, "upstream": {
+                    "url": "https://[fd00::1]:5000", "caSecretRef": {"name": "up-ca"},
+                }}),
+                "fd00:10:96::14",
+                hash,
+            ),
+        ),
+        (
+            "unmanaged",
+            values(&[], json!({"mode": "Unmanaged"}), "10.96.0.20", hash),
+        ),
     ]
 }
 

@@ -237,6 +237,7 @@ fn side(port: u16, ca_pem: &str, password: &str) -> MirrorSide {
             username: "ro".into(),
             password: password.into(),
         },
+        route: Some(containerd::Route::Default),
     }
 }
 
@@ -657,4 +658,118 @@ async fn node_agent_keeps_the_mirror_files_and_reports_health() {
     }
     assert!(agent_log().contains("resuming from the last applied config"));
     assert!(rss <= 16 * 1024, "idle anonymous memory {rss} KiB > 16 MiB");
+}
+
+/// The node files of each mode through the agent: Local's `_default` mirror, then Proxy's
+/// upstream-host hosts.toml (the `_default` one removed), then Unmanaged's nothing (every
+/// owned file removed, the foreign one left), each acked; containerd pulls the upstream
+/// host's image through the mirror while a mode routes it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_files_follow_the_mode() {
+    require_tools();
+    let dir = tempfile::Builder::new()
+        .prefix("ra")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let ca =
+        CertificateAuthority::generate(KeyAlgorithm::EcdsaP256, OffsetDateTime::now_utc()).unwrap();
+    let (front, _registry) = start_replica(&dir.path().join("replica"), &ca);
+    let (_containerd, socket) = start_containerd(&dir.path().join("containerd"));
+    let certs = dir.path().join("certs.d");
+    write(
+        certs.join("docker.io/hosts.toml"),
+        "server = \"https://registry-1.docker.io\"\n",
+    );
+    let certs_str = certs.to_str().unwrap();
+    let api = ApiServer::start().await;
+    api.put(
+        "/api/v1/nodes",
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}, "status": {"conditions": []}}),
+    );
+    write(dir.path().join("kubeconfig"), api.kubeconfig());
+    let local = side(front.port, ca.cert_pem(), RO_PASSWORD);
+    // `fetch` pulls 127.0.0.1:9/app:v1: the "upstream" host of Proxy here.
+    let proxy = MirrorSide {
+        route: Some(containerd::Route::Host("127.0.0.1:9".into())),
+        ..local.clone()
+    };
+    let unmanaged = MirrorSide {
+        route: None,
+        ..local.clone()
+    };
+    let metrics_port = sync_support::free_port();
+    let _agent = start_agent(dir.path(), &certs, metrics_port);
+    let agent_log = || std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
+
+    for (mode, side, hosts_file) in [
+        ("Local", &local, Some("_default/hosts.toml")),
+        ("Proxy", &proxy, Some("127.0.0.1:9/hosts.toml")),
+        ("Unmanaged", &unmanaged, None),
+    ] {
+        let config = node_config(certs_str, &Rollout::Final(side));
+        put_config(&api, &config);
+        within(Duration::from_secs(10), &format!("{mode} acked"), || {
+            annotation(&api).as_deref() == Some(config.hash.as_str())
+        })
+        .await;
+        assert!(on_disk(&certs, &config), "{mode}: {}", agent_log());
+        let owned = |p: &str| certs.join(p).exists();
+        assert_eq!(owned("_default/hosts.toml"), mode == "Local", "{mode}");
+        assert_eq!(owned("127.0.0.1:9/hosts.toml"), mode == "Proxy", "{mode}");
+        assert!(
+            owned("docker.io/hosts.toml"),
+            "{mode}: the foreign file stays"
+        );
+        let out = fetch(&socket, &certs);
+        match hosts_file {
+            Some(file) => {
+                assert!(
+                    out.status.success(),
+                    "{mode}: fetch through {file} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                within(
+                    Duration::from_secs(5),
+                    &format!("{mode} mirror ready"),
+                    || mirror(&api) == Some(("True".into(), "MirrorReachable".into())),
+                )
+                .await;
+            }
+            None => {
+                let left: Vec<_> = std::fs::read_dir(&certs)
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().into_string().unwrap())
+                    .filter(|n| !n.starts_with('.'))
+                    .collect();
+                assert_eq!(
+                    left,
+                    ["docker.io"],
+                    "{mode}: only the foreign directory is left"
+                );
+                within(Duration::from_secs(5), "Unmanaged: no mirror", || {
+                    mirror(&api) == Some(("False".into(), "NotConfigured".into()))
+                })
+                .await;
+                // The image's own registry (nothing at 127.0.0.1:9) is all there is now;
+                // content fetched before stays in containerd's store, so only the manifest
+                // resolution is asked of the registry: it fails.
+                let out = Command::new("ctr")
+                    .args(["--address", socket.to_str().unwrap()])
+                    .args([
+                        "--namespace",
+                        "registry-addon-unmanaged",
+                        "content",
+                        "fetch",
+                    ])
+                    .args(["--hosts-dir", certs_str])
+                    .arg("127.0.0.1:9/app:v1")
+                    .output()
+                    .unwrap();
+                assert!(
+                    !out.status.success(),
+                    "{mode}: the mirror still served the pull"
+                );
+            }
+        }
+    }
 }

@@ -502,3 +502,55 @@ async fn failures_say_what_is_wrong() {
         "{response}"
     );
 }
+
+#[tokio::test]
+async fn each_mode_gets_its_node_files() {
+    let upstream = json!({"url": "https://upstream.example:5443/team"});
+    for (registry, hosts) in [
+        (
+            json!({"mode": "Proxy", "upstream": upstream}),
+            Some("upstream.example:5443"),
+        ),
+        (
+            json!({"mode": "Direct", "upstream": upstream}),
+            Some("upstream.example:5443"),
+        ),
+        (json!({"mode": "Unmanaged"}), None),
+    ] {
+        let ctx = context(Management::Client(management(with_cluster_ca())));
+        let body = request(
+            registry.clone(),
+            &["10.96.0.0/12"],
+            vec![("md", worker_template(), vec![])],
+        );
+        let response = call(&ctx, &body).await;
+        assert_eq!(response["status"], "Success", "{response}");
+        let patched = apply(&worker_template(), &patch_of(&response, "md").unwrap());
+        let files = files(&patched["spec"]["template"]["spec"]);
+        assert!(
+            !files.contains_key("/etc/containerd/certs.d/_default/hosts.toml"),
+            "{registry}: the _default mirror is Local's only"
+        );
+        // What makes containerd read certs.d stays in every mode.
+        assert!(files.contains_key(&containerd::script_path()), "{registry}");
+        match hosts {
+            Some(host) => {
+                let file = &files[&format!("/etc/containerd/certs.d/{host}/hosts.toml")];
+                assert_eq!(
+                    file["contentFrom"],
+                    json!({"secret": {"name": "c1-registry-addon-containerd", "key": "hosts.toml"}})
+                );
+                assert_eq!(
+                    files["/etc/containerd/certs.d/10.96.0.20/ca.crt"]["content"],
+                    CA
+                );
+            }
+            None => assert!(
+                files
+                    .keys()
+                    .all(|p| !p.starts_with("/etc/containerd/certs.d/")),
+                "{registry}: {files:?}"
+            ),
+        }
+    }
+}

@@ -252,3 +252,147 @@ fn stdin_and_errors() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("addons.registry.replicas"), "{stderr}");
 }
+
+/// The fixture Cluster with `registry` as its variable's `addons.registry`.
+fn cluster_with(registry: Value) -> String {
+    let text = std::fs::read_to_string(fixture("cluster.yaml")).expect("fixture");
+    let mut cluster: Value = serde_yaml::from_str(&text).expect("fixture YAML");
+    cluster["spec"]["topology"]["variables"][0]["value"]["addons"]["registry"] = registry;
+    serde_json::to_string(&cluster).expect("JSON")
+}
+
+fn render_stdin(input: &str, args: &[&str]) -> String {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_registry-addon"))
+        .args(["render", "-f", "-", "--root-ca-dir", &fixture("root-ca")])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run registry-addon render");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().expect("render output");
+    assert!(
+        out.status.success(),
+        "render failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8")
+}
+
+#[test]
+fn every_mode_renders_with_both_deployers() {
+    let upstream = json!({
+        "url": "https://upstream.example:5443/team",
+        "credentialsSecretRef": {"name": "upstream-creds"},
+        "caSecretRef": {"name": "upstream-ca"},
+    });
+    let cases = [
+        (
+            "Local",
+            json!({}),
+            vec![
+                "Service registry-headless",
+                "Service registry",
+                "PodDisruptionBudget registry",
+                "StatefulSet registry",
+            ],
+        ),
+        (
+            "Proxy",
+            json!({"mode": "Proxy", "upstream": upstream, "cache": {"ttl": "72h"}}),
+            vec![
+                "Service registry-headless",
+                "Service registry",
+                "PodDisruptionBudget registry",
+                "StatefulSet registry",
+            ],
+        ),
+        (
+            "Direct",
+            json!({"mode": "Direct", "upstream": upstream}),
+            vec![
+                "Service registry",
+                "PodDisruptionBudget registry-direct",
+                "Deployment registry-direct",
+            ],
+        ),
+        ("Unmanaged", json!({"mode": "Unmanaged"}), vec![]),
+    ];
+    for (mode, registry, workload) in cases {
+        let input = cluster_with(registry);
+        let docs = documents(&render_stdin(&input, &["--deployer", "direct"]));
+        let names: Vec<String> = docs
+            .iter()
+            .filter(|d| {
+                d["metadata"]["name"] != "registry-node-agent"
+                    && d["kind"] != "Secret"
+                    && d["kind"] != "Namespace"
+            })
+            .map(|d| {
+                format!(
+                    "{} {}",
+                    d["kind"].as_str().unwrap(),
+                    d["metadata"]["name"].as_str().unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(names, workload, "{mode}");
+        // The node agent in every mode.
+        assert!(docs.iter().any(|d| d["kind"] == "DaemonSet" && d["metadata"]["name"] == "registry-node-agent"), "{mode}");
+        let upstream_secret = docs
+            .iter()
+            .find(|d| d["metadata"]["name"] == "registry-upstream");
+        assert_eq!(
+            upstream_secret.is_some(),
+            mode == "Proxy" || mode == "Direct",
+            "{mode}"
+        );
+        if let Some(secret) = upstream_secret {
+            assert_eq!(secret["data"]["password"], "<redacted>");
+            assert_eq!(
+                unb64(&secret["data"]["ca.crt"]),
+                "<key ca.crt of secret team-a/upstream-ca>"
+            );
+        }
+        // The nodes' hosts file: the _default mirror in Local, the upstream host's otherwise.
+        let proxy = documents(&render_stdin(&input, &[]));
+        let hcp = proxy
+            .iter()
+            .find(|d| d["kind"] == "HelmChartProxy")
+            .unwrap();
+        let values: Value =
+            serde_yaml::from_str(hcp["spec"]["valuesTemplate"].as_str().unwrap()).unwrap();
+        assert_eq!(values["mode"], mode);
+        if mode == "Proxy" || mode == "Direct" {
+            assert_eq!(values["upstream"]["url"], "https://upstream.example:5443");
+            // registry:2.8.3 by default: no proxy.ttl.
+            assert_eq!(values["upstream"]["cacheTTL"], "");
+        }
+    }
+    let bad = cluster_with(json!({"mode": "Proxy"}));
+    let out = Command::new(env!("CARGO_BIN_EXE_registry-addon"))
+        .args(["render", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(bad.as_bytes())?;
+            child.wait_with_output()
+        })
+        .expect("render");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("addons.registry.upstream: required in mode Proxy"),
+        "{stderr}"
+    );
+}

@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tracing::info;
 
+use crate::addon::modes;
 use crate::addon::rollout::{self, Plan, Progress, Signer};
 use crate::addon::users::{self, Credentials, RegistryAuth, StoredUser};
 use crate::certs::{self, CertInfo, CertificateAuthority, CertifiedKey, PrivateKeyPem};
@@ -27,9 +28,9 @@ use crate::hooks::patches::containerd::{self, MirrorSide};
 use crate::k8s::{self, ClusterApi, Outcome, Place};
 use crate::names;
 use crate::render::objects::{self, secret_data};
-use crate::render::registry::{self, RegistryValues};
+use crate::render::registry::RegistryValues;
 use crate::wire::cluster::Cluster;
-use crate::wire::variable::{RegistryConfig, registry_from_config};
+use crate::wire::variable::{Mode, RegistryConfig, registry_from_config};
 
 /// Workload clients kept at most. Each holds its TLS configuration and its pooled
 /// connection (about 60 KiB); a resync of 1,000 clusters would otherwise keep 1,000 of them
@@ -48,6 +49,9 @@ pub struct State {
     uses: AtomicU64,
     root_ca: tokio::sync::Mutex<()>,
     removed: Mutex<HashSet<String>>,
+    /// The mode each cluster was last deployed in by this process: while it stays, the
+    /// objects of other modes are known to be gone and are not looked for again.
+    modes: Mutex<HashMap<String, Mode>>,
 }
 
 struct CachedWorkload {
@@ -95,8 +99,23 @@ impl State {
         }
     }
 
+    /// Whether the cluster `key` was last deployed in `mode` by this process.
+    pub fn deployed_in(&self, key: &str, mode: Mode) -> bool {
+        let modes = self.modes.lock().unwrap_or_else(|e| e.into_inner());
+        modes.get(key) == Some(&mode)
+    }
+
+    fn set_deployed_in(&self, key: &str, mode: Option<Mode>) {
+        let mut modes = self.modes.lock().unwrap_or_else(|e| e.into_inner());
+        match mode {
+            Some(mode) => modes.insert(key.to_string(), mode),
+            None => modes.remove(key),
+        };
+    }
+
     /// Drops what is kept for a deleted cluster.
     pub fn forget(&self, key: &str) {
+        self.set_deployed_in(key, None);
         self.workloads
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -525,12 +544,15 @@ impl<'a> Scope<'a> {
         if let Some(workload) = workload {
             let mut targets: Vec<(String, String, String)> = Vec::new();
             if proxy.is_none() {
-                for object in removal_targets(&self.config.addon) {
-                    let id = k8s::ObjectId::of(&object);
+                for id in removal_targets(&self.config.addon) {
                     targets.push((id.api_version, id.kind, id.name));
                 }
             }
-            for secret in [names::REGISTRY_TLS_SECRET, names::REGISTRY_AUTH_SECRET] {
+            for secret in [
+                names::REGISTRY_TLS_SECRET,
+                names::REGISTRY_AUTH_SECRET,
+                names::REGISTRY_UPSTREAM_SECRET,
+            ] {
                 targets.push(("v1".into(), "Secret".into(), secret.into()));
             }
             let ns = names::REGISTRY_NAMESPACE;
@@ -553,13 +575,14 @@ impl<'a> Scope<'a> {
             }
         }
         self.state.set_removed(&self.key, true);
+        self.state.set_deployed_in(&self.key, None);
         Ok(removed)
     }
 }
 
-/// The registry objects the direct deployer applies, rendered with default values: only
-/// their apiVersion, kind and name are used.
-fn removal_targets(options: &crate::cli::AddonOptions) -> Vec<serde_json::Value> {
+/// The registry objects the direct deployer applies in any mode, rendered with default
+/// values: only their apiVersion, kind and name are used.
+fn removal_targets(options: &crate::cli::AddonOptions) -> Vec<k8s::ObjectId> {
     let defaults = serde_json::json!({"addons": {"registry": {}}});
     let Ok(Some(registry)) = registry_from_config(Some(&defaults)) else {
         return Vec::new();
@@ -570,7 +593,7 @@ fn removal_targets(options: &crate::cli::AddonOptions) -> Vec<serde_json::Value>
         IpAddr::from([10, 96, 0, 10]),
         String::new(),
     );
-    registry::registry_objects(&values)
+    modes::removal_targets(&values)
 }
 
 /// One cluster's converge with its variable.
@@ -699,7 +722,11 @@ impl<'a> Converge<'a> {
         let service_ip = self.service_ip()?;
         let hosts = objects::containerd_hosts_secret(
             cluster,
-            &containerd::default_hosts_toml(service_ip, &ro.credentials),
+            &containerd::bootstrap_hosts_toml(
+                containerd::Route::of(self.registry).as_ref(),
+                service_ip,
+                &ro.credentials,
+            ),
         );
         if self.management.ensure(&hosts).await? == Outcome::Applied {
             info!(cluster = %self.key, secret = %k8s::ObjectId::of(&hosts), "applied the node containerd hosts Secret");
@@ -763,6 +790,7 @@ impl<'a> Converge<'a> {
             host: host.clone(),
             ca_pem: ca.cert_pem().to_string(),
             ro: users.ro.credentials.clone(),
+            route: containerd::Route::of(self.registry),
         };
         let secret = workload
             .get(
@@ -865,9 +893,18 @@ impl<'a> Converge<'a> {
         renew_fraction: Option<f64>,
         plan: &Plan,
     ) -> Result<Deployed, ConvergeError> {
+        // Proxy's and Direct's upstream Secrets, checked before anything is written.
+        let upstream =
+            modes::read_upstream_secrets(&self.management, self.cluster, self.registry).await?;
         // From here on the addon's objects exist again: a later removal must look.
         self.state.set_removed(&self.key, false);
+        // What another mode left needs looking for only when the mode may have changed.
+        let settled = self.state.deployed_in(&self.key, self.registry.mode);
         let mut applied = self.ensure_registry_auth(workload, users, plan).await?;
+        if upstream.is_some() || !settled {
+            applied +=
+                modes::ensure_upstream_secret(workload, upstream.as_ref(), &self.key).await?;
+        }
         let service_ip = self.service_ip()?;
         let subject = certs::registry_subject_names(self.registry.replicas, service_ip);
 
@@ -944,8 +981,13 @@ impl<'a> Converge<'a> {
                         info!(cluster = %self.key, object = %k8s::ObjectId::of(&object), "applied a registry object on the workload cluster");
                     }
                 }
+                if !settled {
+                    applied += modes::prune_other_modes(workload, &values, &self.key).await?;
+                }
             }
         }
+        self.state
+            .set_deployed_in(&self.key, Some(self.registry.mode));
         Ok(Deployed {
             hash,
             certificate,
@@ -976,6 +1018,37 @@ impl<'a> Converge<'a> {
         workload: &ClusterApi,
         certificate_hash: &str,
     ) -> Result<Readiness, ConvergeError> {
+        match self.registry.mode {
+            // Nothing serves at the address: nothing to wait for.
+            Mode::Unmanaged => {
+                return Ok(Readiness {
+                    wanted: 0,
+                    replicas: None,
+                    ready_replicas: 0,
+                    waiting: None,
+                });
+            }
+            Mode::Direct => {
+                let deployment = workload
+                    .get(
+                        "apps/v1",
+                        "Deployment",
+                        Some(names::REGISTRY_NAMESPACE),
+                        names::REGISTRY_DIRECT_NAME,
+                    )
+                    .await?;
+                let wanted = u64::from(self.registry.replicas.max(2));
+                let (replicas, ready_replicas, waiting) =
+                    modes::deployment_not_ready(deployment.as_ref(), wanted, certificate_hash);
+                return Ok(Readiness {
+                    wanted,
+                    replicas,
+                    ready_replicas,
+                    waiting,
+                });
+            }
+            Mode::Local | Mode::Proxy => {}
+        }
         let statefulset = workload
             .get(
                 "apps/v1",

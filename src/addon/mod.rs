@@ -2,6 +2,7 @@
 //! and the controller.
 
 pub mod converge;
+pub mod modes;
 pub mod reconcile;
 pub mod rollout;
 pub mod users;

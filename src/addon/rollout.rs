@@ -33,7 +33,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::agent::desired;
-use crate::hooks::patches::containerd::{self, MirrorSide, NodeConfig, Rollout};
+use crate::hooks::patches::containerd::{self, MirrorSide, NodeConfig, Rollout, Route};
 use crate::names;
 use crate::oci::auth::Credentials;
 use crate::render::objects::{b64, secret_data};
@@ -52,6 +52,8 @@ pub struct StoredSide {
     pub ca: String,
     pub username: String,
     pub password: String,
+    /// Which images go through the mirror; `None`: none (Unmanaged).
+    pub route: Option<Route>,
 }
 
 impl fmt::Debug for StoredSide {
@@ -70,6 +72,7 @@ impl From<&MirrorSide> for StoredSide {
             ca: side.ca_pem.clone(),
             username: side.ro.username.clone(),
             password: side.ro.password.clone(),
+            route: side.route.clone(),
         }
     }
 }
@@ -80,6 +83,7 @@ impl StoredSide {
             host: self.host.clone(),
             ca_pem: self.ca.clone(),
             ro: self.credentials(),
+            route: self.route.clone(),
         }
     }
 
@@ -541,6 +545,7 @@ mod tests {
                 username: "ro".into(),
                 password: password.into(),
             },
+            route: Some(Route::Default),
         }
     }
 

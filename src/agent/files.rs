@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::hooks::patches::containerd::{DEFAULT_HOSTS_FILE, NodeConfig};
+use crate::hooks::patches::containerd::NodeConfig;
 use crate::names;
 
 #[derive(Debug, thiserror::Error)]
@@ -140,8 +140,8 @@ impl CertsDir {
             self.refuse_symlinks(&path)?;
             let current = std::fs::read(&path).ok();
             if current.as_deref() != Some(content.as_bytes()) {
-                // The hosts file carries the ro credentials: root only.
-                let mode = if relative == DEFAULT_HOSTS_FILE {
+                // The hosts files carry the ro credentials: root only.
+                let mode = if relative.ends_with("/hosts.toml") {
                     0o600
                 } else {
                     0o644
@@ -276,5 +276,32 @@ mod tests {
             Err(FilesError::UnsafePath(_))
         ));
         assert!(owned_path(dir.path(), "/etc/passwd").is_err());
+    }
+
+    #[test]
+    fn an_empty_config_removes_every_owned_file_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = CertsDir::new(dir.path().to_path_buf());
+        std::fs::create_dir_all(dir.path().join("docker.io")).unwrap();
+        std::fs::write(dir.path().join("docker.io/hosts.toml"), "foreign").unwrap();
+        let proxy = config(&[("r.example:5443/hosts.toml", "h"), ("10.0.0.1/ca.crt", "c")]);
+        certs.apply(&proxy).unwrap();
+        let mode = std::fs::metadata(dir.path().join("r.example:5443/hosts.toml"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // A file the operator added beside an owned one keeps its directory.
+        std::fs::write(dir.path().join("10.0.0.1/client.cert"), "mine").unwrap();
+        let out = certs.apply(&config(&[])).unwrap();
+        assert_eq!(
+            out.removed,
+            ["10.0.0.1/ca.crt", "r.example:5443/hosts.toml"]
+        );
+        assert!(!dir.path().join("r.example:5443").exists());
+        assert!(dir.path().join("10.0.0.1/client.cert").exists());
+        assert!(dir.path().join("docker.io/hosts.toml").exists());
+        assert_eq!(certs.manifest(), Manifest::default());
+        assert_eq!(certs.apply(&config(&[])).unwrap(), Outcome::default());
     }
 }

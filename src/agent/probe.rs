@@ -35,37 +35,41 @@ fn failed(reason: &'static str, message: String) -> ProbeResult {
     }
 }
 
-/// Probes every host of `<certs_dir>/_default/hosts.toml`; the first failure is the result.
-pub async fn probe(certs_dir: &Path, timeout: Duration) -> ProbeResult {
-    let hosts_path = certs_dir.join(DEFAULT_HOSTS_FILE);
-    let hosts = match std::fs::read_to_string(&hosts_path)
-        .map_err(|e| e.to_string())
-        .and_then(|text| toml::from_str::<HostsFile>(&text).map_err(|e| e.message().to_string()))
-    {
-        Ok(hosts) if !hosts.host.is_empty() => hosts,
-        Ok(_) => {
-            return failed(
-                "NotConfigured",
-                format!("{} lists no mirror host", hosts_path.display()),
-            );
-        }
-        Err(e) => {
-            return failed(
-                "NotConfigured",
-                format!(
-                    "cannot read {}: {e}; the agent rewrites it from the desired config",
-                    hosts_path.display()
-                ),
-            );
-        }
-    };
-    let mut urls: Vec<String> = Vec::new();
-    for (url, entry) in &hosts.host {
-        if let Err(result) = probe_host(url, entry, timeout).await {
-            return result;
-        }
-        urls.push(url.clone());
+/// The hosts files the agent wrote (`_default/hosts.toml` in Local, the upstream host's in
+/// Proxy and Direct; none in Unmanaged), or `_default/hosts.toml` before it applied any
+/// config (bootstrap files).
+fn hosts_files(certs_dir: &Path) -> Vec<std::path::PathBuf> {
+    let manifest = super::files::CertsDir::new(certs_dir.to_path_buf()).manifest();
+    let owned: Vec<_> = manifest
+        .files
+        .keys()
+        .filter(|path| path.ends_with("/hosts.toml"))
+        .filter_map(|path| super::files::owned_path(certs_dir, path).ok())
+        .collect();
+    let applied = certs_dir.join(crate::names::NODE_AGENT_MANIFEST).exists();
+    if owned.is_empty() && !applied {
+        return vec![certs_dir.join(DEFAULT_HOSTS_FILE)];
     }
+    owned
+}
+
+/// Probes every host of every hosts file of the addon; the first failure is the result.
+pub async fn probe(certs_dir: &Path, timeout: Duration) -> ProbeResult {
+    let files = hosts_files(certs_dir);
+    if files.is_empty() {
+        return failed(
+            "NotConfigured",
+            "no mirror is configured on this node (mode Unmanaged): images are pulled from their registries".into(),
+        );
+    }
+    let mut urls: Vec<String> = Vec::new();
+    for hosts_path in files {
+        match probe_file(&hosts_path, timeout).await {
+            Ok(found) => urls.extend(found),
+            Err(result) => return result,
+        }
+    }
+    urls.dedup();
     ProbeResult {
         ready: true,
         reason: "MirrorReachable",
@@ -74,6 +78,36 @@ pub async fn probe(certs_dir: &Path, timeout: Duration) -> ProbeResult {
             urls.join(", ")
         ),
     }
+}
+
+async fn probe_file(hosts_path: &Path, timeout: Duration) -> Result<Vec<String>, ProbeResult> {
+    let hosts = match std::fs::read_to_string(&hosts_path)
+        .map_err(|e| e.to_string())
+        .and_then(|text| toml::from_str::<HostsFile>(&text).map_err(|e| e.message().to_string()))
+    {
+        Ok(hosts) if !hosts.host.is_empty() => hosts,
+        Ok(_) => {
+            return Err(failed(
+                "NotConfigured",
+                format!("{} lists no mirror host", hosts_path.display()),
+            ));
+        }
+        Err(e) => {
+            return Err(failed(
+                "NotConfigured",
+                format!(
+                    "cannot read {}: {e}; the agent rewrites it from the desired config",
+                    hosts_path.display()
+                ),
+            ));
+        }
+    };
+    let mut urls: Vec<String> = Vec::new();
+    for (url, entry) in &hosts.host {
+        probe_host(url, entry, timeout).await?;
+        urls.push(url.clone());
+    }
+    Ok(urls)
 }
 
 async fn probe_host(

@@ -134,8 +134,11 @@ async fn patch_item(
     let service_ip: IpAddr = registry
         .resolve_service_ip(&cluster.network.services)
         .map_err(|e| format!("{key}: {e}"))?;
+    let route = containerd::Route::of(&registry);
     let ca = match ca_pem {
         Some(ca) => ca.clone(),
+        // Unmanaged: no file needs the CA.
+        None if route.is_none() => String::new(),
         None => {
             let ca = node_ca(ctx, namespace, &cluster.name)
                 .await
@@ -145,7 +148,8 @@ async fn patch_item(
         }
     };
 
-    let files = containerd::node_files(
+    let files = containerd::node_files_for(
+        route.as_ref(),
         service_ip,
         &ca,
         &names::containerd_hosts_secret(&cluster.name),

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use time::OffsetDateTime;
 
+use crate::addon::modes::{self, UpstreamSecrets};
 use crate::addon::users::{self, Credentials, RegistryAuth};
 use crate::certs::{self, CertInfo, CertificateAuthority};
 use crate::cli::{AddonOptions, Deployer, RenderArgs};
@@ -102,7 +103,8 @@ pub fn load_root_ca(dir: &Path) -> anyhow::Result<CertificateAuthority> {
 /// What the hooks would create for `cluster`, in order: the root CA Secret (only when none
 /// was given: the hooks would generate it), the cluster's CA copy, the `ro` and `rw` user
 /// Secrets and the nodes' containerd hosts Secret, the registry Namespace, auth and TLS
-/// Secrets, then the HelmChartProxy or the registry objects, depending on the deployer.
+/// Secrets (and in Proxy and Direct the upstream Secret, its values placeholders), then the
+/// HelmChartProxy or the registry objects of the mode, depending on the deployer.
 pub fn render(
     cluster: &Cluster,
     options: &AddonOptions,
@@ -150,7 +152,11 @@ pub fn render(
     out.push(rw_secret);
     out.push(objects::containerd_hosts_secret(
         cluster,
-        &containerd::default_hosts_toml(service_ip, &ro.credentials),
+        &containerd::bootstrap_hosts_toml(
+            containerd::Route::of(&registry).as_ref(),
+            service_ip,
+            &ro.credentials,
+        ),
     ));
     out.push(objects::registry_namespace());
     out.push(
@@ -161,6 +167,24 @@ pub fn render(
     let subject = certs::registry_subject_names(registry.replicas, service_ip);
     let server = ca.issue_server(&subject, options.key_algorithm, now)?;
     out.push(objects::registry_tls_secret(&server, ca.cert_pem()));
+    // Proxy's and Direct's upstream Secret, as converge copies it; offline, its values are
+    // placeholders naming where they come from.
+    if let Some(upstream) = registry
+        .upstream
+        .as_ref()
+        .filter(|_| registry.mode.needs_upstream())
+    {
+        let from =
+            |name: &str, key: &str| format!("<key {key} of secret {}/{name}>", cluster.namespace());
+        let secrets = UpstreamSecrets {
+            credentials: upstream
+                .credentials_secret
+                .as_ref()
+                .map(|name| (from(name, "username"), from(name, "password"))),
+            ca_pem: upstream.ca_secret.as_ref().map(|name| from(name, "ca.crt")),
+        };
+        out.push(modes::upstream_secret(&secrets));
+    }
     let hash = CertInfo::from_pem(&server.cert_pem)?.sha256_hex();
     let values = registry::RegistryValues::new(options, &registry, service_ip, hash);
     match options.deployer {

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::cli::AddonOptions;
 use crate::names;
-use crate::wire::variable::RegistryConfig;
+use crate::wire::variable::{Mode, RegistryConfig};
 
 /// The registry chart's values, exactly as `helm/registry/values.yaml` names them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,9 +32,63 @@ pub struct RegistryValues {
     pub storage: StorageValues,
     pub control_plane: ControlPlaneValues,
     pub resources: ResourceValues,
-    /// Push notifications to the sync sidecar; left out of the values while off.
+    /// Push notifications to the sync sidecar (Local only); left out of the values while off.
     #[serde(default, skip_serializing_if = "NotificationValues::is_off")]
     pub notifications: NotificationValues,
+    /// What is deployed: Local (StatefulSet with its copy), Proxy (StatefulSet caching the
+    /// upstream), Direct (Deployment of the front forwarding to the upstream) or Unmanaged
+    /// (only the node agent).
+    pub mode: Mode,
+    /// The upstream of Proxy and Direct.
+    pub upstream: UpstreamValues,
+}
+
+/// Where Proxy and Direct take images from, and what of its Secret the pods mount.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamValues {
+    /// `https://host[:port]`, without the URL's path: repositories pass through unchanged.
+    pub url: String,
+    /// Secret in the release namespace with the upstream's `username`, `password`,
+    /// `credentials` (both as JSON, for the front) and `ca.crt`.
+    pub secret_name: String,
+    /// Whether the Secret holds credentials.
+    pub credentials: bool,
+    /// Whether the Secret holds the CA the upstream is verified with.
+    pub ca: bool,
+    /// Proxy's `proxy.ttl` (Go duration); empty: the registry's own expiry. Only set for
+    /// registry images that know the setting (Distribution 3.0 and later).
+    #[serde(rename = "cacheTTL")]
+    pub cache_ttl: String,
+}
+
+impl Default for UpstreamValues {
+    fn default() -> Self {
+        UpstreamValues {
+            url: String::new(),
+            secret_name: names::REGISTRY_UPSTREAM_SECRET.into(),
+            credentials: false,
+            ca: false,
+            cache_ttl: String::new(),
+        }
+    }
+}
+
+/// Whether `image` is CNCF Distribution 3.0 or later by its tag (`registry:3.0.0`,
+/// `…/distribution:v3.1`): only those read `proxy.ttl`. Images without a version tag are taken
+/// for older ones, so the setting is left out rather than refused at start.
+pub fn image_supports_proxy_ttl(image: &str) -> bool {
+    let name = image.split('@').next().unwrap_or(image);
+    let last = name.rsplit('/').next().unwrap_or(name);
+    let Some((_, tag)) = last.rsplit_once(':') else {
+        return false;
+    };
+    let major = tag
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .next()
+        .unwrap_or("");
+    major.parse::<u32>().is_ok_and(|m| m >= 3)
 }
 
 /// The registry notifies the sync sidecar of every tag pushed, which copies it to the
@@ -201,6 +255,21 @@ impl RegistryValues {
                 token_secret: names::REGISTRY_AUTH_SECRET.into(),
                 token_key: names::AUTH_NOTIFY_TOKEN_KEY.into(),
             },
+            mode: registry.mode,
+            upstream: match &registry.upstream {
+                None => UpstreamValues::default(),
+                Some(upstream) => UpstreamValues {
+                    url: upstream.origin(),
+                    credentials: upstream.credentials_secret.is_some(),
+                    ca: upstream.ca_secret.is_some(),
+                    cache_ttl: registry
+                        .cache_ttl
+                        .clone()
+                        .filter(|_| image_supports_proxy_ttl(&options.registry_image))
+                        .unwrap_or_default(),
+                    ..UpstreamValues::default()
+                },
+            },
         }
     }
 }
@@ -221,6 +290,32 @@ fn selector_labels() -> Value {
     })
 }
 
+/// Labels shared by the pods that serve the fixed address in every mode: the StatefulSet's
+/// (which carry them already) and Direct's. The Service selects on them.
+fn serving_labels() -> Value {
+    json!({
+        "app.kubernetes.io/part-of": "registry-addon",
+        "app.kubernetes.io/component": "registry",
+    })
+}
+
+/// Labels of Direct's objects; the first two select its pods, which the StatefulSet's
+/// selector (immutable) does not match.
+fn direct_labels() -> Value {
+    json!({
+        "app.kubernetes.io/name": names::REGISTRY_DIRECT_NAME,
+        "app.kubernetes.io/part-of": "registry-addon",
+        "app.kubernetes.io/component": "registry",
+    })
+}
+
+fn direct_selector_labels() -> Value {
+    json!({
+        "app.kubernetes.io/name": names::REGISTRY_DIRECT_NAME,
+        "app.kubernetes.io/part-of": "registry-addon",
+    })
+}
+
 fn metadata(name: &str) -> Value {
     json!({
         "name": name,
@@ -229,18 +324,42 @@ fn metadata(name: &str) -> Value {
     })
 }
 
-/// Every object of the registry workload in namespace `registry-system`, in apply order
-/// (not the Namespace and not the `registry-tls` Secret, which the hooks manage).
+fn direct_metadata() -> Value {
+    json!({
+        "name": names::REGISTRY_DIRECT_NAME,
+        "namespace": names::REGISTRY_NAMESPACE,
+        "labels": direct_labels(),
+    })
+}
+
+/// Every object of the registry workload of the values' mode, in apply order (not the
+/// Namespace nor the `registry-tls` and `registry-upstream` Secrets, which the hooks manage).
+/// The Service keeps its address in every mode but Unmanaged; the node agent runs in every
+/// mode, Unmanaged included, so that it can remove the addon's node files.
 pub fn registry_objects(values: &RegistryValues) -> Vec<Value> {
-    vec![
-        headless_service(),
-        service(values),
-        pod_disruption_budget(),
-        stateful_set(values),
-    ]
-    .into_iter()
-    .chain(node_agent_objects(values))
-    .collect()
+    let workload = match values.mode {
+        Mode::Local | Mode::Proxy => vec![
+            headless_service(),
+            service(values),
+            pod_disruption_budget(),
+            stateful_set(values),
+        ],
+        Mode::Direct => vec![
+            service(values),
+            direct_pod_disruption_budget(),
+            direct_deployment(values),
+        ],
+        Mode::Unmanaged => Vec::new(),
+    };
+    workload
+        .into_iter()
+        .chain(node_agent_objects(values))
+        .collect()
+}
+
+/// Replicas of Direct's Deployment: at least 2, so the fixed address survives a node.
+pub fn direct_replicas(values: &RegistryValues) -> u8 {
+    values.replicas.max(2)
 }
 
 fn headless_service() -> Value {
@@ -274,7 +393,8 @@ fn service(values: &RegistryValues) -> Value {
             // The replicas keep uploads in their own storage: a push must reach one replica
             // from its first request to its last.
             "sessionAffinity": "ClientIP",
-            "selector": selector_labels(),
+            // The serving pods of every mode: the address stays while the mode changes.
+            "selector": serving_labels(),
             "ports": [{
                 "name": "https",
                 "port": names::REGISTRY_SERVICE_PORT,
@@ -297,6 +417,18 @@ fn pod_disruption_budget() -> Value {
     })
 }
 
+fn direct_pod_disruption_budget() -> Value {
+    json!({
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": direct_metadata(),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": direct_selector_labels()},
+        },
+    })
+}
+
 fn push(array: &mut Value, item: Value) {
     if let Some(items) = array.as_array_mut() {
         items.push(item);
@@ -310,21 +442,150 @@ const SYNC_STATE_SUBPATH: &str = "registry-addon-sync";
 const FRONT_AUTH_DIR: &str = "/etc/registry-addon/front";
 const SYNC_AUTH_DIR: &str = "/etc/registry-addon/sync";
 
-fn stateful_set(values: &RegistryValues) -> Value {
-    let probe = |path: &str, initial_delay: u32, period: u32| {
-        json!({
-            "httpGet": {"path": path, "port": "front-metrics", "scheme": "HTTP"},
-            "initialDelaySeconds": initial_delay,
-            "periodSeconds": period,
-            "timeoutSeconds": 5,
-            "failureThreshold": 3,
-        })
-    };
-    let container_security = json!({
+fn container_security() -> Value {
+    json!({
         "allowPrivilegeEscalation": false,
         "readOnlyRootFilesystem": true,
         "capabilities": {"drop": ["ALL"]},
+    })
+}
+
+fn front_probe(path: &str, initial_delay: u32, period: u32) -> Value {
+    json!({
+        "httpGet": {"path": path, "port": "front-metrics", "scheme": "HTTP"},
+        "initialDelaySeconds": initial_delay,
+        "periodSeconds": period,
+        "timeoutSeconds": 5,
+        "failureThreshold": 3,
+    })
+}
+
+/// The front container: TLS and the users as in every mode; `backend` the flags saying where
+/// it sends requests (the local registry, or the upstream in Direct).
+fn front_container(values: &RegistryValues, backend: Vec<Value>, pull_only: bool) -> Value {
+    let mut args = vec![
+        json!("front"),
+        json!("--listen"),
+        json!(format!("0.0.0.0:{}", names::REGISTRY_PORT)),
+        json!("--tls-cert-file"),
+        json!("/certs/tls.crt"),
+        json!("--tls-key-file"),
+        json!("/certs/tls.key"),
+    ];
+    args.extend(backend);
+    if pull_only {
+        args.push(json!("--pull-only"));
+    }
+    args.extend([
+        json!("--pull-users"),
+        json!(format!("{FRONT_AUTH_DIR}/{}", names::AUTH_PULL_USERS_KEY)),
+        json!("--push-users"),
+        json!(format!("{FRONT_AUTH_DIR}/{}", names::AUTH_PUSH_USERS_KEY)),
+        json!("--metrics-listen"),
+        json!(format!("0.0.0.0:{}", names::FRONT_METRICS_PORT)),
+    ]);
+    let mut front = json!({
+        "name": "front",
+        "image": values.sync_image,
+        "imagePullPolicy": values.image_pull_policy,
+        "args": args,
+        "ports": [
+            {"name": "registry", "containerPort": names::REGISTRY_PORT, "protocol": "TCP"},
+            {"name": "front-metrics", "containerPort": names::FRONT_METRICS_PORT, "protocol": "TCP"},
+        ],
+        // Ready once the registry behind it answers.
+        "readinessProbe": front_probe("/readyz", 1, 10),
+        "livenessProbe": front_probe("/healthz", 5, 20),
+        "securityContext": container_security(),
+        "volumeMounts": [
+            {"name": "tls", "mountPath": "/certs", "readOnly": true},
+            {"name": "front-auth", "mountPath": FRONT_AUTH_DIR, "readOnly": true},
+        ],
     });
+    if let Some(resources) = values.resources.front.to_value() {
+        front["resources"] = resources;
+    }
+    front
+}
+
+/// The volume of `registry-upstream` with only `keys`, mounted at `REGISTRY_UPSTREAM_DIR`.
+fn upstream_volume(values: &RegistryValues, keys: &[&str]) -> Value {
+    json!({"name": "upstream", "secret": {
+        "secretName": values.upstream.secret_name,
+        "items": keys.iter().map(|k| json!({"key": k, "path": k})).collect::<Vec<_>>(),
+    }})
+}
+
+fn upstream_mount() -> Value {
+    json!({"name": "upstream", "mountPath": names::REGISTRY_UPSTREAM_DIR, "readOnly": true})
+}
+
+/// Soft anti-affinity between the pods `selector` matches, and the control-plane preference.
+fn affinity(values: &RegistryValues, selector: Value) -> Value {
+    let mut affinity = json!({
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [{
+                "weight": 100,
+                "podAffinityTerm": {
+                    "topologyKey": "kubernetes.io/hostname",
+                    "labelSelector": {"matchLabels": selector},
+                },
+            }],
+        },
+    });
+    if values.control_plane.prefer {
+        affinity["nodeAffinity"] = json!({
+            "preferredDuringSchedulingIgnoredDuringExecution": [{
+                "weight": 50,
+                "preference": {"matchExpressions": [
+                    {"key": names::CONTROL_PLANE_NODE_ROLE, "operator": "Exists"},
+                ]},
+            }],
+        });
+    }
+    affinity
+}
+
+/// The pod spec shared by the StatefulSet and Direct's Deployment.
+fn pod_spec(
+    values: &RegistryValues,
+    selector: Value,
+    containers: Vec<Value>,
+    volumes: Vec<Value>,
+) -> Value {
+    let mut pod_spec = json!({
+        "automountServiceAccountToken": false,
+        "enableServiceLinks": false,
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": 65532,
+            "runAsGroup": 65532,
+            "fsGroup": 65532,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "affinity": affinity(values, selector),
+        "containers": containers,
+        "volumes": volumes,
+    });
+    if values.control_plane.tolerate {
+        pod_spec["tolerations"] = json!([{
+            "key": names::CONTROL_PLANE_NODE_ROLE,
+            "operator": "Exists",
+            "effect": "NoSchedule",
+        }]);
+    }
+    pod_spec
+}
+
+/// Where Proxy keeps its cache on the replica's volume: beside Local's tree, not in it. The
+/// cache's expiry deletes blobs by digest, and a blob of an expired cached image may also be
+/// one of a Local image; and Local's data stays as it was for a return to Local.
+pub const PROXY_CACHE_DIR: &str = "/var/lib/registry/proxy-cache";
+
+/// The StatefulSet of Local and Proxy. Both keep the same volumeClaimTemplates, so the PVCs
+/// (and Local's data) stay through a change of mode.
+fn stateful_set(values: &RegistryValues) -> Value {
+    let proxy = values.mode == Mode::Proxy;
     let loopback = format!("127.0.0.1:{}", names::REGISTRY_LOOPBACK_PORT);
     // Distribution serves plain HTTP on the pod's loopback only; the front is its one way in.
     let mut registry = json!({
@@ -338,42 +599,147 @@ fn stateful_set(values: &RegistryValues) -> Value {
             {"name": "REGISTRY_HTTP_SECRET", "valueFrom": {"secretKeyRef": {
                 "name": names::REGISTRY_AUTH_SECRET, "key": names::AUTH_HTTP_SECRET_KEY,
             }}},
-            {"name": "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY", "value": "/var/lib/registry"},
+            {"name": "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY",
+             "value": if proxy { PROXY_CACHE_DIR } else { "/var/lib/registry" }},
         ],
-        "securityContext": container_security,
+        "securityContext": container_security(),
         "volumeMounts": [
             {"name": "data", "mountPath": "/var/lib/registry"},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
     });
-    let mut front = json!({
-        "name": "front",
-        "image": values.sync_image,
-        "imagePullPolicy": values.image_pull_policy,
-        "args": [
-            "front",
-            "--listen", format!("0.0.0.0:{}", names::REGISTRY_PORT),
-            "--tls-cert-file", "/certs/tls.crt",
-            "--tls-key-file", "/certs/tls.key",
-            "--upstream", format!("http://{loopback}"),
-            "--pull-users", format!("{FRONT_AUTH_DIR}/{}", names::AUTH_PULL_USERS_KEY),
-            "--push-users", format!("{FRONT_AUTH_DIR}/{}", names::AUTH_PUSH_USERS_KEY),
-            "--metrics-listen", format!("0.0.0.0:{}", names::FRONT_METRICS_PORT),
-        ],
-        "ports": [
-            {"name": "registry", "containerPort": names::REGISTRY_PORT, "protocol": "TCP"},
-            {"name": "front-metrics", "containerPort": names::FRONT_METRICS_PORT, "protocol": "TCP"},
-        ],
-        // Ready once the registry behind it answers.
-        "readinessProbe": probe("/readyz", 1, 10),
-        "livenessProbe": probe("/healthz", 5, 20),
-        "securityContext": container_security,
-        "volumeMounts": [
-            {"name": "tls", "mountPath": "/certs", "readOnly": true},
-            {"name": "front-auth", "mountPath": FRONT_AUTH_DIR, "readOnly": true},
-        ],
+    let mut volumes = vec![
+        json!({"name": "tls", "secret": {"secretName": names::REGISTRY_TLS_SECRET}}),
+        json!({"name": "front-auth", "secret": {
+            "secretName": names::REGISTRY_AUTH_SECRET,
+            "items": [
+                {"key": names::AUTH_PULL_USERS_KEY, "path": names::AUTH_PULL_USERS_KEY},
+                {"key": names::AUTH_PUSH_USERS_KEY, "path": names::AUTH_PUSH_USERS_KEY},
+            ],
+        }}),
+    ];
+    if proxy {
+        // A pull-through cache of the upstream; each replica caches on its own, so there is
+        // no sync sidecar and no notification.
+        let upstream = &values.upstream;
+        push(
+            &mut registry["env"],
+            json!({"name": "REGISTRY_PROXY_REMOTEURL", "value": upstream.url}),
+        );
+        if upstream.credentials {
+            for (name, key) in [
+                ("REGISTRY_PROXY_USERNAME", "username"),
+                ("REGISTRY_PROXY_PASSWORD", "password"),
+            ] {
+                push(
+                    &mut registry["env"],
+                    json!({"name": name, "valueFrom": {"secretKeyRef": {
+                        "name": upstream.secret_name, "key": key,
+                    }}}),
+                );
+            }
+        }
+        if !upstream.cache_ttl.is_empty() {
+            push(
+                &mut registry["env"],
+                json!({"name": "REGISTRY_PROXY_TTL", "value": upstream.cache_ttl}),
+            );
+        }
+        if upstream.ca {
+            // Go's TLS reads extra roots from SSL_CERT_FILE.
+            push(
+                &mut registry["env"],
+                json!({"name": "SSL_CERT_FILE", "value": format!("{}/ca.crt", names::REGISTRY_UPSTREAM_DIR)}),
+            );
+            push(&mut registry["volumeMounts"], upstream_mount());
+            volumes.push(upstream_volume(values, &["ca.crt"]));
+        }
+    }
+    if let Some(resources) = values.resources.registry.to_value() {
+        registry["resources"] = resources;
+    }
+    let front = front_container(
+        values,
+        vec![json!("--upstream"), json!(format!("http://{loopback}"))],
+        proxy,
+    );
+    let mut containers = vec![registry, front];
+    if !proxy {
+        let mut sync_container = sync_container(values, &loopback);
+        let notify = &values.notifications;
+        if !notify.token_secret.is_empty() {
+            let token = json!({"name": "REGISTRY_NOTIFY_TOKEN", "valueFrom": {"secretKeyRef": {
+                "name": notify.token_secret, "key": notify.token_key,
+            }}});
+            let registry = &mut containers[0];
+            push(&mut registry["env"], token.clone());
+            push(
+                &mut registry["env"],
+                json!({"name": "REGISTRY_NOTIFICATIONS_ENDPOINTS", "value": notification_endpoints()}),
+            );
+            // Distribution logs its endpoints, headers and so the token included, at info.
+            push(
+                &mut registry["env"],
+                json!({"name": "REGISTRY_LOG_LEVEL", "value": "warn"}),
+            );
+            push(&mut sync_container["env"], token);
+            push(&mut sync_container["args"], json!("--notify-listen"));
+            push(&mut sync_container["args"], json!(SYNC_NOTIFY_ADDR));
+        }
+        if let Some(resources) = values.resources.sync.to_value() {
+            sync_container["resources"] = resources;
+        }
+        containers.push(sync_container);
+        volumes.push(json!({"name": "sync-auth", "secret": {
+            "secretName": names::REGISTRY_AUTH_SECRET,
+            "items": [
+                {"key": names::AUTH_SYNC_CREDENTIALS_KEY, "path": names::AUTH_SYNC_CREDENTIALS_KEY},
+            ],
+        }}));
+    }
+    volumes.push(json!({"name": "tmp", "emptyDir": {}}));
+    // Each container sees only its part of `registry-auth`.
+    let pod_spec = pod_spec(values, selector_labels(), containers, volumes);
+
+    let mut claim_spec = json!({
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": values.storage.size}},
     });
-    let mut sync = json!({
+    if !values.storage.storage_class_name.is_empty() {
+        claim_spec["storageClassName"] = json!(values.storage.storage_class_name);
+    }
+
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": metadata(names::REGISTRY_NAME),
+        "spec": {
+            "replicas": values.replicas,
+            "serviceName": names::REGISTRY_HEADLESS_SERVICE,
+            // Replicas are peers, not a chain: start and replace them all at once.
+            "podManagementPolicy": "Parallel",
+            "updateStrategy": {"type": "RollingUpdate"},
+            // The PVCs stay when the StatefulSet goes (Direct, Unmanaged, addon off) or shrinks:
+            // they hold Local's data.
+            "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Retain", "whenScaled": "Retain"},
+            "selector": {"matchLabels": selector_labels()},
+            "template": {
+                "metadata": {
+                    "labels": labels(),
+                    "annotations": {names::CERTIFICATE_HASH_ANNOTATION: values.certificate_hash},
+                },
+                "spec": pod_spec,
+            },
+            "volumeClaimTemplates": [{
+                "metadata": {"name": "data", "labels": labels()},
+                "spec": claim_spec,
+            }],
+        },
+    })
+}
+
+fn sync_container(values: &RegistryValues, loopback: &str) -> Value {
+    json!({
         "name": "sync",
         "image": values.sync_image,
         "imagePullPolicy": values.image_pull_policy,
@@ -398,7 +764,7 @@ fn stateful_set(values: &RegistryValues) -> Value {
             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         ],
         "ports": [{"name": "sync-metrics", "containerPort": names::SYNC_METRICS_PORT, "protocol": "TCP"}],
-        "securityContext": container_security,
+        "securityContext": container_security(),
         "volumeMounts": [
             {"name": "tls", "mountPath": "/certs", "readOnly": true},
             {"name": "sync-auth", "mountPath": SYNC_AUTH_DIR, "readOnly": true},
@@ -406,129 +772,61 @@ fn stateful_set(values: &RegistryValues) -> Value {
             // docker/registry/v2 tree, which never looks at it.
             {"name": "data", "mountPath": SYNC_STATE_DIR, "subPath": SYNC_STATE_SUBPATH},
         ],
-    });
+    })
+}
 
-    let notify = &values.notifications;
-    if !notify.token_secret.is_empty() {
-        let token = json!({"name": "REGISTRY_NOTIFY_TOKEN", "valueFrom": {"secretKeyRef": {
-            "name": notify.token_secret, "key": notify.token_key,
-        }}});
-        push(&mut registry["env"], token.clone());
-        push(
-            &mut registry["env"],
-            json!({"name": "REGISTRY_NOTIFICATIONS_ENDPOINTS", "value": notification_endpoints()}),
-        );
-        // Distribution logs its endpoints, headers and so the token included, at info.
-        push(
-            &mut registry["env"],
-            json!({"name": "REGISTRY_LOG_LEVEL", "value": "warn"}),
-        );
-        push(&mut sync["env"], token);
-        push(&mut sync["args"], json!("--notify-listen"));
-        push(&mut sync["args"], json!(SYNC_NOTIFY_ADDR));
+/// Where Direct's front finds the upstream's credentials and CA.
+pub const DIRECT_CREDENTIALS_FILE: &str = "/etc/registry-upstream/credentials";
+pub const DIRECT_CA_FILE: &str = "/etc/registry-upstream/ca.crt";
+
+/// Direct: the front alone, forwarding to the upstream and storing nothing; at least two
+/// replicas behind the same Service.
+fn direct_deployment(values: &RegistryValues) -> Value {
+    let upstream = &values.upstream;
+    let mut backend = vec![json!("--remote"), json!(upstream.url)];
+    let mut keys = Vec::new();
+    if upstream.credentials {
+        backend.extend([
+            json!("--remote-credentials"),
+            json!(DIRECT_CREDENTIALS_FILE),
+        ]);
+        keys.push(names::UPSTREAM_CREDENTIALS_KEY);
     }
-
-    for (container, resources) in [
-        (&mut registry, &values.resources.registry),
-        (&mut front, &values.resources.front),
-        (&mut sync, &values.resources.sync),
-    ] {
-        if let Some(resources) = resources.to_value() {
-            container["resources"] = resources;
-        }
+    if upstream.ca {
+        backend.extend([json!("--remote-ca"), json!(DIRECT_CA_FILE)]);
+        keys.push("ca.crt");
     }
-
-    let mut affinity = json!({
-        "podAntiAffinity": {
-            "preferredDuringSchedulingIgnoredDuringExecution": [{
-                "weight": 100,
-                "podAffinityTerm": {
-                    "topologyKey": "kubernetes.io/hostname",
-                    "labelSelector": {"matchLabels": selector_labels()},
-                },
-            }],
-        },
-    });
-    if values.control_plane.prefer {
-        affinity["nodeAffinity"] = json!({
-            "preferredDuringSchedulingIgnoredDuringExecution": [{
-                "weight": 50,
-                "preference": {"matchExpressions": [
-                    {"key": names::CONTROL_PLANE_NODE_ROLE, "operator": "Exists"},
-                ]},
-            }],
-        });
+    let mut front = front_container(values, backend, false);
+    let mut volumes = vec![
+        json!({"name": "tls", "secret": {"secretName": names::REGISTRY_TLS_SECRET}}),
+        json!({"name": "front-auth", "secret": {
+            "secretName": names::REGISTRY_AUTH_SECRET,
+            "items": [
+                {"key": names::AUTH_PULL_USERS_KEY, "path": names::AUTH_PULL_USERS_KEY},
+                {"key": names::AUTH_PUSH_USERS_KEY, "path": names::AUTH_PUSH_USERS_KEY},
+            ],
+        }}),
+    ];
+    if !keys.is_empty() {
+        push(&mut front["volumeMounts"], upstream_mount());
+        volumes.push(upstream_volume(values, &keys));
     }
-
-    let mut pod_spec = json!({
-        "automountServiceAccountToken": false,
-        "enableServiceLinks": false,
-        "securityContext": {
-            "runAsNonRoot": true,
-            "runAsUser": 65532,
-            "runAsGroup": 65532,
-            "fsGroup": 65532,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "affinity": affinity,
-        "containers": [registry, front, sync],
-        // Each container sees only its part of `registry-auth`.
-        "volumes": [
-            {"name": "tls", "secret": {"secretName": names::REGISTRY_TLS_SECRET}},
-            {"name": "front-auth", "secret": {
-                "secretName": names::REGISTRY_AUTH_SECRET,
-                "items": [
-                    {"key": names::AUTH_PULL_USERS_KEY, "path": names::AUTH_PULL_USERS_KEY},
-                    {"key": names::AUTH_PUSH_USERS_KEY, "path": names::AUTH_PUSH_USERS_KEY},
-                ],
-            }},
-            {"name": "sync-auth", "secret": {
-                "secretName": names::REGISTRY_AUTH_SECRET,
-                "items": [
-                    {"key": names::AUTH_SYNC_CREDENTIALS_KEY, "path": names::AUTH_SYNC_CREDENTIALS_KEY},
-                ],
-            }},
-            {"name": "tmp", "emptyDir": {}},
-        ],
-    });
-    if values.control_plane.tolerate {
-        pod_spec["tolerations"] = json!([{
-            "key": names::CONTROL_PLANE_NODE_ROLE,
-            "operator": "Exists",
-            "effect": "NoSchedule",
-        }]);
-    }
-
-    let mut claim_spec = json!({
-        "accessModes": ["ReadWriteOnce"],
-        "resources": {"requests": {"storage": values.storage.size}},
-    });
-    if !values.storage.storage_class_name.is_empty() {
-        claim_spec["storageClassName"] = json!(values.storage.storage_class_name);
-    }
-
     json!({
         "apiVersion": "apps/v1",
-        "kind": "StatefulSet",
-        "metadata": metadata(names::REGISTRY_NAME),
+        "kind": "Deployment",
+        "metadata": direct_metadata(),
         "spec": {
-            "replicas": values.replicas,
-            "serviceName": names::REGISTRY_HEADLESS_SERVICE,
-            // Replicas are peers, not a chain: start and replace them all at once.
-            "podManagementPolicy": "Parallel",
-            "updateStrategy": {"type": "RollingUpdate"},
-            "selector": {"matchLabels": selector_labels()},
+            "replicas": direct_replicas(values),
+            "selector": {"matchLabels": direct_selector_labels()},
+            // Never fewer serving pods than wanted while the pods are replaced.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
                 "metadata": {
-                    "labels": labels(),
+                    "labels": direct_labels(),
                     "annotations": {names::CERTIFICATE_HASH_ANNOTATION: values.certificate_hash},
                 },
-                "spec": pod_spec,
+                "spec": pod_spec(values, direct_selector_labels(), vec![front], volumes),
             },
-            "volumeClaimTemplates": [{
-                "metadata": {"name": "data", "labels": labels()},
-                "spec": claim_spec,
-            }],
         },
     })
 }
@@ -772,6 +1070,182 @@ mod tests {
             .find(|o| o["metadata"]["name"] == "registry" && o["kind"] == "Service")
             .unwrap();
         assert_eq!(svc["spec"]["clusterIP"], "10.96.0.20");
+    }
+
+    fn kinds(objects: &[Value]) -> Vec<String> {
+        objects
+            .iter()
+            .filter(|o| o["metadata"]["name"] != names::NODE_AGENT_NAME)
+            .map(|o| {
+                format!(
+                    "{} {}",
+                    o["kind"].as_str().unwrap(),
+                    o["metadata"]["name"].as_str().unwrap()
+                )
+            })
+            .collect()
+    }
+
+    fn upstream() -> Value {
+        json!({"url": "https://up.example:5443/mirror", "credentialsSecretRef": {"name": "c"}, "caSecretRef": {"name": "ca"}})
+    }
+
+    #[test]
+    fn each_mode_renders_its_workload_and_keeps_the_node_agent() {
+        let local = registry_objects(&values(json!({})));
+        let proxy = registry_objects(&values(json!({"mode": "Proxy", "upstream": upstream()})));
+        let direct = registry_objects(&values(json!({"mode": "Direct", "upstream": upstream()})));
+        let unmanaged = registry_objects(&values(json!({"mode": "Unmanaged"})));
+        let sts = [
+            "Service registry-headless",
+            "Service registry",
+            "PodDisruptionBudget registry",
+            "StatefulSet registry",
+        ];
+        assert_eq!(kinds(&local), sts);
+        assert_eq!(kinds(&proxy), sts);
+        assert_eq!(
+            kinds(&direct),
+            [
+                "Service registry",
+                "PodDisruptionBudget registry-direct",
+                "Deployment registry-direct"
+            ]
+        );
+        assert!(kinds(&unmanaged).is_empty());
+        for objects in [&local, &proxy, &direct, &unmanaged] {
+            assert_eq!(
+                objects
+                    .iter()
+                    .filter(|o| o["metadata"]["name"] == names::NODE_AGENT_NAME)
+                    .count(),
+                6
+            );
+        }
+        // One address in every mode, selecting that mode's serving pods.
+        for objects in [&local, &proxy, &direct] {
+            let service = objects
+                .iter()
+                .find(|o| o["kind"] == "Service" && o["metadata"]["name"] == "registry")
+                .unwrap();
+            assert_eq!(service["spec"]["clusterIP"], "10.96.0.20");
+            let workload = objects
+                .iter()
+                .find(|o| o["kind"] == "StatefulSet" || o["kind"] == "Deployment")
+                .unwrap();
+            let labels = workload["spec"]["template"]["metadata"]["labels"]
+                .as_object()
+                .unwrap();
+            for (k, v) in service["spec"]["selector"].as_object().unwrap() {
+                assert_eq!(&labels[k], v);
+            }
+        }
+    }
+
+    #[test]
+    fn proxy_caches_the_upstream_origin() {
+        let v = values(json!({"mode": "Proxy", "upstream": upstream(), "cache": {"ttl": "72h"}}));
+        assert_eq!(v.upstream.url, "https://up.example:5443");
+        // The default image is Distribution 2.8, which has no proxy.ttl.
+        assert_eq!(v.upstream.cache_ttl, "");
+        let objects = registry_objects(&v);
+        let sts = objects.iter().find(|o| o["kind"] == "StatefulSet").unwrap();
+        let local = registry_objects(&values(json!({})));
+        let local_sts = local.iter().find(|o| o["kind"] == "StatefulSet").unwrap();
+        assert_eq!(
+            sts["spec"]["volumeClaimTemplates"],
+            local_sts["spec"]["volumeClaimTemplates"]
+        );
+        assert_eq!(
+            sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenDeleted"],
+            "Retain"
+        );
+        let containers = sts["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap();
+        assert_eq!(containers.len(), 2, "no sync sidecar");
+        let env = containers[0]["env"].as_array().unwrap();
+        let get = |n: &str| env.iter().find(|e| e["name"] == n);
+        assert_eq!(
+            get("REGISTRY_PROXY_REMOTEURL").unwrap()["value"],
+            "https://up.example:5443"
+        );
+        assert_eq!(
+            get("REGISTRY_PROXY_PASSWORD").unwrap()["valueFrom"]["secretKeyRef"]["name"],
+            "registry-upstream"
+        );
+        assert_eq!(
+            get("SSL_CERT_FILE").unwrap()["value"],
+            "/etc/registry-upstream/ca.crt"
+        );
+        assert!(get("REGISTRY_PROXY_TTL").is_none());
+        assert!(get("REGISTRY_NOTIFICATIONS_ENDPOINTS").is_none());
+        assert!(
+            containers[1]["args"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("--pull-only"))
+        );
+    }
+
+    #[test]
+    fn proxy_ttl_only_for_distribution_3() {
+        for (image, yes) in [
+            ("registry:2.8.3", false),
+            ("registry:3.0.0", true),
+            ("mirror.example:5000/distribution/distribution:v3.1", true),
+            ("registry", false),
+            ("mirror.example:5000/registry", false),
+            ("registry@sha256:abcd", false),
+            ("registry:latest", false),
+        ] {
+            assert_eq!(image_supports_proxy_ttl(image), yes, "{image}");
+        }
+    }
+
+    #[test]
+    fn direct_forwards_with_two_replicas_or_more() {
+        let objects = registry_objects(&values(
+            json!({"mode": "Direct", "replicas": 1, "upstream": upstream()}),
+        ));
+        let deployment = objects.iter().find(|o| o["kind"] == "Deployment").unwrap();
+        assert_eq!(deployment["spec"]["replicas"], 2);
+        let args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .unwrap();
+        let after = |flag: &str| {
+            args.iter()
+                .position(|a| a == flag)
+                .map(|i| args[i + 1].clone())
+        };
+        assert_eq!(after("--remote").unwrap(), "https://up.example:5443");
+        assert_eq!(
+            after("--remote-credentials").unwrap(),
+            DIRECT_CREDENTIALS_FILE
+        );
+        assert_eq!(after("--remote-ca").unwrap(), DIRECT_CA_FILE);
+        let anonymous = registry_objects(&values(
+            json!({"mode": "Direct", "replicas": 3, "upstream": {"url": "https://up.example"}}),
+        ));
+        let deployment = anonymous
+            .iter()
+            .find(|o| o["kind"] == "Deployment")
+            .unwrap();
+        assert_eq!(deployment["spec"]["replicas"], 3);
+        let pod = &deployment["spec"]["template"]["spec"];
+        assert!(
+            !pod["containers"][0]["args"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("--remote-ca"))
+        );
+        assert!(
+            pod["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|v| v["name"] != "upstream")
+        );
     }
 
     #[test]

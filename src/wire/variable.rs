@@ -25,6 +25,34 @@ pub struct RegistryConfig {
     #[serde(skip)]
     pub sync_interval_duration: Duration,
     pub mode: Mode,
+    /// Where Proxy and Direct get images from; `None` in Local and Unmanaged.
+    pub upstream: Option<Upstream>,
+    /// Proxy only: how long a pulled image stays cached (Go duration), when set.
+    pub cache_ttl: Option<String>,
+}
+
+/// The registry Proxy caches and Direct forwards to: `https://host[:port][/path]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Upstream {
+    /// The URL as given.
+    pub url: String,
+    /// `host` or `host:port` (IPv6 bracketed), as containerd names the host's directory.
+    pub host: String,
+    /// The path after the host, without a trailing `/`; empty when none.
+    pub path: String,
+    /// Secret in the Cluster's namespace with `username` and `password`.
+    pub credentials_secret: Option<String>,
+    /// Secret in the Cluster's namespace with `ca.crt`, the CA the upstream is verified with.
+    pub ca_secret: Option<String>,
+}
+
+impl Upstream {
+    /// `https://host[:port]`: what Distribution's `proxy.remoteurl` and the front's `--remote`
+    /// take. Repository paths pass through unchanged below it.
+    pub fn origin(&self) -> String {
+        format!("https://{}", self.host)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -34,9 +62,41 @@ pub struct StorageConfig {
     pub storage_class_name: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// How the cluster gets its images (SPEC §9.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub enum Mode {
+    /// A full copy in the cluster.
     Local,
+    /// A caching pull-through of the upstream.
+    Proxy,
+    /// No storage: the front forwards to the upstream.
+    Direct,
+    /// Nothing deployed; nodes pull as without the addon.
+    Unmanaged,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 4] = [Mode::Local, Mode::Proxy, Mode::Direct, Mode::Unmanaged];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Local => "Local",
+            Mode::Proxy => "Proxy",
+            Mode::Direct => "Direct",
+            Mode::Unmanaged => "Unmanaged",
+        }
+    }
+
+    /// Proxy and Direct take their images from `upstream`.
+    pub fn needs_upstream(self) -> bool {
+        matches!(self, Mode::Proxy | Mode::Direct)
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 const PROVIDER: &str = "CNCF Distribution";
@@ -83,13 +143,15 @@ pub fn registry_from_config(
 }
 
 fn parse_registry(map: &Map<String, Value>) -> Result<RegistryConfig, VariableError> {
-    const KNOWN: [&str; 6] = [
+    const KNOWN: [&str; 8] = [
         "provider",
         "replicas",
         "storage",
         "serviceIP",
         "syncInterval",
         "mode",
+        "upstream",
+        "cache",
     ];
     if let Some(unknown) = map.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(err(
@@ -158,17 +220,47 @@ fn parse_registry(map: &Map<String, Value>) -> Result<RegistryConfig, VariableEr
 
     let mode = match map.get("mode") {
         None | Some(Value::Null) => Mode::Local,
-        Some(Value::String(m)) if m == "Local" => Mode::Local,
-        Some(Value::String(m)) if ["Proxy", "Direct", "Unmanaged"].contains(&m.as_str()) => {
-            return Err(err(
-                format!("{FIELD}.mode"),
-                format!("mode {m:?} is not supported yet; only \"Local\""),
-            ));
-        }
+        Some(Value::String(m)) => Mode::ALL
+            .into_iter()
+            .find(|mode| mode.as_str() == m)
+            .ok_or_else(|| {
+                err(
+                    format!("{FIELD}.mode"),
+                    format!("{m:?} is not one of Local, Proxy, Direct, Unmanaged"),
+                )
+            })?,
         Some(_) => {
             return Err(err(
                 format!("{FIELD}.mode"),
                 "must be one of Local, Proxy, Direct, Unmanaged",
+            ));
+        }
+    };
+
+    let upstream = match map.get("upstream") {
+        None | Some(Value::Null) => None,
+        Some(value) if mode.needs_upstream() => Some(parse_upstream(value)?),
+        Some(_) => {
+            return Err(err(
+                format!("{FIELD}.upstream"),
+                format!("not allowed in mode {mode}: only Proxy and Direct use an upstream"),
+            ));
+        }
+    };
+    if mode.needs_upstream() && upstream.is_none() {
+        return Err(err(
+            format!("{FIELD}.upstream"),
+            format!("required in mode {mode}: {{url: https://host[:port][/path]}}"),
+        ));
+    }
+
+    let cache_ttl = match map.get("cache") {
+        None | Some(Value::Null) => None,
+        Some(value) if mode == Mode::Proxy => parse_cache(value)?,
+        Some(_) => {
+            return Err(err(
+                format!("{FIELD}.cache"),
+                format!("not allowed in mode {mode}: only Proxy caches"),
             ));
         }
     };
@@ -181,7 +273,131 @@ fn parse_registry(map: &Map<String, Value>) -> Result<RegistryConfig, VariableEr
         sync_interval,
         sync_interval_duration,
         mode,
+        upstream,
+        cache_ttl,
     })
+}
+
+fn known_fields(
+    map: &Map<String, Value>,
+    field: &str,
+    known: &[&str],
+) -> Result<(), VariableError> {
+    match map.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(unknown) => Err(err(
+            format!("{field}.{unknown}"),
+            format!("unknown field; known fields: {}", known.join(", ")),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn parse_upstream(value: &Value) -> Result<Upstream, VariableError> {
+    let field = format!("{FIELD}.upstream");
+    let Value::Object(map) = value else {
+        return Err(err(field, "must be an object"));
+    };
+    known_fields(map, &field, &["url", "credentialsSecretRef", "caSecretRef"])?;
+    let url = match map.get("url") {
+        Some(Value::String(url)) => url.clone(),
+        None | Some(Value::Null) => {
+            return Err(err(
+                format!("{field}.url"),
+                "required: https://host[:port][/path]",
+            ));
+        }
+        Some(_) => return Err(err(format!("{field}.url"), "must be a string")),
+    };
+    let (host, path) = parse_upstream_url(&url).map_err(|problem| {
+        err(
+            format!("{field}.url"),
+            format!("{url:?} {problem}; expected https://host[:port][/path]"),
+        )
+    })?;
+    let secret_ref = |key: &str| -> Result<Option<String>, VariableError> {
+        let field = format!("{field}.{key}");
+        let map = match map.get(key) {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::Object(map)) => map,
+            Some(_) => return Err(err(field, "must be an object {name: <secret>}")),
+        };
+        known_fields(map, &field, &["name"])?;
+        match map.get("name") {
+            Some(Value::String(name)) if is_dns1123_subdomain(name) => Ok(Some(name.clone())),
+            _ => Err(err(
+                format!("{field}.name"),
+                "required: the name of a Secret in the Cluster's namespace (a DNS-1123 subdomain)",
+            )),
+        }
+    };
+    Ok(Upstream {
+        url,
+        host,
+        path,
+        credentials_secret: secret_ref("credentialsSecretRef")?,
+        ca_secret: secret_ref("caSecretRef")?,
+    })
+}
+
+/// `(host[:port], path)` of an `https://host[:port][/path]` URL, or what is wrong with it.
+fn parse_upstream_url(url: &str) -> Result<(String, String), String> {
+    let uri: http::Uri = url.parse().map_err(|_| "is not a URL".to_string())?;
+    if uri.scheme_str() != Some("https") {
+        return Err("is not https".into());
+    }
+    let authority = uri.authority().ok_or("has no host")?;
+    if authority.as_str().contains('@') {
+        return Err("carries user information: use credentialsSecretRef".into());
+    }
+    let host = authority.host();
+    if host.is_empty() {
+        return Err("has no host".into());
+    }
+    let valid_host = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            host.parse::<std::net::Ipv4Addr>().is_ok()
+                || is_dns1123_subdomain(&host.to_ascii_lowercase())
+        }
+    };
+    if !valid_host {
+        return Err(format!("has an invalid host {host:?}"));
+    }
+    if let Some(port) = authority.port_u16()
+        && port == 0
+    {
+        return Err("has port 0".into());
+    }
+    if uri.query().is_some() || url.contains('#') {
+        return Err("has a query or fragment".into());
+    }
+    // Containerd names the host's directory without the default port.
+    let host = match authority.port_u16() {
+        Some(443) | None => host.to_ascii_lowercase(),
+        Some(port) => format!("{}:{port}", host.to_ascii_lowercase()),
+    };
+    let path = uri.path().trim_end_matches('/').to_string();
+    Ok((host, path))
+}
+
+fn parse_cache(value: &Value) -> Result<Option<String>, VariableError> {
+    let field = format!("{FIELD}.cache");
+    let Value::Object(map) = value else {
+        return Err(err(field, "must be an object"));
+    };
+    known_fields(map, &field, &["ttl"])?;
+    match map.get("ttl") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(ttl))
+            if parse_go_duration(ttl).is_ok_and(|d| d >= Duration::from_secs(1)) =>
+        {
+            Ok(Some(ttl.clone()))
+        }
+        Some(_) => Err(err(
+            format!("{field}.ttl"),
+            "must be a Go duration of at least 1s, such as \"168h\"",
+        )),
+    }
 }
 
 fn parse_storage(value: Option<&Value>) -> Result<StorageConfig, VariableError> {
@@ -366,7 +582,39 @@ pub fn variable_schema() -> Value {
                             },
                             "serviceIP": {"type": "string", "description": "Fixed ClusterIP of the registry; default: service CIDR network address + 20."},
                             "syncInterval": {"type": "string", "default": names::DEFAULT_SYNC_INTERVAL},
-                            "mode": {"type": "string", "enum": ["Local"], "default": "Local"}
+                            "mode": {
+                                "type": "string",
+                                "enum": ["Local", "Proxy", "Direct", "Unmanaged"],
+                                "default": "Local",
+                                "description": "Local: a full copy in the cluster. Proxy: a pull-through cache of upstream. Direct: the fixed address forwards to upstream, storing nothing. Unmanaged: nothing deployed."
+                            },
+                            "upstream": {
+                                "type": "object",
+                                "description": "The registry Proxy caches and Direct forwards to; required for those modes, refused for the others.",
+                                "required": ["url"],
+                                "properties": {
+                                    "url": {"type": "string", "pattern": "^https://[^/?#@]+(/[^?#]*)?$", "description": "https://host[:port][/path]"},
+                                    "credentialsSecretRef": {
+                                        "type": "object",
+                                        "description": "Secret in the Cluster's namespace: type kubernetes.io/basic-auth, or keys username and password.",
+                                        "required": ["name"],
+                                        "properties": {"name": {"type": "string", "minLength": 1}}
+                                    },
+                                    "caSecretRef": {
+                                        "type": "object",
+                                        "description": "Secret in the Cluster's namespace whose key ca.crt holds the PEM CA the upstream is verified with.",
+                                        "required": ["name"],
+                                        "properties": {"name": {"type": "string", "minLength": 1}}
+                                    }
+                                }
+                            },
+                            "cache": {
+                                "type": "object",
+                                "description": "Proxy mode's cache.",
+                                "properties": {
+                                    "ttl": {"type": "string", "description": "How long a pulled image stays cached (Go duration); honoured by Distribution 3.0 and later."}
+                                }
+                            }
                         }
                     }
                 }
@@ -440,7 +688,11 @@ mod tests {
             ),
             (
                 json!({"mode": "Proxy"}),
-                "addons.registry.mode: mode \"Proxy\" is not supported yet; only \"Local\"",
+                "addons.registry.upstream: required in mode Proxy: {url: https://host[:port][/path]}",
+            ),
+            (
+                json!({"mode": "Remote"}),
+                "addons.registry.mode: \"Remote\" is not one of Local, Proxy, Direct, Unmanaged",
             ),
             (
                 json!({"provider": "Harbor"}),
@@ -463,6 +715,140 @@ mod tests {
             "addons.registry: must be an object"
         );
         assert_eq!(parse(json!("x")).unwrap_err(), "value: must be an object");
+    }
+
+    #[test]
+    fn modes_and_upstream() {
+        let reg = |v: Value| parse(json!({"addons": {"registry": v}}));
+        for mode in ["Local", "Unmanaged"] {
+            assert_eq!(reg(json!({"mode": mode})).unwrap().unwrap().upstream, None);
+        }
+        let cfg = reg(json!({"mode": "Proxy", "upstream": {
+            "url": "https://Registry.Example.com:5443/mirror/",
+            "credentialsSecretRef": {"name": "up-creds"},
+            "caSecretRef": {"name": "up-ca"},
+        }, "cache": {"ttl": "72h"}}))
+        .unwrap()
+        .unwrap();
+        assert_eq!(cfg.mode, Mode::Proxy);
+        let up = cfg.upstream.unwrap();
+        assert_eq!(up.host, "registry.example.com:5443");
+        assert_eq!(up.path, "/mirror");
+        assert_eq!(up.origin(), "https://registry.example.com:5443");
+        assert_eq!(up.credentials_secret.as_deref(), Some("up-creds"));
+        assert_eq!(up.ca_secret.as_deref(), Some("up-ca"));
+        assert_eq!(cfg.cache_ttl.as_deref(), Some("72h"));
+        // The default port is not part of containerd's directory name.
+        let direct = reg(json!({"mode": "Direct", "upstream": {"url": "https://r.example:443"}}))
+            .unwrap()
+            .unwrap();
+        let up = direct.upstream.unwrap();
+        assert_eq!((up.host.as_str(), up.path.as_str()), ("r.example", ""));
+        assert_eq!(up.credentials_secret, None);
+        let v6 = reg(json!({"mode": "Direct", "upstream": {"url": "https://[fd00::1]:5000"}}))
+            .unwrap()
+            .unwrap();
+        assert_eq!(v6.upstream.unwrap().host, "[fd00::1]:5000");
+    }
+
+    #[test]
+    fn mode_errors_name_the_field() {
+        let up = json!({"url": "https://r.example"});
+        let cases = [
+            (
+                json!({"mode": "Direct"}),
+                "addons.registry.upstream: required in mode Direct",
+            ),
+            (
+                json!({"mode": "Local", "upstream": up}),
+                "addons.registry.upstream: not allowed in mode Local",
+            ),
+            (
+                json!({"upstream": up}),
+                "addons.registry.upstream: not allowed in mode Local",
+            ),
+            (
+                json!({"mode": "Unmanaged", "upstream": up}),
+                "addons.registry.upstream: not allowed in mode Unmanaged",
+            ),
+            (
+                json!({"mode": "Direct", "upstream": up, "cache": {"ttl": "1h"}}),
+                "addons.registry.cache: not allowed in mode Direct",
+            ),
+            (
+                json!({"mode": "Local", "cache": {"ttl": "1h"}}),
+                "addons.registry.cache: not allowed in mode Local",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": up, "cache": {"ttl": "a week"}}),
+                "addons.registry.cache.ttl: must be a Go duration",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": up, "cache": {"size": "1"}}),
+                "addons.registry.cache.size: unknown field",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": {}}),
+                "addons.registry.upstream.url: required",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": "https://r.example"}),
+                "addons.registry.upstream: must be an object",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": {"url": "http://r.example"}}),
+                "addons.registry.upstream.url: \"http://r.example\" is not https",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": {"url": "r.example/x"}}),
+                "addons.registry.upstream.url: \"r.example/x\" is not a URL",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": {"url": "https://"}}),
+                "addons.registry.upstream.url: \"https://\" is not a URL",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": {"url": "https://a b"}}),
+                "addons.registry.upstream.url: \"https://a b\" is not a URL",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": {"url": "https://u:p@r.example"}}),
+                "addons.registry.upstream.url: \"https://u:p@r.example\" carries user information",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": {"url": "https://r_x.example"}}),
+                "addons.registry.upstream.url: \"https://r_x.example\" has an invalid host",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": {"url": "https://r.example?x=1"}}),
+                "addons.registry.upstream.url: \"https://r.example?x=1\" has a query or fragment",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": {"url": 5}}),
+                "addons.registry.upstream.url: must be a string",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": {"url": "https://r.example", "token": "x"}}),
+                "addons.registry.upstream.token: unknown field",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": {"url": "https://r.example", "credentialsSecretRef": {}}}),
+                "addons.registry.upstream.credentialsSecretRef.name: required",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": {"url": "https://r.example", "caSecretRef": {"name": "Bad_Name"}}}),
+                "addons.registry.upstream.caSecretRef.name: required",
+            ),
+            (
+                json!({"mode": "Proxy", "upstream": {"url": "https://r.example", "caSecretRef": "ca"}}),
+                "addons.registry.upstream.caSecretRef: must be an object",
+            ),
+            (json!({"mode": 3}), "addons.registry.mode: must be one of"),
+        ];
+        for (registry, expected) in cases {
+            let e = parse(json!({"addons": {"registry": registry.clone()}})).unwrap_err();
+            assert!(e.starts_with(expected), "{registry}: {e}");
+        }
     }
 
     #[test]

@@ -168,3 +168,114 @@ def without_nulls(value):
     if isinstance(value, dict):
         return {k: without_nulls(v) for k, v in value.items() if v is not None}
     return value
+
+
+UPSTREAM = {"url": "https://upstream.example:5443", "credentials": True, "ca": True}
+
+
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("Proxy", ["PodDisruptionBudget registry-system/registry", "Service registry-system/registry",
+                   "Service registry-system/registry-headless", "StatefulSet registry-system/registry"]),
+        ("Direct", ["Deployment registry-system/registry-direct", "PodDisruptionBudget registry-system/registry-direct",
+                    "Service registry-system/registry"]),
+        ("Unmanaged", []),
+    ],
+)
+def test_each_mode_renders_its_objects(mode, expected):
+    values = {**BASE, "mode": mode, "upstream": UPSTREAM} if mode != "Unmanaged" else {**BASE, "mode": mode}
+    objects = render(REGISTRY_CHART, values, NAMESPACE)
+    node_agent = {key(o) for o in objects if "node-agent" in o["metadata"]["name"]}
+    # The node agent stays in every mode: in Unmanaged it removes the addon's node files.
+    assert len(node_agent) == 6
+    assert [key(o) for o in objects if key(o) not in node_agent] == expected
+    for obj in objects:
+        validate(obj)
+
+
+def serving_pods(objects):
+    return [o["spec"]["template"]["metadata"]["labels"] for o in objects if o["kind"] in ("StatefulSet", "Deployment")]
+
+
+@pytest.mark.parametrize("mode", ["Local", "Proxy", "Direct"])
+def test_the_service_keeps_its_address_and_selects_the_serving_pods(mode):
+    objects = render(REGISTRY_CHART, {**BASE, "mode": mode, "upstream": UPSTREAM}, NAMESPACE)
+    service = next(o for o in objects if key(o) == "Service registry-system/registry")
+    assert service["spec"]["clusterIP"] == BASE["serviceIP"]
+    selector = service["spec"]["selector"]
+    pods = serving_pods(objects)
+    assert len(pods) == 1
+    assert selector.items() <= pods[0].items()
+    # Nothing else is selected: the node agent's pods lack the serving labels.
+    agent = next(o for o in objects if o["kind"] == "DaemonSet")
+    assert not selector.items() <= agent["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_statefulset_selector_does_not_match_direct_pods():
+    local = render(REGISTRY_CHART, BASE, NAMESPACE)
+    direct = render(REGISTRY_CHART, {**BASE, "mode": "Direct", "upstream": UPSTREAM}, NAMESPACE)
+    sts = next(o for o in local if o["kind"] == "StatefulSet")
+    assert sts["spec"]["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    assert not sts["spec"]["selector"]["matchLabels"].items() <= serving_pods(direct)[0].items()
+
+
+def test_proxy_is_a_pull_through_cache_without_sync():
+    values = {**BASE, "mode": "Proxy", "upstream": {**UPSTREAM, "cacheTTL": "72h"}}
+    sts = next(o for o in render(REGISTRY_CHART, values, NAMESPACE) if o["kind"] == "StatefulSet")
+    local = next(o for o in render(REGISTRY_CHART, BASE, NAMESPACE) if o["kind"] == "StatefulSet")
+    assert sts["spec"]["volumeClaimTemplates"] == local["spec"]["volumeClaimTemplates"]
+    containers = sts["spec"]["template"]["spec"]["containers"]
+    assert [c["name"] for c in containers] == ["registry", "front"]
+    registry, front = containers
+    env = {e["name"]: e for e in registry["env"]}
+    assert env["REGISTRY_PROXY_REMOTEURL"]["value"] == "https://upstream.example:5443"
+    assert env["REGISTRY_PROXY_USERNAME"]["valueFrom"]["secretKeyRef"] == {"name": "registry-upstream", "key": "username"}
+    assert env["REGISTRY_PROXY_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "registry-upstream", "key": "password"}
+    assert env["REGISTRY_PROXY_TTL"]["value"] == "72h"
+    assert env["SSL_CERT_FILE"]["value"] == "/etc/registry-upstream/ca.crt"
+    assert not any(name.startswith("REGISTRY_NOTIFICATIONS") for name in env)
+    assert "--pull-only" in front["args"]
+    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    assert "sync-auth" not in volumes
+    assert volumes["upstream"]["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+    # Without credentials nor CA: no reference to a Secret that is not there.
+    plain = {**BASE, "mode": "Proxy", "upstream": {"url": "https://upstream.example"}}
+    sts = next(o for o in render(REGISTRY_CHART, plain, NAMESPACE) if o["kind"] == "StatefulSet")
+    env = {e["name"] for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert {"REGISTRY_PROXY_USERNAME", "REGISTRY_PROXY_TTL", "SSL_CERT_FILE"}.isdisjoint(env)
+    assert "upstream" not in {v["name"] for v in sts["spec"]["template"]["spec"]["volumes"]}
+
+
+@pytest.mark.parametrize("replicas, expected", [(1, 2), (2, 2), (5, 5)])
+def test_direct_runs_the_front_alone_with_two_replicas_or_more(replicas, expected):
+    values = {**BASE, "mode": "Direct", "replicas": replicas, "upstream": UPSTREAM}
+    deployment = next(o for o in render(REGISTRY_CHART, values, NAMESPACE) if o["kind"] == "Deployment")
+    assert deployment["spec"]["replicas"] == expected
+    pod = deployment["spec"]["template"]["spec"]
+    [front] = pod["containers"]
+    args = front["args"]
+    assert args[args.index("--remote") + 1] == "https://upstream.example:5443"
+    assert args[args.index("--remote-credentials") + 1] == "/etc/registry-upstream/credentials"
+    assert args[args.index("--remote-ca") + 1] == "/etc/registry-upstream/ca.crt"
+    assert "--upstream" not in args
+    assert not any("persistentVolumeClaim" in v or "emptyDir" in v for v in pod["volumes"])
+    upstream = next(v for v in pod["volumes"] if v["name"] == "upstream")
+    assert upstream["secret"]["items"] == [{"key": "credentials", "path": "credentials"}, {"key": "ca.crt", "path": "ca.crt"}]
+
+
+@pytest.mark.parametrize(
+    "values, complaint",
+    [
+        ({**BASE, "mode": "Proxy"}, "upstream"),
+        ({**BASE, "mode": "Direct", "upstream": {"url": ""}}, "url"),
+        ({**BASE, "mode": "Remote"}, "/mode"),
+        ({**BASE, "mode": "Proxy", "upstream": {"url": "http://upstream.example"}}, "/upstream/url"),
+        ({**BASE, "mode": "Proxy", "upstream": {"url": "https://upstream.example/path"}}, "/upstream/url"),
+        ({**BASE, "mode": "Proxy", "upstream": {"url": "https://u.example", "cacheTTL": "a week"}}, "/upstream/cacheTTL"),
+    ],
+)
+def test_schema_rejects_bad_mode_values(values, complaint):
+    with helm_python.Chart.load(REGISTRY_CHART) as chart:
+        with pytest.raises(helm_python.HelmValuesError, match=complaint):
+            chart.validate_schema(values)

@@ -247,8 +247,9 @@ async fn forward(State(s): State<Arc<Shared>>, req: Request) -> Response {
     );
     let mut headers = HeaderMap::new();
     for (k, v) in req.headers() {
+        // Repeated headers (a client's several Accept lines) all go on.
         if k != header::HOST && k != header::AUTHORIZATION {
-            headers.insert(k.clone(), v.clone());
+            headers.append(k.clone(), v.clone());
         }
     }
     // Upload Locations must point back at this front.

@@ -43,3 +43,22 @@ app.kubernetes.io/component: node-agent
 app.kubernetes.io/name: registry-node-agent
 app.kubernetes.io/part-of: registry-addon
 {{- end }}
+
+{{/* Labels the Service selects: the serving pods of every mode (StatefulSet and Direct). */}}
+{{- define "registry.servingLabels" -}}
+app.kubernetes.io/part-of: registry-addon
+app.kubernetes.io/component: registry
+{{- end }}
+
+{{/* Labels of Direct's objects. */}}
+{{- define "registry.directLabels" -}}
+app.kubernetes.io/name: registry-direct
+app.kubernetes.io/part-of: registry-addon
+app.kubernetes.io/component: registry
+{{- end }}
+
+{{/* Labels selecting Direct's pods; the StatefulSet's selector does not match them. */}}
+{{- define "registry.directSelectorLabels" -}}
+app.kubernetes.io/name: registry-direct
+app.kubernetes.io/part-of: registry-addon
+{{- end }}

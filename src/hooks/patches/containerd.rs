@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::addon::users::Credentials;
 use crate::names;
+use crate::wire::variable::{Mode, RegistryConfig};
 
 /// A containerd `hosts.toml` (`certs.d/<namespace>/hosts.toml`), as far as the addon writes it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -209,16 +210,27 @@ pub fn default_hosts_path() -> String {
 /// [`names::containerd_hosts_secret`], never inline in a template. Taken from
 /// [`node_config`], as the node agent's desired config is, so the two cannot differ.
 pub fn default_hosts_toml(service_ip: IpAddr, ro: &Credentials) -> String {
+    bootstrap_hosts_toml(Some(&Route::Default), service_ip, ro)
+}
+
+/// The `hosts.toml` of a node whose mirror is at `service_ip` and carries the images of
+/// `route` (`None`, Unmanaged: none, and so empty). Taken from [`node_config`], as the node
+/// agent's desired config is, so the two cannot differ.
+pub fn bootstrap_hosts_toml(route: Option<&Route>, service_ip: IpAddr, ro: &Credentials) -> String {
+    let Some(route) = route else {
+        return String::new();
+    };
     let side = MirrorSide {
         host: mirror_host(service_ip),
         // The hosts file does not depend on the CA's content.
         ca_pem: String::new(),
         ro: ro.clone(),
+        route: Some(route.clone()),
     };
     let config = node_config(names::CONTAINERD_CERTS_DIR, &Rollout::Final(&side));
     config
         .files
-        .get(DEFAULT_HOSTS_FILE)
+        .get(&route.hosts_file())
         .cloned()
         .unwrap_or_default()
 }
@@ -227,28 +239,43 @@ pub fn default_hosts_toml(service_ip: IpAddr, ro: &Credentials) -> String {
 /// `_default` `hosts.toml` is read from the management Secret `hosts_secret` (see
 /// [`default_hosts_toml`]).
 pub fn node_files(service_ip: IpAddr, ca_pem: &str, hosts_secret: &str) -> Vec<NodeFile> {
+    node_files_for(Some(&Route::Default), service_ip, ca_pem, hosts_secret)
+}
+
+/// Every bootstrap file of a node whose mirror carries the images of `route`: its `hosts.toml`
+/// (read from the management Secret `hosts_secret`, see [`bootstrap_hosts_toml`]), the CA, and
+/// what makes containerd read the hosts directory. Without a route (Unmanaged) only the
+/// latter: containerd then pulls as without the addon, and the node agent can still write
+/// the files of a later mode.
+pub fn node_files_for(
+    route: Option<&Route>,
+    service_ip: IpAddr,
+    ca_pem: &str,
+    hosts_secret: &str,
+) -> Vec<NodeFile> {
     let file = |path: String, permissions: &str, content: String| NodeFile {
         path,
         owner: "root:root".into(),
         permissions: permissions.into(),
         content: FileContent::Content(content),
     };
-    let ca = ca_path(service_ip);
-    let side = MirrorSide {
-        host: mirror_host(service_ip),
-        ca_pem: ca_pem.to_string(),
-        ro: Credentials {
-            username: String::new(),
-            password: String::new(),
-        },
-    };
-    let ca_pem = node_config(names::CONTAINERD_CERTS_DIR, &Rollout::Final(&side))
-        .files
-        .remove(&ca_file(&side.host))
-        .unwrap_or_default();
-    vec![
-        NodeFile {
-            path: default_hosts_path(),
+    let mut files = Vec::new();
+    if let Some(route) = route {
+        let side = MirrorSide {
+            host: mirror_host(service_ip),
+            ca_pem: ca_pem.to_string(),
+            ro: Credentials {
+                username: String::new(),
+                password: String::new(),
+            },
+            route: Some(route.clone()),
+        };
+        let ca_pem = node_config(names::CONTAINERD_CERTS_DIR, &Rollout::Final(&side))
+            .files
+            .remove(&ca_file(&side.host))
+            .unwrap_or_default();
+        files.push(NodeFile {
+            path: format!("{}/{}", names::CONTAINERD_CERTS_DIR, route.hosts_file()),
             owner: "root:root".into(),
             // Only root reads the credentials.
             permissions: "0600".into(),
@@ -258,12 +285,15 @@ pub fn node_files(service_ip: IpAddr, ca_pem: &str, hosts_secret: &str) -> Vec<N
                     key: names::CONTAINERD_HOSTS_SECRET_KEY.to_string(),
                 },
             },
-        },
-        file(ca, "0644", ca_pem),
+        });
+        files.push(file(ca_path(service_ip), "0644", ca_pem));
+    }
+    files.extend([
         file(fragment_path(1), "0644", containerd_fragment(1)),
         file(fragment_path(2), "0644", containerd_fragment(2)),
         file(script_path(), "0700", configure_script()),
-    ]
+    ]);
+    files
 }
 
 /// Where the `_default` `hosts.toml` lies, relative to containerd's hosts directory.
@@ -274,13 +304,73 @@ pub fn ca_file(host: &str) -> String {
     format!("{host}/ca.crt")
 }
 
+/// Which images a node sends through the mirror.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Route {
+    /// Every registry's (containerd's `_default` directory): Local.
+    Default,
+    /// Only those of this upstream host (`host` or `host:port`, as the image references name
+    /// it): Proxy and Direct. Other registries are pulled as without the addon.
+    Host(String),
+}
+
+impl Route {
+    /// The route of a mode: `None` for Unmanaged, whose nodes get no file.
+    pub fn of(registry: &RegistryConfig) -> Option<Route> {
+        match registry.mode {
+            Mode::Local => Some(Route::Default),
+            Mode::Proxy | Mode::Direct => registry
+                .upstream
+                .as_ref()
+                .map(|upstream| Route::Host(upstream.host.clone())),
+            Mode::Unmanaged => None,
+        }
+    }
+
+    /// The directory of containerd's hosts directory holding the route's `hosts.toml`.
+    pub fn directory(&self) -> &str {
+        match self {
+            Route::Default => "_default",
+            Route::Host(host) => host,
+        }
+    }
+
+    /// Where the route's `hosts.toml` lies, relative to containerd's hosts directory.
+    pub fn hosts_file(&self) -> String {
+        format!("{}/hosts.toml", self.directory())
+    }
+
+    /// The `server` of the route's `hosts.toml`: the upstream itself, after the mirror.
+    /// `_default` has none: containerd falls back to the image's own registry.
+    pub fn server(&self) -> Option<String> {
+        match self {
+            Route::Default => None,
+            Route::Host(host) => Some(format!("https://{host}")),
+        }
+    }
+}
+
 /// One state of the mirror as nodes see it: where it is (`10.96.0.20`, or `host:port`), the
-/// CA bundle it is trusted with, and the `ro` credentials it accepts.
+/// CA bundle it is trusted with, the `ro` credentials it accepts, and which images go through
+/// it (`None`: none, the node keeps no file of the addon).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MirrorSide {
     pub host: String,
     pub ca_pem: String,
     pub ro: Credentials,
+    pub route: Option<Route>,
+}
+
+impl MirrorSide {
+    /// Local's side: every registry's images through the mirror.
+    pub fn local(host: String, ca_pem: String, ro: Credentials) -> MirrorSide {
+        MirrorSide {
+            host,
+            ca_pem,
+            ro,
+            route: Some(Route::Default),
+        }
+    }
 }
 
 /// Which phase of a change the node configuration belongs to.
@@ -316,15 +406,18 @@ impl std::str::FromStr for Phase {
 
 /// What the node configuration is made from.
 ///
-/// A change that could break pulls (a new CA, new `ro` credentials, another mirror address)
-/// goes out in two phases, so that a node always holds a configuration that works:
+/// A change that could break pulls (a new CA, new `ro` credentials, another mirror address,
+/// another route) goes out in two phases, so that a node always holds a configuration that
+/// works:
 /// - `Transition { old, new }`: every mirror host of both sides is listed (containerd tries
-///   the next host when one fails); each host's `ca.crt` is the bundle of both CAs, so either
-///   server certificate verifies; the header is the **old** credentials. containerd sends one
-///   static header per host, so the node cannot offer both: the registry side accepts old and
-///   new credentials before this phase is written, and keeps accepting the old ones until
-///   every node carries the final hash.
-/// - `Final(new)`: the new host, CA and credentials only.
+///   the next host when one fails), in the hosts file of each side's route (both files when
+///   the route changes); each host's `ca.crt` is the bundle of both CAs, so either server
+///   certificate verifies; the header is the **old** credentials (the new ones when the old
+///   side had no route). containerd sends one static header per host, so the node cannot
+///   offer both: the registry side accepts old and new credentials before this phase is
+///   written, and keeps accepting the old ones until every node carries the final hash.
+/// - `Final(new)`: the new host, CA, credentials and route only; no file at all without a
+///   route (Unmanaged).
 #[derive(Debug, Clone, Copy)]
 pub enum Rollout<'a> {
     Transition {
@@ -392,22 +485,29 @@ fn ca_bundle(pems: &[&str]) -> String {
 /// two-phase rule.
 pub fn node_config(certs_dir: &str, rollout: &Rollout<'_>) -> NodeConfig {
     let certs_dir = certs_dir.trim_end_matches('/');
-    let (phase, sides, header_side): (Phase, Vec<&MirrorSide>, &MirrorSide) = match rollout {
-        Rollout::Final(new) => (Phase::Final, vec![new], new),
-        Rollout::Transition { old, new } => (Phase::Transition, vec![new, old], old),
+    let (phase, sides): (Phase, Vec<&MirrorSide>) = match rollout {
+        Rollout::Final(new) => (Phase::Final, vec![new]),
+        Rollout::Transition { old, new } => (Phase::Transition, vec![new, old]),
     };
-    let bundle = if sides.len() == 1 && phase == Phase::Final {
+    // A side without a route has no file on the node.
+    let routed: Vec<&MirrorSide> = sides.into_iter().filter(|s| s.route.is_some()).collect();
+    let header_side = match rollout {
+        Rollout::Transition { old, .. } if old.route.is_some() => *old,
+        Rollout::Transition { new, .. } | Rollout::Final(new) => *new,
+    };
+    let bundle = if routed.len() == 1 && phase == Phase::Final {
         // Bootstrap writes the CA exactly as it is.
-        sides[0].ca_pem.clone()
+        routed[0].ca_pem.clone()
     } else {
-        ca_bundle(&sides.iter().map(|s| s.ca_pem.as_str()).collect::<Vec<_>>())
+        ca_bundle(&routed.iter().map(|s| s.ca_pem.as_str()).collect::<Vec<_>>())
     };
     let authorization = header_side.ro.basic_header();
-    let mut hosts = BTreeMap::new();
+    let mut hosts_files: BTreeMap<&Route, BTreeMap<String, HostEntry>> = BTreeMap::new();
     let mut files = BTreeMap::new();
-    for side in &sides {
+    for side in &routed {
+        let Some(route) = &side.route else { continue };
         let ca = ca_file(&side.host);
-        hosts.insert(
+        hosts_files.entry(route).or_default().insert(
             format!("https://{}", side.host),
             HostEntry {
                 capabilities: vec!["pull".into(), "resolve".into()],
@@ -417,13 +517,15 @@ pub fn node_config(certs_dir: &str, rollout: &Rollout<'_>) -> NodeConfig {
         );
         files.insert(ca, bundle.clone());
     }
-    files.insert(
-        DEFAULT_HOSTS_FILE.to_string(),
-        render_hosts_file(&HostsFile {
-            server: None,
-            host: hosts,
-        }),
-    );
+    for (route, host) in hosts_files {
+        files.insert(
+            route.hosts_file(),
+            render_hosts_file(&HostsFile {
+                server: route.server(),
+                host,
+            }),
+        );
+    }
     NodeConfig::new(phase, files)
 }
 
@@ -439,14 +541,14 @@ mod tests {
     use super::*;
 
     fn side(host: &str, ca: &str, password: &str) -> MirrorSide {
-        MirrorSide {
-            host: host.into(),
-            ca_pem: ca.into(),
-            ro: Credentials {
+        MirrorSide::local(
+            host.into(),
+            ca.into(),
+            Credentials {
                 username: "ro".into(),
                 password: password.into(),
             },
-        }
+        )
     }
 
     #[test]
@@ -509,6 +611,106 @@ mod tests {
         let last = node_config("/certs", &Rollout::Final(&rotated));
         assert_eq!(last.files["10.96.0.20/ca.crt"], "NEW\n");
         assert_ne!(transition.hash, last.hash);
+    }
+
+    fn routed(host: &str, ca: &str, password: &str, route: Option<Route>) -> MirrorSide {
+        MirrorSide {
+            route,
+            ..side(host, ca, password)
+        }
+    }
+
+    #[test]
+    fn upstream_modes_route_only_the_upstream_host() {
+        let up = Route::Host("registry.example.com:5443".into());
+        let proxy = routed("10.96.0.20", "CA\n", "pw", Some(up.clone()));
+        let config = node_config("/certs", &Rollout::Final(&proxy));
+        assert_eq!(
+            config.files.keys().collect::<Vec<_>>(),
+            ["10.96.0.20/ca.crt", "registry.example.com:5443/hosts.toml"]
+        );
+        let hosts: HostsFile =
+            toml::from_str(&config.files["registry.example.com:5443/hosts.toml"]).unwrap();
+        assert_eq!(
+            hosts.server.as_deref(),
+            Some("https://registry.example.com:5443")
+        );
+        let entry = &hosts.host["https://10.96.0.20"];
+        assert_eq!(entry.ca.as_deref(), Some("/certs/10.96.0.20/ca.crt"));
+        assert_eq!(entry.header["Authorization"], proxy.ro.basic_header());
+        assert_eq!(entry.capabilities, ["pull", "resolve"]);
+        // The bootstrap hosts file is the same file.
+        let ip: IpAddr = "10.96.0.20".parse().unwrap();
+        let on_node = node_config(names::CONTAINERD_CERTS_DIR, &Rollout::Final(&proxy));
+        assert_eq!(
+            bootstrap_hosts_toml(Some(&up), ip, &proxy.ro),
+            on_node.files["registry.example.com:5443/hosts.toml"]
+        );
+        let files = node_files_for(Some(&up), ip, "CA\n", "s");
+        assert_eq!(
+            files[0].path,
+            "/etc/containerd/certs.d/registry.example.com:5443/hosts.toml"
+        );
+    }
+
+    #[test]
+    fn unmanaged_has_no_file_and_a_route_change_lists_both() {
+        let none = routed("10.96.0.20", "CA\n", "pw", None);
+        let config = node_config("/certs", &Rollout::Final(&none));
+        assert!(config.files.is_empty());
+        let ip: IpAddr = "10.96.0.20".parse().unwrap();
+        assert_eq!(bootstrap_hosts_toml(None, ip, &none.ro), "");
+        // Only what makes containerd read the hosts directory, for a later mode.
+        let files = node_files_for(None, ip, "CA\n", "s");
+        assert!(
+            files.iter().all(|f| !f.path.contains("certs.d")),
+            "{files:?}"
+        );
+
+        let local = side("10.96.0.20", "CA\n", "old");
+        let direct = routed(
+            "10.96.0.20",
+            "CA\n",
+            "old",
+            Some(Route::Host("r.example".into())),
+        );
+        let both = node_config(
+            "/certs",
+            &Rollout::Transition {
+                old: &local,
+                new: &direct,
+            },
+        );
+        assert_eq!(
+            both.files.keys().collect::<Vec<_>>(),
+            [
+                "10.96.0.20/ca.crt",
+                "_default/hosts.toml",
+                "r.example/hosts.toml"
+            ]
+        );
+        // Leaving Unmanaged: the header is the new side's, the only one there is.
+        let back = node_config(
+            "/certs",
+            &Rollout::Transition {
+                old: &none,
+                new: &local,
+            },
+        );
+        let hosts: HostsFile = toml::from_str(&back.files["_default/hosts.toml"]).unwrap();
+        assert_eq!(
+            hosts.host["https://10.96.0.20"].header["Authorization"],
+            local.ro.basic_header()
+        );
+        let to_none = node_config(
+            "/certs",
+            &Rollout::Transition {
+                old: &local,
+                new: &none,
+            },
+        );
+        assert_eq!(to_none.files.len(), 2);
+        assert!(to_none.files.contains_key("_default/hosts.toml"));
     }
 
     #[test]

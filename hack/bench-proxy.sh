@@ -1,0 +1,233 @@
+#!/usr/bin/env bash
+# Benchmark of Proxy mode: `registry-addon front` before a CNCF Distribution pull-through cache
+# (configured as the Proxy StatefulSet configures it: proxy.remoteurl, the upstream's CA in
+# SSL_CERT_FILE, the cache beside Local's tree), same machine, same images. Measured, per image
+# shape (one large blob; many small layers):
+#   - warm pull through front + cache ÷ a pull from a plain local registry holding the images
+#     (TLS, no front): time ratio plain/warm, target >= 0.9;
+#   - cold pull through front + cache (the cache emptied and restarted before each round) ÷ a
+#     pull straight from the upstream: time ratio cold/upstream, target <= 1.3.
+# A pull is what a node does: the manifest, then every blob, 4 at a time.
+#
+# The upstream is anonymous here: Distribution 2.8 sends proxy credentials to token realms only,
+# and the token exchange happens once per repository, not per byte.
+#
+# Needs: docker-registry, curl, openssl, htpasswd, python3 (Debian: docker-registry, curl,
+# openssl, apache2-utils). Only loopback addresses are used.
+#
+# Environment: BIG_MIB (default 256), SMALL_LAYERS (default 64, 256 KiB each), ROUNDS
+# (default 3), BIN (a release binary; default: built as hack/build-image.sh builds it), KEEP=1
+# to keep the work directory.
+set -euo pipefail
+
+BIG_MIB=${BIG_MIB:-256}
+SMALL_LAYERS=${SMALL_LAYERS:-64}
+ROUNDS=${ROUNDS:-3}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+WORK=$(mktemp -d /tmp/bench-proxy.XXXXXX)
+PIDS=()
+
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    if [[ "${KEEP:-}" != 1 ]]; then rm -rf "$WORK"; else echo "kept $WORK"; fi
+}
+trap cleanup EXIT
+
+triple=x86_64-unknown-linux-gnu
+if [[ -z "${BIN:-}" ]]; then
+    (cd "$ROOT" && RUSTFLAGS="-C target-feature=+crt-static" \
+        cargo build --locked --release --target "$triple" --bin registry-addon)
+    BIN="${CARGO_TARGET_DIR:-$ROOT/target}/$triple/release/registry-addon"
+fi
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() { # url [curl args]
+    local url=$1
+    shift
+    for _ in $(seq 200); do
+        if curl -s -o /dev/null "$@" "$url"; then return 0; fi
+        sleep 0.05
+    done
+    echo "$url did not answer" >&2
+    exit 1
+}
+
+# --- TLS and users --------------------------------------------------------------------------
+mkdir -p "$WORK/tls"
+(
+    cd "$WORK/tls"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -subj "/CN=bench CA" -keyout ca.key -out ca.pem \
+        -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=registry" \
+        -keyout tls.key -out tls.csr 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >ext.cnf
+    openssl x509 -req -in tls.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+        -extfile ext.cnf -out tls.crt 2>/dev/null
+)
+RO_PASSWORD=$(head -c 30 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')
+htpasswd -nbB ro "$RO_PASSWORD" >"$WORK/pull.htpasswd"
+: >"$WORK/push.htpasswd"
+AUTH="Authorization: Basic $(printf 'ro:%s' "$RO_PASSWORD" | base64 -w0)"
+
+# --- registries ---------------------------------------------------------------------------------
+registry_config() { # name port store tls(yes/no)
+    mkdir -p "$WORK/$1"
+    {
+        printf 'version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n'
+        printf 'storage:\n  filesystem:\n    rootdirectory: %s\n' "$3"
+        printf 'http:\n  addr: 127.0.0.1:%s\n  secret: bench\n  relativeurls: true\n' "$2"
+        if [[ $4 == yes ]]; then
+            printf '  tls:\n    certificate: %s\n    key: %s\n' "$WORK/tls/tls.crt" "$WORK/tls/tls.key"
+        fi
+    } >"$WORK/$1/config.yml"
+}
+UPSTREAM=$(free_port)
+LOCAL=$(free_port)
+CACHE=$(free_port)
+FRONT=$(free_port)
+FRONT_METRICS=$(free_port)
+registry_config upstream "$UPSTREAM" "$WORK/upstream-store" yes
+registry_config local "$LOCAL" "$WORK/local-store" yes
+docker-registry serve "$WORK/upstream/config.yml" >"$WORK/upstream/log" 2>&1 &
+PIDS+=($!)
+docker-registry serve "$WORK/local/config.yml" >"$WORK/local/log" 2>&1 &
+PIDS+=($!)
+wait_http "https://127.0.0.1:$UPSTREAM/v2/" --cacert "$WORK/tls/ca.pem"
+wait_http "https://127.0.0.1:$LOCAL/v2/" --cacert "$WORK/tls/ca.pem"
+
+# The cache as the Proxy StatefulSet runs it: the environment of its registry container.
+registry_config cache "$CACHE" /nonexistent no
+CACHE_PID=
+start_cache() {
+    rm -rf "$WORK/cache-volume"
+    mkdir -p "$WORK/cache-volume"
+    REGISTRY_PROXY_REMOTEURL="https://127.0.0.1:$UPSTREAM" \
+        SSL_CERT_FILE="$WORK/tls/ca.pem" \
+        REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY="$WORK/cache-volume/proxy-cache" \
+        docker-registry serve "$WORK/cache/config.yml" >"$WORK/cache/log" 2>&1 &
+    CACHE_PID=$!
+    PIDS+=($CACHE_PID)
+    wait_http "http://127.0.0.1:$CACHE/v2/"
+}
+stop_cache() {
+    kill "$CACHE_PID" 2>/dev/null || true
+    wait "$CACHE_PID" 2>/dev/null || true
+}
+start_cache
+"$BIN" front --listen "127.0.0.1:$FRONT" --metrics-listen "127.0.0.1:$FRONT_METRICS" \
+    --tls-cert-file "$WORK/tls/tls.crt" --tls-key-file "$WORK/tls/tls.key" \
+    --upstream "http://127.0.0.1:$CACHE" \
+    --pull-users "$WORK/pull.htpasswd" --push-users "$WORK/push.htpasswd" 2>"$WORK/front.log" &
+PIDS+=($!)
+wait_http "http://127.0.0.1:$FRONT_METRICS/readyz" -f
+
+# --- content: the same images in the upstream and in the plain local registry ---------------------
+put_blob() { # port repo file digest
+    local location
+    location=$(curl -sf --cacert "$WORK/tls/ca.pem" -X POST -D - -o /dev/null \
+        "https://127.0.0.1:$1/v2/$2/blobs/uploads/" |
+        tr -d '\r' | awk -F': ' 'tolower($1)=="location"{print $2}')
+    case $location in http*) ;; *) location="https://127.0.0.1:$1$location" ;; esac
+    local sep='?'
+    [[ $location == *\?* ]] && sep='&'
+    curl -sf --cacert "$WORK/tls/ca.pem" -X PUT -H 'Content-Type: application/octet-stream' \
+        --data-binary "@$3" "$location${sep}digest=$4" -o /dev/null
+}
+make_image() { # repo layer-count layer-bytes
+    local repo=$1 dir="$WORK/images/$1" layers=()
+    mkdir -p "$dir"
+    printf '{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"repo":"%s"}' "$repo" >"$dir/config.json"
+    for i in $(seq "$2"); do
+        head -c "$3" /dev/urandom >"$dir/layer-$i"
+        layers+=("$dir/layer-$i")
+    done
+    local config digest entries=()
+    config=sha256:$(sha256sum "$dir/config.json" | cut -d' ' -f1)
+    for layer in "${layers[@]}"; do
+        digest=sha256:$(sha256sum "$layer" | cut -d' ' -f1)
+        entries+=("{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar\",\"digest\":\"$digest\",\"size\":$(stat -c %s "$layer")}")
+        echo "$digest" >>"$dir/blobs"
+    done
+    echo "$config" >>"$dir/blobs"
+    local joined
+    joined=$(IFS=,; echo "${entries[*]}")
+    printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":%s},"layers":[%s]}' \
+        "$config" "$(stat -c %s "$dir/config.json")" "$joined" >"$dir/manifest.json"
+    for port in "$UPSTREAM" "$LOCAL"; do
+        put_blob "$port" "$repo" "$dir/config.json" "$config"
+        for layer in "${layers[@]}"; do
+            put_blob "$port" "$repo" "$layer" "sha256:$(sha256sum "$layer" | cut -d' ' -f1)"
+        done
+        curl -sf --cacert "$WORK/tls/ca.pem" -X PUT \
+            -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' \
+            --data-binary "@$dir/manifest.json" "https://127.0.0.1:$port/v2/$repo/manifests/v1" -o /dev/null
+    done
+}
+make_image large 1 $((BIG_MIB * 1024 * 1024))
+make_image small "$SMALL_LAYERS" $((256 * 1024))
+
+# --- pulls -----------------------------------------------------------------------------------------
+pull() { # base repo -> seconds
+    local base=$1 repo=$2 start end
+    start=$(date +%s.%N)
+    curl -sf --cacert "$WORK/tls/ca.pem" -H "$AUTH" \
+        -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
+        -o /dev/null "$base/v2/$repo/manifests/v1"
+    xargs -P 4 -I{} curl -sf --cacert "$WORK/tls/ca.pem" -H "$AUTH" -o /dev/null \
+        "$base/v2/$repo/blobs/{}" <"$WORK/images/$repo/blobs"
+    end=$(date +%s.%N)
+    python3 -c "print($end - $start)"
+}
+# The cache holds every blob once its own background copy is committed (Distribution 2.8 stores
+# a blob by a second download, after answering the client).
+wait_cached() { # repo
+    local repo=$1
+    for _ in $(seq 600); do
+        local missing=0
+        while read -r digest; do
+            [[ -e "$WORK/cache-volume/proxy-cache/docker/registry/v2/repositories/$repo/_layers/sha256/${digest#sha256:}/link" ]] || missing=1
+        done <"$WORK/images/$repo/blobs"
+        [[ $missing == 0 ]] && return 0
+        sleep 0.05
+    done
+    echo "the cache did not store $repo" >&2
+    exit 1
+}
+
+# Warm the page cache and every path once.
+for repo in large small; do
+    pull "https://127.0.0.1:$LOCAL" "$repo" >/dev/null
+    pull "https://127.0.0.1:$UPSTREAM" "$repo" >/dev/null
+done
+
+declare -A T
+for round in $(seq "$ROUNDS"); do
+    for repo in large small; do
+        T[upstream,$repo,$round]=$(pull "https://127.0.0.1:$UPSTREAM" "$repo")
+        stop_cache
+        start_cache
+        T[cold,$repo,$round]=$(pull "https://127.0.0.1:$FRONT" "$repo")
+        wait_cached "$repo"
+        T[local,$repo,$round]=$(pull "https://127.0.0.1:$LOCAL" "$repo")
+        T[warm,$repo,$round]=$(pull "https://127.0.0.1:$FRONT" "$repo")
+    done
+done
+
+python3 - "$BIG_MIB" "$SMALL_LAYERS" "$ROUNDS" "$(for k in "${!T[@]}"; do echo "$k=${T[$k]}"; done)" <<'EOF'
+import statistics, sys
+big, layers, rounds = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+times = {}
+for line in sys.argv[4].split("\n"):
+    key, value = line.split("=")
+    side, repo, _ = key.split(",")
+    times.setdefault((side, repo), []).append(float(value))
+med = lambda side, repo: statistics.median(times[(side, repo)])
+print(f"proxy benchmark: {rounds} interleaved rounds, median of rounds, seconds per pull")
+print(f"{'image':<28}{'local':>8}{'warm':>8}{'local/warm':>12}{'upstream':>10}{'cold':>8}{'cold/upstream':>15}")
+for repo, label in (("large", f"1 blob of {big} MiB"), ("small", f"{layers} layers of 256 KiB")):
+    l, w, u, c = med("local", repo), med("warm", repo), med("upstream", repo), med("cold", repo)
+    print(f"{label:<28}{l:>8.3f}{w:>8.3f}{l / w:>12.2f}{u:>10.3f}{c:>8.3f}{c / u:>15.2f}")
+print("targets: local/warm >= 0.9, cold/upstream <= 1.3")
+EOF

@@ -1,0 +1,259 @@
+//! The registry modes through the hooks, against in-memory management and workload API
+//! servers: the upstream Secrets of Proxy and Direct copied (and checked) once, each mode's
+//! objects applied by the direct deployer and the other modes' removed, PVCs kept.
+
+mod support;
+
+use serde_json::{Value, json};
+
+use support::{CLUSTER_NS, Env, b64, secret_path, statefulset_path, tls_path, unb64};
+
+use registry_addon::wire::runtime::Hook;
+
+const UPSTREAM_SECRET: &str = "/api/v1/namespaces/registry-system/secrets/registry-upstream";
+const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/registry-system/deployments/registry-direct";
+const SERVICE: &str = "/api/v1/namespaces/registry-system/services/registry";
+const DAEMONSET: &str = "/apis/apps/v1/namespaces/registry-system/daemonsets/registry-node-agent";
+const PVC: &str = "/api/v1/namespaces/registry-system/persistentvolumeclaims/data-registry-0";
+
+fn assert_success(response: &Value) {
+    assert_eq!(response["status"], "Success", "{response:#}");
+}
+
+fn assert_failure(response: &Value, needle: &str) -> String {
+    assert_eq!(response["status"], "Failure", "{response:#}");
+    let message = response["message"].as_str().unwrap_or_default().to_string();
+    assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+    message
+}
+
+fn ca_pem() -> String {
+    registry_addon::certs::CertificateAuthority::generate(
+        registry_addon::cli::KeyAlgorithm::EcdsaP256,
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap()
+    .cert_pem()
+    .to_string()
+}
+
+fn put_secret(env: &Env, name: &str, kind: &str, data: &[(&str, &str)]) {
+    let data: serde_json::Map<String, Value> = data
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(b64(v))))
+        .collect();
+    env.management.put(
+        &format!("/api/v1/namespaces/{CLUSTER_NS}/secrets"),
+        json!({
+            "apiVersion": "v1", "kind": "Secret", "type": kind,
+            "metadata": {"name": name, "namespace": CLUSTER_NS},
+            "data": data,
+        }),
+    );
+}
+
+fn upstream() -> Value {
+    json!({
+        "url": "https://upstream.example:5443/team",
+        "credentialsSecretRef": {"name": "up-creds"},
+        "caSecretRef": {"name": "up-ca"},
+    })
+}
+
+async fn direct_env() -> Env {
+    let mut env = Env::new().await;
+    env.settings = json!({"deployer": "direct"});
+    env
+}
+
+#[tokio::test]
+async fn proxy_copies_the_upstream_secrets_once() {
+    let mut env = direct_env().await;
+    let ca = ca_pem();
+    put_secret(
+        &env,
+        "up-creds",
+        "kubernetes.io/basic-auth",
+        &[("username", "puller"), ("password", "s3cret")],
+    );
+    put_secret(&env, "up-ca", "Opaque", &[("ca.crt", &ca)]);
+    env.set_registry(json!({"mode": "Proxy", "upstream": upstream()}));
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+
+    let copy = env
+        .workload
+        .get(UPSTREAM_SECRET)
+        .expect("registry-upstream");
+    assert_eq!(unb64(&copy["data"]["username"]), "puller");
+    assert_eq!(unb64(&copy["data"]["password"]), "s3cret");
+    assert_eq!(unb64(&copy["data"]["ca.crt"]), ca);
+    let sts = env.workload.get(&statefulset_path()).expect("StatefulSet");
+    let env_vars = &sts["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(
+        env_vars
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "REGISTRY_PROXY_REMOTEURL"
+                && e["value"] == "https://upstream.example:5443")
+    );
+
+    // A repeat writes nothing.
+    env.make_registry_ready(2);
+    env.clear_logs();
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert_eq!(env.writes(), 0, "{:?}", env.workload.requests());
+
+    // A rotated password is copied; a reference removed drops its keys.
+    put_secret(
+        &env,
+        "up-creds",
+        "kubernetes.io/basic-auth",
+        &[("username", "puller"), ("password", "n3w")],
+    );
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    let copy = env.workload.get(UPSTREAM_SECRET).unwrap();
+    assert_eq!(unb64(&copy["data"]["password"]), "n3w");
+    env.set_registry(json!({"mode": "Proxy", "upstream": {"url": "https://upstream.example:5443", "caSecretRef": {"name": "up-ca"}}}));
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    let copy = env.workload.get(UPSTREAM_SECRET).unwrap();
+    let keys: Vec<_> = copy["data"].as_object().unwrap().keys().cloned().collect();
+    assert_eq!(keys, ["ca.crt"]);
+
+    // Back to Local: the copy goes.
+    env.set_registry(json!({}));
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert!(env.workload.get(UPSTREAM_SECRET).is_none());
+}
+
+#[tokio::test]
+async fn missing_or_malformed_upstream_secrets_are_named_and_nothing_is_applied() {
+    let mut env = direct_env().await;
+    env.set_registry(json!({"mode": "Direct", "upstream": upstream()}));
+    assert_failure(
+        &env.call(Hook::AfterControlPlaneInitialized).await,
+        "secret default/up-creds on the management cluster (addons.registry.upstream.credentialsSecretRef): not found",
+    );
+    assert!(
+        env.workload.get(&tls_path()).is_none(),
+        "nothing half-applied"
+    );
+    assert!(env.workload.get(UPSTREAM_SECRET).is_none());
+
+    put_secret(
+        &env,
+        "up-creds",
+        "Opaque",
+        &[("user", "puller"), ("password", "s3cret")],
+    );
+    let message = assert_failure(
+        &env.call(Hook::AfterControlPlaneInitialized).await,
+        "secret default/up-creds on the management cluster (addons.registry.upstream.credentialsSecretRef): key username is missing",
+    );
+    assert!(!message.contains("s3cret"), "{message}");
+
+    put_secret(
+        &env,
+        "up-creds",
+        "Opaque",
+        &[("username", "puller"), ("password", "s3cret")],
+    );
+    assert_failure(
+        &env.call(Hook::AfterControlPlaneInitialized).await,
+        "secret default/up-ca on the management cluster (addons.registry.upstream.caSecretRef): not found",
+    );
+    put_secret(&env, "up-ca", "Opaque", &[("ca.crt", "not a certificate")]);
+    assert_failure(
+        &env.call(Hook::AfterControlPlaneInitialized).await,
+        "(addons.registry.upstream.caSecretRef): key ca.crt holds no PEM certificate",
+    );
+    put_secret(&env, "up-ca", "Opaque", &[("tls.crt", "x")]);
+    assert_failure(
+        &env.call(Hook::AfterControlPlaneInitialized).await,
+        "key ca.crt is missing",
+    );
+    assert!(
+        env.workload.get(&tls_path()).is_none(),
+        "nothing half-applied"
+    );
+    assert!(env.workload.get(DEPLOYMENT).is_none());
+
+    put_secret(&env, "up-ca", "Opaque", &[("ca.crt", &ca_pem())]);
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert!(env.workload.get(DEPLOYMENT).is_some());
+    let copy = env.workload.get(UPSTREAM_SECRET).unwrap();
+    let file: Value = serde_json::from_str(&unb64(&copy["data"]["credentials"])).unwrap();
+    assert_eq!(file, json!({"username": "puller", "password": "s3cret"}));
+}
+
+#[tokio::test]
+async fn each_mode_applies_its_objects_and_keeps_the_address_and_the_pvcs() {
+    let mut env = direct_env().await;
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert!(env.workload.get(&statefulset_path()).is_some());
+    let address = env.workload.get(SERVICE).unwrap()["spec"]["clusterIP"].clone();
+    // The StatefulSet controller's PVC, holding Local's data.
+    env.workload.put(
+        "/api/v1/namespaces/registry-system/persistentvolumeclaims",
+        json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+               "metadata": {"name": "data-registry-0", "namespace": "registry-system",
+                            "labels": {"app.kubernetes.io/name": "registry", "app.kubernetes.io/part-of": "registry-addon"}},
+               "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}),
+    );
+
+    env.set_registry(json!({"mode": "Direct", "upstream": {"url": "https://upstream.example"}}));
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert!(
+        env.workload.get(&statefulset_path()).is_none(),
+        "no StatefulSet in Direct"
+    );
+    assert!(
+        env.workload
+            .get("/api/v1/namespaces/registry-system/services/registry-headless")
+            .is_none()
+    );
+    let deployment = env
+        .workload
+        .get(DEPLOYMENT)
+        .expect("Deployment registry-direct");
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    assert_eq!(
+        env.workload.get(SERVICE).unwrap()["spec"]["clusterIP"],
+        address
+    );
+    assert!(env.workload.get(PVC).is_some(), "the PVC stays");
+    assert!(
+        env.workload.get(UPSTREAM_SECRET).is_none(),
+        "no credentials, no CA: no copy"
+    );
+
+    env.set_registry(json!({"mode": "Unmanaged"}));
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert!(env.workload.get(DEPLOYMENT).is_none());
+    assert!(env.workload.get(SERVICE).is_none());
+    assert!(
+        env.workload.get(DAEMONSET).is_some(),
+        "the node agent stays to clean the nodes"
+    );
+    assert!(env.workload.get(PVC).is_some(), "the PVC stays");
+    // BeforeClusterUpgrade has nothing to wait for.
+    assert_success(&env.call(Hook::BeforeClusterUpgrade).await);
+
+    env.set_registry(json!({}));
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    let sts = env
+        .workload
+        .get(&statefulset_path())
+        .expect("StatefulSet back");
+    assert_eq!(
+        sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenDeleted"],
+        "Retain"
+    );
+    assert!(env.workload.get(DEPLOYMENT).is_none());
+    assert_eq!(
+        env.workload.get(SERVICE).unwrap()["spec"]["clusterIP"],
+        address
+    );
+    assert!(env.workload.get(PVC).is_some());
+    let _ = secret_path;
+}
