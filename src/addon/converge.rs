@@ -8,6 +8,7 @@
 //! the controller share; the root CA is created with create-if-absent so two extension
 //! replicas cannot each generate one.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +21,7 @@ use tracing::info;
 
 use crate::addon::modes;
 use crate::addon::rollout::{self, Plan, Progress, Signer};
+use crate::addon::switch::{self, ModeRecord};
 use crate::addon::users::{self, Credentials, RegistryAuth, StoredUser};
 use crate::certs::{self, CertInfo, CertificateAuthority, CertifiedKey, PrivateKeyPem};
 use crate::cli::Deployer;
@@ -321,6 +323,37 @@ pub struct Users {
     rw: StoredUser,
 }
 
+/// What [`Converge::decide_mode`] allows.
+#[derive(Debug, Clone)]
+pub struct ModeDecision {
+    /// What to render and deploy now.
+    pub effective: RegistryConfig,
+    /// What to record once it is deployed.
+    pub record: ModeRecord,
+    /// The record's ConfigMap as read.
+    pub stored: Option<serde_json::Value>,
+    pub state: SwitchState,
+    /// The target check that let a switch start, when one ran.
+    pub check: Option<switch::TargetCheck>,
+}
+
+/// Where a switch of modes stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SwitchState {
+    /// The variable's mode is the one deployed.
+    Settled,
+    /// The variable asks for a switch that is not supported; nothing changes.
+    Refused { target: Mode, message: String },
+    /// The target does not serve what is in use yet; the effective mode keeps serving.
+    Waiting {
+        target: Mode,
+        check: switch::TargetCheck,
+    },
+    /// The variable's mode is deployed; the switch from `from` completes once its registry is
+    /// ready and every node carries the final configuration.
+    Switching { from: String },
+}
+
 /// What the deploy step did.
 #[derive(Debug, Clone)]
 pub struct Deployed {
@@ -599,7 +632,7 @@ fn removal_targets(options: &crate::cli::AddonOptions) -> Vec<k8s::ObjectId> {
 /// One cluster's converge with its variable.
 pub struct Converge<'a> {
     pub scope: Scope<'a>,
-    pub registry: &'a RegistryConfig,
+    pub registry: Cow<'a, RegistryConfig>,
     /// The time certificates are checked and issued at.
     pub now: OffsetDateTime,
 }
@@ -615,7 +648,7 @@ impl<'a> Converge<'a> {
     pub fn new(scope: Scope<'a>, registry: &'a RegistryConfig, now: OffsetDateTime) -> Self {
         Converge {
             scope,
-            registry,
+            registry: Cow::Borrowed(registry),
             now,
         }
     }
@@ -719,19 +752,162 @@ impl<'a> Converge<'a> {
                 names::SYNC_USER
             )));
         }
+        Ok(Users { ro, rw })
+    }
+
+    /// The node's bootstrap `hosts.toml` Secret, carrying `ro`, for the mode deployed (the
+    /// effective one while a switch waits).
+    pub async fn ensure_bootstrap_hosts(&self, users: &Users) -> Result<(), ConvergeError> {
         let service_ip = self.service_ip()?;
         let hosts = objects::containerd_hosts_secret(
-            cluster,
+            self.cluster,
             &containerd::bootstrap_hosts_toml(
-                containerd::Route::of(self.registry).as_ref(),
+                containerd::Route::of(&self.registry).as_ref(),
                 service_ip,
-                &ro.credentials,
+                &users.ro.credentials,
             ),
         );
         if self.management.ensure(&hosts).await? == Outcome::Applied {
             info!(cluster = %self.key, secret = %k8s::ObjectId::of(&hosts), "applied the node containerd hosts Secret");
         }
-        Ok(Users { ro, rw })
+        Ok(())
+    }
+
+    /// Renders the mode the cluster is deployed in rather than the variable's, while a switch
+    /// waits (see [`switch`]).
+    pub fn set_registry(&mut self, registry: RegistryConfig) {
+        self.registry = Cow::Owned(registry);
+    }
+
+    /// What a switch of modes allows now: the variable's mode, or the effective one while a
+    /// switch to the variable's is refused or its target not ready. Reads the recorded mode and,
+    /// only while a switch waits, the Pods and the target.
+    pub async fn decide_mode(
+        &self,
+        workload: &ClusterApi,
+        desired: &RegistryConfig,
+    ) -> Result<ModeDecision, ConvergeError> {
+        // Before any request reaches the workload cluster (see `deploy`).
+        if self.deployer == Deployer::Direct {
+            self.check_no_helm_chart_proxy().await?;
+        }
+        let stored = workload
+            .get(
+                "v1",
+                "ConfigMap",
+                Some(names::REGISTRY_NAMESPACE),
+                switch::MODE_CONFIGMAP,
+            )
+            .await?;
+        let wanted = ModeRecord::of(desired);
+        let record = switch::read_record(stored.as_ref());
+        let effective = record
+            .as_ref()
+            .and_then(|r| r.apply_to(desired).map(|config| (r.clone(), config)));
+        let decision = |effective: RegistryConfig, record: ModeRecord, state: SwitchState| {
+            ModeDecision {
+                effective,
+                record,
+                stored: stored.clone(),
+                state,
+                check: None,
+            }
+        };
+        let Some((record, current)) = effective else {
+            // Nothing recorded: a first deploy, or one from before modes were recorded.
+            return Ok(decision(desired.clone(), wanted, SwitchState::Settled));
+        };
+        if record.same_mode(&wanted) {
+            let state = match &record.switching_from {
+                Some(from) => SwitchState::Switching { from: from.clone() },
+                None => SwitchState::Settled,
+            };
+            let record = ModeRecord {
+                switching_from: record.switching_from.clone(),
+                ..wanted
+            };
+            return Ok(decision(desired.clone(), record, state));
+        }
+        if let Some(message) = switch::refused(current.mode, desired.mode) {
+            return Ok(decision(
+                current,
+                record,
+                SwitchState::Refused {
+                    target: desired.mode,
+                    message,
+                },
+            ));
+        }
+        let check = match (&desired.upstream, desired.mode) {
+            (Some(upstream), Mode::Proxy | Mode::Direct) => {
+                let secrets =
+                    modes::read_upstream_secrets(&self.management, self.cluster, desired)
+                        .await?
+                        .unwrap_or(modes::UpstreamSecrets {
+                            credentials: None,
+                            ca_pem: None,
+                        });
+                let pods = workload.list("v1", "Pod", None).await?;
+                let images = switch::images_in_use(&pods);
+                let routed = switch::routed_to(&images, &upstream.host);
+                let timeout = self.budget.mul_f64(0.25).max(Duration::from_secs(2));
+                switch::check_upstream(&upstream.origin(), &secrets, &routed, timeout).await
+            }
+            (_, Mode::Local) => switch::TargetCheck::NotChecked(
+                "the local store is not running while another mode serves, so its content is                  not checked before a switch to Local; images missing there are pulled from                  their registries (containerd falls back)"
+                    .into(),
+            ),
+            _ => switch::TargetCheck::Ready { checked: 0 },
+        };
+        if matches!(
+            check,
+            switch::TargetCheck::Ready { .. } | switch::TargetCheck::NotChecked(_)
+        ) {
+            let from = record
+                .switching_from
+                .clone()
+                .unwrap_or_else(|| record.mode.clone());
+            let mut record = wanted;
+            // Back to where a switch started: nothing is under way any more.
+            record.switching_from = (from != record.mode).then_some(from.clone());
+            let state = match &record.switching_from {
+                Some(from) => SwitchState::Switching { from: from.clone() },
+                None => SwitchState::Settled,
+            };
+            return Ok(ModeDecision {
+                check: Some(check),
+                ..decision(desired.clone(), record, state)
+            });
+        }
+        Ok(decision(
+            current,
+            record,
+            SwitchState::Waiting {
+                target: desired.mode,
+                check,
+            },
+        ))
+    }
+
+    /// Records the mode deployed: at the start of a switch, and with `complete` (its registry
+    /// ready, every node on the final configuration) at its end. Written only when it changes.
+    pub async fn record_mode(
+        &self,
+        workload: &ClusterApi,
+        decision: &ModeDecision,
+        complete: bool,
+    ) -> Result<(), ConvergeError> {
+        let mut record = decision.record.clone();
+        if complete {
+            record.switching_from = None;
+        }
+        if switch::read_record(decision.stored.as_ref()).as_ref() == Some(&record) {
+            return Ok(());
+        }
+        let configmap = switch::record_configmap(&record);
+        workload.converge(decision.stored.as_ref(), &configmap).await?;
+        info!(cluster = %self.key, mode = %record.mode, switching_from = ?record.switching_from, "recorded the registry mode on the workload cluster");
+        Ok(())
     }
 
     /// `registry-system/registry-auth`: the hashes of `ro` and `rw`, the sync identity and the
@@ -781,16 +957,12 @@ impl<'a> Converge<'a> {
         ca: &CertificateAuthority,
         users: &Users,
     ) -> Result<Plan, ConvergeError> {
-        // Before any request reaches the workload cluster (see `deploy`).
-        if self.deployer == Deployer::Direct {
-            self.check_no_helm_chart_proxy().await?;
-        }
         let host = containerd::mirror_host(self.service_ip()?);
         let desired = MirrorSide {
             host: host.clone(),
             ca_pem: ca.cert_pem().to_string(),
             ro: users.ro.credentials.clone(),
-            route: containerd::Route::of(self.registry),
+            route: containerd::Route::of(&self.registry),
         };
         let secret = workload
             .get(
@@ -883,8 +1055,8 @@ impl<'a> Converge<'a> {
 
     /// Namespace, `registry-auth`, `registry-tls` (kept while usable, renewed inside the
     /// renewal window when `renew_fraction` is set) and the registry itself, as the node
-    /// rollout `plan` allows: see [`rollout`]. `plan` comes from [`Converge::node_plan`],
-    /// which also refuses the direct deployer beside a HelmChartProxy.
+    /// rollout `plan` allows: see [`rollout`]. [`Converge::decide_mode`] comes first: it
+    /// also refuses the direct deployer beside a HelmChartProxy.
     pub async fn deploy(
         &self,
         ca: &CertificateAuthority,
@@ -895,7 +1067,7 @@ impl<'a> Converge<'a> {
     ) -> Result<Deployed, ConvergeError> {
         // Proxy's and Direct's upstream Secrets, checked before anything is written.
         let upstream =
-            modes::read_upstream_secrets(&self.management, self.cluster, self.registry).await?;
+            modes::read_upstream_secrets(&self.management, self.cluster, &self.registry).await?;
         // From here on the addon's objects exist again: a later removal must look.
         self.state.set_removed(&self.key, false);
         // What another mode left needs looking for only when the mode may have changed.
@@ -951,7 +1123,7 @@ impl<'a> Converge<'a> {
             .map_err(|e| ConvergeError::Invalid(format!("registry certificate: {e}")))?;
         let hash = pod_hash(&certificate, &trust, ca);
         let values =
-            RegistryValues::new(&self.config.addon, self.registry, service_ip, hash.clone());
+            RegistryValues::new(&self.config.addon, &self.registry, service_ip, hash.clone());
         match self.deployer {
             Deployer::Helmchartproxy => {
                 let proxy = objects::helm_chart_proxy(self.cluster, &self.config.addon, &values)

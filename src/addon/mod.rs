@@ -5,4 +5,5 @@ pub mod converge;
 pub mod modes;
 pub mod reconcile;
 pub mod rollout;
+pub mod switch;
 pub mod users;

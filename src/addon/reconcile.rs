@@ -14,12 +14,16 @@ use std::time::{Duration, SystemTime};
 use serde_json::Value;
 use time::OffsetDateTime;
 
-use crate::addon::converge::{Converge, ConvergeError, Deployed, Readiness, Scope};
+use crate::addon::converge::{
+    Converge, ConvergeError, Deployed, ModeDecision, Readiness, Scope, SwitchState,
+};
+use crate::addon::switch::TargetCheck;
 use crate::addon::rollout::{self, Progress, RolloutState};
 use crate::controller::clock::{Clock, to_k8s_time};
 use crate::controller::status::{
     CERTIFICATE_READY, CertificateStatus, ClusterRegistryStatus, ConditionStatus, Conditions,
-    NODES_CONFIGURED, NODES_MIRROR_READY, NodesStatus, READY, REGISTRY_READY,
+    MODE_READY, NODES_CONFIGURED, NODES_MIRROR_READY, NodesStatus, READY, REGISTRY_READY,
+    TARGET_READY,
 };
 use crate::controller::{ClusterEvent, ReconcileError, ReconcileOutcome, Reconciler, StatusReport};
 use crate::hooks::{HookContext, Management};
@@ -99,7 +103,11 @@ impl AddonReconciler {
         let key = scope.key.clone();
         let now = self.clock.now();
         let generation = object["metadata"]["generation"].as_i64();
-        let report = Report { generation, now };
+        let mut report = Report {
+            generation,
+            now,
+            mode: MODE_LOCAL.to_string(),
+        };
         let variable = &self.ctx.config.addon.variable_name;
         let registry = match registry_from_config(scope.cluster.variable(variable)) {
             Ok(Some(registry)) => registry,
@@ -135,6 +143,7 @@ impl AddonReconciler {
                 )));
             }
         };
+        report.mode = registry.mode.as_str().to_string();
         let mut converge = Converge::new(scope, &registry, OffsetDateTime::from(now));
         match self.converge(&mut converge, object, &report).await {
             Ok(outcome) => Ok(outcome),
@@ -155,6 +164,8 @@ impl AddonReconciler {
         converge.ensure_cluster_ca(&ca).await?;
         let users = converge.ensure_users().await?;
         if !control_plane_initialized(object) {
+            // No registry yet, so no switch either: the variable's mode.
+            converge.ensure_bootstrap_hosts(&users).await?;
             let mut conditions = report.conditions();
             conditions
                 .set(
@@ -174,6 +185,7 @@ impl AddonReconciler {
         let workload = match converge.workload().await {
             Ok(workload) => workload,
             Err(ConvergeError::NoKubeconfig(message)) => {
+                converge.ensure_bootstrap_hosts(&users).await?;
                 let mut conditions = report.conditions();
                 conditions
                     .set(REGISTRY_READY, false, "WaitingForKubeconfig", message)
@@ -188,6 +200,10 @@ impl AddonReconciler {
         if let Some(deployer) = converge.deployed_by(&workload).await? {
             converge.scope.deployer = deployer;
         }
+        let desired = converge.registry.clone().into_owned();
+        let decision = converge.decide_mode(&workload, &desired).await?;
+        converge.set_registry(decision.effective.clone());
+        converge.ensure_bootstrap_hosts(&users).await?;
         let fraction = converge.config.addon.renew_fraction;
         let plan = converge.node_plan(&workload, &ca, &users).await?;
         let deployed = converge
@@ -196,12 +212,18 @@ impl AddonReconciler {
         let readiness = converge.readiness(&workload, &deployed.hash).await?;
         let serves = converge.serves_current(&plan, &readiness);
         let progress = converge.roll_nodes(&workload, &plan, serves).await?;
+        let complete = readiness.waiting.is_none() && progress.settled();
+        converge
+            .record_mode(&workload, &decision, complete)
+            .await?;
         Ok(report.converged(
             converge,
             &deployed,
             &readiness,
             &progress,
             &plan.nodes,
+            &decision,
+            complete,
             fraction,
         ))
     }
@@ -229,6 +251,8 @@ pub fn control_plane_initialized(cluster: &Value) -> bool {
 struct Report {
     generation: Option<i64>,
     now: SystemTime,
+    /// The mode shown until the converge tells which one is deployed: the variable's.
+    mode: String,
 }
 
 impl Report {
@@ -239,7 +263,7 @@ impl Report {
     fn status(&self, conditions: Conditions) -> ClusterRegistryStatus {
         ClusterRegistryStatus {
             observed_generation: self.generation,
-            mode: Some(MODE_LOCAL.into()),
+            mode: Some(self.mode.clone()),
             conditions: conditions.build(),
             ..ClusterRegistryStatus::default()
         }
@@ -272,6 +296,8 @@ impl Report {
         readiness: &Readiness,
         progress: &Progress,
         nodes: &[rollout::NodeView],
+        decision: &ModeDecision,
+        complete: bool,
         fraction: f64,
     ) -> ReconcileOutcome {
         let certificate = &deployed.certificate;
@@ -354,7 +380,66 @@ impl Report {
             };
             conditions.set(NODES_MIRROR_READY, status, reason, health);
         }
+        let effective = decision.effective.mode.as_str().to_string();
+        let (mode, target_mode) = match &decision.state {
+            SwitchState::Settled => (effective.clone(), None),
+            SwitchState::Switching { .. } if complete => (effective.clone(), None),
+            SwitchState::Switching { from } => (from.clone(), Some(effective.clone())),
+            SwitchState::Refused { target, .. } | SwitchState::Waiting { target, .. } => {
+                (effective.clone(), Some(target.as_str().to_string()))
+            }
+        };
+        match &decision.state {
+            SwitchState::Settled => {
+                conditions.set(MODE_READY, true, "ModeActive", format!("mode {mode} is deployed"));
+            }
+            SwitchState::Switching { .. } if complete => {
+                conditions.set(MODE_READY, true, "ModeActive", format!("mode {mode} is deployed; the switch is complete"));
+            }
+            SwitchState::Switching { from } => {
+                conditions.set(
+                    MODE_READY,
+                    false,
+                    "Switching",
+                    format!(
+                        "switching from {from} to {effective}: the {effective} registry is                          deployed; complete once it is ready and every node carries the final                          node configuration"
+                    ),
+                );
+            }
+            SwitchState::Refused { message, .. } => {
+                conditions.set(
+                    MODE_READY,
+                    false,
+                    "TransitionNotSupported",
+                    format!("{message}; mode {effective} keeps serving, nothing was changed"),
+                );
+            }
+            SwitchState::Waiting { target, check } => {
+                conditions.set(
+                    MODE_READY,
+                    false,
+                    "WaitingForTarget",
+                    format!("the switch to {target} waits for its target; mode {effective} keeps serving"),
+                );
+                let reason = match check {
+                    TargetCheck::Unavailable(_) => "TargetUnavailable",
+                    _ => "ImagesMissing",
+                };
+                conditions.set(TARGET_READY, false, reason, check.message(&format!("the {target} target")));
+            }
+        }
+        if let (Some(check), SwitchState::Switching { .. }) = (&decision.check, &decision.state) {
+            let status = if matches!(check, TargetCheck::NotChecked(_)) {
+                ConditionStatus::Unknown
+            } else {
+                ConditionStatus::True
+            };
+            let reason = if status == ConditionStatus::True { "TargetServesImagesInUse" } else { "NotChecked" };
+            conditions.set(TARGET_READY, status, reason, check.message(&format!("the {effective} target")));
+        }
         let mut registry = self.status(conditions);
+        registry.mode = Some(mode);
+        registry.target_mode = target_mode;
         registry.nodes = Some(Box::new(NodesStatus {
             total: clamp(progress.acks.total as u64),
             configured: format!("{}/{}", progress.acks.acked, progress.acks.total),

@@ -464,6 +464,13 @@ pub fn node_config_secret(state: &RolloutState) -> Value {
     })
 }
 
+impl Progress {
+    /// The final configuration, nothing retiring, on every node that counts.
+    pub fn settled(&self) -> bool {
+        matches!(self.state, RolloutState::Final { retiring: None, .. }) && self.acks.complete()
+    }
+}
+
 /// "phase 1: 5 of 7 nodes" and who holds it back.
 pub fn describe(progress: &Progress) -> String {
     let acks = &progress.acks;

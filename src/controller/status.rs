@@ -26,6 +26,11 @@ pub const REGISTRY_READY: &str = "RegistryReady";
 pub const NODES_CONFIGURED: &str = "NodesConfigured";
 /// Every node reaches the mirror, as its agent reports in `RegistryMirrorReady`.
 pub const NODES_MIRROR_READY: &str = "NodesMirrorReady";
+/// The mode the variable asks for is the one deployed (False while a switch waits or is
+/// refused, with reason `TransitionNotSupported` for the latter).
+pub const MODE_READY: &str = "ModeReady";
+/// The target of a switch serves every image in use that it will be asked for.
+pub const TARGET_READY: &str = "TargetReady";
 
 /// The API resource of `ClusterRegistry`.
 pub fn api_resource() -> ApiResource {

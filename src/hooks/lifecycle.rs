@@ -53,11 +53,11 @@ pub async fn handle(ctx: &HookContext, call: LifecycleCall<'_>) -> Response {
         deployer,
         deadline,
     );
-    let converge = Converge::new(scope, call.registry, OffsetDateTime::now_utc());
+    let mut converge = Converge::new(scope, call.registry, OffsetDateTime::now_utc());
     let lock = ctx.state.cluster_lock(&key);
     let work = async {
         let _guard = lock.lock().await;
-        run(&converge, hook).await
+        run(&mut converge, hook).await
     };
     match tokio::time::timeout(deadline, work).await {
         Ok(Ok(response)) => response,
@@ -81,13 +81,15 @@ fn is_blocking(hook: Hook) -> bool {
     matches!(hook, Hook::BeforeClusterCreate | Hook::BeforeClusterUpgrade)
 }
 
-async fn run(converge: &Converge<'_>, hook: Hook) -> Result<Response, ConvergeError> {
-    let key = &converge.key;
+async fn run(converge: &mut Converge<'_>, hook: Hook) -> Result<Response, ConvergeError> {
+    let key = &converge.key.clone();
     match hook {
         Hook::BeforeClusterCreate => {
             let ca = converge.ensure_root_ca().await?;
             converge.ensure_cluster_ca(&ca).await?;
-            converge.ensure_users().await?;
+            let users = converge.ensure_users().await?;
+            // Before the control plane: nothing deployed, no switch, the variable's mode.
+            converge.ensure_bootstrap_hosts(&users).await?;
             Ok(Response::success(
                 hook,
                 format!(
@@ -102,8 +104,11 @@ async fn run(converge: &Converge<'_>, hook: Hook) -> Result<Response, ConvergeEr
             converge.ensure_cluster_ca(&ca).await?;
             let users = converge.ensure_users().await?;
             let workload = converge.workload().await?;
+            let decision = switch_mode(converge, &workload).await?;
+            converge.ensure_bootstrap_hosts(&users).await?;
             let plan = converge.node_plan(&workload, &ca, &users).await?;
             converge.deploy(&ca, &workload, &users, None, &plan).await?;
+            converge.record_mode(&workload, &decision, false).await?;
             // The registry has just been (re)deployed: the rollout may start, not finish.
             converge.roll_nodes(&workload, &plan, false).await?;
             Ok(Response::success(
@@ -120,13 +125,17 @@ async fn run(converge: &Converge<'_>, hook: Hook) -> Result<Response, ConvergeEr
             let users = converge.ensure_users().await?;
             let workload = converge.workload().await?;
             let fraction = converge.config.addon.renew_fraction;
+            let decision = switch_mode(converge, &workload).await?;
+            converge.ensure_bootstrap_hosts(&users).await?;
             let plan = converge.node_plan(&workload, &ca, &users).await?;
             let deployed = converge
                 .deploy(&ca, &workload, &users, Some(fraction), &plan)
                 .await?;
             let readiness = converge.readiness(&workload, &deployed.hash).await?;
             let serves = converge.serves_current(&plan, &readiness);
-            converge.roll_nodes(&workload, &plan, serves).await?;
+            let progress = converge.roll_nodes(&workload, &plan, serves).await?;
+            let complete = readiness.waiting.is_none() && progress.settled();
+            converge.record_mode(&workload, &decision, complete).await?;
             let ns = names::REGISTRY_NAMESPACE;
             let name = names::REGISTRY_NAME;
             Ok(match readiness.waiting {
@@ -176,4 +185,16 @@ fn error_response(hook: Hook, key: &str, e: ConvergeError) -> Response {
         return Response::retry(hook, RETRY_AFTER_SECONDS, message);
     }
     Response::failure(hook, message)
+}
+
+/// The mode to deploy: the variable's, or the one deployed while a switch to it waits or is
+/// refused (the controller shows why on the ClusterRegistry).
+async fn switch_mode(
+    converge: &mut Converge<'_>,
+    workload: &crate::k8s::ClusterApi,
+) -> Result<crate::addon::converge::ModeDecision, ConvergeError> {
+    let desired = converge.registry.clone().into_owned();
+    let decision = converge.decide_mode(workload, &desired).await?;
+    converge.set_registry(decision.effective.clone());
+    Ok(decision)
 }
