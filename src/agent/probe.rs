@@ -81,7 +81,7 @@ pub async fn probe(certs_dir: &Path, timeout: Duration) -> ProbeResult {
 }
 
 async fn probe_file(hosts_path: &Path, timeout: Duration) -> Result<Vec<String>, ProbeResult> {
-    let hosts = match std::fs::read_to_string(&hosts_path)
+    let hosts = match std::fs::read_to_string(hosts_path)
         .map_err(|e| e.to_string())
         .and_then(|text| toml::from_str::<HostsFile>(&text).map_err(|e| e.message().to_string()))
     {
