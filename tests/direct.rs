@@ -962,3 +962,159 @@ async fn pull_only_front_refuses_pushes() {
         "an upload session reached the registry"
     );
 }
+
+/// nginx before the upstream as an object-storage-backed registry looks: blob requests get a
+/// 307 to another host (`localhost` instead of `127.0.0.1`), whose "storage" refuses any
+/// request carrying credentials.
+struct RedirectingUpstream {
+    child: Child,
+    url: String,
+    storage_log: PathBuf,
+}
+
+impl Drop for RedirectingUpstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl RedirectingUpstream {
+    fn start(dir: &Path, tls: &TestTls, registry: &RegistryProcess) -> RedirectingUpstream {
+        std::fs::create_dir_all(dir.join("tmp")).unwrap();
+        let storage_log = dir.join("storage.log");
+        for _try in 0..5 {
+            let (front_port, storage_port) = (free_port(), free_port());
+            let d = dir.display();
+            let (cert, key) = (tls.cert_file.display(), tls.key_file.display());
+            let storage_auth = basic(UPSTREAM_USER.0, UPSTREAM_USER.1);
+            let config = format!(
+                "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+                 events {{}}\nhttp {{\n  access_log {d}/access.log;\n\
+                 client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;\n\
+                 uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;\n\
+                 server {{\n    listen 127.0.0.1:{front_port} ssl;\n\
+                 ssl_certificate {cert}; ssl_certificate_key {key};\n\
+                 location ~ ^/v2/(.+)/blobs/(sha256:[0-9a-f]+)$ {{\n\
+                 return 307 https://localhost:{storage_port}/storage/$1/$2?signature=s3cr3t;\n    }}\n\
+                 location / {{ proxy_pass https://127.0.0.1:{}; }}\n  }}\n\
+                 server {{\n    listen 127.0.0.1:{storage_port} ssl;\n\
+                 ssl_certificate {cert}; ssl_certificate_key {key};\n\
+                 access_log {};\n\
+                 location /storage/ {{\n\
+                 if ($http_authorization) {{ return 403; }}\n\
+                 rewrite ^/storage/(.+)/(sha256:[0-9a-f]+)$ /v2/$1/blobs/$2 break;\n\
+                 proxy_set_header Authorization \"{storage_auth}\";\n\
+                 proxy_pass https://127.0.0.1:{};\n    }}\n  }}\n}}\n",
+                registry.port,
+                storage_log.display(),
+                registry.port,
+            );
+            std::fs::write(dir.join("nginx.conf"), config).unwrap();
+            let mut child = Command::new("nginx")
+                .arg("-e")
+                .arg(dir.join("error.log"))
+                .arg("-p")
+                .arg(dir)
+                .arg("-c")
+                .arg(dir.join("nginx.conf"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("nginx (Debian package nginx)");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                let up = [front_port, storage_port]
+                    .iter()
+                    .all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok());
+                if up {
+                    return RedirectingUpstream {
+                        child,
+                        url: format!("https://127.0.0.1:{front_port}"),
+                        storage_log,
+                    };
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!(
+            "nginx did not start; log:\n{}",
+            std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+        );
+    }
+}
+
+/// Blob redirects are followed inside the front, to another host, without credentials: the
+/// node only ever talks to the mirror.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_follows_blob_redirects_without_credentials() {
+    need("docker-registry", "docker-registry");
+    need("skopeo", "skopeo");
+    need("nginx", "nginx");
+    let tmp = tempfile::tempdir().unwrap();
+    let upstream_tls = TestTls::new(&tmp.path().join("upstream-tls"));
+    let front_tls = TestTls::new(&tmp.path().join("front-tls"));
+    let htpasswd = tmp.path().join("upstream.htpasswd");
+    write_htpasswd(&htpasswd, UPSTREAM_USER.0, UPSTREAM_USER.1);
+    let registry = RegistryProcess::start(
+        &tmp.path().join("registry"),
+        &RegistryOptions {
+            tls: Some(&upstream_tls),
+            htpasswd: Some(&htpasswd),
+            ..RegistryOptions::default()
+        },
+    );
+    let app = image(6);
+    app.push(
+        &client(
+            &registry.url,
+            Some(&upstream_tls.ca_pem()),
+            Some(registry_addon::oci::Credentials {
+                username: UPSTREAM_USER.0.into(),
+                password: UPSTREAM_USER.1.into(),
+            }),
+        ),
+        "library/app",
+        "v1",
+    )
+    .await;
+    let upstream = RedirectingUpstream::start(&tmp.path().join("nginx"), &upstream_tls, &registry);
+    let creds = credentials_dir(&tmp.path().join("creds"), UPSTREAM_USER.0, UPSTREAM_USER.1);
+    let front = Front::start(
+        &tmp.path().join("front"),
+        &front_tls,
+        tmp.path(),
+        &[
+            "--remote".into(),
+            upstream.url.clone(),
+            "--remote-ca".into(),
+            upstream_tls.ca_file.display().to_string(),
+            "--remote-credentials".into(),
+            creds.display().to_string(),
+        ],
+    );
+    assert!(front.wait_ready(true), "not ready; log:\n{}", front.log());
+    let out = tmp.path().join("pulled");
+    skopeo_pull(&front_tls, front.port, "library/app:v1", &out)
+        .await
+        .unwrap_or_else(|e| panic!("pull through the front: {e}\nlog:\n{}", front.log()));
+    assert_pulled(&out, &app);
+    let storage = std::fs::read_to_string(&upstream.storage_log).unwrap_or_default();
+    for blob in app.layers.iter().chain([&app.config]) {
+        assert!(
+            storage.contains(&format!("/storage/library/app/{}?", sha256(blob))),
+            "blob {} not fetched from storage:\n{storage}",
+            sha256(blob)
+        );
+    }
+    assert!(
+        !storage.contains("\" 403 "),
+        "credentials reached storage:\n{storage}"
+    );
+}
