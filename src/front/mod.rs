@@ -168,7 +168,7 @@ impl FrontMetrics {
 #[derive(Clone)]
 enum Backend {
     /// The registry on the pod's loopback (Local and Proxy modes).
-    Local(Upstream),
+    Local(Box<Upstream>),
     /// Direct mode's remote registry.
     Remote(Arc<remote::Remote>),
 }
@@ -246,7 +246,7 @@ pub async fn start(args: FrontArgs) -> anyhow::Result<Running> {
             (Backend::Remote(remote), Some(message), url.clone())
         }
         None => (
-            Backend::Local(Upstream::new(&args.upstream)?),
+            Backend::Local(Box::new(Upstream::new(&args.upstream)?)),
             args.pull_only
                 .then(|| "this mirror is a pull-through cache; pushes are refused".to_string()),
             args.upstream.clone(),
