@@ -1,8 +1,11 @@
 //! `registry-addon front --remote` (Direct mode) before real `docker-registry` upstreams over
 //! TLS: one with htpasswd (Basic), one with token authentication answered by a token server
-//! in this test that signs ES256 JWTs the registry verifies. And `--pull-only` (Proxy mode).
+//! in this test that signs ES256 JWTs the registry verifies; nginx as an upstream redirecting
+//! blobs to storage elsewhere; a real containerd pulling through. And `--pull-only` (Proxy
+//! mode).
 //!
-//! Needs `docker-registry` and `skopeo` on PATH (`.ci/run` installs them).
+//! Needs `docker-registry`, `skopeo`, `nginx`, `containerd` and `ctr` on PATH (`.ci/run`
+//! installs them), and root for containerd.
 
 mod sync_support;
 
@@ -1116,5 +1119,158 @@ async fn direct_follows_blob_redirects_without_credentials() {
     assert!(
         !storage.contains("\" 403 "),
         "credentials reached storage:\n{storage}"
+    );
+}
+
+/// containerd, configured as a node in Direct mode (a `hosts.toml` for the upstream's host
+/// naming the mirror, with `ro`'s header), pulls an image whose own registry is unreachable:
+/// only the front, forwarding to the upstream, can serve it. Needs root, containerd and ctr.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_pulls_through_the_direct_front() {
+    need("docker-registry", "docker-registry");
+    need("containerd", "containerd");
+    need("ctr", "containerd");
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout == b"0\n");
+    assert!(root, "containerd needs root to run");
+    let tmp = tempfile::tempdir().unwrap();
+    let upstream_tls = TestTls::new(&tmp.path().join("upstream-tls"));
+    let front_tls = TestTls::new(&tmp.path().join("front-tls"));
+    let bundle = tmp.path().join("token-signer.pem");
+    let tokens = TokenServer::start(&bundle).await;
+    let auth = tokens.auth_yaml(&bundle);
+    let upstream = RegistryProcess::start(
+        &tmp.path().join("upstream"),
+        &RegistryOptions {
+            tls: Some(&upstream_tls),
+            auth_yaml: Some(&auth),
+            ..RegistryOptions::default()
+        },
+    );
+    let app = image(7);
+    let digest = app
+        .push(
+            &client(
+                &upstream.url,
+                Some(&upstream_tls.ca_pem()),
+                Some(registry_addon::oci::Credentials {
+                    username: UPSTREAM_USER.0.into(),
+                    password: UPSTREAM_USER.1.into(),
+                }),
+            ),
+            "mirror/library/app",
+            "v1",
+        )
+        .await;
+    tokens.issued.lock().unwrap().clear();
+    let creds = credentials_dir(&tmp.path().join("creds"), UPSTREAM_USER.0, UPSTREAM_USER.1);
+    let front = Front::start(
+        &tmp.path().join("front"),
+        &front_tls,
+        tmp.path(),
+        &[
+            "--remote".into(),
+            format!("{}/mirror", upstream.url),
+            "--remote-ca".into(),
+            upstream_tls.ca_file.display().to_string(),
+            "--remote-credentials".into(),
+            creds.display().to_string(),
+        ],
+    );
+    assert!(front.wait_ready(true), "not ready; log:\n{}", front.log());
+
+    let dir = tmp.path().join("containerd");
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("containerd.sock");
+    std::fs::write(
+        dir.join("config.toml"),
+        format!(
+            "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.snapshotter.v1.btrfs\", \
+             \"io.containerd.snapshotter.v1.zfs\", \"io.containerd.snapshotter.v1.devmapper\", \
+             \"io.containerd.snapshotter.v1.aufs\"]\n\
+             [grpc]\n  address = \"{s}\"\n[ttrpc]\n  address = \"{d}/containerd-ttrpc.sock\"\n\
+             [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{d}/opt\"\n",
+            d = dir.display(),
+            s = socket.display()
+        ),
+    )
+    .unwrap();
+    let mut containerd = Command::new("containerd")
+        .arg("--config")
+        .arg(dir.join("config.toml"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("containerd.log")).unwrap())
+        .spawn()
+        .expect("containerd (Debian package containerd)");
+    let ctr = || {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address").arg(&socket);
+        cmd
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ctr()
+        .arg("version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        assert!(Instant::now() < deadline, "containerd did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The image's own registry, 127.0.0.1:9, is unreachable; its hosts.toml names the mirror.
+    let certs = dir.join("certs.d");
+    let host_dir = certs.join("127.0.0.1:9");
+    std::fs::create_dir_all(&host_dir).unwrap();
+    std::fs::write(host_dir.join("ca.crt"), front_tls.ca_pem()).unwrap();
+    let mirror = format!("https://127.0.0.1:{}", front.port);
+    std::fs::write(
+        host_dir.join("hosts.toml"),
+        format!(
+            "server = \"https://127.0.0.1:9\"\n\n[host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  \
+             ca = \"{}\"\n  [host.\"{mirror}\".header]\n    Authorization = [\"{}\"]\n",
+            host_dir.join("ca.crt").display(),
+            basic(RO.0, RO.1)
+        ),
+    )
+    .unwrap();
+    let out = ctr()
+        .args(["--namespace", "registry-addon-test", "content", "fetch"])
+        .arg("--hosts-dir")
+        .arg(&certs)
+        .arg("127.0.0.1:9/library/app:v1")
+        .output()
+        .unwrap();
+    let listed = ctr()
+        .args(["--namespace", "registry-addon-test", "content", "ls", "-q"])
+        .output()
+        .unwrap();
+    let _ = containerd.kill();
+    let _ = containerd.wait();
+    assert!(
+        out.status.success(),
+        "ctr content fetch through the Direct front failed: {}\nfront log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        front.log()
+    );
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    for wanted in [digest.clone(), sha256(&app.config)]
+        .into_iter()
+        .chain(app.layers.iter().map(|l| sha256(l)))
+    {
+        assert!(
+            listed.contains(&wanted),
+            "{wanted} not in containerd:\n{listed}"
+        );
+    }
+    let issued = tokens.issued();
+    assert_eq!(
+        issued.get("repository:mirror/library/app:pull"),
+        Some(&1),
+        "{issued:?}"
     );
 }
