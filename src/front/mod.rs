@@ -5,9 +5,15 @@
 //! everything), and streams authorized requests to the registry on the pod's loopback.
 //! Anonymous requests get 401 with a Basic challenge, so clients (containerd, skopeo, docker)
 //! retry with credentials.
+//!
+//! Modes (SPEC §9.5): in Local mode everything is forwarded to the registry on the loopback;
+//! with `--pull-only` (Proxy mode, a pull-through cache behind) every request other than GET
+//! and HEAD gets 405; with `--remote` (Direct mode) the front alone is the mirror and
+//! forwards pulls to the remote registry, see [`remote`].
 
 pub mod auth;
 pub mod proxy;
+pub mod remote;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,16 +49,34 @@ pub struct FrontArgs {
     /// Serving private key (PEM).
     #[arg(long)]
     pub tls_key_file: PathBuf,
-    /// The registry behind the front, plain HTTP on the loopback.
+    /// The registry behind the front, plain HTTP on the loopback (not used with --remote).
     #[arg(long, default_value = "http://127.0.0.1:5001")]
     pub upstream: String,
+    /// Refuse every request but GET and HEAD with 405: the registry behind is a pull-through
+    /// cache (Proxy mode).
+    #[arg(long)]
+    pub pull_only: bool,
+    /// Direct mode: forward pulls to this registry, `https://host[:port][/path]`, instead of
+    /// --upstream; pushes are refused. With a path, mirror repository `foo/bar` is the
+    /// remote's `<path>/foo/bar`. containerd's `?ns=` query is dropped.
+    #[arg(long)]
+    pub remote: Option<String>,
+    /// Directory of a mounted `kubernetes.io/basic-auth` Secret (files `username`,
+    /// `password`): the credentials for --remote; reread on change. Without it, anonymous.
+    #[arg(long, requires = "remote")]
+    pub remote_credentials: Option<PathBuf>,
+    /// PEM CA bundle that --remote's certificate must verify against (default: the system's
+    /// roots).
+    #[arg(long, requires = "remote")]
+    pub remote_ca: Option<PathBuf>,
     /// htpasswd file (bcrypt) of the users that may pull.
     #[arg(long)]
     pub pull_users: Option<PathBuf>,
     /// htpasswd file (bcrypt) of the users that may pull and push.
     #[arg(long)]
     pub push_users: Option<PathBuf>,
-    /// Plain-HTTP address of /metrics, /healthz and /readyz (ready while the registry answers).
+    /// Plain-HTTP address of /metrics, /healthz and /readyz (ready while the registry, or in
+    /// Direct mode the remote, answers).
     #[arg(long, default_value = "127.0.0.1:9442")]
     pub metrics_listen: SocketAddr,
     /// How often the certificate and user files are checked for changes (Go duration).
@@ -82,6 +106,7 @@ pub struct FrontMetrics {
     requests: Family<RequestLabels, Counter>,
     refused: Family<RefusalLabels, Counter>,
     reloads: ReloadCounters,
+    remote: remote::RemoteMetrics,
 }
 
 impl Default for FrontMetrics {
@@ -110,11 +135,23 @@ impl Default for FrontMetrics {
             "Serving certificate changes that could not be loaded",
             reloads.errors.clone(),
         );
+        let remote = remote::RemoteMetrics::default();
+        registry.register(
+            "remote_errors",
+            "Direct mode: failed requests to the remote registry, by reason",
+            remote.errors.clone(),
+        );
+        registry.register(
+            "remote_token_fetches",
+            "Direct mode: tokens fetched from the remote's token service",
+            remote.token_fetches.clone(),
+        );
         FrontMetrics {
             registry,
             requests,
             refused,
             reloads,
+            remote,
         }
     }
 }
@@ -127,9 +164,29 @@ impl FrontMetrics {
     }
 }
 
+/// Where authorized requests go.
+#[derive(Clone)]
+enum Backend {
+    /// The registry on the pod's loopback (Local and Proxy modes).
+    Local(Box<Upstream>),
+    /// Direct mode's remote registry.
+    Remote(Arc<remote::Remote>),
+}
+
+impl Backend {
+    async fn is_up(&self) -> bool {
+        match self {
+            Backend::Local(upstream) => upstream.is_up().await,
+            Backend::Remote(remote) => remote.is_up().await,
+        }
+    }
+}
+
 struct Front {
     users: Arc<Users>,
-    upstream: Upstream,
+    backend: Backend,
+    /// Set when only GET and HEAD are served: the 405 message for the rest.
+    pushes_refused: Option<String>,
     metrics: Arc<FrontMetrics>,
 }
 
@@ -174,7 +231,27 @@ pub async fn start(args: FrontArgs) -> anyhow::Result<Running> {
         args.pull_users.clone(),
         args.push_users.clone(),
     )?);
-    let upstream = Upstream::new(&args.upstream)?;
+    let (backend, pushes_refused, target) = match &args.remote {
+        Some(url) => {
+            let remote = Arc::new(remote::Remote::new(
+                url,
+                args.remote_ca.as_deref(),
+                args.remote_credentials.clone(),
+                metrics.remote.clone(),
+            )?);
+            let message = format!(
+                "this mirror forwards to {}; pushes are refused",
+                remote.host()
+            );
+            (Backend::Remote(remote), Some(message), url.clone())
+        }
+        None => (
+            Backend::Local(Box::new(Upstream::new(&args.upstream)?)),
+            args.pull_only
+                .then(|| "this mirror is a pull-through cache; pushes are refused".to_string()),
+            args.upstream.clone(),
+        ),
+    };
     let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(resolver.clone())?));
     let listener = TcpListener::bind(args.listen)
         .await
@@ -192,12 +269,17 @@ pub async fn start(args: FrontArgs) -> anyhow::Result<Running> {
             args.reload_interval,
         )),
         tokio::spawn(users.clone().watch(args.reload_interval)),
-        tokio::spawn(watch_upstream(
-            upstream.clone(),
+        tokio::spawn(watch_backend(
+            backend.clone(),
             ready.clone(),
             args.reload_interval,
         )),
     ];
+    if let Backend::Remote(remote) = &backend {
+        background.push(tokio::spawn(
+            remote.clone().watch_credentials(args.reload_interval),
+        ));
+    }
     let encode = metrics.clone();
     background.push(tokio::spawn(crate::metrics::serve_probes(
         probe_listener,
@@ -207,12 +289,14 @@ pub async fn start(args: FrontArgs) -> anyhow::Result<Running> {
 
     let front = Arc::new(Front {
         users,
-        upstream,
+        backend,
+        pushes_refused,
         metrics,
     });
+    let front_pull_only = front.pushes_refused.is_some();
     let (shutdown, shutdown_rx) = watch::channel(false);
     let task = tokio::spawn(accept_loop(listener, acceptor, front, shutdown_rx));
-    tracing::info!(%addr, %metrics_addr, upstream = %args.upstream, "registry front serving");
+    tracing::info!(%addr, %metrics_addr, upstream = %target, pull_only = front_pull_only, "registry front serving");
     Ok(Running {
         addr,
         metrics_addr,
@@ -222,10 +306,10 @@ pub async fn start(args: FrontArgs) -> anyhow::Result<Running> {
     })
 }
 
-/// Ready while the registry behind answers; checked every `interval`.
-async fn watch_upstream(upstream: Upstream, ready: Arc<AtomicBool>, interval: Duration) {
+/// Ready while the registry behind (or the remote) answers; checked every `interval`.
+async fn watch_backend(backend: Backend, ready: Arc<AtomicBool>, interval: Duration) {
     loop {
-        let up = upstream.is_up().await;
+        let up = backend.is_up().await;
         if ready.swap(up, Ordering::AcqRel) != up {
             tracing::info!(ready = up, "registry behind the front changed state");
         }
@@ -258,21 +342,24 @@ async fn accept_loop(
 
 impl Front {
     async fn handle(&self, request: Request<Incoming>, client_ip: &str) -> Response<Body> {
-        let needed = if request.method() == Method::GET || request.method() == Method::HEAD {
+        let reading = request.method() == Method::GET || request.method() == Method::HEAD;
+        // A mirror that only pulls answers every authenticated write with 405, whoever asks.
+        let needed = if reading || self.pushes_refused.is_some() {
             Role::Pull
         } else {
             Role::Push
         };
-        let access = match needed {
-            Role::Pull => "pull",
-            Role::Push => "push",
-        };
+        let access = if reading { "pull" } else { "push" };
         let authorization = request
             .headers()
             .get(header::AUTHORIZATION)
             .map(HeaderValue::as_bytes);
         let response = match self.users.authorize(authorization, needed).await {
-            Ok(_user) => self.upstream.forward(request, client_ip).await,
+            Ok(_user) => match (&self.pushes_refused, &self.backend) {
+                (Some(message), _) if !reading => remote::push_refused(message),
+                (_, Backend::Remote(remote)) => remote.forward(request).await,
+                (_, Backend::Local(upstream)) => upstream.forward(request, client_ip).await,
+            },
             Err(Refusal::Unauthenticated) => {
                 self.metrics
                     .refused

@@ -179,6 +179,72 @@ impl TokenResponse {
     }
 }
 
+/// Asks a token service (`realm`, from a Bearer challenge) for a token covering the
+/// space-separated `scope`, with Basic `credentials` when there are any. The error says what
+/// the service answered, never the credentials.
+pub async fn request_token(
+    http: &reqwest::Client,
+    mut realm: reqwest::Url,
+    service: Option<&str>,
+    scope: &str,
+    credentials: Option<&Credentials>,
+) -> Result<(String, Option<u64>), TokenError> {
+    let shown = realm.to_string();
+    {
+        let mut query = realm.query_pairs_mut();
+        if let Some(service) = service {
+            query.append_pair("service", service);
+        }
+        for s in scope.split(' ').filter(|s| !s.is_empty()) {
+            query.append_pair("scope", s);
+        }
+    }
+    let mut request = http.get(realm);
+    if let Some(creds) = credentials {
+        request = request.header(reqwest::header::AUTHORIZATION, creds.basic_header());
+    }
+    let failed = |reason: String| TokenError {
+        status: None,
+        message: format!("token service {shown}: {reason}"),
+    };
+    let mut resp = request.send().await.map_err(|e| failed(e.to_string()))?;
+    let status = resp.status();
+    if !status.is_success() {
+        return Err(TokenError {
+            status: Some(status.as_u16()),
+            message: format!("token service {shown}: HTTP {}", status.as_u16()),
+        });
+    }
+    const LIMIT: usize = 1024 * 1024;
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| failed(e.to_string()))? {
+        if body.len() + chunk.len() > LIMIT {
+            return Err(failed(format!("answer larger than {LIMIT} bytes")));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let parsed: TokenResponse =
+        serde_json::from_slice(&body).map_err(|e| failed(format!("bad answer: {e}")))?;
+    parsed
+        .into_token()
+        .ok_or_else(|| failed("no token in answer".into()))
+}
+
+/// Why [`request_token`] failed: the service's HTTP status when it answered one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenError {
+    pub status: Option<u16>,
+    pub message: String,
+}
+
+impl fmt::Display for TokenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for TokenError {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

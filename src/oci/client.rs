@@ -17,7 +17,7 @@ use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::auth::{AuthState, Credentials, TokenResponse, parse_challenges};
+use super::auth::{AuthState, Credentials, parse_challenges};
 use super::error::OciError;
 use super::link::next_link;
 use super::verify::{digest_like, sha256_digest};
@@ -542,40 +542,12 @@ impl Registry {
             what: what.to_string(),
             reason,
         };
-        let mut url = Url::parse(realm)
+        let url = Url::parse(realm)
             .or_else(|_| self.base.join(realm))
             .map_err(|e| auth_error(format!("token realm {realm:?}: {e}")))?;
-        {
-            let mut query = url.query_pairs_mut();
-            if let Some(service) = service {
-                query.append_pair("service", service);
-            }
-            for s in scope.split(' ').filter(|s| !s.is_empty()) {
-                query.append_pair("scope", s);
-            }
-        }
-        let mut request = self.http.get(url);
-        if let Some(creds) = &self.credentials {
-            request = request.header(header::AUTHORIZATION, creds.basic_header());
-        }
-        let resp = request
-            .send()
+        super::auth::request_token(&self.http, url, service, scope, self.credentials.as_ref())
             .await
-            .map_err(|e| auth_error(format!("token service {realm}: {e}")))?;
-        if !resp.status().is_success() {
-            return Err(auth_error(format!(
-                "token service {realm}: HTTP {}",
-                resp.status().as_u16()
-            )));
-        }
-        let body = read_limited(resp, 1024 * 1024)
-            .await
-            .map_err(|e| auth_error(format!("token service {realm}: {e}")))?;
-        let parsed: TokenResponse = serde_json::from_slice(&body)
-            .map_err(|e| auth_error(format!("token service {realm}: bad answer: {e}")))?;
-        parsed
-            .into_token()
-            .ok_or_else(|| auth_error(format!("token service {realm}: no token in answer")))
+            .map_err(|e| auth_error(e.message))
     }
 
     /// Checks that the registry answers the API (`GET /v2/`), settling authentication.

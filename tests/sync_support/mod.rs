@@ -124,6 +124,9 @@ pub struct RegistryOptions<'a> {
     /// Push notifications: (endpoint URL, bearer token), configured exactly as the chart
     /// does, through `REGISTRY_NOTIFICATIONS_ENDPOINTS`.
     pub notify: Option<(&'a str, &'a str)>,
+    /// The `auth:` section's content as YAML indented by two spaces (e.g. token auth);
+    /// instead of `htpasswd`.
+    pub auth_yaml: Option<&'a str>,
 }
 
 /// A `docker-registry` process, killed when dropped.
@@ -189,6 +192,10 @@ impl RegistryProcess {
                     "auth:\n  htpasswd:\n    realm: sync-test\n    path: {}\n",
                     htpasswd.display()
                 ));
+            }
+            if let Some(auth) = options.auth_yaml {
+                config.push_str("auth:\n");
+                config.push_str(auth);
             }
             let config_file = dir.join("config.yml");
             std::fs::write(&config_file, config).unwrap();
