@@ -3,6 +3,7 @@
 //! pointing at the workload one, and an injected clock.
 
 mod support;
+mod sync_support;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -360,7 +361,7 @@ async fn an_up_to_date_resync_writes_nothing_on_either_cluster() {
     let (management, workload) = env.request_counts();
     println!("requests of one reconcile: management {management}, workload {workload}");
     assert!(
-        management <= 8 && workload <= 16,
+        management <= 8 && workload <= 17,
         "{:?} {:?}",
         env.management.requests(),
         env.workload.requests()
@@ -1014,5 +1015,153 @@ async fn a_new_ro_password_is_accepted_before_nodes_send_it_and_the_old_one_afte
         setup.creg_condition("NodesConfigured")["status"] == "True"
     })
     .await;
+    controller.shutdown().await;
+}
+
+fn make_direct_ready(env: &Env) {
+    let path = "/apis/apps/v1/namespaces/registry-system/deployments/registry-direct";
+    if env.workload.get(path).is_none() {
+        return;
+    }
+    env.workload.update(path, |d| {
+        let generation = d["metadata"]["generation"].clone();
+        let replicas = d["spec"]["replicas"].clone();
+        d["status"] = json!({
+            "observedGeneration": generation,
+            "replicas": replicas,
+            "readyReplicas": replicas,
+            "updatedReplicas": replicas,
+        });
+    });
+}
+
+#[tokio::test]
+async fn mode_switches_are_shown_refused_held_and_completed() {
+    let setup = Setup::new().await;
+    let env = &setup.env;
+    put_node(env, "n1", true);
+    let controller = setup.converged().await;
+    let status = |field: &str| {
+        setup
+            .creg()
+            .map(|c| c["status"][field].clone())
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(status("mode"), "Local");
+    let ack_current = || {
+        ack(
+            env,
+            "n1",
+            &node_config_key(env, names::NODE_CONFIG_HASH_KEY),
+        )
+    };
+    ack_current();
+
+    // Local → Proxy directly: refused, nothing changes.
+    let registry = |mode: Value| {
+        let mut value = setup.cluster_value()["spec"]["topology"]["variables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "clusterConfig")
+            .unwrap()["value"]["addons"]["registry"]
+            .clone();
+        for (k, v) in mode.as_object().unwrap() {
+            value[k] = v.clone();
+        }
+        if mode.get("upstream").is_none() {
+            value.as_object_mut().unwrap().remove("upstream");
+        }
+        value
+    };
+    setup.set_registry(registry(
+        json!({"mode": "Proxy", "upstream": {"url": "https://upstream.example"}}),
+    ));
+    eventually("TransitionNotSupported", || {
+        setup.reason("ModeReady") == "TransitionNotSupported"
+    })
+    .await;
+    assert_eq!(status("mode"), "Local");
+    assert_eq!(status("targetMode"), "Proxy");
+    let message = setup.creg_condition("ModeReady")["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(message.contains("Direct or Unmanaged"), "{message}");
+    assert!(env.workload.get(&statefulset_path()).is_some());
+
+    // Local → Direct with an image in use missing at the upstream: held, Local serving.
+    let dir = tempfile::tempdir().unwrap();
+    let tls = sync_support::TestTls::new(&dir.path().join("tls"));
+    let upstream = sync_support::RegistryProcess::start(
+        &dir.path().join("upstream"),
+        &sync_support::RegistryOptions {
+            tls: Some(&tls),
+            ..Default::default()
+        },
+    );
+    env.management.put(
+        &format!("/api/v1/namespaces/{CLUSTER_NS}/secrets"),
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "up-ca"},
+               "data": {"ca.crt": support::b64(&String::from_utf8(tls.ca_pem()).unwrap())}}),
+    );
+    let host = upstream.url.trim_start_matches("https://").to_string();
+    env.workload.put(
+        "/api/v1/namespaces/default/pods",
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "app"},
+               "spec": {"containers": [{"name": "c", "image": format!("{host}/team/app:1")}]},
+               "status": {"phase": "Running"}}),
+    );
+    setup.set_registry(registry(json!({"mode": "Direct", "upstream": {"url": upstream.url, "caSecretRef": {"name": "up-ca"}}})));
+    eventually("TargetReady=False", || {
+        setup.reason("TargetReady") == "ImagesMissing"
+    })
+    .await;
+    let message = setup.creg_condition("TargetReady")["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains("1 of 1 images in use are missing") && message.contains("team/app:1"),
+        "{message}"
+    );
+    assert_eq!(status("mode"), "Local");
+    assert_eq!(status("targetMode"), "Direct");
+    assert!(
+        env.workload.get(&statefulset_path()).is_some(),
+        "Local keeps serving"
+    );
+
+    // Pushed: the switch starts; it completes once Direct is ready and the node is final.
+    let layout = dir.path().join("layout");
+    let image = sync_support::Image::new("amd64", vec![b"layer".to_vec()], false);
+    sync_support::write_oci_layout(&layout, "1", &[("amd64", &image)]);
+    sync_support::skopeo_push(&layout, "1", &upstream, "team/app", Some(&tls));
+    eventually("switching", || setup.reason("ModeReady") == "Switching").await;
+    assert_eq!(status("mode"), "Local", "not complete yet");
+    assert_eq!(status("targetMode"), "Direct");
+    assert_eq!(setup.creg_condition("TargetReady")["status"], "True");
+    eventually("the switch complete", || {
+        make_direct_ready(env);
+        ack_current();
+        status("mode") == "Direct"
+    })
+    .await;
+    assert_eq!(status("targetMode"), Value::Null);
+    assert_eq!(setup.reason("ModeReady"), "ModeActive");
+    // The nodes' route moved to the upstream's host only, through the two phases.
+    assert_eq!(node_config_key(env, names::NODE_CONFIG_PHASE_KEY), "final");
+    let secret = env.workload.get(&node_config_path()).unwrap();
+    let hosts_files: Vec<String> = secret["data"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.ends_with(".toml"))
+        .map(|(_, v)| support::unb64(v))
+        .collect();
+    assert!(
+        hosts_files.len() == 1 && hosts_files[0].contains(&format!("server = \"https://{host}\"")),
+        "{hosts_files:?}"
+    );
     controller.shutdown().await;
 }

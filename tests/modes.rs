@@ -3,6 +3,7 @@
 //! objects applied by the direct deployer and the other modes' removed, PVCs kept.
 
 mod support;
+mod sync_support;
 
 use serde_json::{Value, json};
 
@@ -114,13 +115,21 @@ async fn proxy_copies_the_upstream_secrets_once() {
     assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
     let copy = env.workload.get(UPSTREAM_SECRET).unwrap();
     assert_eq!(unb64(&copy["data"]["password"]), "n3w");
-    env.set_registry(json!({"mode": "Proxy", "upstream": {"url": "https://upstream.example:5443", "caSecretRef": {"name": "up-ca"}}}));
+    env.set_registry(json!({"mode": "Proxy", "upstream": {"url": "https://upstream.example:5443/team", "caSecretRef": {"name": "up-ca"}}}));
     assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
     let copy = env.workload.get(UPSTREAM_SECRET).unwrap();
     let keys: Vec<_> = copy["data"].as_object().unwrap().keys().cloned().collect();
     assert_eq!(keys, ["ca.crt"]);
 
-    // Back to Local: the copy goes.
+    // Proxy to Local goes through Unmanaged (directly it is refused); the copy goes.
+    env.set_registry(json!({}));
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert!(
+        env.workload.get(UPSTREAM_SECRET).is_some(),
+        "Proxy → Local refused: nothing changed"
+    );
+    env.set_registry(json!({"mode": "Unmanaged"}));
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
     env.set_registry(json!({}));
     assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
     assert!(env.workload.get(UPSTREAM_SECRET).is_none());
@@ -201,7 +210,23 @@ async fn each_mode_applies_its_objects_and_keeps_the_address_and_the_pvcs() {
                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}),
     );
 
-    env.set_registry(json!({"mode": "Direct", "upstream": {"url": "https://upstream.example"}}));
+    // A switch to Direct waits for its upstream: a real one, answering /v2/.
+    let dir = tempfile::tempdir().unwrap();
+    let tls = sync_support::TestTls::new(&dir.path().join("tls"));
+    let upstream = sync_support::RegistryProcess::start(
+        &dir.path().join("upstream"),
+        &sync_support::RegistryOptions {
+            tls: Some(&tls),
+            ..Default::default()
+        },
+    );
+    put_secret(
+        &env,
+        "up-ca",
+        "Opaque",
+        &[("ca.crt", &String::from_utf8(tls.ca_pem()).unwrap())],
+    );
+    env.set_registry(json!({"mode": "Direct", "upstream": {"url": upstream.url, "caSecretRef": {"name": "up-ca"}}}));
     assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
     assert!(
         env.workload.get(&statefulset_path()).is_none(),
@@ -222,10 +247,9 @@ async fn each_mode_applies_its_objects_and_keeps_the_address_and_the_pvcs() {
         address
     );
     assert!(env.workload.get(PVC).is_some(), "the PVC stays");
-    assert!(
-        env.workload.get(UPSTREAM_SECRET).is_none(),
-        "no credentials, no CA: no copy"
-    );
+    let copy = env.workload.get(UPSTREAM_SECRET).expect("the CA copied");
+    let keys: Vec<_> = copy["data"].as_object().unwrap().keys().cloned().collect();
+    assert_eq!(keys, ["ca.crt"], "no credentials: the CA only");
 
     env.set_registry(json!({"mode": "Unmanaged"}));
     assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
@@ -256,4 +280,90 @@ async fn each_mode_applies_its_objects_and_keeps_the_address_and_the_pvcs() {
     );
     assert!(env.workload.get(PVC).is_some());
     let _ = secret_path;
+}
+
+fn mode_record(env: &Env) -> Value {
+    let configmap = env
+        .workload
+        .get("/api/v1/namespaces/registry-system/configmaps/registry-mode")
+        .expect("the mode record");
+    serde_json::from_str(configmap["data"]["mode.json"].as_str().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn local_to_proxy_directly_is_refused_and_changes_nothing() {
+    let mut env = direct_env().await;
+    env.set_registry(json!({}));
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert_eq!(mode_record(&env)["mode"], "Local");
+    let sts = env.workload.get(&statefulset_path()).unwrap();
+    env.set_registry(json!({"mode": "Proxy", "upstream": {"url": "https://upstream.example"}}));
+    env.clear_logs();
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert_eq!(env.writes(), 0, "{:?}", env.workload.requests());
+    assert_eq!(
+        env.workload.get(&statefulset_path()).unwrap()["spec"],
+        sts["spec"]
+    );
+    assert_eq!(mode_record(&env)["mode"], "Local");
+}
+
+#[tokio::test]
+async fn a_switch_waits_for_an_image_in_use_missing_at_the_target() {
+    let mut env = direct_env().await;
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    let dir = tempfile::tempdir().unwrap();
+    let tls = sync_support::TestTls::new(&dir.path().join("tls"));
+    let upstream = sync_support::RegistryProcess::start(
+        &dir.path().join("upstream"),
+        &sync_support::RegistryOptions {
+            tls: Some(&tls),
+            ..Default::default()
+        },
+    );
+    put_secret(
+        &env,
+        "up-ca",
+        "Opaque",
+        &[("ca.crt", &String::from_utf8(tls.ca_pem()).unwrap())],
+    );
+    // A Pod in the workload cluster runs an image of the upstream's host, and one elsewhere.
+    let host = upstream.url.trim_start_matches("https://").to_string();
+    env.workload.put(
+        "/api/v1/namespaces/default/pods",
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "app"},
+               "spec": {"initContainers": [{"name": "init", "image": format!("{host}/team/app:1")}],
+                        "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10"}]},
+               "status": {"phase": "Running"}}),
+    );
+    env.set_registry(json!({"mode": "Direct", "upstream": {"url": upstream.url, "caSecretRef": {"name": "up-ca"}}}));
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert!(
+        env.workload.get(DEPLOYMENT).is_none(),
+        "held: the upstream lacks team/app:1"
+    );
+    assert!(
+        env.workload.get(&statefulset_path()).is_some(),
+        "Local keeps serving"
+    );
+    assert_eq!(mode_record(&env)["mode"], "Local");
+
+    // The image pushed to the upstream: the switch goes ahead.
+    let layout = dir.path().join("layout");
+    let image = sync_support::Image::new("amd64", vec![b"layer".to_vec()], false);
+    sync_support::write_oci_layout(&layout, "1", &[("amd64", &image)]);
+    sync_support::skopeo_push(&layout, "1", &upstream, "team/app", Some(&tls));
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert!(env.workload.get(DEPLOYMENT).is_some(), "switched to Direct");
+    let record = mode_record(&env);
+    assert_eq!(record["mode"], "Direct");
+    assert_eq!(record["switchingFrom"], "Local");
+
+    // Back to Local before the switch completed: allowed.
+    env.set_registry(json!({}));
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert!(env.workload.get(&statefulset_path()).is_some());
+    let record = mode_record(&env);
+    assert_eq!(record["mode"], "Local");
+    assert!(record.get("switchingFrom").is_none(), "{record}");
 }

@@ -804,15 +804,14 @@ impl<'a> Converge<'a> {
         let effective = record
             .as_ref()
             .and_then(|r| r.apply_to(desired).map(|config| (r.clone(), config)));
-        let decision = |effective: RegistryConfig, record: ModeRecord, state: SwitchState| {
-            ModeDecision {
+        let decision =
+            |effective: RegistryConfig, record: ModeRecord, state: SwitchState| ModeDecision {
                 effective,
                 record,
                 stored: stored.clone(),
                 state,
                 check: None,
-            }
-        };
+            };
         let Some((record, current)) = effective else {
             // Nothing recorded: a first deploy, or one from before modes were recorded.
             return Ok(decision(desired.clone(), wanted, SwitchState::Settled));
@@ -905,7 +904,9 @@ impl<'a> Converge<'a> {
             return Ok(());
         }
         let configmap = switch::record_configmap(&record);
-        workload.converge(decision.stored.as_ref(), &configmap).await?;
+        workload
+            .converge(decision.stored.as_ref(), &configmap)
+            .await?;
         info!(cluster = %self.key, mode = %record.mode, switching_from = ?record.switching_from, "recorded the registry mode on the workload cluster");
         Ok(())
     }

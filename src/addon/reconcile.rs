@@ -17,8 +17,8 @@ use time::OffsetDateTime;
 use crate::addon::converge::{
     Converge, ConvergeError, Deployed, ModeDecision, Readiness, Scope, SwitchState,
 };
-use crate::addon::switch::TargetCheck;
 use crate::addon::rollout::{self, Progress, RolloutState};
+use crate::addon::switch::TargetCheck;
 use crate::controller::clock::{Clock, to_k8s_time};
 use crate::controller::status::{
     CERTIFICATE_READY, CertificateStatus, ClusterRegistryStatus, ConditionStatus, Conditions,
@@ -213,19 +213,16 @@ impl AddonReconciler {
         let serves = converge.serves_current(&plan, &readiness);
         let progress = converge.roll_nodes(&workload, &plan, serves).await?;
         let complete = readiness.waiting.is_none() && progress.settled();
-        converge
-            .record_mode(&workload, &decision, complete)
-            .await?;
-        Ok(report.converged(
-            converge,
-            &deployed,
-            &readiness,
-            &progress,
-            &plan.nodes,
-            &decision,
+        converge.record_mode(&workload, &decision, complete).await?;
+        let found = Converged {
+            deployed: &deployed,
+            readiness: &readiness,
+            progress: &progress,
+            nodes: &plan.nodes,
+            decision: &decision,
             complete,
-            fraction,
-        ))
+        };
+        Ok(report.converged(converge, found, fraction))
     }
 }
 
@@ -245,6 +242,18 @@ pub fn control_plane_initialized(cluster: &Value) -> bool {
         || status["controlPlaneReady"] == true
         || condition_true(&status["conditions"])
         || condition_true(&status["v1beta2"]["conditions"])
+}
+
+/// What a converge found, for the status.
+#[derive(Clone, Copy)]
+struct Converged<'x> {
+    deployed: &'x Deployed,
+    readiness: &'x Readiness,
+    progress: &'x Progress,
+    nodes: &'x [rollout::NodeView],
+    decision: &'x ModeDecision,
+    /// A switch of modes, if one is under way, is complete.
+    complete: bool,
 }
 
 /// Builds the statuses of one reconcile.
@@ -292,14 +301,17 @@ impl Report {
     fn converged(
         &self,
         converge: &Converge<'_>,
-        deployed: &Deployed,
-        readiness: &Readiness,
-        progress: &Progress,
-        nodes: &[rollout::NodeView],
-        decision: &ModeDecision,
-        complete: bool,
+        found: Converged<'_>,
         fraction: f64,
     ) -> ReconcileOutcome {
+        let Converged {
+            deployed,
+            readiness,
+            progress,
+            nodes,
+            decision,
+            complete,
+        } = found;
         let certificate = &deployed.certificate;
         let not_after = certificate.not_after;
         let renew_after = not_after - certificate.lifetime() * fraction;
@@ -391,10 +403,20 @@ impl Report {
         };
         match &decision.state {
             SwitchState::Settled => {
-                conditions.set(MODE_READY, true, "ModeActive", format!("mode {mode} is deployed"));
+                conditions.set(
+                    MODE_READY,
+                    true,
+                    "ModeActive",
+                    format!("mode {mode} is deployed"),
+                );
             }
             SwitchState::Switching { .. } if complete => {
-                conditions.set(MODE_READY, true, "ModeActive", format!("mode {mode} is deployed; the switch is complete"));
+                conditions.set(
+                    MODE_READY,
+                    true,
+                    "ModeActive",
+                    format!("mode {mode} is deployed; the switch is complete"),
+                );
             }
             SwitchState::Switching { from } => {
                 conditions.set(
@@ -425,7 +447,12 @@ impl Report {
                     TargetCheck::Unavailable(_) => "TargetUnavailable",
                     _ => "ImagesMissing",
                 };
-                conditions.set(TARGET_READY, false, reason, check.message(&format!("the {target} target")));
+                conditions.set(
+                    TARGET_READY,
+                    false,
+                    reason,
+                    check.message(&format!("the {target} target")),
+                );
             }
         }
         if let (Some(check), SwitchState::Switching { .. }) = (&decision.check, &decision.state) {
@@ -434,8 +461,17 @@ impl Report {
             } else {
                 ConditionStatus::True
             };
-            let reason = if status == ConditionStatus::True { "TargetServesImagesInUse" } else { "NotChecked" };
-            conditions.set(TARGET_READY, status, reason, check.message(&format!("the {effective} target")));
+            let reason = if status == ConditionStatus::True {
+                "TargetServesImagesInUse"
+            } else {
+                "NotChecked"
+            };
+            conditions.set(
+                TARGET_READY,
+                status,
+                reason,
+                check.message(&format!("the {effective} target")),
+            );
         }
         let mut registry = self.status(conditions);
         registry.mode = Some(mode);

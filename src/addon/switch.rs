@@ -142,7 +142,10 @@ pub fn images_in_use(pods: &[Value]) -> Vec<ImageReference> {
     let mut seen = BTreeSet::new();
     let mut images = Vec::new();
     for pod in pods {
-        if matches!(pod["status"]["phase"].as_str(), Some("Succeeded" | "Failed")) {
+        if matches!(
+            pod["status"]["phase"].as_str(),
+            Some("Succeeded" | "Failed")
+        ) {
             continue;
         }
         for list in ["initContainers", "containers", "ephemeralContainers"] {
@@ -196,9 +199,9 @@ impl TargetCheck {
             }
             TargetCheck::Unavailable(why) => format!("{target} cannot be used: {why}"),
             TargetCheck::NotChecked(why) => format!("{target} not checked: {why}"),
-            TargetCheck::Missing { missing, of, first } => format!(
-                "{missing} of {of} images in use are missing at {target}; first: {first}"
-            ),
+            TargetCheck::Missing { missing, of, first } => {
+                format!("{missing} of {of} images in use are missing at {target}; first: {first}")
+            }
         }
     }
 }
@@ -243,7 +246,13 @@ pub async fn check_upstream(
     let registry = &registry;
     let lookups: Vec<(String, String, String)> = images
         .iter()
-        .map(|image| (image.to_string(), image.repository.clone(), image.reference()))
+        .map(|image| {
+            (
+                image.to_string(),
+                image.repository.clone(),
+                image.reference(),
+            )
+        })
         .collect();
     let results: Vec<(String, bool)> = futures::stream::iter(lookups.into_iter().map(
         |(name, repository, reference)| async move {
@@ -307,7 +316,10 @@ mod tests {
         let images = images_in_use(&pods);
         let names: Vec<String> = images.iter().map(|i| i.to_string()).collect();
         assert_eq!(names.len(), 3, "{names:?}");
-        assert!(names.iter().any(|n| n.contains("library/nginx:latest")), "{names:?}");
+        assert!(
+            names.iter().any(|n| n.contains("library/nginx:latest")),
+            "{names:?}"
+        );
         assert!(!names.iter().any(|n| n.contains("done.example.com")));
         let routed = routed_to(&images, "harbor.example.com");
         assert_eq!(routed.len(), 1);
