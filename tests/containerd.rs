@@ -7,6 +7,7 @@
 //! (`.ci/run` installs them); without them the tests fail, saying what is missing.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -354,17 +355,33 @@ fn containerd_pulls_through_the_generated_hosts_toml() {
 /// configuration (none when `None`), twice, and returns what `containerd config dump` reads.
 fn configure_node(root: &Path, config: Option<&str>) -> String {
     let ip = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 20));
-    for file in containerd::node_files(ip, "ca", "wl-1-registry-addon-containerd") {
+    let hosts = containerd::default_hosts_toml(
+        ip,
+        &Credentials {
+            username: "ro".into(),
+            password: "pw".into(),
+        },
+    );
+    configure_node_with(root, config, &hosts)
+}
+
+/// [`configure_node`] with `hosts` as the bootstrap hosts Secret's content.
+fn configure_node_with(root: &Path, config: Option<&str>, hosts: &str) -> String {
+    let ip = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 20));
+    let files = containerd::node_files(
+        ip,
+        "wl-1-registry-addon-ca",
+        "wl-1-registry-addon-containerd",
+    );
+    for file in files {
         let content = match &file.content {
             containerd::FileContent::Content(text) => text.clone(),
-            // What the bootstrap provider would read from the Secret.
-            containerd::FileContent::ContentFrom { .. } => containerd::default_hosts_toml(
-                ip,
-                &Credentials {
-                    username: "ro".into(),
-                    password: "pw".into(),
-                },
-            ),
+            // What the bootstrap provider would read from the Secrets.
+            containerd::FileContent::ContentFrom { secret } => match secret.key.as_str() {
+                "hosts.toml" => hosts.to_string(),
+                "ca.crt" => "ca".to_string(),
+                other => panic!("unexpected Secret key {other}"),
+            },
         };
         write(&root.join(file.path.trim_start_matches('/')), &content);
     }
@@ -436,5 +453,43 @@ fn configure_script_makes_containerd_read_config_path() {
         let dump: toml::Table = toml::from_str(&configure_node(&root, config)).unwrap();
         let path = &dump["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["config_path"];
         assert_eq!(path.as_str(), Some("/etc/containerd/certs.d"), "{name}");
+        // Local's hosts file placed in _default, root only.
+        let placed = root.join("etc/containerd/certs.d/_default/hosts.toml");
+        let mode = std::fs::metadata(&placed).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{name}");
     }
+}
+
+/// The bootstrap files are the same in every mode: the configure script places the hosts
+/// file where its `server` says, and places nothing for an empty one (Unmanaged).
+#[test]
+fn configure_script_places_the_hosts_file_of_every_mode() {
+    if !tools_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ip = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 20));
+    let ro = Credentials {
+        username: "ro".into(),
+        password: "pw".into(),
+    };
+    let route = containerd::Route::Host("harbor.example.com:5443".into());
+    let proxy = containerd::bootstrap_hosts_toml(Some(&route), ip, &ro);
+    let root = dir.path().join("proxy");
+    configure_node_with(&root, None, &proxy);
+    let certs = root.join("etc/containerd/certs.d");
+    assert_eq!(
+        std::fs::read_to_string(certs.join("harbor.example.com:5443/hosts.toml")).unwrap(),
+        proxy
+    );
+    assert!(!certs.join("_default").exists());
+
+    let root = dir.path().join("unmanaged");
+    configure_node_with(&root, None, "");
+    let certs = root.join("etc/containerd/certs.d");
+    let dirs: Vec<_> = std::fs::read_dir(&certs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(dirs, ["10.96.0.20"], "only the CA's directory");
 }

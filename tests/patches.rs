@@ -227,7 +227,8 @@ async fn control_plane_template_without_files_gets_the_mirror_files() {
     let files = files(spec);
     // The hosts.toml carries the ro password: read from the management Secret by the
     // bootstrap provider, never inline in the template.
-    let hosts = &files["/etc/containerd/certs.d/_default/hosts.toml"];
+    // Staged: the configure script moves it where its server line says (`_default` here).
+    let hosts = &files[&containerd::staged_hosts_path()];
     assert!(hosts.get("content").is_none(), "{hosts}");
     assert_eq!(
         hosts["contentFrom"],
@@ -235,10 +236,12 @@ async fn control_plane_template_without_files_gets_the_mirror_files() {
     );
     assert_eq!(hosts["permissions"], "0600");
     assert!(!patched.to_string().contains("Basic "), "{patched}");
+    // The CA from the cluster's CA copy, so a rotation changes no template.
     assert_eq!(
-        files["/etc/containerd/certs.d/10.96.0.20/ca.crt"]["content"],
-        CA
+        files["/etc/containerd/certs.d/10.96.0.20/ca.crt"]["contentFrom"],
+        json!({"secret": {"name": "c1-registry-addon-ca", "key": "ca.crt"}})
     );
+    assert!(!patched.to_string().contains("BEGIN CERTIFICATE"), "{patched}");
     for major in [1, 2] {
         let fragment: toml::Table = toml::from_str(
             files[&containerd::fragment_path(major)]["content"]
@@ -303,7 +306,7 @@ async fn user_files_and_commands_are_kept_and_reapplying_adds_nothing() {
         .unwrap();
     let hosts = list
         .iter_mut()
-        .find(|f| f["path"] == "/etc/containerd/certs.d/_default/hosts.toml")
+        .find(|f| f["path"] == containerd::staged_hosts_path().as_str())
         .unwrap();
     hosts["content"] = json!("old");
     let response = call(
@@ -369,93 +372,41 @@ async fn ipv6_service_ip_is_bracketed() {
     let response = call(&ctx, &body).await;
     let patched = apply(&worker_template(), &patch_of(&response, "md").unwrap());
     let files = files(&patched["spec"]["template"]["spec"]);
-    assert!(files.contains_key("/etc/containerd/certs.d/_default/hosts.toml"));
+    assert!(files.contains_key(&containerd::staged_hosts_path()));
     assert_eq!(
-        files["/etc/containerd/certs.d/[fd00:10:96::14]/ca.crt"]["content"],
-        CA
+        files["/etc/containerd/certs.d/[fd00:10:96::14]/ca.crt"]["contentFrom"]["secret"]["name"],
+        "c1-registry-addon-ca"
     );
 }
 
 #[tokio::test]
-async fn before_the_cluster_ca_exists_the_root_ca_is_used_or_created() {
-    // CAPI computes patches before BeforeClusterCreate copies the CA to the cluster.
-    let root = registry_addon::certs::CertificateAuthority::generate(
-        registry_addon::cli::KeyAlgorithm::EcdsaP256,
-        time::OffsetDateTime::now_utc(),
-    )
-    .unwrap();
-    let root_ca = root.cert_pem().to_string();
-    let secrets = Secrets::default();
-    secrets.lock().unwrap().insert(
-        (
-            "registry-addon-system".into(),
-            "registry-addon-root-ca".into(),
-        ),
-        secret(
-            "registry-addon-system",
-            "registry-addon-root-ca",
-            &[
-                ("ca.crt", &root_ca),
-                ("tls.crt", &root_ca),
-                ("tls.key", root.key_pem().expose()),
-            ],
-        ),
-    );
-    let ctx = context(Management::Client(management(secrets)));
-    let body = request(
+async fn patches_need_no_api_and_are_the_same_in_every_mode() {
+    // CAPI computes patches before BeforeClusterCreate creates the CA copy: the files only
+    // name the Secrets, so neither the management cluster nor the CA is needed here, and a
+    // mode switch or CA rotation leaves every template as it is.
+    let ctx = context(Management::Unavailable("no kubeconfig".into()));
+    let upstream = json!({"url": "https://upstream.example:5443/team"});
+    let mut patches = Vec::new();
+    for registry in [
         json!({}),
-        &["10.96.0.0/12"],
-        vec![("md", worker_template(), vec![])],
-    );
-    let response = call(&ctx, &body).await;
-    let patched = apply(&worker_template(), &patch_of(&response, "md").unwrap());
-    assert_eq!(
-        files(&patched["spec"]["template"]["spec"])["/etc/containerd/certs.d/10.96.0.20/ca.crt"]["content"],
-        root_ca
-    );
-
-    let empty = Secrets::default();
-    let ctx = context(Management::Client(management(empty.clone())));
-    let response = call(&ctx, &body).await;
-    assert_eq!(response["status"], "Success", "{response}");
-    let created = empty
-        .lock()
-        .unwrap()
-        .get(&(
-            "registry-addon-system".into(),
-            "registry-addon-root-ca".into(),
-        ))
-        .cloned()
-        .expect("root CA created");
-    assert_eq!(created["type"], "kubernetes.io/tls");
-    let ca = base64::engine::general_purpose::STANDARD
-        .decode(created["data"]["ca.crt"].as_str().unwrap())
-        .unwrap();
-    let patched = apply(&worker_template(), &patch_of(&response, "md").unwrap());
-    assert_eq!(
-        files(&patched["spec"]["template"]["spec"])["/etc/containerd/certs.d/10.96.0.20/ca.crt"]["content"],
-        String::from_utf8(ca).unwrap()
-    );
+        json!({"mode": "Proxy", "upstream": upstream}),
+        json!({"mode": "Direct", "upstream": upstream}),
+        json!({"mode": "Unmanaged"}),
+    ] {
+        let body = request(
+            registry.clone(),
+            &["10.96.0.0/12"],
+            vec![("md", worker_template(), vec![])],
+        );
+        let response = call(&ctx, &body).await;
+        assert_eq!(response["status"], "Success", "{registry}: {response}");
+        patches.push(patch_of(&response, "md").unwrap());
+    }
+    assert!(patches.windows(2).all(|w| w[0] == w[1]), "{patches:?}");
 }
 
 #[tokio::test]
 async fn failures_say_what_is_wrong() {
-    let ctx = context(Management::Unavailable("no kubeconfig".into()));
-    let body = request(
-        json!({}),
-        &["10.96.0.0/12"],
-        vec![("md", worker_template(), vec![])],
-    );
-    let response = call(&ctx, &body).await;
-    assert_eq!(response["status"], "Failure");
-    assert!(
-        response["message"]
-            .as_str()
-            .unwrap()
-            .contains("cluster ns1/c1: the management cluster is unreachable"),
-        "{response}"
-    );
-
     let ctx = context(Management::Client(management(with_cluster_ca())));
     let response = call(
         &ctx,
@@ -503,54 +454,3 @@ async fn failures_say_what_is_wrong() {
     );
 }
 
-#[tokio::test]
-async fn each_mode_gets_its_node_files() {
-    let upstream = json!({"url": "https://upstream.example:5443/team"});
-    for (registry, hosts) in [
-        (
-            json!({"mode": "Proxy", "upstream": upstream}),
-            Some("upstream.example:5443"),
-        ),
-        (
-            json!({"mode": "Direct", "upstream": upstream}),
-            Some("upstream.example:5443"),
-        ),
-        (json!({"mode": "Unmanaged"}), None),
-    ] {
-        let ctx = context(Management::Client(management(with_cluster_ca())));
-        let body = request(
-            registry.clone(),
-            &["10.96.0.0/12"],
-            vec![("md", worker_template(), vec![])],
-        );
-        let response = call(&ctx, &body).await;
-        assert_eq!(response["status"], "Success", "{response}");
-        let patched = apply(&worker_template(), &patch_of(&response, "md").unwrap());
-        let files = files(&patched["spec"]["template"]["spec"]);
-        assert!(
-            !files.contains_key("/etc/containerd/certs.d/_default/hosts.toml"),
-            "{registry}: the _default mirror is Local's only"
-        );
-        // What makes containerd read certs.d stays in every mode.
-        assert!(files.contains_key(&containerd::script_path()), "{registry}");
-        match hosts {
-            Some(host) => {
-                let file = &files[&format!("/etc/containerd/certs.d/{host}/hosts.toml")];
-                assert_eq!(
-                    file["contentFrom"],
-                    json!({"secret": {"name": "c1-registry-addon-containerd", "key": "hosts.toml"}})
-                );
-                assert_eq!(
-                    files["/etc/containerd/certs.d/10.96.0.20/ca.crt"]["content"],
-                    CA
-                );
-            }
-            None => assert!(
-                files
-                    .keys()
-                    .all(|p| !p.starts_with("/etc/containerd/certs.d/")),
-                "{registry}: {files:?}"
-            ),
-        }
-    }
-}

@@ -12,11 +12,8 @@ use std::net::IpAddr;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::addon::converge::ensure_root_ca;
-use crate::hooks::{HookContext, Management};
-use crate::k8s::{ClusterApi, Place};
+use crate::hooks::HookContext;
 use crate::names;
-use crate::render::objects::secret_data;
 use crate::wire::runtime::{
     GeneratePatchesRequest, GeneratePatchesRequestItem, GeneratePatchesResponseItem, Hook,
     PatchType, Response, Variable,
@@ -78,13 +75,11 @@ struct BuiltinNetwork {
 pub async fn generate_patches(ctx: &HookContext, request: &GeneratePatchesRequest) -> Response {
     let hook = Hook::GeneratePatches;
     let mut items = Vec::new();
-    // One request holds the templates of one cluster: read its CA once.
-    let mut ca_pem: Option<String> = None;
     for item in &request.items {
         let Some(template) = Template::of(&item.object) else {
             continue;
         };
-        match patch_item(ctx, request, item, template, &mut ca_pem).await {
+        match patch_item(ctx, request, item, template).await {
             Ok(Some(patch)) => items.push(patch),
             Ok(None) => {}
             Err(message) => return Response::failure(hook, message),
@@ -100,7 +95,6 @@ async fn patch_item(
     request: &GeneratePatchesRequest,
     item: &GeneratePatchesRequestItem,
     template: Template,
-    ca_pem: &mut Option<String>,
 ) -> Result<Option<GeneratePatchesResponseItem>, String> {
     let variables = merge_variables(&request.variables, &item.variables);
     let variable = &ctx.config.addon.variable_name;
@@ -134,24 +128,10 @@ async fn patch_item(
     let service_ip: IpAddr = registry
         .resolve_service_ip(&cluster.network.services)
         .map_err(|e| format!("{key}: {e}"))?;
-    let route = containerd::Route::of(&registry);
-    let ca = match ca_pem {
-        Some(ca) => ca.clone(),
-        // Unmanaged: no file needs the CA.
-        None if route.is_none() => String::new(),
-        None => {
-            let ca = node_ca(ctx, namespace, &cluster.name)
-                .await
-                .map_err(|e| format!("{key}: {e}"))?;
-            *ca_pem = Some(ca.clone());
-            ca
-        }
-    };
-
-    let files = containerd::node_files_for(
-        route.as_ref(),
+    // The same files in every mode and across CA rotations: see `node_files`.
+    let files = containerd::node_files(
         service_ip,
-        &ca,
+        &names::cluster_ca_secret(&cluster.name),
         &names::containerd_hosts_secret(&cluster.name),
     )
     .into_iter()
@@ -295,38 +275,3 @@ fn display(pointer: &str) -> &str {
     }
 }
 
-/// The CA nodes must trust: `ca.crt` of `<cluster>-registry-addon-ca`.
-///
-/// CAPI computes the topology, patches included, before it calls BeforeClusterCreate, which
-/// copies the CA to the cluster's namespace. Until that copy exists the root CA it will copy
-/// is used, and generated if absent, so the first cluster does not wait for a hook that only
-/// runs after its patches.
-async fn node_ca(ctx: &HookContext, namespace: &str, cluster: &str) -> Result<String, String> {
-    let client = match &ctx.management {
-        Management::Client(client) => client.clone(),
-        Management::Unavailable(why) => {
-            return Err(format!("the management cluster is unreachable: {why}"));
-        }
-    };
-    let management = ClusterApi::new(client, Place::Management);
-    let name = names::cluster_ca_secret(cluster);
-    let copy = management
-        .get("v1", "Secret", Some(namespace), &name)
-        .await
-        .map_err(|e| e.to_string())?;
-    if let Some(secret) = copy {
-        return secret_data(&secret, "ca.crt")
-            .filter(|ca| !ca.trim().is_empty())
-            .ok_or_else(|| {
-                format!(
-                    "secret {namespace}/{name} on the management cluster: key ca.crt is missing"
-                )
-            });
-    }
-    let key = format!("{namespace}/{cluster}");
-    let now = time::OffsetDateTime::now_utc();
-    ensure_root_ca(&ctx.config, &ctx.state, &management, &key, now)
-        .await
-        .map(|ca| ca.cert_pem().to_string())
-        .map_err(|e| e.to_string())
-}

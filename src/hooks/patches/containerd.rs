@@ -189,6 +189,18 @@ else
   mv "$config.registry-addon" "$config"
 fi
 
+# The hosts file goes where its server line says: that registry's directory, or _default
+# (every registry) without one. Empty when the mode routes nothing through the mirror.
+hosts="$fragments/hosts.toml"
+if [ -s "$hosts" ]; then
+  server="$(sed -n -E 's|^server[[:space:]]*=[[:space:]]*"https?://([^"/]+).*|\1|p' "$hosts" | head -n 1)"
+  dir="$root@CERTS_DIR@/${server:-_default}"
+  mkdir -p "$dir"
+  cp "$hosts" "$dir/hosts.toml.registry-addon"
+  chmod 0600 "$dir/hosts.toml.registry-addon"
+  mv "$dir/hosts.toml.registry-addon" "$dir/hosts.toml"
+fi
+
 if [ -z "$root" ] && command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet containerd; then
   systemctl restart containerd
 fi
@@ -235,65 +247,53 @@ pub fn bootstrap_hosts_toml(route: Option<&Route>, service_ip: IpAddr, ro: &Cred
         .unwrap_or_default()
 }
 
-/// Every file a node gets, for the registry at `service_ip` whose CA is `ca_pem`; the
-/// `_default` `hosts.toml` is read from the management Secret `hosts_secret` (see
-/// [`default_hosts_toml`]).
-pub fn node_files(service_ip: IpAddr, ca_pem: &str, hosts_secret: &str) -> Vec<NodeFile> {
-    node_files_for(Some(&Route::Default), service_ip, ca_pem, hosts_secret)
+/// Where the bootstrap files put the hosts file before the configure script moves it into
+/// the directory its `server` names (`_default` without one).
+pub fn staged_hosts_path() -> String {
+    format!("{}/hosts.toml", names::CONTAINERD_ADDON_DIR)
 }
 
-/// Every bootstrap file of a node whose mirror carries the images of `route`: its `hosts.toml`
-/// (read from the management Secret `hosts_secret`, see [`bootstrap_hosts_toml`]), the CA, and
-/// what makes containerd read the hosts directory. Without a route (Unmanaged) only the
-/// latter: containerd then pulls as without the addon, and the node agent can still write
-/// the files of a later mode.
-pub fn node_files_for(
-    route: Option<&Route>,
-    service_ip: IpAddr,
-    ca_pem: &str,
-    hosts_secret: &str,
-) -> Vec<NodeFile> {
+/// Every bootstrap file of a node, in every mode: the hosts file (read from the management
+/// Secret `hosts_secret`, see [`bootstrap_hosts_toml`]; empty in Unmanaged), the CA (read
+/// from the cluster's CA copy `ca_secret`), and what makes containerd read the hosts
+/// directory.
+///
+/// Nothing in them depends on the mode or on the CA's content: the content comes from the
+/// two Secrets through `contentFrom`, and the configure script places the hosts file in the
+/// directory its `server` line names. So a mode switch or a CA rotation changes no bootstrap
+/// template, and Cluster API replaces no machine for it; the node agent changes running
+/// nodes in place, and new machines read the Secrets as they are when they boot.
+pub fn node_files(service_ip: IpAddr, ca_secret: &str, hosts_secret: &str) -> Vec<NodeFile> {
     let file = |path: String, permissions: &str, content: String| NodeFile {
         path,
         owner: "root:root".into(),
         permissions: permissions.into(),
         content: FileContent::Content(content),
     };
-    let mut files = Vec::new();
-    if let Some(route) = route {
-        let side = MirrorSide {
-            host: mirror_host(service_ip),
-            ca_pem: ca_pem.to_string(),
-            ro: Credentials {
-                username: String::new(),
-                password: String::new(),
+    let from = |path: String, permissions: &str, secret: &str, key: &str| NodeFile {
+        path,
+        owner: "root:root".into(),
+        permissions: permissions.into(),
+        content: FileContent::ContentFrom {
+            secret: SecretKey {
+                name: secret.to_string(),
+                key: key.to_string(),
             },
-            route: Some(route.clone()),
-        };
-        let ca_pem = node_config(names::CONTAINERD_CERTS_DIR, &Rollout::Final(&side))
-            .files
-            .remove(&ca_file(&side.host))
-            .unwrap_or_default();
-        files.push(NodeFile {
-            path: format!("{}/{}", names::CONTAINERD_CERTS_DIR, route.hosts_file()),
-            owner: "root:root".into(),
-            // Only root reads the credentials.
-            permissions: "0600".into(),
-            content: FileContent::ContentFrom {
-                secret: SecretKey {
-                    name: hosts_secret.to_string(),
-                    key: names::CONTAINERD_HOSTS_SECRET_KEY.to_string(),
-                },
-            },
-        });
-        files.push(file(ca_path(service_ip), "0644", ca_pem));
-    }
-    files.extend([
+        },
+    };
+    vec![
+        // Only root reads the credentials.
+        from(
+            staged_hosts_path(),
+            "0600",
+            hosts_secret,
+            names::CONTAINERD_HOSTS_SECRET_KEY,
+        ),
+        from(ca_path(service_ip), "0644", ca_secret, "ca.crt"),
         file(fragment_path(1), "0644", containerd_fragment(1)),
         file(fragment_path(2), "0644", containerd_fragment(2)),
         file(script_path(), "0700", configure_script()),
-    ]);
-    files
+    ]
 }
 
 /// Where the `_default` `hosts.toml` lies, relative to containerd's hosts directory.
@@ -565,11 +565,19 @@ mod tests {
             config.files["_default/hosts.toml"],
             default_hosts_toml(ip, &new.ro)
         );
-        let files = node_files(ip, "-----CA-----\n", "s");
+        // Bootstrap reads the CA as the cluster's CA copy holds it, which a final config
+        // writes exactly as it is.
+        assert_eq!(config.files["10.96.0.20/ca.crt"], new.ca_pem);
+        let files = node_files(ip, "c1-registry-addon-ca", "s");
         let ca = files.iter().find(|f| f.path == ca_path(ip)).unwrap();
         assert_eq!(
             ca.content,
-            FileContent::Content(config.files["10.96.0.20/ca.crt"].clone())
+            FileContent::ContentFrom {
+                secret: SecretKey {
+                    name: "c1-registry-addon-ca".into(),
+                    key: "ca.crt".into(),
+                }
+            }
         );
         assert!(config.hash.starts_with("sha256:") && config.hash.len() == 71);
     }
@@ -646,11 +654,9 @@ mod tests {
             bootstrap_hosts_toml(Some(&up), ip, &proxy.ro),
             on_node.files["registry.example.com:5443/hosts.toml"]
         );
-        let files = node_files_for(Some(&up), ip, "CA\n", "s");
-        assert_eq!(
-            files[0].path,
-            "/etc/containerd/certs.d/registry.example.com:5443/hosts.toml"
-        );
+        // Staged, then placed by the configure script where its server line says.
+        let files = node_files(ip, "ca-secret", "s");
+        assert_eq!(files[0].path, staged_hosts_path());
     }
 
     #[test]
@@ -660,12 +666,6 @@ mod tests {
         assert!(config.files.is_empty());
         let ip: IpAddr = "10.96.0.20".parse().unwrap();
         assert_eq!(bootstrap_hosts_toml(None, ip, &none.ro), "");
-        // Only what makes containerd read the hosts directory, for a later mode.
-        let files = node_files_for(None, ip, "CA\n", "s");
-        assert!(
-            files.iter().all(|f| !f.path.contains("certs.d")),
-            "{files:?}"
-        );
 
         let local = side("10.96.0.20", "CA\n", "old");
         let direct = routed(
