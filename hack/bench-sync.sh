@@ -214,6 +214,7 @@ SKOPEO_WARM=$(elapsed "$t0" "$t1")
 # The sidecar runs rounds in one long-lived process; from its second round on it knows the
 # local tags it saw. Four rounds a second apart; the median of the last three.
 echo "no-change rounds in one process, registry-addon..."
+: >"$WORK/ours-steady.log"
 RUST_LOG=info "$BIN" sync --interval 1s --state-file "$WORK/sync-state.json" \
     --local "https://127.0.0.1:$PORT_ours" \
     --peer "https://127.0.0.1:$PORT_peer1" --peer "https://127.0.0.1:$PORT_peer2" \
