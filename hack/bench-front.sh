@@ -16,11 +16,12 @@
 #     static file, direct over TLS and through a second front (see below): there the front's
 #     added p99 is not lost in Distribution's own spread.
 #
-# Needs: docker-registry, curl, wrk, ab, nginx, openssl, htpasswd, python3 (Debian:
+# Needs: docker-registry, curl, wrk, nginx, cargo, openssl, htpasswd, python3 (Debian:
 # docker-registry, curl, wrk, apache2-utils, nginx, openssl). Only loopback addresses are used.
 #
 # Environment: BIG_MIB (default 256), ROUNDS (default 3), HEAD_ROUNDS (default 20),
-# HEAD_REQUESTS (per side and round, default 20000), BIN (a release binary; default:
+# HEAD_REQUESTS and HEAD_PACED_REQUESTS (per client, side and round; 1000 back to back,
+# 400 paced), BIN (a release binary; default:
 # built as hack/build-image.sh builds it, so the image build and this share one build),
 # KEEP=1 to keep the work directory.
 set -euo pipefail
@@ -44,6 +45,8 @@ if [[ -z "${BIN:-}" ]]; then
         cargo build --locked --release --target "$triple" --bin registry-addon)
     BIN="${CARGO_TARGET_DIR:-$ROOT/target}/$triple/release/registry-addon"
 fi
+# The HEAD load generator, built before anything is measured.
+(cd "$ROOT" && cargo bench --bench head_latency --no-run)
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_http() { # url [curl args]
@@ -217,12 +220,15 @@ RSS_KIB=$(awk '/VmHWM/{print $2}' "/proc/$FRONT_PID/status")
 # Distribution's own p99 (tens of ms, with ms of spread on 2 cores) hides what the front adds.
 # Here nginx answers the manifest HEAD from a static file, with Distribution's headers, twice:
 # over TLS itself (direct), and over plain HTTP to a second front (through the front). Both are
-# HEADed by ApacheBench (`ab -i`: it knows that a HEAD answer has no body, which wrk does
-# not), 16 keep-alive connections, in HEAD_ROUNDS rounds that alternate which side goes first,
-# so that the machine's drift falls on both. Per round: p50 and p99 of each side; printed are
-# the medians over rounds, and the range of the per-round difference.
+# HEADed by benches/head_latency.rs (wrk cannot: it waits for a body after a HEAD answer with
+# a Content-Length), 16 keep-alive connections, in HEAD_ROUNDS rounds that alternate which
+# side goes first, so that the machine's drift falls on both: once back to back (queueing at
+# saturation) and once paced, each client waiting an exponential 5 ms on average between
+# requests (independent clients, as nodes are). Printed: the medians over rounds of each
+# side's p50 and p99, and the range of the per-round difference.
 HEAD_ROUNDS=${HEAD_ROUNDS:-20}
-HEAD_REQUESTS=${HEAD_REQUESTS:-20000}
+HEAD_REQUESTS=${HEAD_REQUESTS:-1000}
+HEAD_PACED_REQUESTS=${HEAD_PACED_REQUESTS:-400}
 mkdir -p "$WORK/nginx"
 cp "$WORK/manifest.json" "$WORK/nginx/manifest.json"
 MANIFEST_DIGEST=sha256:$(sha256sum "$WORK/manifest.json" | cut -d' ' -f1)
@@ -278,46 +284,20 @@ for port in "$NGINX_TLS" "$FRONT_NG"; do
     }
 done
 
-ab_head() { # port label round -> "p50 p99" in ms
-    local csv="$WORK/ab-$2-$3.csv" out="$WORK/ab-$2-$3.out"
-    ab -q -i -k -c 16 -n "$HEAD_REQUESTS" -e "$csv" -H "$AUTH" \
-        -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
-        "https://127.0.0.1:$1/v2/bench/manifests/v1" >"$out" 2>&1
-    if ! grep -qE "^Failed requests: +0$" "$out" || grep -q "Non-2xx" "$out"; then
-        echo "ab against :$1 had failures:" >&2
-        cat "$out" >&2
-        exit 1
-    fi
-    awk -F, '$1 == 50 {p50 = $2} $1 == 99 {p99 = $2} END {print p50, p99}' "$csv"
+# The load generator: benches/head_latency.rs, built once here (release settings).
+HEAD_BENCH=(env CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}" cargo bench --quiet --manifest-path "$ROOT/Cargo.toml" --bench head_latency --)
+head_bench() { # think_us requests key label
+    TARGETS="direct=https://127.0.0.1:$NGINX_TLS,front=https://127.0.0.1:$FRONT_NG" \
+        CA_FILE="$WORK/tls/ca.pem" AUTHORIZATION="${AUTH#Authorization: }" \
+        ROUNDS="$HEAD_ROUNDS" REQUESTS="$2" THINK_US="$1" \
+        "${HEAD_BENCH[@]}" >"$WORK/head-$3.txt"
+    echo "  $4: $(sed -n 's/^summary: //p' "$WORK/head-$3.txt")"
 }
-# One warm-up each: connections, TLS, the front's credential cache.
-ab_head "$NGINX_TLS" warm 0 >/dev/null
-ab_head "$FRONT_NG" warm 0 >/dev/null
-: >"$WORK/quiet.txt"
-for round in $(seq "$HEAD_ROUNDS"); do
-    if ((round % 2)); then
-        read -r d50 d99 < <(ab_head "$NGINX_TLS" direct "$round")
-        read -r f50 f99 < <(ab_head "$FRONT_NG" front "$round")
-    else
-        read -r f50 f99 < <(ab_head "$FRONT_NG" front "$round")
-        read -r d50 d99 < <(ab_head "$NGINX_TLS" direct "$round")
-    fi
-    echo "$d50 $d99 $f50 $f99" >>"$WORK/quiet.txt"
-done
-python3 - "$WORK/quiet.txt" "$HEAD_ROUNDS" "$HEAD_REQUESTS" >"$WORK/quiet-summary.txt" <<'PYQUIET'
-import statistics, sys
-rows = [[float(x) for x in line.split()] for line in open(sys.argv[1]) if line.strip()]
-med = lambda i: statistics.median(r[i] for r in rows)
-added99 = sorted(r[3] - r[1] for r in rows)
-added50 = sorted(r[2] - r[0] for r in rows)
-print(f"manifest HEAD, quiet baseline (nginx, a static file), 16 keep-alive clients (ab -i), "
-      f"{sys.argv[2]} alternating rounds of {sys.argv[3]} requests, medians over rounds:")
-print(f"  direct (nginx TLS)   p50 {med(0):.3f} ms  p99 {med(1):.3f} ms")
-print(f"  through the front    p50 {med(2):.3f} ms  p99 {med(3):.3f} ms")
-print(f"  added by the front:  p50 {statistics.median(added50):+.3f} ms, "
-      f"p99 {statistics.median(added99):+.3f} ms (per-round range {added99[0]:+.3f} to "
-      f"{added99[-1]:+.3f}; target <= 1 ms); p99 front / direct {med(3) / med(1):.2f}")
-PYQUIET
+{
+    echo "manifest HEAD, quiet baseline: nginx answering from a static file, direct over TLS and through a second front (benches/head_latency.rs, 16 keep-alive clients, alternating rounds):"
+    head_bench 0 "$HEAD_REQUESTS" saturated "back to back"
+    head_bench 5000 "$HEAD_PACED_REQUESTS" paced "paced, 5 ms mean think time"
+} >"$WORK/quiet-summary.txt"
 
 python3 - "$BIG_MIB" "$ROUNDS" "$RSS_KIB" "$S50 $S99 $SRPS $F50 $F99 $FRPS $S50b $S99b $SRPSb $F50b $F99b $FRPSb" \
     "$(for k in "${!T[@]}"; do echo "$k=${T[$k]}"; done)" <<'EOF'
