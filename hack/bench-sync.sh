@@ -146,12 +146,17 @@ echo "corpus: ${#IMAGES[@]} images; peer1 $((${#PEER1_REPOS[@]} + ${#EXTRA[@]}))
 } >"$WORK/extra.yaml"
 
 # --- registry-addon sync --------------------------------------------------------------------
-run_ours() { # label
-    RUST_LOG=info /usr/bin/time -v -o "$WORK/time-$1.txt" "$BIN" sync --once \
+# Every run keeps its memory in one state file, as the sidecar does on its volume; the
+# "nostate" run goes without one.
+run_ours() { # label [extra args]
+    local label=$1 state=(--state-file "$WORK/sync-state.json")
+    shift
+    [[ $label == nostate ]] && state=()
+    RUST_LOG=info /usr/bin/time -v -o "$WORK/time-$label.txt" "$BIN" sync --once "${state[@]}" \
         --local "https://127.0.0.1:$PORT_ours" \
         --peer "https://127.0.0.1:$PORT_peer1" --peer "https://127.0.0.1:$PORT_peer2" \
-        --ca-file "$WORK/tls/ca.pem" 2>"$WORK/ours-$1.log"
-    grep "sync round finished" "$WORK/ours-$1.log" | sed 's/^.*INFO/  /'
+        --ca-file "$WORK/tls/ca.pem" 2>"$WORK/ours-$label.log"
+    grep "sync round finished" "$WORK/ours-$label.log" | sed 's/^.*INFO/  /'
 }
 
 run_skopeo() {
@@ -197,6 +202,11 @@ BLOB_GETS=$(count '"GET /v2/[^ ]+/blobs/')
 TAG_LISTS=$(count '"GET /v2/[^ ]+/tags/list')
 MANIFEST_HEADS=$(count '"HEAD /v2/[^ ]+/manifests/')
 MANIFEST_GETS=$(count '"GET /v2/[^ ]+/manifests/')
+WARM_HEADS=$(grep -o 'local_manifest_heads=[0-9]*' "$WORK/ours-warm.log")
+echo "no-change round, registry-addon without a state file..."
+t0=$(now); run_ours nostate; t1=$(now)
+OURS_NOSTATE=$(elapsed "$t0" "$t1")
+NOSTATE_HEADS=$(grep -o 'local_manifest_heads=[0-9]*' "$WORK/ours-nostate.log")
 echo "no-change round, skopeo sync..."
 t0=$(now); run_skopeo; t1=$(now)
 SKOPEO_WARM=$(elapsed "$t0" "$t1")
@@ -204,7 +214,8 @@ SKOPEO_WARM=$(elapsed "$t0" "$t1")
 # The sidecar runs rounds in one long-lived process; from its second round on it knows the
 # local tags it saw. Four rounds a second apart; the median of the last three.
 echo "no-change rounds in one process, registry-addon..."
-RUST_LOG=info "$BIN" sync --interval 1s \
+: >"$WORK/ours-steady.log"
+RUST_LOG=info "$BIN" sync --interval 1s --state-file "$WORK/sync-state.json" \
     --local "https://127.0.0.1:$PORT_ours" \
     --peer "https://127.0.0.1:$PORT_peer1" --peer "https://127.0.0.1:$PORT_peer2" \
     --ca-file "$WORK/tls/ca.pem" 2>"$WORK/ours-steady.log" &
@@ -238,7 +249,8 @@ cat <<EOF
 
 == sync benchmark: ${#IMAGES[@]} images ($EXTRA_REPOS one-layer extras), big layer $BIG_MIB MiB, 2 peers ($REPOS peer repositories, $TAGS peer tags) ==
 cold round:       registry-addon ${OURS_COLD}s   skopeo sync ${SKOPEO_COLD}s   ratio $(ratio "$OURS_COLD" "$SKOPEO_COLD") (target <= 0.5)
-no-change round:  registry-addon ${OURS_WARM}s   skopeo sync ${SKOPEO_WARM}s   ratio $(ratio "$OURS_WARM" "$SKOPEO_WARM") (target <= 0.1)   (a fresh --once process)
+no-change round:  registry-addon ${OURS_WARM}s   skopeo sync ${SKOPEO_WARM}s   ratio $(ratio "$OURS_WARM" "$SKOPEO_WARM") (target <= 0.1)   (a fresh --once process with the state file, $WARM_HEADS)
+no-change round:  registry-addon ${OURS_NOSTATE}s   skopeo sync ${SKOPEO_WARM}s   ratio $(ratio "$OURS_NOSTATE" "$SKOPEO_WARM")   (a fresh --once process without a state file, $NOSTATE_HEADS)
 no-change round:  registry-addon ${OURS_STEADY}s   skopeo sync ${SKOPEO_WARM}s   ratio $(ratio "$OURS_STEADY" "$SKOPEO_WARM") (target <= 0.1)   (the sidecar's later rounds, $STEADY_HEADS)
 no-change round requests to the peers: blob GETs $BLOB_GETS (target 0), tags/list $TAG_LISTS (repositories: $REPOS), manifest HEADs $MANIFEST_HEADS (tags: $TAGS), manifest GETs $MANIFEST_GETS
 peak RSS of registry-addon: cold $((RSS_COLD / 1024)) MiB, no-change $((RSS_WARM / 1024)) MiB (target <= 32 MiB)

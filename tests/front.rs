@@ -49,28 +49,8 @@ fn need(tool: &str, package: &str) {
     );
 }
 
-/// A registry replica as the chart runs it: Distribution on the loopback, the front before it.
-struct Replica {
-    front: FrontProcess,
-    registry: RegistryProcess,
-}
-
 fn replica(dir: &Path, tls: &TestTls) -> Replica {
-    let registry = RegistryProcess::start(
-        &dir.join("registry"),
-        &RegistryOptions {
-            relative_urls: true,
-            ..RegistryOptions::default()
-        },
-    );
-    let front = FrontProcess::start(
-        &dir.join("front"),
-        &registry.url,
-        &tls.cert_file,
-        &tls.key_file,
-        &users(),
-    );
-    Replica { front, registry }
+    Replica::start(dir, tls, &users(), false)
 }
 
 fn basic(user: &str, password: &str) -> String {

@@ -1,6 +1,7 @@
-//! `registry-addon mirror pull` and `mirror push` against real registries (Debian
-//! `docker-registry`, on loopback with TLS; the mirror with htpasswd users, as clients see it
-//! through the front) and real `skopeo` to make layouts and to read the results back.
+//! `registry-addon mirror pull` and `mirror push` against real registries: Debian
+//! `docker-registry` on loopback with TLS as the upstreams; as the mirror, replicas as the
+//! chart runs them (`docker-registry` on the loopback behind `registry-addon front`, with the
+//! `ro` and `rw` users); real `skopeo` to make layouts and to read the results back.
 //!
 //! Needs `docker-registry`, `skopeo` and `htpasswd` (apache2-utils) on PATH; the tests fail,
 //! saying what to install, without them.
@@ -18,6 +19,31 @@ use sync_support::*;
 
 const USER: &str = "rw";
 const PASSWORD: &str = "correct-horse-battery-staple-0123456789";
+const RO_USER: &str = "ro";
+const RO_PASSWORD: &str = "ro-password-0123456789abcdefghijklmnop";
+
+/// The mirror's users, as the addon creates them: `ro` pulls, `rw` pulls and pushes.
+fn mirror_users() -> [FrontUser<'static>; 2] {
+    [
+        FrontUser {
+            name: RO_USER,
+            password: RO_PASSWORD,
+            push: false,
+        },
+        FrontUser {
+            name: USER,
+            password: PASSWORD,
+            push: true,
+        },
+    ]
+}
+
+fn ro_credentials() -> Credentials {
+    Credentials {
+        username: RO_USER.into(),
+        password: RO_PASSWORD.into(),
+    }
+}
 
 fn bin() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_registry-addon"));
@@ -37,8 +63,20 @@ fn text(out: &Output) -> String {
     )
 }
 
-/// Runs `mirror push`, giving the password on stdin.
+/// Runs `mirror push` as `rw`, giving the password on stdin.
 fn push_cmd(from: &Path, to: &str, ca: &Path, password: Option<&str>, extra: &[&str]) -> Output {
+    push_cmd_as(USER, from, to, ca, password, extra)
+}
+
+/// Runs `mirror push` as `user`, giving the password on stdin.
+fn push_cmd_as(
+    user: &str,
+    from: &Path,
+    to: &str,
+    ca: &Path,
+    password: Option<&str>,
+    extra: &[&str],
+) -> Output {
     let mut cmd = bin();
     cmd.arg("push")
         .arg("--from")
@@ -48,7 +86,7 @@ fn push_cmd(from: &Path, to: &str, ca: &Path, password: Option<&str>, extra: &[&
         .arg(ca)
         .args(extra);
     if password.is_some() {
-        cmd.args(["--username", USER, "--password-stdin"])
+        cmd.args(["--username", user, "--password-stdin"])
             .stdin(Stdio::piped());
     }
     let mut child = cmd.spawn().expect("registry-addon binary");
@@ -101,15 +139,15 @@ fn tools() {
     }
 }
 
-/// Two upstream registries (the second with Basic auth) and a mirror with htpasswd users,
-/// all TLS with one test CA.
+/// Two upstream registries (the second with Basic auth) and a mirror replica (the front with
+/// the `ro` and `rw` users before a registry), all TLS with one test CA.
 struct Env {
     _tmp: tempfile::TempDir,
     dir: PathBuf,
     tls: TestTls,
     up1: RegistryProcess,
     up2: RegistryProcess,
-    mirror: RegistryProcess,
+    mirror: Replica,
     auth_file: PathBuf,
 }
 
@@ -122,8 +160,6 @@ impl Env {
             .unwrap();
         let dir = tmp.path().to_path_buf();
         let tls = TestTls::new(&dir.join("tls"));
-        let htpasswd = dir.join("htpasswd");
-        write_htpasswd(&htpasswd, USER, PASSWORD);
         let up1 = RegistryProcess::start(
             &dir.join("up1"),
             &RegistryOptions {
@@ -141,14 +177,7 @@ impl Env {
                 ..Default::default()
             },
         );
-        let mirror = RegistryProcess::start(
-            &dir.join("mirror"),
-            &RegistryOptions {
-                tls: Some(&tls),
-                htpasswd: Some(&htpasswd),
-                ..Default::default()
-            },
-        );
+        let mirror = Replica::start(&dir.join("mirror"), &tls, &mirror_users(), false);
         // A Docker config.json for the second upstream.
         let auth_file = dir.join("config.json");
         let auth = base64_encode("puller:upstream-secret");
@@ -192,7 +221,7 @@ impl Env {
 
     fn mirror(&self) -> std::sync::Arc<Registry> {
         client(
-            &self.mirror.url,
+            &self.mirror.front.url,
             Some(&self.ca()),
             Some(Credentials {
                 username: USER.into(),
@@ -251,7 +280,7 @@ impl Env {
     fn skopeo_digest(&self, repo_tag: &str) -> String {
         let cert_dir = self.tls.cert_dir.to_str().unwrap();
         let creds = format!("{USER}:{PASSWORD}");
-        let image = format!("docker://127.0.0.1:{}/{repo_tag}", self.mirror.port);
+        let image = format!("docker://127.0.0.1:{}/{repo_tag}", self.mirror.front.port);
         let out = self.skopeo(&[
             "inspect",
             "--raw",
@@ -273,6 +302,26 @@ impl Env {
 fn base64_encode(s: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// Manifest digest by ref name, from a layout's index.json.
+fn ref_digests(layout: &Path) -> std::collections::BTreeMap<String, String> {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["annotations"]["org.opencontainers.image.ref.name"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                d["digest"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
 }
 
 fn ref_names(layout: &Path) -> Vec<String> {
@@ -332,7 +381,7 @@ async fn pull_from_two_upstreams_push_to_the_mirror_and_read_back_with_skopeo() 
     assert!(!env.dir.join("bundle.tar.partial").exists());
 
     // Pushed to the mirror, at the paths containerd's `_default` mirror is asked for.
-    let out = push_cmd(&layout, &env.mirror.url, &ca, Some(PASSWORD), &[]);
+    let out = push_cmd(&layout, &env.mirror.front.url, &ca, Some(PASSWORD), &[]);
     assert!(out.status.success(), "push: {}", text(&out));
     assert!(
         !text(&out).contains(PASSWORD),
@@ -361,27 +410,53 @@ async fn pull_from_two_upstreams_push_to_the_mirror_and_read_back_with_skopeo() 
         env.tls.cert_dir.to_str().unwrap(),
         "--src-creds",
         &format!("{USER}:{PASSWORD}"),
-        &format!("docker://127.0.0.1:{}/multi:v1", env.mirror.port),
+        &format!("docker://127.0.0.1:{}/multi:v1", env.mirror.front.port),
         &format!("oci:{}:v1", back.display()),
     ]);
     assert!(out.status.success(), "skopeo copy back: {}", text(&out));
 
     // Pushing again sends nothing.
-    let out = push_cmd(&layout, &env.mirror.url, &ca, Some(PASSWORD), &[]);
+    let out = push_cmd(&layout, &env.mirror.front.url, &ca, Some(PASSWORD), &[]);
     assert!(out.status.success(), "second push: {}", text(&out));
     assert_eq!(summary_bytes(&out, "sent"), 0, "{}", text(&out));
 
-    // The archive pushes the same content into a fresh registry.
-    let fresh = RegistryProcess::start(
-        &env.dir.join("fresh"),
-        &RegistryOptions {
-            tls: Some(&env.tls),
-            ..Default::default()
-        },
+    // `ro` pulls the images back with `mirror pull`, digests unchanged.
+    let ro_auth = env.dir.join("ro-config.json");
+    std::fs::write(
+        &ro_auth,
+        format!(
+            r#"{{"auths": {{"127.0.0.1:{}": {{"auth": "{}"}}}}}}"#,
+            env.mirror.front.port,
+            base64_encode(&format!("{RO_USER}:{RO_PASSWORD}"))
+        ),
+    )
+    .unwrap();
+    let pulled_back = env.dir.join("pulled-back");
+    let mirror_refs: Vec<String> = ["pause:3.10", "multi:v1", "library/app:1.0"]
+        .iter()
+        .map(|p| format!("127.0.0.1:{}/{p}", env.mirror.front.port))
+        .collect();
+    let out = pull_cmd(
+        &pulled_back,
+        &ca,
+        &mirror_refs,
+        &["--auth-file", ro_auth.to_str().unwrap()],
     );
-    let out = push_cmd(&archive, &fresh.url, &ca, None, &[]);
+    assert!(out.status.success(), "pull back as ro: {}", text(&out));
+    assert!(
+        !text(&out).contains(RO_PASSWORD),
+        "the password reached the output"
+    );
+    let back_digests = ref_digests(&pulled_back);
+    for ((_, digest), reference) in corpus.iter().zip(&mirror_refs) {
+        assert_eq!(back_digests.get(reference), Some(digest), "{reference}");
+    }
+
+    // The archive pushes the same content into a fresh replica; `ro` reads it back.
+    let fresh = Replica::start(&env.dir.join("fresh"), &env.tls, &mirror_users(), false);
+    let out = push_cmd(&archive, &fresh.front.url, &ca, Some(PASSWORD), &[]);
     assert!(out.status.success(), "push of the archive: {}", text(&out));
-    let fresh_client = client(&fresh.url, Some(&env.ca()), None);
+    let fresh_client = client(&fresh.front.url, Some(&env.ca()), Some(ro_credentials()));
     let digests = tag_digests(&fresh_client).await;
     for ((_, digest), (repo, tag)) in
         corpus
@@ -444,12 +519,18 @@ async fn platform_filter_and_skopeo_layouts() {
         &format!("oci:{}:v1", skopeo_layout.display()),
     ]);
     assert!(out.status.success(), "skopeo copy: {}", text(&out));
-    let out = push_cmd(&skopeo_layout, &env.mirror.url, &ca, Some(PASSWORD), &[]);
+    let out = push_cmd(
+        &skopeo_layout,
+        &env.mirror.front.url,
+        &ca,
+        Some(PASSWORD),
+        &[],
+    );
     assert!(!out.status.success());
     assert!(text(&out).contains("--repository"), "{}", text(&out));
     let out = push_cmd(
         &skopeo_layout,
-        &env.mirror.url,
+        &env.mirror.front.url,
         &ca,
         Some(PASSWORD),
         &["--repository", "registry.k8s.io/multi"],
@@ -537,7 +618,7 @@ async fn killed_pull_and_push_resume_with_fewer_bytes() {
         .arg(&layout)
         .args([
             "--to",
-            &env.mirror.url,
+            &env.mirror.front.url,
             "--username",
             USER,
             "--password-stdin",
@@ -561,7 +642,7 @@ async fn killed_pull_and_push_resume_with_fewer_bytes() {
     if mirror.head_manifest("big", "v1").await.unwrap().is_some() {
         assert_pullable(&mirror).await;
     }
-    let out = push_cmd(&layout, &env.mirror.url, &ca, Some(PASSWORD), &[]);
+    let out = push_cmd(&layout, &env.mirror.front.url, &ca, Some(PASSWORD), &[]);
     assert!(out.status.success(), "resumed push: {}", text(&out));
     let sent = summary_bytes(&out, "sent");
     assert!(
@@ -621,7 +702,13 @@ async fn bad_inputs_get_clear_errors() {
     );
 
     // Wrong and missing passwords.
-    let out = push_cmd(&layout, &env.mirror.url, &ca, Some("wrong-password"), &[]);
+    let out = push_cmd(
+        &layout,
+        &env.mirror.front.url,
+        &ca,
+        Some("wrong-password"),
+        &[],
+    );
     assert!(!out.status.success());
     let t = text(&out);
     assert!(t.contains("credentials refused"), "{t}");
@@ -629,7 +716,7 @@ async fn bad_inputs_get_clear_errors() {
         !t.contains("wrong-password"),
         "the password reached the output"
     );
-    let out = push_cmd(&layout, &env.mirror.url, &ca, None, &[]);
+    let out = push_cmd(&layout, &env.mirror.front.url, &ca, None, &[]);
     assert!(!out.status.success());
     assert!(
         text(&out).contains("asks for credentials"),
@@ -637,10 +724,50 @@ async fn bad_inputs_get_clear_errors() {
         text(&out)
     );
 
+    // `ro` may pull but not push: the front refuses with 403, the image is named, and
+    // nothing reaches the registry behind it.
+    let out = push_cmd_as(
+        RO_USER,
+        &layout,
+        &env.mirror.front.url,
+        &ca,
+        Some(RO_PASSWORD),
+        &[],
+    );
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert!(
+        t.contains(&format!("failed: {}", corpus[0].0))
+            && t.contains("refused (HTTP 403)")
+            && t.contains("may only pull"),
+        "{t}"
+    );
+    assert!(!t.contains(RO_PASSWORD), "the password reached the output");
+    let ro = client(
+        &env.mirror.front.url,
+        Some(&env.ca()),
+        Some(ro_credentials()),
+    );
+    assert!(ro.head_manifest("pause", "3.10").await.unwrap().is_none());
+    assert!(
+        ro.catalog().await.unwrap().is_empty(),
+        "a repository was created"
+    );
+    let storage = env
+        .mirror
+        .registry
+        .root
+        .join("docker/registry/v2/repositories");
+    assert!(
+        std::fs::read_dir(&storage).map_or(true, |mut d| d.next().is_none()),
+        "the refused push left something in {}",
+        storage.display()
+    );
+
     // `--to` not a registry URL.
     for to in [
-        format!("127.0.0.1:{}", env.mirror.port),
-        format!("{}/v2/pause", env.mirror.url),
+        format!("127.0.0.1:{}", env.mirror.front.port),
+        format!("{}/v2/pause", env.mirror.front.url),
     ] {
         let out = push_cmd(&layout, &to, &ca, Some(PASSWORD), &[]);
         assert!(!out.status.success());
@@ -650,7 +777,7 @@ async fn bad_inputs_get_clear_errors() {
     // Layouts not found or corrupt.
     let out = push_cmd(
         &env.dir.join("none"),
-        &env.mirror.url,
+        &env.mirror.front.url,
         &ca,
         Some(PASSWORD),
         &[],
@@ -659,7 +786,7 @@ async fn bad_inputs_get_clear_errors() {
     assert!(text(&out).contains("not found"), "{}", text(&out));
     let empty = env.dir.join("empty");
     std::fs::create_dir_all(&empty).unwrap();
-    let out = push_cmd(&empty, &env.mirror.url, &ca, Some(PASSWORD), &[]);
+    let out = push_cmd(&empty, &env.mirror.front.url, &ca, Some(PASSWORD), &[]);
     assert!(!out.status.success());
     assert!(text(&out).contains("index.json missing"), "{}", text(&out));
 
@@ -681,7 +808,7 @@ async fn bad_inputs_get_clear_errors() {
     let mut content = std::fs::read(&path).unwrap();
     content[100] ^= 0xff;
     std::fs::write(&path, content).unwrap();
-    let out = push_cmd(&layout, &env.mirror.url, &ca, Some(PASSWORD), &[]);
+    let out = push_cmd(&layout, &env.mirror.front.url, &ca, Some(PASSWORD), &[]);
     assert!(!out.status.success());
     let t = text(&out);
     assert!(
@@ -766,30 +893,30 @@ async fn containerd_pulls_a_pushed_image_through_the_default_mirror() {
         .unwrap();
     let dir = tmp.path();
     let tls = TestTls::new(&dir.join("tls"));
-    let htpasswd = dir.join("htpasswd");
-    write_htpasswd(&htpasswd, USER, PASSWORD);
-    let mirror = RegistryProcess::start(
-        &dir.join("mirror"),
-        &RegistryOptions {
-            tls: Some(&tls),
-            htpasswd: Some(&htpasswd),
-            access_log: true,
-            ..Default::default()
-        },
-    );
+    // The registry logs what containerd asks for through the front.
+    let mirror = Replica::start(&dir.join("mirror"), &tls, &mirror_users(), true);
     // A layout with an oras-style full name, as if pulled from registry.k8s.io.
     let layout = dir.join("layout");
     let image = Image::new("amd64", vec![random_bytes(20, 200_000)], false);
     write_oci_layout(&layout, "registry.k8s.io/pause:3.10", &[("amd64", &image)]);
-    let out = push_cmd(&layout, &mirror.url, &tls.ca_file, Some(PASSWORD), &[]);
+    let out = push_cmd(
+        &layout,
+        &mirror.front.url,
+        &tls.ca_file,
+        Some(PASSWORD),
+        &[],
+    );
     assert!(out.status.success(), "push: {}", text(&out));
 
-    // The node's `_default` hosts.toml as GeneratePatches writes it, with credentials.
+    // The node's `_default` hosts.toml as GeneratePatches writes it, with the `ro` user.
     let hosts = dir.join("certs.d");
     std::fs::create_dir_all(hosts.join("_default")).unwrap();
-    let authorization = format!("Basic {}", base64_encode(&format!("{USER}:{PASSWORD}")));
+    let authorization = format!(
+        "Basic {}",
+        base64_encode(&format!("{RO_USER}:{RO_PASSWORD}"))
+    );
     let toml = registry_addon::hooks::patches::containerd::hosts_toml(
-        &mirror.url,
+        &mirror.front.url,
         tls.ca_file.to_str().unwrap(),
         Some(&authorization),
     );
@@ -815,7 +942,7 @@ async fn containerd_pulls_a_pushed_image_through_the_default_mirror() {
         "ctr fetch through the mirror: {}",
         text(&out)
     );
-    let log = std::fs::read_to_string(&mirror.log).unwrap();
+    let log = std::fs::read_to_string(&mirror.registry.log).unwrap();
     assert!(
         log.contains("/v2/pause/manifests/3.10?ns=registry.k8s.io"),
         "containerd did not ask the mirror for pause:3.10: {log}"
@@ -866,20 +993,17 @@ async fn push_through_a_balancer_over_three_replicas() {
     let env = Env::new();
     let corpus = env.corpus().await;
     let ca = env.tls.ca_file.clone();
-    let htpasswd = env.dir.join("htpasswd");
-    let replicas: Vec<RegistryProcess> = (0..3)
+    let replicas: Vec<Replica> = (0..3)
         .map(|i| {
-            RegistryProcess::start(
+            Replica::start(
                 &env.dir.join(format!("replica{i}")),
-                &RegistryOptions {
-                    tls: Some(&env.tls),
-                    htpasswd: Some(&htpasswd),
-                    ..Default::default()
-                },
+                &env.tls,
+                &mirror_users(),
+                false,
             )
         })
         .collect();
-    let ports: Vec<u16> = replicas.iter().map(|r| r.port).collect();
+    let ports: Vec<u16> = replicas.iter().map(|r| r.front.port).collect();
     let (_balancer, port) = start_balancer(&env.dir.join("haproxy"), &ports);
     let layout = env.dir.join("layout");
     let images: Vec<String> = corpus.iter().map(|(r, _)| r.clone()).collect();
@@ -894,11 +1018,8 @@ async fn push_through_a_balancer_over_three_replicas() {
         "push through the balancer: {}",
         text(&out)
     );
-    // Read back through the balancer, as nodes would.
-    let creds = Credentials {
-        username: USER.into(),
-        password: PASSWORD.into(),
-    };
+    // Read back through the balancer, as nodes would: as `ro`.
+    let creds = ro_credentials();
     let through = client(&url, Some(&env.ca()), Some(creds.clone()));
     for ((_, digest), (repo, tag)) in
         corpus
@@ -915,9 +1036,13 @@ async fn push_through_a_balancer_over_three_replicas() {
     // The whole push reached one replica: none holds half an image.
     let mut holding = 0;
     for r in &replicas {
-        let c = client(&r.url, Some(&env.ca()), Some(creds.clone()));
+        let c = client(&r.front.url, Some(&env.ca()), Some(creds.clone()));
         let n = assert_pullable(&c).await;
-        assert!(n == 0 || n == 5, "replica {} holds {n} manifests", r.url);
+        assert!(
+            n == 0 || n == 5,
+            "replica {} holds {n} manifests",
+            r.front.url
+        );
         holding += usize::from(n == 5);
     }
     assert_eq!(holding, 1);

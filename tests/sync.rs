@@ -991,3 +991,187 @@ async fn a_round_that_changes_nothing_does_not_write_the_state_file() {
             .contains("quiet/other")
     );
 }
+
+/// Manifest HEADs in a registry's access log after its first `from` lines.
+fn manifest_heads_in_log(process: &RegistryProcess, from: usize) -> usize {
+    std::fs::read_to_string(&process.log)
+        .unwrap()
+        .lines()
+        .skip(from)
+        .filter(|l| l.contains("\"HEAD /v2/") && l.contains("/manifests/"))
+        .count()
+}
+
+fn log_lines(process: &RegistryProcess) -> usize {
+    std::fs::read_to_string(&process.log)
+        .unwrap()
+        .lines()
+        .count()
+}
+
+/// The `name=N` field of the "sync round finished" line of a `sync --once` run.
+fn round_field(out: &std::process::Output, name: &str) -> u64 {
+    let log = String::from_utf8_lossy(&out.stderr);
+    let line = log
+        .lines()
+        .find(|l| l.contains("sync round finished"))
+        .unwrap_or_else(|| panic!("no round line: {log}"));
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix(&format!("{name}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {line}"))
+}
+
+fn once_ok(args: &[&str]) -> std::process::Output {
+    let out = sync_command(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "sync --once: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_process_with_a_state_file_skips_the_local_heads_and_still_converges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let local = RegistryProcess::start(
+        &tmp.path().join("local"),
+        &RegistryOptions {
+            access_log: true,
+            ..RegistryOptions::default()
+        },
+    );
+    let peer = RegistryProcess::start(&tmp.path().join("peer"), &RegistryOptions::default());
+    let (l, p) = (
+        client(&local.url, None, None),
+        client(&peer.url, None, None),
+    );
+    for (i, (repo, tag)) in [
+        ("keep/one", "1"),
+        ("keep/two", "1"),
+        ("keep/two", "2"),
+        ("moving/img", "1"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        Image::new("amd64", vec![random_bytes(900 + i as u64, 3000)], false)
+            .push(&p, repo, tag)
+            .await;
+    }
+    let state = tmp.path().join("state/agreed.json");
+    let state_arg = state.to_str().unwrap();
+    let with_state = [
+        "--once",
+        "--local",
+        &local.url,
+        "--peer",
+        &peer.url,
+        "--state-file",
+        state_arg,
+    ];
+
+    // No state file yet: the first round HEADs every local tag.
+    let mark = log_lines(&local);
+    let out = once_ok(&with_state);
+    assert_eq!(round_field(&out, "local_manifest_heads"), 4);
+    assert_eq!(manifest_heads_in_log(&local, mark), 4);
+    assert_eq!(tag_digests(&l).await, tag_digests(&p).await);
+    let text = std::fs::read_to_string(&state).unwrap();
+    assert!(text.contains("\"local_checked\":"), "{text}");
+
+    // A fresh process with that state: nothing changed, no local HEAD at all.
+    let mark = log_lines(&local);
+    let out = once_ok(&with_state);
+    assert_eq!(round_field(&out, "local_manifest_heads"), 0);
+    assert_eq!(round_field(&out, "tags_copied"), 0);
+    assert_eq!(manifest_heads_in_log(&local, mark), 0);
+
+    // The peer gets a new tag and moves another: only those two are HEADed locally, and the
+    // local registry follows the peer.
+    Image::new("amd64", vec![random_bytes(950, 3000)], false)
+        .push(&p, "fresh/new", "1")
+        .await;
+    Image::new("amd64", vec![random_bytes(951, 3000)], true)
+        .push(&p, "moving/img", "1")
+        .await;
+    let mark = log_lines(&local);
+    let out = once_ok(&with_state);
+    assert_eq!(round_field(&out, "tags_copied"), 2);
+    assert_eq!(round_field(&out, "local_manifest_heads"), 2);
+    assert_eq!(manifest_heads_in_log(&local, mark), 2);
+    assert_eq!(tag_digests(&l).await, tag_digests(&p).await);
+    assert_eq!(assert_pullable(&l).await, 5);
+
+    // Without the state file a fresh process knows nothing and HEADs every tag again.
+    let out = once_ok(&with_state[..5]);
+    assert_eq!(round_field(&out, "local_manifest_heads"), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_tag_deleted_behind_a_restarted_syncer_is_restored_by_the_full_check() {
+    use registry_addon::sync::round::FULL_CHECK_EVERY;
+    let tmp = tempfile::tempdir().unwrap();
+    let replicas = Replicas::start(tmp.path());
+    let (a, b) = (
+        client(&replicas.a.url, None, None),
+        client(&replicas.b.url, None, None),
+    );
+    Image::new("amd64", vec![random_bytes(960, 3000)], false)
+        .push(&b, "behind/back", "1")
+        .await;
+    Image::new("amd64", vec![random_bytes(961, 3000)], false)
+        .push(&b, "behind/other", "1")
+        .await;
+    let state = tmp.path().join("agreed-a.json");
+    round_ok(&replicas.syncer_a(Some(&state))).await;
+    let digest = digest_of(&a, "behind/back", "1").await.unwrap();
+
+    // Deleted on A while no syncer runs. A restarted syncer trusts its state at first, and
+    // restores the tag in the round that HEADs every local tag again.
+    delete_manifest(&replicas.a.url, "behind/back", &digest).await;
+    let restarted = replicas.syncer_a(Some(&state));
+    let first = round_ok(&restarted).await;
+    assert_eq!(first.local_manifest_heads, 0, "{first:#?}");
+    assert_eq!(digest_of(&a, "behind/back", "1").await, None);
+    let mut rounds = 1;
+    while digest_of(&a, "behind/back", "1").await.is_none() {
+        assert!(
+            rounds <= FULL_CHECK_EVERY,
+            "not restored after {rounds} rounds"
+        );
+        round_ok(&restarted).await;
+        rounds += 1;
+    }
+    assert_eq!(rounds, FULL_CHECK_EVERY + 1);
+    assert_eq!(
+        digest_of(&a, "behind/back", "1").await,
+        Some(digest.clone())
+    );
+    drop(restarted);
+
+    // A state file whose last full check is older than FULL_CHECK_EVERY intervals is not
+    // trusted: the first round of a fresh syncer checks every local tag and restores it.
+    delete_manifest(&replicas.a.url, "behind/back", &digest).await;
+    let mut file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    let checked = file["local_checked"].as_u64().unwrap();
+    let interval = Duration::from_secs(30);
+    let age = interval.as_secs() * FULL_CHECK_EVERY + 5;
+    file["local_checked"] = (checked - age).into();
+    std::fs::write(&state, serde_json::to_vec(&file).unwrap()).unwrap();
+    let stale = replicas
+        .syncer_a(None)
+        .with_round_interval(interval)
+        .with_state_file(&state);
+    let first = round_ok(&stale).await;
+    assert_eq!(first.local_manifest_heads, 2, "{first:#?}");
+    assert_eq!(digest_of(&a, "behind/back", "1").await, Some(digest));
+    // That full check is recorded, so the next fresh syncer trusts the state again.
+    let again = replicas
+        .syncer_a(None)
+        .with_round_interval(interval)
+        .with_state_file(&state);
+    assert_eq!(round_ok(&again).await.local_manifest_heads, 0);
+}

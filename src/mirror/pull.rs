@@ -209,7 +209,9 @@ impl Pull {
             // Only a registry answer counts: a TLS server answers plain HTTP with a 400,
             // and then HTTPS and its certificate error are what to report.
             match probe("http")?.ping().await {
-                Ok(()) | Err(OciError::Auth { .. }) => self.client(host, "http", None),
+                Ok(()) | Err(OciError::Auth { .. } | OciError::Denied { .. }) => {
+                    self.client(host, "http", None)
+                }
                 Err(_) => self.client(host, "https", None),
             }
         })

@@ -342,7 +342,7 @@ impl Registry {
     /// Turns a non-success answer into an error carrying the registry's own error message.
     async fn status_error(&self, what: &str, resp: Response) -> OciError {
         let status = resp.status().as_u16();
-        if status == 401 || status == 403 {
+        if status == 401 {
             return OciError::Auth {
                 registry: self.name.clone(),
                 what: what.to_string(),
@@ -353,6 +353,13 @@ impl Registry {
             Ok(body) => error_detail(&body),
             Err(_) => String::new(),
         };
+        if status == 403 {
+            return OciError::Denied {
+                registry: self.name.clone(),
+                what: what.to_string(),
+                detail,
+            };
+        }
         OciError::Status {
             registry: self.name.clone(),
             what: what.to_string(),

@@ -25,6 +25,13 @@ pub enum OciError {
         what: String,
         reason: String,
     },
+    /// Authenticated, and not allowed: the user may not do this (a pull-only user pushing).
+    #[error("registry {registry}: {what}: refused (HTTP 403): these credentials do not allow it{}", detail_suffix(.detail))]
+    Denied {
+        registry: String,
+        what: String,
+        detail: String,
+    },
     #[error("registry {registry}: {what}: digest mismatch: expected {expected}, got {actual}")]
     DigestMismatch {
         registry: String,

@@ -207,7 +207,8 @@ impl SyncArgs {
             usize::from(self.concurrency),
             self.attempts,
             self.retry_backoff,
-        );
+        )
+        .with_round_interval(self.interval);
         Ok(match &self.state_file {
             Some(path) => syncer.with_state_file(path),
             None => syncer,

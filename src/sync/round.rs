@@ -32,6 +32,10 @@
 //! seen at (HEADed, written by a round, or reported by a push notification) is taken as
 //! agreed without asking the local registry. A tag deleted locally behind the syncer's back
 //! is noticed in the next round that HEADs every local tag, one in [`FULL_CHECK_EVERY`].
+//! A restarted syncer (and every `sync --once`) starts from the state file: while its last
+//! such full check is younger than [`FULL_CHECK_EVERY`] round intervals, the digests agreed
+//! with every peer are taken as last seen locally, and the first round HEADs only the rest;
+//! otherwise, or without a state file, the first round HEADs every local tag.
 //!
 //! At the end of a round the memory forgets tags that exist neither locally nor on the peer
 //! (as far as the round could list the peer), and is written back when it changed.
@@ -41,7 +45,7 @@ use std::hash::Hash;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
@@ -165,10 +169,15 @@ pub struct Syncer {
     /// syncer's back is copied again within that many rounds.
     local_seen: Mutex<HashMap<(String, String), Digest>>,
     rounds: AtomicU64,
+    /// How long a full check recorded in the state file is trusted by a fresh process.
+    full_check_age: Duration,
 }
 
 /// Rounds between two in which every local tag is HEADed again (see `Syncer::local_seen`).
 pub const FULL_CHECK_EVERY: u64 = 10;
+
+/// The sidecar's default round interval, for [`Syncer::with_round_interval`]'s default.
+const DEFAULT_ROUND_INTERVAL: Duration = Duration::from_secs(120);
 
 impl Syncer {
     pub fn new(
@@ -187,7 +196,15 @@ impl Syncer {
             agreed: Agreements::in_memory(),
             local_seen: Mutex::default(),
             rounds: AtomicU64::new(0),
+            full_check_age: DEFAULT_ROUND_INTERVAL * FULL_CHECK_EVERY as u32,
         }
+    }
+
+    /// The time between rounds: a full check recorded in the state file less than
+    /// [`FULL_CHECK_EVERY`] intervals ago spares a fresh process the local HEADs.
+    pub fn with_round_interval(mut self, interval: Duration) -> Self {
+        self.full_check_age = interval.saturating_mul(FULL_CHECK_EVERY as u32);
+        self
     }
 
     /// Keeps the memory of agreed digests in `path`: loaded now (a missing, unreadable or
@@ -222,7 +239,14 @@ impl Syncer {
                 ..RoundReport::default()
             };
         }
-        if self.rounds.fetch_add(1, Ordering::Relaxed) % FULL_CHECK_EVERY == 0 {
+        let started_at = SystemTime::now();
+        let round_no = self.rounds.fetch_add(1, Ordering::Relaxed);
+        let full_check = if round_no == 0 {
+            !self.trust_state(started_at)
+        } else {
+            round_no % FULL_CHECK_EVERY == 0
+        };
+        if full_check {
             lock(&self.local_seen).clear();
         }
         let before = self.request_totals();
@@ -234,6 +258,9 @@ impl Syncer {
         let peer_reports =
             futures::future::join_all(self.peers.iter().map(|peer| round.sync_peer(peer))).await;
         round.forget_vanished_tags().await;
+        if full_check && peer_reports.iter().all(|p| p.errors.is_empty()) {
+            self.agreed.mark_local_checked(started_at);
+        }
         let state_error = self.agreed.save_if_changed().await.err();
         if let Some(error) = &state_error {
             tracing::warn!(error = %error, "cannot write the sync state file; trying again after the next round");
@@ -340,6 +367,30 @@ impl Syncer {
     /// Notes that the local `repo:tag` now holds `digest` (a push notification said so).
     pub fn saw_local(&self, repo: &str, tag: &str, digest: &Digest) {
         lock(&self.local_seen).insert((repo.to_string(), tag.to_string()), digest.clone());
+    }
+
+    /// Before the first round: takes the digests agreed with every peer as last seen locally
+    /// when the state file's last full check is recent; says whether it did. What a push
+    /// notification reported already is newer and kept.
+    fn trust_state(&self, now: SystemTime) -> bool {
+        let recent = self
+            .agreed
+            .local_checked()
+            .and_then(|at| now.duration_since(at).ok())
+            .is_some_and(|age| age < self.full_check_age);
+        if !recent {
+            return false;
+        }
+        let known = self.agreed.local_digests();
+        tracing::debug!(
+            tags = known.len(),
+            "trusting the state file for the local tags"
+        );
+        let mut seen = lock(&self.local_seen);
+        for (key, digest) in known {
+            seen.entry(key).or_insert(digest);
+        }
+        true
     }
 
     fn seen_local(&self, repo: &str, tag: &str) -> Option<Digest> {

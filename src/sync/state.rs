@@ -5,14 +5,18 @@
 //! Kept in memory, and with `--state-file` also on disk, so that it survives restarts of the
 //! sidecar and of the pod. Peers are named by URL, not by position, because the peer list can
 //! change between runs. The file is one compact JSON object,
-//! `{"version":1,"agreed":{"<peer URL>":{"<repository>":{"<tag>":"<digest>"}}}}`, written only
-//! after a round that changed it, atomically (temporary file in the same directory, fsync,
-//! rename), so a crash leaves either the old or the new memory, never half of one.
+//! `{"version":1,"agreed":{"<peer URL>":{"<repository>":{"<tag>":"<digest>"}}},"local_checked":<unix seconds>}`,
+//! written only after a round that changed it, atomically (temporary file in the same
+//! directory, fsync, rename), so a crash leaves either the old or the new memory, never half
+//! of one. `local_checked` is when a round last HEADed every local tag; a restarted syncer
+//! trusts the agreed digests as the local ones while that is recent (see [`super::round`]).
+//! Files without it (older syncers) are read as never checked.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use oci_spec::image::Digest;
 use serde::{Deserialize, Serialize};
@@ -27,6 +31,8 @@ type Nested = BTreeMap<String, BTreeMap<String, BTreeMap<String, Digest>>>;
 struct StateFile {
     version: u32,
     agreed: Nested,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    local_checked: Option<u64>,
 }
 
 /// (peer, repository, tag).
@@ -35,6 +41,8 @@ pub type AgreementKey = (String, String, String);
 #[derive(Default)]
 struct Entries {
     map: HashMap<AgreementKey, Digest>,
+    /// Unix seconds of the last round that HEADed every local tag.
+    local_checked: Option<u64>,
     /// Changed since last saved (or since loaded).
     dirty: bool,
 }
@@ -71,16 +79,20 @@ impl Agreements {
     /// corrupt one is logged and replaced by an empty memory on the next save: losing it only
     /// means that the next rounds settle differing tags by the tie-break.
     pub fn from_file(path: &Path) -> Self {
-        let map = match load(path) {
-            Ok(map) => map,
+        let (map, local_checked) = match load(path) {
+            Ok(loaded) => loaded,
             Err(reason) => {
                 tracing::warn!(path = %path.display(), reason = %reason, "cannot read the sync state file; starting with no memory of agreed digests");
-                HashMap::new()
+                (HashMap::new(), None)
             }
         };
         Agreements {
             path: Some(path.to_path_buf()),
-            entries: Mutex::new(Entries { map, dirty: false }),
+            entries: Mutex::new(Entries {
+                map,
+                local_checked,
+                dirty: false,
+            }),
             saving: tokio::sync::Mutex::default(),
         }
     }
@@ -106,6 +118,42 @@ impl Agreements {
 
     pub fn len(&self) -> usize {
         self.lock().map.len()
+    }
+
+    /// When a round last HEADed every local tag, as remembered.
+    pub fn local_checked(&self) -> Option<SystemTime> {
+        self.lock()
+            .local_checked
+            .map(|secs| UNIX_EPOCH + Duration::from_secs(secs))
+    }
+
+    /// Remembers that a round which started at `at` HEADed every local tag.
+    pub fn mark_local_checked(&self, at: SystemTime) {
+        let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let mut entries = self.lock();
+        if entries.local_checked != Some(secs) {
+            entries.local_checked = Some(secs);
+            entries.dirty = true;
+        }
+    }
+
+    /// The local digest of each (repository, tag) as the agreements tell it: the digest
+    /// every peer agreed on. A tag agreed at different digests with different peers moved
+    /// since one of them, and is left out.
+    pub fn local_digests(&self) -> HashMap<(String, String), Digest> {
+        let mut out: HashMap<(String, String), Option<Digest>> = HashMap::new();
+        for ((_, repo, tag), digest) in &self.lock().map {
+            out.entry((repo.clone(), tag.clone()))
+                .and_modify(|d| {
+                    if d.as_ref() != Some(digest) {
+                        *d = None;
+                    }
+                })
+                .or_insert_with(|| Some(digest.clone()));
+        }
+        out.into_iter()
+            .filter_map(|(key, d)| d.map(|d| (key, d)))
+            .collect()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -163,7 +211,7 @@ impl Agreements {
                 return Ok(false);
             }
             entries.dirty = false;
-            encode(&entries.map)
+            encode(&entries.map, entries.local_checked)
         };
         let written = tokio::task::spawn_blocking({
             let path = path.clone();
@@ -187,16 +235,20 @@ impl Agreements {
     }
 }
 
-fn load(path: &Path) -> Result<HashMap<AgreementKey, Digest>, String> {
+type Loaded = (HashMap<AgreementKey, Digest>, Option<u64>);
+
+fn load(path: &Path) -> Result<Loaded, String> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            return Ok((HashMap::new(), None));
+        }
         Err(err) => return Err(err.to_string()),
     };
     decode(&bytes)
 }
 
-fn decode(bytes: &[u8]) -> Result<HashMap<AgreementKey, Digest>, String> {
+fn decode(bytes: &[u8]) -> Result<Loaded, String> {
     let file: StateFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     if file.version != FORMAT_VERSION {
         return Err(format!(
@@ -212,10 +264,10 @@ fn decode(bytes: &[u8]) -> Result<HashMap<AgreementKey, Digest>, String> {
             }
         }
     }
-    Ok(map)
+    Ok((map, file.local_checked))
 }
 
-fn encode(map: &HashMap<AgreementKey, Digest>) -> Vec<u8> {
+fn encode(map: &HashMap<AgreementKey, Digest>, local_checked: Option<u64>) -> Vec<u8> {
     let mut agreed = Nested::new();
     for ((peer, repo, tag), digest) in map {
         agreed
@@ -228,6 +280,7 @@ fn encode(map: &HashMap<AgreementKey, Digest>) -> Vec<u8> {
     let file = StateFile {
         version: FORMAT_VERSION,
         agreed,
+        local_checked,
     };
     let mut bytes = serde_json::to_vec(&file).unwrap_or_default();
     bytes.push(b'\n');
@@ -405,6 +458,37 @@ mod tests {
         // Nothing removed, nothing written.
         a.remove(&absent[..1]);
         assert_eq!(a.save_if_changed().await, Ok(false));
+    }
+
+    #[tokio::test]
+    async fn local_digests_and_the_last_full_check_load_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agreed.json");
+        let a = Agreements::from_file(&path);
+        assert_eq!(a.local_checked(), None);
+        a.record("p1", "r", "same", &digest(1));
+        a.record("p2", "r", "same", &digest(1));
+        a.record("p1", "r", "moved", &digest(2));
+        a.record("p2", "r", "moved", &digest(3));
+        a.record("p2", "r", "one", &digest(4));
+        let at = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        a.mark_local_checked(at);
+        assert_eq!(a.save_if_changed().await, Ok(true));
+        a.mark_local_checked(at);
+        assert_eq!(a.save_if_changed().await, Ok(false), "the same time again");
+
+        let b = Agreements::from_file(&path);
+        assert_eq!(b.local_checked(), Some(at));
+        let key = |t: &str| ("r".to_string(), t.to_string());
+        assert_eq!(
+            b.local_digests(),
+            HashMap::from([(key("same"), digest(1)), (key("one"), digest(4))]),
+            "a tag agreed at two digests is not taken as known"
+        );
+        // A file of an older syncer, without the field: never checked.
+        std::fs::write(&path, r#"{"version":1,"agreed":{"p":{"r":{"t":"sha256:0101010101010101010101010101010101010101010101010101010101010101"}}}}"#).unwrap();
+        let c = Agreements::from_file(&path);
+        assert_eq!((c.len(), c.local_checked()), (1, None));
     }
 
     #[tokio::test]

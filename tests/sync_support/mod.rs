@@ -708,6 +708,36 @@ impl FrontProcess {
     }
 }
 
+/// A registry replica as the chart runs it: Distribution on the loopback (plain HTTP, upload
+/// URLs relative to the request), `registry-addon front` before it with TLS and the users.
+pub struct Replica {
+    pub front: FrontProcess,
+    pub registry: RegistryProcess,
+}
+
+impl Replica {
+    /// Starts both under `dir`; `access_log` makes the registry log every request it gets
+    /// from the front (`registry.log`).
+    pub fn start(dir: &Path, tls: &TestTls, users: &[FrontUser<'_>], access_log: bool) -> Replica {
+        let registry = RegistryProcess::start(
+            &dir.join("registry"),
+            &RegistryOptions {
+                relative_urls: true,
+                access_log,
+                ..RegistryOptions::default()
+            },
+        );
+        let front = FrontProcess::start(
+            &dir.join("front"),
+            &registry.url,
+            &tls.cert_file,
+            &tls.key_file,
+            users,
+        );
+        Replica { front, registry }
+    }
+}
+
 /// Status of a plain-HTTP GET on 127.0.0.1:`port`.
 pub fn http_status(port: u16, path: &str) -> Option<u16> {
     let text = http_raw(port, path)?;
