@@ -241,7 +241,10 @@ async fn control_plane_template_without_files_gets_the_mirror_files() {
         files["/etc/containerd/certs.d/10.96.0.20/ca.crt"]["contentFrom"],
         json!({"secret": {"name": "c1-registry-addon-ca", "key": "ca.crt"}})
     );
-    assert!(!patched.to_string().contains("BEGIN CERTIFICATE"), "{patched}");
+    assert!(
+        !patched.to_string().contains("BEGIN CERTIFICATE"),
+        "{patched}"
+    );
     for major in [1, 2] {
         let fragment: toml::Table = toml::from_str(
             files[&containerd::fragment_path(major)]["content"]
@@ -453,4 +456,3 @@ async fn failures_say_what_is_wrong() {
         "{response}"
     );
 }
-

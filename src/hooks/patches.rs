@@ -274,4 +274,3 @@ fn display(pointer: &str) -> &str {
         pointer
     }
 }
-
