@@ -775,8 +775,9 @@ fn sync_container(values: &RegistryValues, loopback: &str) -> Value {
     })
 }
 
-/// Where Direct's front finds the upstream's credentials and CA.
-pub const DIRECT_CREDENTIALS_FILE: &str = "/etc/registry-upstream/credentials";
+/// Where Direct's front finds the upstream's credentials (files `username` and `password`,
+/// as `front --remote-credentials` reads them) and CA.
+pub const DIRECT_CREDENTIALS_DIR: &str = names::REGISTRY_UPSTREAM_DIR;
 pub const DIRECT_CA_FILE: &str = "/etc/registry-upstream/ca.crt";
 
 /// Direct: the front alone, forwarding to the upstream and storing nothing; at least two
@@ -788,9 +789,9 @@ fn direct_deployment(values: &RegistryValues) -> Value {
     if upstream.credentials {
         backend.extend([
             json!("--remote-credentials"),
-            json!(DIRECT_CREDENTIALS_FILE),
+            json!(DIRECT_CREDENTIALS_DIR),
         ]);
-        keys.push(names::UPSTREAM_CREDENTIALS_KEY);
+        keys.extend(["username", "password"]);
     }
     if upstream.ca {
         backend.extend([json!("--remote-ca"), json!(DIRECT_CA_FILE)]);
@@ -1221,7 +1222,7 @@ mod tests {
         assert_eq!(after("--remote").unwrap(), "https://up.example:5443");
         assert_eq!(
             after("--remote-credentials").unwrap(),
-            DIRECT_CREDENTIALS_FILE
+            DIRECT_CREDENTIALS_DIR
         );
         assert_eq!(after("--remote-ca").unwrap(), DIRECT_CA_FILE);
         let anonymous = registry_objects(&values(

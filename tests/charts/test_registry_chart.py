@@ -256,12 +256,12 @@ def test_direct_runs_the_front_alone_with_two_replicas_or_more(replicas, expecte
     [front] = pod["containers"]
     args = front["args"]
     assert args[args.index("--remote") + 1] == "https://upstream.example:5443"
-    assert args[args.index("--remote-credentials") + 1] == "/etc/registry-upstream/credentials"
+    assert args[args.index("--remote-credentials") + 1] == "/etc/registry-upstream"
     assert args[args.index("--remote-ca") + 1] == "/etc/registry-upstream/ca.crt"
     assert "--upstream" not in args
     assert not any("persistentVolumeClaim" in v or "emptyDir" in v for v in pod["volumes"])
     upstream = next(v for v in pod["volumes"] if v["name"] == "upstream")
-    assert upstream["secret"]["items"] == [{"key": "credentials", "path": "credentials"}, {"key": "ca.crt", "path": "ca.crt"}]
+    assert upstream["secret"]["items"] == [{"key": "username", "path": "username"}, {"key": "password", "path": "password"}, {"key": "ca.crt", "path": "ca.crt"}]
 
 
 @pytest.mark.parametrize(
