@@ -1274,3 +1274,204 @@ async fn containerd_pulls_through_the_direct_front() {
         "{issued:?}"
     );
 }
+
+/// The Direct Deployment exactly as rendered, run as the kubelet would run it: its front
+/// container's arguments, with each volume mount a directory holding the Secret keys the
+/// volume selects (`registry-upstream` as the converge writes it, `registry-tls`,
+/// `registry-auth`), and the pull works with the upstream's credentials and CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rendered_direct_deployment_pulls_with_its_mounted_secrets() {
+    use registry_addon::addon::modes::{UpstreamSecrets, upstream_secret};
+    use registry_addon::render::registry::{RegistryValues, registry_objects};
+    need("docker-registry", "docker-registry");
+    need("skopeo", "skopeo");
+    let tmp = tempfile::tempdir().unwrap();
+    let upstream_tls = TestTls::new(&tmp.path().join("upstream-tls"));
+    let front_tls = TestTls::new(&tmp.path().join("front-tls"));
+    let htpasswd = tmp.path().join("upstream.htpasswd");
+    write_htpasswd(&htpasswd, UPSTREAM_USER.0, UPSTREAM_USER.1);
+    let upstream = RegistryProcess::start(
+        &tmp.path().join("upstream"),
+        &RegistryOptions {
+            tls: Some(&upstream_tls),
+            htpasswd: Some(&htpasswd),
+            ..RegistryOptions::default()
+        },
+    );
+    let seed = client(
+        &upstream.url,
+        Some(&upstream_tls.ca_pem()),
+        Some(registry_addon::oci::Credentials {
+            username: UPSTREAM_USER.0.into(),
+            password: UPSTREAM_USER.1.into(),
+        }),
+    );
+    let app = image(7);
+    app.push(&seed, "team/app", "v1").await;
+
+    let registry = registry_addon::wire::variable::registry_from_config(Some(&serde_json::json!({
+        "addons": {"registry": {"mode": "Direct", "upstream": {
+            "url": upstream.url,
+            "credentialsSecretRef": {"name": "up-creds"},
+            "caSecretRef": {"name": "up-ca"},
+        }}}
+    })))
+    .unwrap()
+    .unwrap();
+    let options = match <registry_addon::cli::Cli as clap::Parser>::try_parse_from([
+        "registry-addon",
+        "render",
+        "-f",
+        "-",
+    ])
+    .unwrap()
+    .command
+    {
+        registry_addon::cli::Command::Render(args) => args.addon,
+        _ => unreachable!(),
+    };
+    let values = RegistryValues::new(
+        &options,
+        &registry,
+        "10.96.0.20".parse().unwrap(),
+        "hash".into(),
+    );
+    let objects = registry_objects(&values);
+    let deployment = objects
+        .iter()
+        .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "registry-direct")
+        .expect("the Direct Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let front = pod["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["args"][0] == "front")
+        .expect("the front container");
+
+    // What each Secret holds, as the kubelet would see it.
+    let upstream_secret = upstream_secret(&UpstreamSecrets {
+        credentials: Some((UPSTREAM_USER.0.into(), UPSTREAM_USER.1.into())),
+        ca_pem: Some(String::from_utf8(upstream_tls.ca_pem()).unwrap()),
+    });
+    let decode = |v: &serde_json::Value| {
+        base64::engine::general_purpose::STANDARD
+            .decode(v.as_str().unwrap())
+            .unwrap()
+    };
+    let line = |(name, password): (&str, &str)| {
+        registry_addon::addon::users::htpasswd_line(&registry_addon::addon::users::Credentials {
+            username: name.into(),
+            password: password.into(),
+        })
+        .unwrap()
+            + "\n"
+    };
+    let secret_files = |name: &str| -> HashMap<String, Vec<u8>> {
+        match name {
+            "registry-upstream" => upstream_secret["data"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), decode(v)))
+                .collect(),
+            "registry-tls" => HashMap::from([
+                (
+                    "tls.crt".into(),
+                    std::fs::read(&front_tls.cert_file).unwrap(),
+                ),
+                (
+                    "tls.key".into(),
+                    std::fs::read(&front_tls.key_file).unwrap(),
+                ),
+                ("ca.crt".into(), front_tls.ca_pem()),
+            ]),
+            "registry-auth" => HashMap::from([
+                ("pull.htpasswd".into(), line(RO).into_bytes()),
+                ("push.htpasswd".into(), line(RW).into_bytes()),
+            ]),
+            other => panic!("the Direct pod mounts an unexpected Secret {other}"),
+        }
+    };
+    let mut mounts: Vec<(String, PathBuf)> = Vec::new();
+    for mount in front["volumeMounts"].as_array().unwrap() {
+        let volume = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .unwrap();
+        let secret = volume["secret"]["secretName"].as_str().unwrap();
+        let files = secret_files(secret);
+        let dir = tmp
+            .path()
+            .join("mounts")
+            .join(mount["name"].as_str().unwrap());
+        std::fs::create_dir_all(&dir).unwrap();
+        match volume["secret"]["items"].as_array() {
+            Some(items) => {
+                for item in items {
+                    let key = item["key"].as_str().unwrap();
+                    let content = files
+                        .get(key)
+                        .unwrap_or_else(|| panic!("{secret} has no key {key}"));
+                    std::fs::write(dir.join(item["path"].as_str().unwrap()), content).unwrap();
+                }
+            }
+            None => {
+                for (key, content) in &files {
+                    std::fs::write(dir.join(key), content).unwrap();
+                }
+            }
+        }
+        mounts.push((mount["mountPath"].as_str().unwrap().to_string(), dir));
+    }
+    mounts.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
+    let (port, metrics_port) = (free_port(), free_port());
+    let args: Vec<String> = front["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let arg = a.as_str().unwrap();
+            if arg == "0.0.0.0:5000" {
+                return format!("127.0.0.1:{port}");
+            }
+            if arg.ends_with(":9442") {
+                return format!("127.0.0.1:{metrics_port}");
+            }
+            for (path, dir) in &mounts {
+                if let Some(rest) = arg.strip_prefix(path.as_str()) {
+                    return format!("{}{rest}", dir.display());
+                }
+            }
+            arg.to_string()
+        })
+        .collect();
+    let log = tmp.path().join("front.log");
+    let log_file = std::fs::File::create(&log).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_registry-addon"))
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while http_status(metrics_port, "/readyz") != Some(200) {
+        if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "the rendered front did not get ready: {args:?}\n{}",
+                front_log(&log)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = tmp.path().join("pulled");
+    let pulled = skopeo_pull(&front_tls, port, "team/app:v1", &out).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    pulled.unwrap_or_else(|e| panic!("pull through the rendered front: {e}\n{}", front_log(&log)));
+    assert_pulled(&out, &app);
+}

@@ -787,10 +787,7 @@ fn direct_deployment(values: &RegistryValues) -> Value {
     let mut backend = vec![json!("--remote"), json!(upstream.url)];
     let mut keys = Vec::new();
     if upstream.credentials {
-        backend.extend([
-            json!("--remote-credentials"),
-            json!(DIRECT_CREDENTIALS_DIR),
-        ]);
+        backend.extend([json!("--remote-credentials"), json!(DIRECT_CREDENTIALS_DIR)]);
         keys.extend(["username", "password"]);
     }
     if upstream.ca {
