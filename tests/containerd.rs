@@ -9,10 +9,11 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 mod sync_support;
+
+use sync_support::containerd::start_containerd;
 
 use registry_addon::addon::users::Credentials;
 use registry_addon::certs::{CertificateAuthority, registry_subject_names};
@@ -47,27 +48,6 @@ fn tools_present() -> bool {
         "containerd tests need root and {TOOLS:?} on PATH (apt-get install containerd \
          docker-registry skopeo): missing {missing:?}, root: {root}"
     );
-}
-
-/// A child process killed when dropped.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ready() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "{what} did not start"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn write(path: &Path, content: impl AsRef<[u8]>) {
@@ -189,44 +169,6 @@ fn start_registry(dir: &Path, ca: &CertificateAuthority) -> (Replica, u16) {
         },
         port,
     )
-}
-
-/// containerd with its own root, state and socket, without the CRI plugin.
-fn start_containerd(dir: &Path) -> (Running, PathBuf) {
-    let socket = dir.join("containerd.sock");
-    let config = format!(
-        r#"version = 2
-root = "{d}/root"
-state = "{d}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
-[grpc]
-  address = "{sock}"
-[ttrpc]
-  address = "{d}/containerd-ttrpc.sock"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{d}/opt"
-"#,
-        d = dir.display(),
-        sock = socket.display(),
-    );
-    write(&dir.join("config.toml"), config);
-    let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-    let child = Command::new("containerd")
-        .args(["--config", dir.join("config.toml").to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let running = Running(child);
-    wait_for("containerd", || {
-        Command::new("ctr")
-            .args(["--address", socket.to_str().unwrap(), "version"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    });
-    (running, socket)
 }
 
 /// `certs.d` as GeneratePatches writes it (the `hosts.toml` of the management Secret), with

@@ -166,6 +166,45 @@ impl Front {
     }
 }
 
+/// A TLS upstream with htpasswd (`UPSTREAM_USER`), a client pushing to it, and the front's TLS.
+struct BasicUpstream {
+    upstream_tls: TestTls,
+    front_tls: TestTls,
+    upstream: RegistryProcess,
+    seed: Arc<registry_addon::oci::client::Registry>,
+}
+
+impl BasicUpstream {
+    fn start(dir: &Path) -> BasicUpstream {
+        let upstream_tls = TestTls::new(&dir.join("upstream-tls"));
+        let front_tls = TestTls::new(&dir.join("front-tls"));
+        let htpasswd = dir.join("upstream.htpasswd");
+        write_htpasswd(&htpasswd, UPSTREAM_USER.0, UPSTREAM_USER.1);
+        let upstream = RegistryProcess::start(
+            &dir.join("upstream"),
+            &RegistryOptions {
+                tls: Some(&upstream_tls),
+                htpasswd: Some(&htpasswd),
+                ..RegistryOptions::default()
+            },
+        );
+        let seed = client(
+            &upstream.url,
+            Some(&upstream_tls.ca_pem()),
+            Some(registry_addon::oci::Credentials {
+                username: UPSTREAM_USER.0.into(),
+                password: UPSTREAM_USER.1.into(),
+            }),
+        );
+        BasicUpstream {
+            upstream_tls,
+            front_tls,
+            upstream,
+            seed,
+        }
+    }
+}
+
 fn front_log(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
@@ -275,26 +314,12 @@ async fn direct_pulls_from_a_basic_upstream_and_stores_nothing() {
     need("docker-registry", "docker-registry");
     need("skopeo", "skopeo");
     let tmp = tempfile::tempdir().unwrap();
-    let upstream_tls = TestTls::new(&tmp.path().join("upstream-tls"));
-    let front_tls = TestTls::new(&tmp.path().join("front-tls"));
-    let htpasswd = tmp.path().join("upstream.htpasswd");
-    write_htpasswd(&htpasswd, UPSTREAM_USER.0, UPSTREAM_USER.1);
-    let upstream = RegistryProcess::start(
-        &tmp.path().join("upstream"),
-        &RegistryOptions {
-            tls: Some(&upstream_tls),
-            htpasswd: Some(&htpasswd),
-            ..RegistryOptions::default()
-        },
-    );
-    let seed = client(
-        &upstream.url,
-        Some(&upstream_tls.ca_pem()),
-        Some(registry_addon::oci::Credentials {
-            username: UPSTREAM_USER.0.into(),
-            password: UPSTREAM_USER.1.into(),
-        }),
-    );
+    let BasicUpstream {
+        upstream_tls,
+        front_tls,
+        upstream,
+        seed,
+    } = BasicUpstream::start(tmp.path());
     let app = image(1);
     let digest = app.push(&seed, "mirror/library/app", "v1").await;
 
@@ -425,26 +450,12 @@ async fn direct_pulls_from_a_basic_upstream_and_stores_nothing() {
 async fn direct_refusals_are_clear_and_credentials_reload() {
     need("docker-registry", "docker-registry");
     let tmp = tempfile::tempdir().unwrap();
-    let upstream_tls = TestTls::new(&tmp.path().join("upstream-tls"));
-    let front_tls = TestTls::new(&tmp.path().join("front-tls"));
-    let htpasswd = tmp.path().join("upstream.htpasswd");
-    write_htpasswd(&htpasswd, UPSTREAM_USER.0, UPSTREAM_USER.1);
-    let upstream = RegistryProcess::start(
-        &tmp.path().join("upstream"),
-        &RegistryOptions {
-            tls: Some(&upstream_tls),
-            htpasswd: Some(&htpasswd),
-            ..RegistryOptions::default()
-        },
-    );
-    let seed = client(
-        &upstream.url,
-        Some(&upstream_tls.ca_pem()),
-        Some(registry_addon::oci::Credentials {
-            username: UPSTREAM_USER.0.into(),
-            password: UPSTREAM_USER.1.into(),
-        }),
-    );
+    let BasicUpstream {
+        upstream_tls,
+        front_tls,
+        upstream,
+        seed,
+    } = BasicUpstream::start(tmp.path());
     let app = image(2);
     app.push(&seed, "library/app", "v1").await;
     let cwd = tmp.path().join("cwd");
@@ -1286,26 +1297,12 @@ async fn the_rendered_direct_deployment_pulls_with_its_mounted_secrets() {
     need("docker-registry", "docker-registry");
     need("skopeo", "skopeo");
     let tmp = tempfile::tempdir().unwrap();
-    let upstream_tls = TestTls::new(&tmp.path().join("upstream-tls"));
-    let front_tls = TestTls::new(&tmp.path().join("front-tls"));
-    let htpasswd = tmp.path().join("upstream.htpasswd");
-    write_htpasswd(&htpasswd, UPSTREAM_USER.0, UPSTREAM_USER.1);
-    let upstream = RegistryProcess::start(
-        &tmp.path().join("upstream"),
-        &RegistryOptions {
-            tls: Some(&upstream_tls),
-            htpasswd: Some(&htpasswd),
-            ..RegistryOptions::default()
-        },
-    );
-    let seed = client(
-        &upstream.url,
-        Some(&upstream_tls.ca_pem()),
-        Some(registry_addon::oci::Credentials {
-            username: UPSTREAM_USER.0.into(),
-            password: UPSTREAM_USER.1.into(),
-        }),
-    );
+    let BasicUpstream {
+        upstream_tls,
+        front_tls,
+        upstream,
+        seed,
+    } = BasicUpstream::start(tmp.path());
     let app = image(7);
     app.push(&seed, "team/app", "v1").await;
 

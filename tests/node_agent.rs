@@ -6,12 +6,14 @@
 //! test fails, saying what to install, without them.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod support;
 mod sync_support;
+
+use sync_support::containerd::start_containerd;
 
 use base64::Engine;
 use registry_addon::addon::users::Credentials;
@@ -171,49 +173,6 @@ fn start_replica(
         String::from_utf8_lossy(&out.stderr)
     );
     (front, registry)
-}
-
-fn start_containerd(dir: &Path) -> (Running, PathBuf) {
-    let socket = dir.join("containerd.sock");
-    let config = format!(
-        r#"version = 2
-root = "{d}/root"
-state = "{d}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
-[grpc]
-  address = "{sock}"
-[ttrpc]
-  address = "{d}/containerd-ttrpc.sock"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{d}/opt"
-"#,
-        d = dir.display(),
-        sock = socket.display(),
-    );
-    write(dir.join("config.toml"), config);
-    let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-    let child = Command::new("containerd")
-        .args(["--config", dir.join("config.toml").to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let running = Running(child);
-    let start = Instant::now();
-    while !Command::new("ctr")
-        .args(["--address", socket.to_str().unwrap(), "version"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "containerd did not start"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    (running, socket)
 }
 
 /// `ctr content fetch` of an image whose own registry is unreachable, so only the mirror

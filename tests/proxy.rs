@@ -14,6 +14,8 @@
 
 mod sync_support;
 
+use sync_support::containerd::start_containerd;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -276,48 +278,6 @@ fn upstream_blob_gets(log: &Path) -> usize {
         .lines()
         .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:"))
         .count()
-}
-
-/// containerd with its own root, state and socket, without the CRI plugin.
-fn start_containerd(dir: &Path) -> (Running, PathBuf) {
-    std::fs::create_dir_all(dir).unwrap();
-    let socket = dir.join("containerd.sock");
-    let config = format!(
-        r#"version = 2
-root = "{d}/root"
-state = "{d}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
-[grpc]
-  address = "{sock}"
-[ttrpc]
-  address = "{d}/containerd-ttrpc.sock"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{d}/opt"
-"#,
-        d = dir.display(),
-        sock = socket.display(),
-    );
-    std::fs::write(dir.join("config.toml"), config).unwrap();
-    let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-    let child = Command::new("containerd")
-        .args(["--config", dir.join("config.toml").to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("containerd must be installed");
-    let running = Running(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !Command::new("ctr")
-        .args(["--address", socket.to_str().unwrap(), "version"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        assert!(Instant::now() < deadline, "containerd did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (running, socket)
 }
 
 fn ctr_fetch(socket: &Path, hosts: &Path, image: &str) -> std::process::Output {

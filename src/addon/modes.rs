@@ -79,7 +79,7 @@ pub async fn read_upstream_secrets(
         let pem = secret_data(&secret, "ca.crt").ok_or_else(|| {
             ConvergeError::Invalid(format!("{describe}: key ca.crt is missing or not UTF-8"))
         })?;
-        check_certificates(&pem).map_err(|problem| {
+        crate::certs::check_pem_certificates(&pem).map_err(|problem| {
             ConvergeError::Invalid(format!("{describe}: key ca.crt {problem}"))
         })?;
         secrets.ca_pem = Some(pem);
@@ -108,23 +108,6 @@ fn credentials_of(secret: &Value) -> Result<(String, String), String> {
         return Err("key password spans lines".into());
     }
     Ok((username, password))
-}
-
-/// At least one PEM certificate, each one parsing as X.509.
-fn check_certificates(pem: &str) -> Result<(), String> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    let mut count = 0;
-    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-        let cert = cert.map_err(|e| format!("is not a PEM certificate bundle: {e}"))?;
-        x509_parser::parse_x509_certificate(&cert)
-            .map_err(|e| format!("holds a certificate that does not parse: {e}"))?;
-        count += 1;
-    }
-    if count == 0 {
-        return Err("holds no PEM certificate".into());
-    }
-    Ok(())
 }
 
 /// `registry-system/registry-upstream`: `username`, `password` and `credentials` (both as
@@ -337,14 +320,14 @@ mod tests {
 
     #[test]
     fn the_ca_must_be_pem_certificates() {
-        assert!(check_certificates(&ca()).is_ok());
-        assert!(check_certificates(&format!("{}{}", ca(), ca())).is_ok());
+        assert!(crate::certs::check_pem_certificates(&ca()).is_ok());
+        assert!(crate::certs::check_pem_certificates(&format!("{}{}", ca(), ca())).is_ok());
         assert_eq!(
-            check_certificates("hello").unwrap_err(),
+            crate::certs::check_pem_certificates("hello").unwrap_err(),
             "holds no PEM certificate"
         );
         let broken = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
-        assert!(check_certificates(broken).is_err());
+        assert!(crate::certs::check_pem_certificates(broken).is_err());
     }
 
     #[test]

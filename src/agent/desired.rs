@@ -120,7 +120,8 @@ pub fn parse(
     let mut files = BTreeMap::new();
     if !hosts_files.is_empty() || data.contains_key(names::NODE_CONFIG_CA_KEY) {
         let ca = text(names::NODE_CONFIG_CA_KEY)?;
-        check_ca_bundle(&ca).map_err(|e| fail(names::NODE_CONFIG_CA_KEY, e))?;
+        crate::certs::check_pem_certificates(&ca)
+            .map_err(|e| fail(names::NODE_CONFIG_CA_KEY, e))?;
         if hosts_files.is_empty() {
             return Err(fail(
                 names::NODE_CONFIG_HOSTS_KEY,
@@ -174,20 +175,6 @@ fn is_ca_file(relative: &str) -> bool {
         Some((dir, "ca.crt")) => super::files::is_plain_name(dir),
         _ => false,
     }
-}
-
-fn check_ca_bundle(pem: &str) -> Result<(), String> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    let mut count = 0;
-    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-        cert.map_err(|e| format!("not a PEM certificate bundle: {e}"))?;
-        count += 1;
-    }
-    if count == 0 {
-        return Err("holds no certificate".into());
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -370,6 +370,24 @@ fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {
     }
 }
 
+/// At least one PEM certificate, each one parsing as X.509: a `ca.crt` worth trusting. The
+/// problem is worded to follow the key's name ("key ca.crt holds no PEM certificate").
+pub fn check_pem_certificates(pem: &str) -> Result<(), String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut count = 0;
+    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        let cert = cert.map_err(|e| format!("is not a PEM certificate bundle: {e}"))?;
+        x509_parser::parse_x509_certificate(&cert)
+            .map_err(|e| format!("holds a certificate that does not parse: {e}"))?;
+        count += 1;
+    }
+    if count == 0 {
+        return Err("holds no PEM certificate".into());
+    }
+    Ok(())
+}
+
 /// Every CERTIFICATE block of a PEM text, as DER.
 pub fn pem_certificates(pem_text: &str) -> Result<Vec<Vec<u8>>, CertError> {
     let mut out = Vec::new();

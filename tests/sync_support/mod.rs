@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod containerd;
 pub mod front;
 
 use std::collections::BTreeMap;
