@@ -83,6 +83,8 @@ pub fn kubeconfig_secret(cluster: &str) -> String {
 
 /// Pod-template annotation carrying the server certificate's hash, so a renewal rolls the pods.
 pub const CERTIFICATE_HASH_ANNOTATION: &str = "registry-addon/certificate-hash";
+/// Pod annotation (Proxy): hash of the upstream Secret the registry reads at start.
+pub const UPSTREAM_HASH_ANNOTATION: &str = "registry-addon/upstream-hash";
 /// Port of the sync sidecar's Prometheus metrics.
 pub const SYNC_METRICS_PORT: u16 = 9441;
 /// Taint and label of control-plane nodes.

@@ -66,6 +66,19 @@ fn cases() -> Vec<(&'static str, RegistryValues)> {
             ),
         ),
         ("tuned", tuned),
+        ("proxy-with-secret-hash", {
+            let mut values = values(
+                &[],
+                json!({"mode": "Proxy", "upstream": {
+                    "url": "https://upstream.example",
+                    "credentialsSecretRef": {"name": "up-creds"},
+                }}),
+                "10.96.0.20",
+                hash,
+            );
+            values.upstream.secret_hash = "0123456789abcdef0123456789abcdef".into();
+            values
+        }),
         (
             "proxy",
             values(

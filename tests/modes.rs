@@ -105,7 +105,15 @@ async fn proxy_copies_the_upstream_secrets_once() {
     assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
     assert_eq!(env.writes(), 0, "{:?}", env.workload.requests());
 
-    // A rotated password is copied; a reference removed drops its keys.
+    // A rotated password is copied, and the Proxy pods (which read it at start) restart.
+    let upstream_hash = |env: &Env| {
+        env.workload.get(&statefulset_path()).unwrap()["spec"]["template"]["metadata"]
+            ["annotations"]["registry-addon/upstream-hash"]
+            .as_str()
+            .map(str::to_string)
+    };
+    let before = upstream_hash(&env).expect("Proxy pods carry the upstream Secret's hash");
+    assert!(!before.contains("s3cret"));
     put_secret(
         &env,
         "up-creds",
@@ -115,6 +123,11 @@ async fn proxy_copies_the_upstream_secrets_once() {
     assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
     let copy = env.workload.get(UPSTREAM_SECRET).unwrap();
     assert_eq!(unb64(&copy["data"]["password"]), "n3w");
+    assert_ne!(
+        upstream_hash(&env).unwrap(),
+        before,
+        "the pods restart for it"
+    );
     env.set_registry(json!({"mode": "Proxy", "upstream": {"url": "https://upstream.example:5443/team", "caSecretRef": {"name": "up-ca"}}}));
     assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
     let copy = env.workload.get(UPSTREAM_SECRET).unwrap();

@@ -1123,8 +1123,13 @@ impl<'a> Converge<'a> {
         let certificate = CertInfo::from_pem(&cert.cert_pem)
             .map_err(|e| ConvergeError::Invalid(format!("registry certificate: {e}")))?;
         let hash = pod_hash(&certificate, &trust, ca);
-        let values =
+        let mut values =
             RegistryValues::new(&self.config.addon, &self.registry, service_ip, hash.clone());
+        if self.registry.mode == Mode::Proxy
+            && let Some(secrets) = &upstream
+        {
+            values.upstream.secret_hash = modes::secret_hash(secrets);
+        }
         match self.deployer {
             Deployer::Helmchartproxy => {
                 let proxy = objects::helm_chart_proxy(self.cluster, &self.config.addon, &values)

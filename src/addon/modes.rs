@@ -136,6 +136,13 @@ pub fn upstream_secret(secrets: &UpstreamSecrets) -> Value {
     })
 }
 
+/// A hash of what `registry-upstream` holds for `secrets` (never the values themselves).
+pub fn secret_hash(secrets: &UpstreamSecrets) -> String {
+    use sha2::{Digest, Sha256};
+    let data = upstream_secret(secrets)["data"].to_string();
+    hex::encode(&Sha256::digest(data.as_bytes())[..16])
+}
+
 /// Makes `registry-system/registry-upstream` hold `secrets`, or removes it when the mode has
 /// no upstream (`None`). The number of objects written: 0 when it already matches.
 pub async fn ensure_upstream_secret(

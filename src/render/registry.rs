@@ -60,6 +60,10 @@ pub struct UpstreamValues {
     /// registry images that know the setting (Distribution 3.0 and later).
     #[serde(rename = "cacheTTL")]
     pub cache_ttl: String,
+    /// Proxy: a hash of the upstream Secret's content. Distribution reads the credentials from
+    /// its environment at start, so the pods carry it and restart when the Secret changes.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub secret_hash: String,
 }
 
 impl Default for UpstreamValues {
@@ -70,6 +74,7 @@ impl Default for UpstreamValues {
             credentials: false,
             ca: false,
             cache_ttl: String::new(),
+            secret_hash: String::new(),
         }
     }
 }
@@ -726,7 +731,7 @@ fn stateful_set(values: &RegistryValues) -> Value {
             "template": {
                 "metadata": {
                     "labels": labels(),
-                    "annotations": {names::CERTIFICATE_HASH_ANNOTATION: values.certificate_hash},
+                    "annotations": statefulset_annotations(values),
                 },
                 "spec": pod_spec,
             },
@@ -773,6 +778,16 @@ fn sync_container(values: &RegistryValues, loopback: &str) -> Value {
             {"name": "data", "mountPath": SYNC_STATE_DIR, "subPath": SYNC_STATE_SUBPATH},
         ],
     })
+}
+
+/// The StatefulSet pods' annotations: the certificate's hash, and in Proxy the upstream
+/// Secret's (see [`UpstreamValues::secret_hash`]).
+fn statefulset_annotations(values: &RegistryValues) -> Value {
+    let mut annotations = json!({names::CERTIFICATE_HASH_ANNOTATION: values.certificate_hash});
+    if !values.upstream.secret_hash.is_empty() {
+        annotations[names::UPSTREAM_HASH_ANNOTATION] = json!(values.upstream.secret_hash);
+    }
+    annotations
 }
 
 /// Where Direct's front finds the upstream's credentials (files `username` and `password`,
