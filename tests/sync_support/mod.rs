@@ -630,6 +630,18 @@ impl FrontProcess {
         key_file: &Path,
         users: &[FrontUser<'_>],
     ) -> FrontProcess {
+        Self::start_with(dir, upstream, cert_file, key_file, users, &[])
+    }
+
+    /// [`FrontProcess::start`] with more arguments (e.g. `--pull-only`).
+    pub fn start_with(
+        dir: &Path,
+        upstream: &str,
+        cert_file: &Path,
+        key_file: &Path,
+        users: &[FrontUser<'_>],
+        extra: &[&str],
+    ) -> FrontProcess {
         std::fs::create_dir_all(dir).unwrap();
         let (mut pull, mut push) = (String::new(), String::new());
         for user in users {
@@ -664,6 +676,7 @@ impl FrontProcess {
                 .arg("--push-users")
                 .arg(dir.join("push.htpasswd"))
                 .args(["--reload-interval", "200ms"])
+                .args(extra)
                 .stdin(Stdio::null())
                 .stdout(log_file.try_clone().unwrap())
                 .stderr(log_file)
