@@ -11,13 +11,18 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::hooks::patches::containerd::NodeConfig;
+use crate::hooks::patches::containerd::{HOSTS_FILE_HEADER, NodeConfig};
 use crate::names;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FilesError {
     #[error("refusing path {0:?}: not a plain relative path inside the hosts directory")]
     UnsafePath(String),
+    #[error(
+        "{0} exists and was not written by registry-addon: left as it is (move it away for the \
+         addon to manage that registry)"
+    )]
+    Foreign(PathBuf),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -134,6 +139,18 @@ impl CertsDir {
     pub fn apply(&self, config: &NodeConfig) -> Result<Outcome, FilesError> {
         let mut outcome = Outcome::default();
         let previous = self.manifest();
+        // Someone else's hosts file where this config puts one (another registry's mirror
+        // set up by hand): refused before anything is written.
+        for relative in config.files.keys() {
+            let path = owned_path(&self.root, relative)?;
+            if relative.ends_with("hosts.toml")
+                && !previous.files.contains_key(relative)
+                && let Ok(current) = std::fs::read_to_string(&path)
+                && !current.starts_with(HOSTS_FILE_HEADER)
+            {
+                return Err(FilesError::Foreign(path));
+            }
+        }
         let mut manifest = Manifest::default();
         for (relative, content) in &config.files {
             let path = owned_path(&self.root, relative)?;
@@ -276,6 +293,44 @@ mod tests {
             Err(FilesError::UnsafePath(_))
         ));
         assert!(owned_path(dir.path(), "/etc/passwd").is_err());
+    }
+
+    #[test]
+    fn a_foreign_hosts_file_is_refused_and_a_bootstrap_one_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = CertsDir::new(dir.path().to_path_buf());
+        std::fs::create_dir_all(dir.path().join("harbor.example.com")).unwrap();
+        let foreign = dir.path().join("harbor.example.com/hosts.toml");
+        std::fs::write(&foreign, "server = \"https://harbor.example.com\"\n").unwrap();
+        let proxy = config(&[
+            (
+                "harbor.example.com/hosts.toml",
+                "# Managed by registry-addon: x\n",
+            ),
+            ("10.0.0.1/ca.crt", "c1"),
+        ]);
+        let err = certs.apply(&proxy).unwrap_err();
+        assert!(matches!(err, FilesError::Foreign(_)), "{err}");
+        assert!(
+            err.to_string().contains("harbor.example.com/hosts.toml"),
+            "{err}"
+        );
+        // Nothing written, the foreign file untouched.
+        assert!(!dir.path().join("10.0.0.1").exists());
+        assert!(
+            std::fs::read_to_string(&foreign)
+                .unwrap()
+                .starts_with("server")
+        );
+        // A hosts file of the addon's own (bootstrap wrote it) is taken over.
+        std::fs::write(&foreign, "# Managed by registry-addon: bootstrap\n").unwrap();
+        assert_eq!(certs.apply(&proxy).unwrap().written.len(), 2);
+        // Once owned, a hand edit is repaired as usual.
+        std::fs::write(&foreign, "edited").unwrap();
+        assert_eq!(
+            certs.apply(&proxy).unwrap().written,
+            ["harbor.example.com/hosts.toml"]
+        );
     }
 
     #[test]

@@ -296,6 +296,10 @@ pub fn node_files(service_ip: IpAddr, ca_secret: &str, hosts_secret: &str) -> Ve
     ]
 }
 
+/// How every hosts file the addon renders begins: the node agent takes over such a file where
+/// it finds one (bootstrap wrote it), and leaves any other one alone.
+pub const HOSTS_FILE_HEADER: &str = "# Managed by registry-addon:";
+
 /// Where the `_default` `hosts.toml` lies, relative to containerd's hosts directory.
 pub const DEFAULT_HOSTS_FILE: &str = "_default/hosts.toml";
 
@@ -531,9 +535,7 @@ pub fn node_config(certs_dir: &str, rollout: &Rollout<'_>) -> NodeConfig {
 
 fn render_hosts_file(file: &HostsFile) -> String {
     let body = toml::to_string(file).expect("a hosts file always serializes");
-    format!(
-        "# Managed by registry-addon: pull through the cluster's registry, then upstream.\n{body}"
-    )
+    format!("{HOSTS_FILE_HEADER} pull through the cluster's registry, then upstream.\n{body}")
 }
 
 #[cfg(test)]
