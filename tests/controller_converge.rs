@@ -1165,3 +1165,119 @@ async fn mode_switches_are_shown_refused_held_and_completed() {
     );
     controller.shutdown().await;
 }
+
+/// The whole walk of the modes on one running cluster, each step complete before the next:
+/// Local → Direct → Proxy → Unmanaged → Direct → Local. The address and the PVC stay; the
+/// nodes' route follows every step through the two-phase rollout.
+#[tokio::test]
+async fn the_full_walk_of_modes_keeps_the_address_and_the_data() {
+    let setup = Setup::new().await;
+    let env = &setup.env;
+    put_node(env, "n1", true);
+    let controller = setup.converged().await;
+    let service = "/api/v1/namespaces/registry-system/services/registry";
+    let address = env.workload.get(service).unwrap()["spec"]["clusterIP"].clone();
+    env.workload.put(
+        "/api/v1/namespaces/registry-system/persistentvolumeclaims",
+        json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+               "metadata": {"name": "data-registry-0"},
+               "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let tls = sync_support::TestTls::new(&dir.path().join("tls"));
+    let upstream = sync_support::RegistryProcess::start(
+        &dir.path().join("upstream"),
+        &sync_support::RegistryOptions {
+            tls: Some(&tls),
+            ..Default::default()
+        },
+    );
+    let layout = dir.path().join("layout");
+    let image = sync_support::Image::new("amd64", vec![b"layer".to_vec()], false);
+    sync_support::write_oci_layout(&layout, "1", &[("amd64", &image)]);
+    sync_support::skopeo_push(&layout, "1", &upstream, "team/app", Some(&tls));
+    env.management.put(
+        &format!("/api/v1/namespaces/{CLUSTER_NS}/secrets"),
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "up-ca"},
+               "data": {"ca.crt": support::b64(&String::from_utf8(tls.ca_pem()).unwrap())}}),
+    );
+    let host = upstream.url.trim_start_matches("https://").to_string();
+    env.workload.put(
+        "/api/v1/namespaces/default/pods",
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "app"},
+               "spec": {"containers": [{"name": "c", "image": format!("{host}/team/app:1")}]},
+               "status": {"phase": "Running"}}),
+    );
+    let base = setup.cluster_value()["spec"]["topology"]["variables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "clusterConfig")
+        .unwrap()["value"]["addons"]["registry"]
+        .clone();
+    let upstream_ref = json!({"url": upstream.url, "caSecretRef": {"name": "up-ca"}});
+    let status = |field: &str| {
+        setup
+            .creg()
+            .map(|c| c["status"][field].clone())
+            .unwrap_or(Value::Null)
+    };
+    for mode in ["Direct", "Proxy", "Unmanaged", "Direct", "Local"] {
+        let mut registry = base.clone();
+        registry["mode"] = json!(mode);
+        if mode == "Direct" || mode == "Proxy" {
+            registry["upstream"] = upstream_ref.clone();
+        }
+        setup.set_registry(registry);
+        eventually(&format!("the switch to {mode} complete"), || {
+            env.make_registry_ready(3);
+            make_direct_ready(env);
+            ack(
+                env,
+                "n1",
+                &node_config_key(env, names::NODE_CONFIG_HASH_KEY),
+            );
+            status("mode") == mode && status("targetMode").is_null()
+        })
+        .await;
+        assert_eq!(setup.reason("ModeReady"), "ModeActive", "{mode}");
+        assert_eq!(node_config_key(env, names::NODE_CONFIG_PHASE_KEY), "final");
+        let secret = env.workload.get(&node_config_path()).unwrap();
+        let hosts: Vec<String> = secret["data"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.ends_with(".toml"))
+            .map(|(_, v)| support::unb64(v))
+            .collect();
+        match mode {
+            "Unmanaged" => assert!(hosts.is_empty(), "{mode}: {hosts:?}"),
+            "Local" => assert!(
+                hosts.len() == 1 && !hosts[0].contains("server ="),
+                "{mode}: {hosts:?}"
+            ),
+            _ => assert!(
+                hosts.len() == 1 && hosts[0].contains(&format!("server = \"https://{host}\"")),
+                "{mode}: {hosts:?}"
+            ),
+        }
+        if mode != "Unmanaged" {
+            assert_eq!(
+                env.workload.get(service).unwrap()["spec"]["clusterIP"],
+                address,
+                "{mode}: the fixed address"
+            );
+        }
+        assert!(
+            env.workload
+                .get("/api/v1/namespaces/registry-system/persistentvolumeclaims/data-registry-0")
+                .is_some(),
+            "{mode}: the PVC stays"
+        );
+    }
+    assert!(
+        env.workload.get(&statefulset_path()).is_some(),
+        "Local again"
+    );
+    controller.shutdown().await;
+}
