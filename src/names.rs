@@ -30,7 +30,6 @@ pub const REGISTRY_UPSTREAM_SECRET: &str = "registry-upstream";
 /// Where the pods mount `registry-upstream`.
 pub const REGISTRY_UPSTREAM_DIR: &str = "/etc/registry-upstream";
 /// Key of `registry-upstream` holding `{"username":…,"password":…}` for Direct's front.
-pub const UPSTREAM_CREDENTIALS_KEY: &str = "credentials";
 /// Headless Service giving each replica a stable DNS name.
 pub const REGISTRY_HEADLESS_SERVICE: &str = "registry-headless";
 /// Port the registry container listens on (headless Service too).

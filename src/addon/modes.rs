@@ -110,15 +110,14 @@ fn credentials_of(secret: &Value) -> Result<(String, String), String> {
     Ok((username, password))
 }
 
-/// `registry-system/registry-upstream`: `username`, `password` and `credentials` (both as
-/// JSON, the file Direct's front reads), and `ca.crt`; only the keys there is something for.
+/// `registry-system/registry-upstream`: `username` and `password` (the files Direct's front
+/// reads, the variables Proxy's registry gets), and `ca.crt`; only the keys there is
+/// something for.
 pub fn upstream_secret(secrets: &UpstreamSecrets) -> Value {
     let mut data = BTreeMap::new();
     if let Some((username, password)) = &secrets.credentials {
         data.insert("username", b64(username));
         data.insert("password", b64(password));
-        let file = json!({"username": username, "password": password});
-        data.insert(names::UPSTREAM_CREDENTIALS_KEY, b64(&file.to_string()));
     }
     if let Some(ca) = &secrets.ca_pem {
         data.insert("ca.crt", b64(ca));
@@ -350,10 +349,8 @@ mod tests {
             .keys()
             .cloned()
             .collect();
-        assert_eq!(keys, ["ca.crt", "credentials", "password", "username"]);
-        let file = secret_data(&object, "credentials").unwrap();
-        let parsed: Value = serde_json::from_str(&file).unwrap();
-        assert_eq!(parsed, json!({"username": "u", "password": "p:w"}));
+        assert_eq!(keys, ["ca.crt", "password", "username"]);
+        assert_eq!(secret_data(&object, "password").unwrap(), "p:w");
         let ca_only = upstream_secret(&UpstreamSecrets {
             credentials: None,
             ca_pem: Some("CA".into()),

@@ -49,8 +49,8 @@ pub struct RegistryValues {
 pub struct UpstreamValues {
     /// `https://host[:port]`, without the URL's path: repositories pass through unchanged.
     pub url: String,
-    /// Secret in the release namespace with the upstream's `username`, `password`,
-    /// `credentials` (both as JSON, for the front) and `ca.crt`.
+    /// Secret in the release namespace with the upstream's `username`, `password` and
+    /// `ca.crt`.
     pub secret_name: String,
     /// Whether the Secret holds credentials.
     pub credentials: bool,
