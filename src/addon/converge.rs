@@ -1035,11 +1035,7 @@ impl<'a> Converge<'a> {
             }
         }
         let hash = next.node_config().hash;
-        let acks = Plan {
-            current: next.clone(),
-            ..plan.clone()
-        }
-        .acks(self.now);
+        let acks = rollout::acks(&plan.nodes, &hash, next.since(), self.now, plan.timeout);
         Ok(Progress {
             state: next,
             hash,

@@ -117,7 +117,8 @@ pub enum RolloutState {
 }
 
 impl RolloutState {
-    fn since(&self) -> Option<OffsetDateTime> {
+    /// When the current phase began.
+    pub fn since(&self) -> Option<OffsetDateTime> {
         let (RolloutState::Final { since, .. } | RolloutState::Transition { since, .. }) = self;
         OffsetDateTime::parse(since, &Rfc3339).ok()
     }
