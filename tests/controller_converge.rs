@@ -1035,6 +1035,55 @@ fn make_direct_ready(env: &Env) {
     });
 }
 
+/// A real upstream registry over TLS whose CA is Secret `up-ca` beside the Cluster, and a Pod
+/// in the workload cluster running `<upstream>/team/app:1` (pushed by [`AppUpstream::push`]).
+struct AppUpstream {
+    dir: tempfile::TempDir,
+    tls: sync_support::TestTls,
+    upstream: sync_support::RegistryProcess,
+    host: String,
+}
+
+impl AppUpstream {
+    fn start(env: &Env) -> AppUpstream {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = sync_support::TestTls::new(&dir.path().join("tls"));
+        let upstream = sync_support::RegistryProcess::start(
+            &dir.path().join("upstream"),
+            &sync_support::RegistryOptions {
+                tls: Some(&tls),
+                ..Default::default()
+            },
+        );
+        env.management.put(
+            &format!("/api/v1/namespaces/{CLUSTER_NS}/secrets"),
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "up-ca"},
+                   "data": {"ca.crt": support::b64(&String::from_utf8(tls.ca_pem()).unwrap())}}),
+        );
+        let host = upstream.url.trim_start_matches("https://").to_string();
+        env.workload.put(
+            "/api/v1/namespaces/default/pods",
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "app"},
+                   "spec": {"containers": [{"name": "c", "image": format!("{host}/team/app:1")}]},
+                   "status": {"phase": "Running"}}),
+        );
+        AppUpstream {
+            dir,
+            tls,
+            upstream,
+            host,
+        }
+    }
+
+    /// Pushes the image the Pod runs.
+    fn push(&self) {
+        let layout = self.dir.path().join("layout");
+        let image = sync_support::Image::new("amd64", vec![b"layer".to_vec()], false);
+        sync_support::write_oci_layout(&layout, "1", &[("amd64", &image)]);
+        sync_support::skopeo_push(&layout, "1", &self.upstream, "team/app", Some(&self.tls));
+    }
+}
+
 #[tokio::test]
 async fn mode_switches_are_shown_refused_held_and_completed() {
     let setup = Setup::new().await;
@@ -1091,27 +1140,8 @@ async fn mode_switches_are_shown_refused_held_and_completed() {
     assert!(env.workload.get(&statefulset_path()).is_some());
 
     // Local → Direct with an image in use missing at the upstream: held, Local serving.
-    let dir = tempfile::tempdir().unwrap();
-    let tls = sync_support::TestTls::new(&dir.path().join("tls"));
-    let upstream = sync_support::RegistryProcess::start(
-        &dir.path().join("upstream"),
-        &sync_support::RegistryOptions {
-            tls: Some(&tls),
-            ..Default::default()
-        },
-    );
-    env.management.put(
-        &format!("/api/v1/namespaces/{CLUSTER_NS}/secrets"),
-        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "up-ca"},
-               "data": {"ca.crt": support::b64(&String::from_utf8(tls.ca_pem()).unwrap())}}),
-    );
-    let host = upstream.url.trim_start_matches("https://").to_string();
-    env.workload.put(
-        "/api/v1/namespaces/default/pods",
-        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "app"},
-               "spec": {"containers": [{"name": "c", "image": format!("{host}/team/app:1")}]},
-               "status": {"phase": "Running"}}),
-    );
+    let app = AppUpstream::start(env);
+    let (upstream, host) = (&app.upstream, app.host.clone());
     setup.set_registry(registry(json!({"mode": "Direct", "upstream": {"url": upstream.url, "caSecretRef": {"name": "up-ca"}}})));
     eventually("TargetReady=False", || {
         setup.reason("TargetReady") == "ImagesMissing"
@@ -1133,10 +1163,7 @@ async fn mode_switches_are_shown_refused_held_and_completed() {
     );
 
     // Pushed: the switch starts; it completes once Direct is ready and the node is final.
-    let layout = dir.path().join("layout");
-    let image = sync_support::Image::new("amd64", vec![b"layer".to_vec()], false);
-    sync_support::write_oci_layout(&layout, "1", &[("amd64", &image)]);
-    sync_support::skopeo_push(&layout, "1", &upstream, "team/app", Some(&tls));
+    app.push();
     eventually("switching", || setup.reason("ModeReady") == "Switching").await;
     assert_eq!(status("mode"), "Local", "not complete yet");
     assert_eq!(status("targetMode"), "Direct");
@@ -1183,31 +1210,9 @@ async fn the_full_walk_of_modes_keeps_the_address_and_the_data() {
                "metadata": {"name": "data-registry-0"},
                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}),
     );
-    let dir = tempfile::tempdir().unwrap();
-    let tls = sync_support::TestTls::new(&dir.path().join("tls"));
-    let upstream = sync_support::RegistryProcess::start(
-        &dir.path().join("upstream"),
-        &sync_support::RegistryOptions {
-            tls: Some(&tls),
-            ..Default::default()
-        },
-    );
-    let layout = dir.path().join("layout");
-    let image = sync_support::Image::new("amd64", vec![b"layer".to_vec()], false);
-    sync_support::write_oci_layout(&layout, "1", &[("amd64", &image)]);
-    sync_support::skopeo_push(&layout, "1", &upstream, "team/app", Some(&tls));
-    env.management.put(
-        &format!("/api/v1/namespaces/{CLUSTER_NS}/secrets"),
-        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "up-ca"},
-               "data": {"ca.crt": support::b64(&String::from_utf8(tls.ca_pem()).unwrap())}}),
-    );
-    let host = upstream.url.trim_start_matches("https://").to_string();
-    env.workload.put(
-        "/api/v1/namespaces/default/pods",
-        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "app"},
-               "spec": {"containers": [{"name": "c", "image": format!("{host}/team/app:1")}]},
-               "status": {"phase": "Running"}}),
-    );
+    let app = AppUpstream::start(env);
+    app.push();
+    let (upstream, host) = (&app.upstream, app.host.clone());
     let base = setup.cluster_value()["spec"]["topology"]["variables"]
         .as_array()
         .unwrap()
