@@ -1018,23 +1018,6 @@ async fn a_new_ro_password_is_accepted_before_nodes_send_it_and_the_old_one_afte
     controller.shutdown().await;
 }
 
-fn make_direct_ready(env: &Env) {
-    let path = "/apis/apps/v1/namespaces/registry-system/deployments/registry-direct";
-    if env.workload.get(path).is_none() {
-        return;
-    }
-    env.workload.update(path, |d| {
-        let generation = d["metadata"]["generation"].clone();
-        let replicas = d["spec"]["replicas"].clone();
-        d["status"] = json!({
-            "observedGeneration": generation,
-            "replicas": replicas,
-            "readyReplicas": replicas,
-            "updatedReplicas": replicas,
-        });
-    });
-}
-
 /// A real upstream registry over TLS whose CA is Secret `up-ca` beside the Cluster, and a Pod
 /// in the workload cluster running `<upstream>/team/app:1` (pushed by [`AppUpstream::push`]).
 struct AppUpstream {
@@ -1169,7 +1152,7 @@ async fn mode_switches_are_shown_refused_held_and_completed() {
     assert_eq!(status("targetMode"), "Direct");
     assert_eq!(setup.creg_condition("TargetReady")["status"], "True");
     eventually("the switch complete", || {
-        make_direct_ready(env);
+        env.make_direct_ready();
         ack_current();
         status("mode") == "Direct"
     })
@@ -1193,9 +1176,21 @@ async fn mode_switches_are_shown_refused_held_and_completed() {
     controller.shutdown().await;
 }
 
+/// The path of the workload serving `mode`, if it has one.
+fn workload_of(mode: &str) -> Option<String> {
+    match mode {
+        "Local" | "Proxy" => Some(statefulset_path()),
+        "Direct" => {
+            Some("/apis/apps/v1/namespaces/registry-system/deployments/registry-direct".into())
+        }
+        _ => None,
+    }
+}
+
 /// The whole walk of the modes on one running cluster, each step complete before the next:
 /// Local → Direct → Proxy → Unmanaged → Direct → Local. The address and the PVC stay; the
-/// nodes' route follows every step through the two-phase rollout.
+/// nodes' route follows every step through the two-phase rollout, once the new mode's
+/// registry is ready; the previous mode's workload serves until the switch completes.
 #[tokio::test]
 async fn the_full_walk_of_modes_keeps_the_address_and_the_data() {
     let setup = Setup::new().await;
@@ -1233,10 +1228,32 @@ async fn the_full_walk_of_modes_keeps_the_address_and_the_data() {
         if mode == "Direct" || mode == "Proxy" {
             registry["upstream"] = upstream_ref.clone();
         }
+        let before = status("mode").as_str().unwrap().to_string();
         setup.set_registry(registry);
+        // Under way: the previous mode's workload keeps serving beside the new one, and the
+        // nodes keep their route until the new registry is ready.
+        eventually(&format!("the switch to {mode} under way"), || {
+            setup.reason("ModeReady") == "Switching"
+        })
+        .await;
+        if let Some(previous) = workload_of(&before) {
+            assert!(
+                env.workload.get(&previous).is_some(),
+                "{before} → {mode}: {previous} still serves"
+            );
+        }
+        if before != "Unmanaged" && mode != "Unmanaged" {
+            assert_eq!(
+                node_config_key(env, names::NODE_CONFIG_PHASE_KEY),
+                "final",
+                "{before} → {mode}: no node moves before the new registry is ready"
+            );
+        }
         eventually(&format!("the switch to {mode} complete"), || {
-            env.make_registry_ready(3);
-            make_direct_ready(env);
+            if env.workload.get(&statefulset_path()).is_some() {
+                env.make_registry_ready(3);
+            }
+            env.make_direct_ready();
             ack(
                 env,
                 "n1",
@@ -1247,6 +1264,14 @@ async fn the_full_walk_of_modes_keeps_the_address_and_the_data() {
         .await;
         assert_eq!(setup.reason("ModeReady"), "ModeActive", "{mode}");
         assert_eq!(node_config_key(env, names::NODE_CONFIG_PHASE_KEY), "final");
+        if let Some(previous) =
+            workload_of(&before).filter(|p| Some(p) != workload_of(mode).as_ref())
+        {
+            assert!(
+                env.workload.get(&previous).is_none(),
+                "{before} → {mode}: {previous} goes once the switch is complete"
+            );
+        }
         let secret = env.workload.get(&node_config_path()).unwrap();
         let hosts: Vec<String> = secret["data"]
             .as_object()

@@ -242,6 +242,11 @@ async fn each_mode_applies_its_objects_and_keeps_the_address_and_the_pvcs() {
     env.set_registry(json!({"mode": "Direct", "upstream": {"url": upstream.url, "caSecretRef": {"name": "up-ca"}}}));
     assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
     assert!(
+        env.workload.get(&statefulset_path()).is_some(),
+        "Local serves beside Direct until the switch completes"
+    );
+    complete_switch(&env, &statefulset_path()).await;
+    assert!(
         env.workload.get(&statefulset_path()).is_none(),
         "no StatefulSet in Direct"
     );
@@ -266,6 +271,11 @@ async fn each_mode_applies_its_objects_and_keeps_the_address_and_the_pvcs() {
 
     env.set_registry(json!({"mode": "Unmanaged"}));
     assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert!(
+        env.workload.get(DEPLOYMENT).is_some(),
+        "Direct serves until the nodes are off it"
+    );
+    complete_switch(&env, DEPLOYMENT).await;
     assert!(env.workload.get(DEPLOYMENT).is_none());
     assert!(env.workload.get(SERVICE).is_none());
     assert!(
@@ -293,6 +303,21 @@ async fn each_mode_applies_its_objects_and_keeps_the_address_and_the_pvcs() {
     );
     assert!(env.workload.get(PVC).is_some());
     let _ = secret_path;
+}
+
+/// Calls BeforeClusterUpgrade, with Direct's Deployment ready, until the switch under way
+/// completes and the previous mode's `workload` is gone (there are no Nodes to ack).
+async fn complete_switch(env: &Env, workload: &str) {
+    for _ in 0..5 {
+        env.make_direct_ready();
+        env.call(Hook::BeforeClusterUpgrade).await;
+        if env.workload.get(workload).is_none() {
+            assert!(mode_record(env).get("switchingFrom").is_none());
+            return;
+        }
+        assert!(mode_record(env).get("switchingFrom").is_some());
+    }
+    panic!("the switch did not complete: {workload} is still there");
 }
 
 fn mode_record(env: &Env) -> Value {

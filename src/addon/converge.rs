@@ -20,7 +20,7 @@ use time::OffsetDateTime;
 use tracing::info;
 
 use crate::addon::modes;
-use crate::addon::rollout::{self, Plan, Progress, Signer};
+use crate::addon::rollout::{self, Plan, Progress, RegistryNow, Signer};
 use crate::addon::switch::{self, ModeRecord};
 use crate::addon::users::{self, Credentials, RegistryAuth, StoredUser};
 use crate::certs::{self, CertInfo, CertificateAuthority, CertifiedKey, PrivateKeyPem};
@@ -635,6 +635,9 @@ pub struct Converge<'a> {
     pub registry: Cow<'a, RegistryConfig>,
     /// The time certificates are checked and issued at.
     pub now: OffsetDateTime,
+    /// A switch of modes is under way: the previous mode's workload keeps serving beside the
+    /// new one until the switch completes.
+    switching: bool,
 }
 
 impl<'a> std::ops::Deref for Converge<'a> {
@@ -650,6 +653,7 @@ impl<'a> Converge<'a> {
             scope,
             registry: Cow::Borrowed(registry),
             now,
+            switching: false,
         }
     }
 
@@ -773,10 +777,12 @@ impl<'a> Converge<'a> {
         Ok(())
     }
 
-    /// Renders the mode the cluster is deployed in rather than the variable's, while a switch
-    /// waits (see [`switch`]).
-    pub fn set_registry(&mut self, registry: RegistryConfig) {
-        self.registry = Cow::Owned(registry);
+    /// Deploys what `decision` allows: the mode the cluster is deployed in rather than the
+    /// variable's while a switch waits, and the previous mode's workload kept while a switch
+    /// is under way (see [`switch`]).
+    pub fn apply_decision(&mut self, decision: &ModeDecision) {
+        self.registry = Cow::Owned(decision.effective.clone());
+        self.switching = matches!(decision.state, SwitchState::Switching { .. });
     }
 
     /// What a switch of modes allows now: the variable's mode, or the effective one while a
@@ -898,6 +904,17 @@ impl<'a> Converge<'a> {
     ) -> Result<(), ConvergeError> {
         let mut record = decision.record.clone();
         if complete {
+            // The new mode serves and every node is off the old one: its workload goes, before
+            // the record says the switch is over (a crash in between prunes again).
+            if record.switching_from.is_some() && self.deployer == Deployer::Direct {
+                let values = RegistryValues::new(
+                    &self.config.addon,
+                    &self.registry,
+                    self.service_ip()?,
+                    String::new(),
+                );
+                modes::prune_other_modes(workload, &values, &self.key).await?;
+            }
             record.switching_from = None;
         }
         if switch::read_record(decision.stored.as_ref()).as_ref() == Some(&record) {
@@ -1011,16 +1028,16 @@ impl<'a> Converge<'a> {
 
     /// Moves the node rollout on, after the registry was deployed: writes the node-config
     /// Secret when its state changes (the first one included), and the cluster's CA copy
-    /// that bootstraps new machines. `registry_serves_new` tells whether every replica runs
-    /// with the certificate of the current deploy, which nodes need before a rotated CA's
-    /// predecessor is dropped from their trust.
+    /// that bootstraps new machines. `registry` tells what the replicas run: nodes need every
+    /// replica on the current certificate before a rotated CA's predecessor is dropped from
+    /// their trust, and the new mode's registry ready before they are routed to it.
     pub async fn roll_nodes(
         &self,
         workload: &ClusterApi,
         plan: &Plan,
-        registry_serves_new: bool,
+        registry: RegistryNow,
     ) -> Result<Progress, ConvergeError> {
-        let (next, waiting_for_registry) = plan.next(self.now, registry_serves_new);
+        let (next, waiting_for_registry) = plan.next(self.now, registry);
         let written = !plan.stored || next != plan.current;
         if written {
             let secret = rollout::node_config_secret(&next);
@@ -1045,9 +1062,17 @@ impl<'a> Converge<'a> {
         })
     }
 
-    /// Whether every replica serves the certificate of the root CA deployed just now.
-    pub fn serves_current(&self, plan: &Plan, readiness: &Readiness) -> bool {
-        readiness.waiting.is_none() && plan.signer(self.now) == Signer::Root
+    /// What the registry runs for the node rollout: whether every replica runs the current
+    /// spec, and serves the certificate of the root CA deployed just now.
+    pub fn registry_now(&self, plan: &Plan, readiness: &Readiness) -> RegistryNow {
+        match (
+            readiness.waiting.is_none(),
+            plan.signer(self.now) == Signer::Root,
+        ) {
+            (false, _) => RegistryNow::NotReady,
+            (true, false) => RegistryNow::Ready,
+            (true, true) => RegistryNow::ServesNew,
+        }
     }
 
     /// Namespace, `registry-auth`, `registry-tls` (kept while usable, renewed inside the
@@ -1155,7 +1180,10 @@ impl<'a> Converge<'a> {
                         info!(cluster = %self.key, object = %k8s::ObjectId::of(&object), "applied a registry object on the workload cluster");
                     }
                 }
-                if !settled {
+                // While a switch is under way the previous mode's workload keeps serving at the
+                // address beside the new one (the Service selects both); it goes once the switch
+                // completes (see `record_mode`).
+                if !settled && !self.switching {
                     applied += modes::prune_other_modes(workload, &values, &self.key).await?;
                 }
             }

@@ -202,7 +202,7 @@ impl AddonReconciler {
         }
         let desired = converge.registry.clone().into_owned();
         let decision = converge.decide_mode(&workload, &desired).await?;
-        converge.set_registry(decision.effective.clone());
+        converge.apply_decision(&decision);
         converge.ensure_bootstrap_hosts(&users).await?;
         let fraction = converge.config.addon.renew_fraction;
         let plan = converge.node_plan(&workload, &ca, &users).await?;
@@ -210,8 +210,8 @@ impl AddonReconciler {
             .deploy(&ca, &workload, &users, Some(fraction), &plan)
             .await?;
         let readiness = converge.readiness(&workload, &deployed.hash).await?;
-        let serves = converge.serves_current(&plan, &readiness);
-        let progress = converge.roll_nodes(&workload, &plan, serves).await?;
+        let registry = converge.registry_now(&plan, &readiness);
+        let progress = converge.roll_nodes(&workload, &plan, registry).await?;
         let complete = readiness.waiting.is_none() && progress.settled();
         converge.record_mode(&workload, &decision, complete).await?;
         let found = Converged {

@@ -261,6 +261,17 @@ pub fn acks(
     acks
 }
 
+/// What the registry runs, as a rollout step needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegistryNow {
+    /// Some replica does not run the current spec yet.
+    NotReady,
+    /// Every replica runs the current spec, with a certificate of an earlier root CA.
+    Ready,
+    /// Every replica runs the current spec and serves a certificate of the current root CA.
+    ServesNew,
+}
+
 /// The rollout of one reconcile: what is stored, what the cluster should have, and the nodes.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -292,7 +303,8 @@ pub struct Progress {
     /// The node configuration's hash in the Secret after this step.
     pub hash: String,
     pub acks: Acks,
-    /// A change waits for the registry (its replicas rolling to the new certificate).
+    /// A change waits for the registry: its replicas rolling to the new certificate, or the
+    /// new mode's registry getting ready before nodes are routed to it.
     pub waiting_for_registry: bool,
     /// The Secret was written.
     pub written: bool,
@@ -353,7 +365,8 @@ impl Plan {
     /// reconcile starts. The registry accepts the new credentials and trusts the new CA before
     /// any node is told about them.
     pub fn registry_state(&self, now: OffsetDateTime) -> RolloutState {
-        let (next, _) = self.next(now, false);
+        // Whether a transition starts, whatever holds it back: the registry side goes first.
+        let (next, _) = self.next(now, RegistryNow::Ready);
         match (&self.current, &next) {
             (RolloutState::Final { .. }, RolloutState::Transition { .. }) => next,
             _ => self.current.clone(),
@@ -379,9 +392,10 @@ impl Plan {
         }
     }
 
-    /// The next state: `registry_serves_new` tells whether every replica serves a certificate
-    /// of the new side's CA (needed before nodes drop the old CA).
-    pub fn next(&self, now: OffsetDateTime, registry_serves_new: bool) -> (RolloutState, bool) {
+    /// The next state, and whether a change waits for the registry: nodes drop the old CA
+    /// only once every replica serves a certificate of the new one, and nodes are sent to
+    /// another route (a switch of modes) only once the registry of the new mode is ready.
+    pub fn next(&self, now: OffsetDateTime, registry: RegistryNow) -> (RolloutState, bool) {
         let acks = self.acks(now);
         match &self.current {
             RolloutState::Final {
@@ -404,6 +418,9 @@ impl Plan {
                 if side == &self.desired {
                     return (self.current.clone(), false);
                 }
+                if side.route != self.desired.route && registry == RegistryNow::NotReady {
+                    return (self.current.clone(), true);
+                }
                 let state = RolloutState::Transition {
                     old: side.clone(),
                     new: self.desired.clone(),
@@ -415,7 +432,7 @@ impl Plan {
                 if !acks.complete() {
                     return (self.current.clone(), false);
                 }
-                if old.ca != new.ca && !registry_serves_new {
+                if old.ca != new.ca && registry != RegistryNow::ServesNew {
                     return (self.current.clone(), true);
                 }
                 let state = RolloutState::Final {
@@ -496,7 +513,13 @@ pub fn describe(progress: &Progress) -> String {
         ));
     }
     if progress.waiting_for_registry {
-        message.push_str("; waiting for every registry replica to serve the new certificate");
+        message.push_str(match progress.state {
+            RolloutState::Transition { .. } => {
+                "; waiting for every registry replica to serve the new certificate"
+            }
+            // A new route waits for the new mode's registry.
+            RolloutState::Final { .. } => "; waiting for the new mode's registry to be ready",
+        });
     }
     message
 }
@@ -601,7 +624,7 @@ mod tests {
         };
         let plan = Plan::new(None, &a, &a, &[], at(0), TIMEOUT);
         assert!(!plan.stored);
-        let (next, _) = plan.next(at(0), true);
+        let (next, _) = plan.next(at(0), RegistryNow::ServesNew);
         assert!(
             matches!(&next, RolloutState::Final { side, retiring: None, .. } if side.ca == a.ca_pem)
         );
@@ -638,7 +661,7 @@ mod tests {
         // The root CA changed: a transition starts, the registry keeps the old certificate.
         let p = plan(&start, &new, &[node("n1", true, None)], at(1));
         assert_eq!(p.signer(at(1)), Signer::Keep(old.ca_pem.clone()));
-        let (transition, _) = p.next(at(1), false);
+        let (transition, _) = p.next(at(1), RegistryNow::Ready);
         let RolloutState::Transition { .. } = &transition else {
             panic!("expected a transition, got {transition:?}");
         };
@@ -652,7 +675,7 @@ mod tests {
         let nodes = [node("n1", true, Some(&t_hash)), node("n2", true, None)];
         let p = plan(&transition, &new, &nodes, at(30));
         assert_eq!(p.signer(at(30)), Signer::Keep(old.ca_pem.clone()));
-        assert_eq!(p.next(at(30), false).0, transition);
+        assert_eq!(p.next(at(30), RegistryNow::Ready).0, transition);
         assert_eq!(p.acks(at(30)).waiting, ["n2"]);
 
         // Every node acked: the registry switches to the new CA, then the nodes follow.
@@ -662,13 +685,13 @@ mod tests {
         ];
         let p = plan(&transition, &new, &nodes, at(31));
         assert_eq!(p.signer(at(31)), Signer::Root);
-        let (held, waiting) = p.next(at(31), false);
+        let (held, waiting) = p.next(at(31), RegistryNow::Ready);
         assert_eq!(held, transition);
         assert!(
             waiting,
             "the final phase waits for the registry's new certificate"
         );
-        let (final_state, _) = p.next(at(32), true);
+        let (final_state, _) = p.next(at(32), RegistryNow::ServesNew);
         let RolloutState::Final {
             side,
             retiring: Some(retiring),
@@ -688,12 +711,12 @@ mod tests {
             node("n2", true, Some(&f_hash)),
         ];
         let p = plan(&final_state, &new, &nodes, at(33));
-        let (done, _) = p.next(at(33), true);
+        let (done, _) = p.next(at(33), RegistryNow::ServesNew);
         assert!(matches!(&done, RolloutState::Final { retiring: None, .. }));
         assert_eq!(done.trusted_cas(), [new.ca_pem.as_str()]);
         // Steady: nothing changes any more.
         let p = plan(&done, &new, &nodes, at(40));
-        assert_eq!(p.next(at(40), true).0, done);
+        assert_eq!(p.next(at(40), RegistryNow::ServesNew).0, done);
     }
 
     #[test]
@@ -705,7 +728,7 @@ mod tests {
             retiring: None,
             since: rfc3339(at(0)),
         };
-        let (transition, _) = plan(&start, &new, &[], at(1)).next(at(1), false);
+        let (transition, _) = plan(&start, &new, &[], at(1)).next(at(1), RegistryNow::Ready);
         let accepted = transition.accepted_ro();
         assert_eq!(accepted.len(), 2);
         // Nodes still send the old credentials in the transition.
@@ -713,7 +736,8 @@ mod tests {
         assert!(hosts.contains(&old.ro.basic_header()));
         assert!(!hosts.contains(&new.ro.basic_header()));
         // Same CA: no certificate switch to wait for.
-        let (final_state, waiting) = plan(&transition, &new, &[], at(2)).next(at(2), false);
+        let (final_state, waiting) =
+            plan(&transition, &new, &[], at(2)).next(at(2), RegistryNow::Ready);
         assert!(!waiting);
         assert!(
             final_state.node_config().files[containerd::DEFAULT_HOSTS_FILE]
@@ -769,13 +793,13 @@ mod tests {
         // Desired moved on to C: the A→B transition completes first.
         let t_hash = transition.node_config().hash;
         let p = plan(&transition, &c, &[node("n", true, Some(&t_hash))], at(1));
-        let (next, _) = p.next(at(1), true);
+        let (next, _) = p.next(at(1), RegistryNow::ServesNew);
         assert!(matches!(&next, RolloutState::Final { side, .. } if side.ca == b.ca_pem));
         let f_hash = next.node_config().hash;
         let p = plan(&next, &c, &[node("n", true, Some(&f_hash))], at(2));
-        let (done, _) = p.next(at(2), true);
+        let (done, _) = p.next(at(2), RegistryNow::ServesNew);
         let p = plan(&done, &c, &[node("n", true, Some(&f_hash))], at(3));
-        let (again, _) = p.next(at(3), true);
+        let (again, _) = p.next(at(3), RegistryNow::ServesNew);
         assert!(
             matches!(&again, RolloutState::Transition { old, new, .. } if old.ca == b.ca_pem && new.ca == c.ca_pem)
         );

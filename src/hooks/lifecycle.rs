@@ -10,6 +10,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use crate::addon::converge::{Converge, ConvergeError, Scope};
+use crate::addon::rollout::RegistryNow;
 use crate::hooks::{HookContext, LifecycleCall, Management};
 use crate::k8s::Place;
 use crate::names;
@@ -110,7 +111,9 @@ async fn run(converge: &mut Converge<'_>, hook: Hook) -> Result<Response, Conver
             converge.deploy(&ca, &workload, &users, None, &plan).await?;
             converge.record_mode(&workload, &decision, false).await?;
             // The registry has just been (re)deployed: the rollout may start, not finish.
-            converge.roll_nodes(&workload, &plan, false).await?;
+            converge
+                .roll_nodes(&workload, &plan, RegistryNow::NotReady)
+                .await?;
             Ok(Response::success(
                 hook,
                 format!(
@@ -132,8 +135,8 @@ async fn run(converge: &mut Converge<'_>, hook: Hook) -> Result<Response, Conver
                 .deploy(&ca, &workload, &users, Some(fraction), &plan)
                 .await?;
             let readiness = converge.readiness(&workload, &deployed.hash).await?;
-            let serves = converge.serves_current(&plan, &readiness);
-            let progress = converge.roll_nodes(&workload, &plan, serves).await?;
+            let registry = converge.registry_now(&plan, &readiness);
+            let progress = converge.roll_nodes(&workload, &plan, registry).await?;
             let complete = readiness.waiting.is_none() && progress.settled();
             converge.record_mode(&workload, &decision, complete).await?;
             let ns = names::REGISTRY_NAMESPACE;
@@ -195,6 +198,6 @@ async fn switch_mode(
 ) -> Result<crate::addon::converge::ModeDecision, ConvergeError> {
     let desired = converge.registry.clone().into_owned();
     let decision = converge.decide_mode(workload, &desired).await?;
-    converge.set_registry(decision.effective.clone());
+    converge.apply_decision(&decision);
     Ok(decision)
 }

@@ -180,6 +180,24 @@ impl Env {
 
     /// Plays the StatefulSet controller: the registry StatefulSet exists and every replica is
     /// ready and updated for the current generation.
+    /// Marks Direct's Deployment, when it exists, as running every replica of its spec.
+    pub fn make_direct_ready(&self) {
+        let path = "/apis/apps/v1/namespaces/registry-system/deployments/registry-direct";
+        if self.workload.get(path).is_none() {
+            return;
+        }
+        self.workload.update(path, |d| {
+            let generation = d["metadata"]["generation"].clone();
+            let replicas = d["spec"]["replicas"].clone();
+            d["status"] = json!({
+                "observedGeneration": generation,
+                "replicas": replicas,
+                "readyReplicas": replicas,
+                "updatedReplicas": replicas,
+            });
+        });
+    }
+
     pub fn make_registry_ready(&self, replicas: u64) {
         let path = statefulset_path();
         if self.workload.get(&path).is_none() {
