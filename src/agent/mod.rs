@@ -42,6 +42,11 @@ pub struct NodeAgentArgs {
     /// containerd's hosts directory; nothing is written outside it.
     #[arg(long, default_value = names::CONTAINERD_CERTS_DIR)]
     pub certs_dir: PathBuf,
+    /// Where containerd itself reads that directory: the prefix of the `ca` paths in the hosts
+    /// files. Default: `--certs-dir`; set it when the agent mounts the host's directory at
+    /// another path.
+    #[arg(long)]
+    pub containerd_certs_dir: Option<String>,
     /// This node's name.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
@@ -153,10 +158,14 @@ pub async fn run(args: NodeAgentArgs) -> anyhow::Result<()> {
         anyhow::bail!("--node-name (or $NODE_NAME) is empty");
     }
     let certs_dir = args.certs_dir.clone();
-    let certs_dir_str = certs_dir
-        .to_str()
-        .with_context(|| format!("--certs-dir {} is not UTF-8", certs_dir.display()))?
-        .to_string();
+    // The `ca` paths in the hosts files are containerd's.
+    let containerd_certs_dir = match &args.containerd_certs_dir {
+        Some(dir) => dir.clone(),
+        None => certs_dir
+            .to_str()
+            .with_context(|| format!("--certs-dir {} is not UTF-8", certs_dir.display()))?
+            .to_string(),
+    };
     let client = client(&args).await?;
     let metrics = Arc::new(AgentMetrics::new());
     let listener = crate::metrics::bind(args.metrics_listen).await?;
@@ -227,7 +236,7 @@ pub async fn run(args: NodeAgentArgs) -> anyhow::Result<()> {
                 };
                 let qualified = format!("{}/{secret_name}", args.namespace);
                 let data = secret.data.clone().unwrap_or_default();
-                match desired::parse(&qualified, &data, &certs_dir_str) {
+                match desired::parse(&qualified, &data, &containerd_certs_dir) {
                     Ok(config) => {
                         refused_version = None;
                         if applied.as_ref().is_some_and(|a| a.hash == config.hash) {
