@@ -566,6 +566,13 @@ impl Store {
         let Some(mut object) = body.filter(Value::is_object) else {
             return status_error(400, "BadRequest", "a body is required");
         };
+        // `generateName`: the prefix and a suffix unique here, as the API server makes one.
+        if object["metadata"]["name"].is_null()
+            && let Some(prefix) = object["metadata"]["generateName"].as_str()
+        {
+            let name = format!("{prefix}{:05x}", self.uid + 1);
+            object["metadata"]["name"] = json!(name);
+        }
         let Some(name) = object["metadata"]["name"].as_str().map(str::to_string) else {
             return status_error(422, "Invalid", "metadata.name: Required value");
         };
