@@ -185,65 +185,6 @@ impl ProxyRegistry {
     }
 }
 
-/// haproxy terminating TLS (the certificate of `tls`) before `backend` (`http://host:port`).
-struct Haproxy {
-    child: Option<Running>,
-    port: u16,
-}
-
-impl Haproxy {
-    fn start(dir: &Path, tls: &TestTls, backend: &str) -> Haproxy {
-        std::fs::create_dir_all(dir).unwrap();
-        let pem = dir.join("server.pem");
-        let mut combined = std::fs::read(&tls.cert_file).unwrap();
-        combined.extend(std::fs::read(&tls.key_file).unwrap());
-        std::fs::write(&pem, combined).unwrap();
-        let backend = backend.trim_start_matches("http://");
-        for _try in 0..5 {
-            let port = free_port();
-            let config = format!(
-                "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
-                 frontend tls\n  bind 127.0.0.1:{port} ssl crt {}\n  default_backend plain\n\
-                 backend plain\n  server upstream {backend}\n",
-                pem.display()
-            );
-            let file = dir.join("haproxy.cfg");
-            std::fs::write(&file, config).unwrap();
-            let log = std::fs::File::create(dir.join("haproxy.log")).unwrap();
-            let mut child = Running(
-                Command::new("haproxy")
-                    .args(["-db", "-f"])
-                    .arg(&file)
-                    .stdout(log.try_clone().unwrap())
-                    .stderr(log)
-                    .spawn()
-                    .expect("haproxy must be installed (Debian package haproxy)"),
-            );
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.0.try_wait() {
-                    break;
-                }
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Haproxy {
-                        child: Some(child),
-                        port,
-                    };
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        panic!(
-            "haproxy did not start: {}",
-            std::fs::read_to_string(dir.join("haproxy.log")).unwrap_or_default()
-        );
-    }
-
-    fn stop(&mut self) {
-        self.child = None;
-    }
-}
-
 /// Pulls `repo:tag` whole (manifest, config and layers, digests checked); the bytes read.
 async fn pull(reg: &Registry, repo: &str, tag: &str) -> Result<u64, String> {
     let manifest = reg
@@ -345,7 +286,7 @@ async fn proxy_mode_end_to_end() {
     )
     .await;
     let upstream_tls = TestTls::new(&dir.join("upstream-tls"));
-    let mut upstream = Haproxy::start(&dir.join("haproxy"), &upstream_tls, &tokens.url);
+    let mut upstream = TlsHaproxy::start(&dir.join("haproxy"), &upstream_tls, &tokens.url);
     let upstream_log = registry.log.clone();
 
     // The mirror, exactly as rendered, and the Secret the converge copies.

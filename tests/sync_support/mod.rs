@@ -778,3 +778,72 @@ fn http_raw(port: u16, path: &str) -> Option<String> {
     stream.read_to_string(&mut text).ok()?;
     Some(text)
 }
+
+/// haproxy terminating TLS (the certificate of `tls`) before `backend` (`http://host:port`).
+pub struct TlsHaproxy {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl Drop for TlsHaproxy {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl TlsHaproxy {
+    pub fn start(dir: &Path, tls: &TestTls, backend: &str) -> TlsHaproxy {
+        std::fs::create_dir_all(dir).unwrap();
+        let pem = dir.join("server.pem");
+        let mut combined = std::fs::read(&tls.cert_file).unwrap();
+        combined.extend(std::fs::read(&tls.key_file).unwrap());
+        std::fs::write(&pem, combined).unwrap();
+        let backend = backend.trim_start_matches("http://");
+        for _try in 0..5 {
+            let port = free_port();
+            let config = format!(
+                "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+                 frontend tls\n  bind 127.0.0.1:{port} ssl crt {}\n  default_backend plain\n\
+                 backend plain\n  server upstream {backend}\n",
+                pem.display()
+            );
+            let file = dir.join("haproxy.cfg");
+            std::fs::write(&file, config).unwrap();
+            let log = std::fs::File::create(dir.join("haproxy.log")).unwrap();
+            let mut child = Command::new("haproxy")
+                .args(["-db", "-f"])
+                .arg(&file)
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("haproxy must be installed (Debian package haproxy)");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return TlsHaproxy {
+                        child: Some(child),
+                        port,
+                    };
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!(
+            "haproxy did not start: {}",
+            std::fs::read_to_string(dir.join("haproxy.log")).unwrap_or_default()
+        );
+    }
+
+    /// Stops it: the upstream becomes unreachable.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
