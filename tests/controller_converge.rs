@@ -1311,3 +1311,400 @@ async fn the_full_walk_of_modes_keeps_the_address_and_the_data() {
     );
     controller.shutdown().await;
 }
+
+/// A copy of the hosts directory `from` at one instant, as containerd would see it at `to`
+/// (the hosts files' `ca` paths name containerd's directory): what one pull resolves with.
+fn snapshot(from: &std::path::Path, to: &std::path::Path) {
+    let _ = std::fs::remove_dir_all(to);
+    copy_hosts(from, to, to);
+}
+
+fn copy_hosts(from: &std::path::Path, to: &std::path::Path, root: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let target = to.join(entry.file_name());
+        if path.is_dir() {
+            copy_hosts(&path, &target, root);
+        } else if let Ok(content) = std::fs::read_to_string(&path) {
+            let content = content.replace(
+                &format!("{}/", names::CONTAINERD_CERTS_DIR),
+                &format!("{}/", root.display()),
+            );
+            std::fs::write(target, content).unwrap();
+        }
+    }
+}
+
+/// A node's own configuration for the upstream, outside the addon: its hosts file, HTTPS
+/// with the upstream's CA.
+fn trust_upstream(hosts: &std::path::Path, host: &str, ca_pem: &[u8]) {
+    let dir = hosts.join(host);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("upstream-ca.crt"), ca_pem).unwrap();
+    std::fs::write(
+        dir.join("hosts.toml"),
+        format!(
+            "server = \"https://{host}\"\n\n[host.\"https://{host}\"]\n  \
+             capabilities = [\"pull\", \"resolve\"]\n  ca = \"{}\"\n",
+            dir.join("upstream-ca.crt").display()
+        ),
+    )
+    .unwrap();
+}
+
+/// Whether the hosts directory sends pulls of `host`'s images through the addon's mirror.
+fn routed_through_mirror(certs: &std::path::Path, host: &str) -> bool {
+    [host, "_default"].iter().any(|dir| {
+        std::fs::read_to_string(certs.join(dir).join("hosts.toml"))
+            .is_ok_and(|text| text.starts_with("# Managed by registry-addon"))
+    })
+}
+
+struct PullRecord {
+    start: std::time::Instant,
+    end: std::time::Instant,
+    /// Through the addon's mirror, without the node's own credentials for the upstream.
+    through_mirror: bool,
+    error: Option<String>,
+}
+
+/// The whole walk Local → Direct → Proxy → Unmanaged → Direct → Local with the real programs:
+/// the controller against the in-memory API servers, the workloads it applies run by the
+/// kubelet stand-in (`docker-registry` and the front, haproxy for the Service on a loopback
+/// ClusterIP), the node agent writing containerd's hosts directory, and a pull loop through it
+/// all the time. The upstream (token authentication) lets in the addon's credentials and, in
+/// Unmanaged, the node's own; a pull the hosts directory sends through the mirror carries no
+/// credentials of the node, so it cannot succeed through containerd's fallback to the
+/// upstream: every one of them succeeds only if the fixed address serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_full_walk_of_modes_with_a_pull_loop_fails_no_pull() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+    for tool in ["containerd", "ctr", "docker-registry", "haproxy"] {
+        assert!(
+            std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .stdout(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success()),
+            "{tool} is needed (apt-get install containerd docker-registry haproxy)"
+        );
+    }
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout == b"0\n");
+    assert!(root, "containerd and haproxy on port 443 need root");
+
+    let setup = Setup::new().await;
+    let env = &setup.env;
+    let dir = tempfile::Builder::new()
+        .prefix("walk")
+        .tempdir_in("/tmp")
+        .unwrap();
+    // The Service's ClusterIP on this machine's loopback (127.0.0.0/8), where haproxy stands
+    // in for kube-proxy; one replica, since peers would need the headless Service's DNS.
+    env.management.update(&cluster_path(), |c| {
+        c["spec"]["clusterNetwork"]["services"]["cidrBlocks"] = json!(["127.77.0.0/16"]);
+    });
+    let mut base = setup.cluster_value()["spec"]["topology"]["variables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "clusterConfig")
+        .unwrap()["value"]["addons"]["registry"]
+        .clone();
+    base["replicas"] = json!(1);
+    base.as_object_mut().unwrap().remove("serviceIP");
+    setup.set_registry(base.clone());
+    put_node(env, "n1", true);
+
+    // The upstream, as Docker Hub, Harbor or GHCR are: TLS, token authentication for the
+    // user `mirror` (the addon's, and a node's own outside the addon), no anonymous pull.
+    let registry = sync_support::RegistryProcess::start(
+        &dir.path().join("upstream"),
+        &sync_support::RegistryOptions::default(),
+    );
+    let image = sync_support::Image::new("amd64", vec![b"app layer".to_vec()], false);
+    image
+        .push(
+            &sync_support::client(&registry.url, None, None),
+            "team/app",
+            "1",
+        )
+        .await;
+    let tokens = sync_support::front::Front::start(
+        &registry.url,
+        sync_support::front::FrontOptions {
+            bearer: Some(("mirror".into(), "mirror-pass".into())),
+            ..Default::default()
+        },
+    )
+    .await;
+    let tls = sync_support::TestTls::new(&dir.path().join("tls"));
+    let upstream = sync_support::TlsHaproxy::start(&dir.path().join("up"), &tls, &tokens.url);
+    let host = format!("127.0.0.1:{}", upstream.port);
+    let upstream_url = format!("https://{host}");
+    let creds = |user: &str, password: &str| registry_addon::oci::Credentials {
+        username: user.into(),
+        password: password.into(),
+    };
+    let secrets = format!("/api/v1/namespaces/{CLUSTER_NS}/secrets");
+    env.management.put(
+        &secrets,
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "up-ca"},
+               "data": {"ca.crt": support::b64(&String::from_utf8(tls.ca_pem()).unwrap())}}),
+    );
+    env.management.put(
+        &secrets,
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "up-creds"},
+               "type": "kubernetes.io/basic-auth",
+               "data": {"username": support::b64("mirror"), "password": support::b64("mirror-pass")}}),
+    );
+    let reference = format!("{host}/team/app:1");
+    env.workload.put(
+        "/api/v1/namespaces/default/pods",
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "app"},
+               "spec": {"containers": [{"name": "c", "image": reference}]},
+               "status": {"phase": "Running"}}),
+    );
+
+    let mut kubelet =
+        support::kubelet::Kubelet::new(&dir.path().join("k"), env!("CARGO_BIN_EXE_registry-addon"));
+    let controller = setup.start(FAST_RESYNC).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while setup.creg_condition("RegistryReady")["status"] != "True" {
+        assert!(
+            Instant::now() < deadline,
+            "Local never got ready: {}\n{}",
+            setup.creg_condition("RegistryReady"),
+            kubelet.logs()
+        );
+        kubelet.sync(&env.workload);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let address = env
+        .workload
+        .get("/api/v1/namespaces/registry-system/services/registry")
+        .unwrap()["spec"]["clusterIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(address.starts_with("127.77."), "{address}");
+
+    // Local holds the image in use, pushed through the fixed address as `rw`.
+    let rw = env
+        .management
+        .get(&secret_path(
+            CLUSTER_NS,
+            &format!("{CLUSTER}-registry-addon-rw"),
+        ))
+        .expect("the rw Secret");
+    let rw = creds(
+        &support::unb64(&rw["data"]["username"]),
+        &support::unb64(&rw["data"]["password"]),
+    );
+    let ca_pem = root_ca(env).cert_pem().as_bytes().to_vec();
+    image
+        .push(
+            &sync_support::client(&format!("https://{address}"), Some(&ca_pem), Some(rw)),
+            "team/app",
+            "1",
+        )
+        .await;
+
+    // The node: its agent and containerd.
+    let node_dir = dir.path().join("n");
+    let certs = node_dir.join("certs.d");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::write(node_dir.join("kubeconfig"), env.workload.kubeconfig()).unwrap();
+    let agent_log = std::fs::File::create(node_dir.join("agent.log")).unwrap();
+    let mut agent = std::process::Command::new(env!("CARGO_BIN_EXE_registry-addon"))
+        .arg("node-agent")
+        .arg("--certs-dir")
+        .arg(&certs)
+        // containerd sees the directory at its usual path, as on a node; the snapshots below
+        // are its view.
+        .args(["--containerd-certs-dir", names::CONTAINERD_CERTS_DIR])
+        .args(["--node-name", "n1"])
+        .arg("--kubeconfig")
+        .arg(node_dir.join("kubeconfig"))
+        .args(["--probe-interval", "200ms"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .stdout(agent_log.try_clone().unwrap())
+        .stderr(agent_log)
+        .spawn()
+        .unwrap();
+    let (_containerd, socket) = sync_support::containerd::start_containerd(&dir.path().join("c"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !routed_through_mirror(&certs, &host) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent wrote no hosts file: {:?}\n{}",
+            std::fs::read_dir(&certs)
+                .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>()),
+            std::fs::read_to_string(node_dir.join("agent.log")).unwrap_or_default()
+        );
+        kubelet.sync(&env.workload);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The pull loop: a fetch of the image in use after another, its content removed after
+    // each so that the blobs are fetched again, not only the manifest resolved.
+    let stop = Arc::new(AtomicBool::new(false));
+    let pulls = {
+        let (stop, certs, socket, reference, host) = (
+            stop.clone(),
+            certs.clone(),
+            socket.clone(),
+            reference.clone(),
+            host.clone(),
+        );
+        let upstream_ca = tls.ca_pem();
+        let snapshot_dir = dir.path().join("pull-hosts");
+        std::thread::spawn(move || {
+            let mut records = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                snapshot(&certs, &snapshot_dir);
+                let through_mirror = routed_through_mirror(&snapshot_dir, &host);
+                let start = Instant::now();
+                let mut fetch = std::process::Command::new("ctr");
+                fetch
+                    .args(["--address", socket.to_str().unwrap()])
+                    .args(["--namespace", "walk", "content", "fetch"])
+                    .arg("--hosts-dir")
+                    .arg(&snapshot_dir);
+                if !through_mirror {
+                    // A node outside the addon pulls with its own credentials and trust.
+                    trust_upstream(&snapshot_dir, &host, &upstream_ca);
+                    fetch.args(["--user", "mirror:mirror-pass"]);
+                }
+                let out = fetch.arg(&reference).output().unwrap();
+                let end = Instant::now();
+                let error = (!out.status.success())
+                    .then(|| String::from_utf8_lossy(&out.stderr).into_owned());
+                records.push(PullRecord {
+                    start,
+                    end,
+                    through_mirror,
+                    error,
+                });
+                let listed = std::process::Command::new("ctr")
+                    .args(["--address", socket.to_str().unwrap()])
+                    .args(["--namespace", "walk", "content", "ls", "-q"])
+                    .output()
+                    .unwrap();
+                let digests: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+                    .split_whitespace()
+                    .map(str::to_string)
+                    .collect();
+                if !digests.is_empty() {
+                    let _ = std::process::Command::new("ctr")
+                        .args(["--address", socket.to_str().unwrap()])
+                        .args(["--namespace", "walk", "content", "rm"])
+                        .args(&digests)
+                        .output();
+                }
+            }
+            records
+        })
+    };
+
+    let status = |field: &str| {
+        setup
+            .creg()
+            .map(|c| c["status"][field].clone())
+            .unwrap_or(Value::Null)
+    };
+    let upstream_ref = json!({"url": upstream_url, "credentialsSecretRef": {"name": "up-creds"},
+                              "caSecretRef": {"name": "up-ca"}});
+    let mut windows = Vec::new();
+    for mode in ["Direct", "Proxy", "Unmanaged", "Direct", "Local"] {
+        let mut registry = base.clone();
+        registry["mode"] = json!(mode);
+        if mode == "Direct" || mode == "Proxy" {
+            registry["upstream"] = upstream_ref.clone();
+        }
+        let start = Instant::now();
+        setup.set_registry(registry);
+        let deadline = start + Duration::from_secs(90);
+        while !(status("mode") == mode && status("targetMode").is_null()) {
+            assert!(
+                Instant::now() < deadline,
+                "the switch to {mode} did not complete: ModeReady {}, NodesConfigured {}, \
+                 TargetReady {}\npods {:?}\n{}\nagent:\n{}",
+                setup.creg_condition("ModeReady"),
+                setup.creg_condition("NodesConfigured"),
+                setup.creg_condition("TargetReady"),
+                kubelet.pod_names(),
+                kubelet.logs(),
+                std::fs::read_to_string(node_dir.join("agent.log")).unwrap_or_default()
+            );
+            kubelet.sync(&env.workload);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The pods of the previous mode are gone with it.
+        kubelet.sync(&env.workload);
+        windows.push((mode, start, Instant::now()));
+        assert_eq!(
+            routed_through_mirror(&certs, &host),
+            mode != "Unmanaged",
+            "{mode}: the node's hosts files"
+        );
+    }
+    // Back in Local: its data survived the walk; pulls go on for a moment through it.
+    let end = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < end {
+        kubelet.sync(&env.workload);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let records = tokio::task::spawn_blocking(move || pulls.join().unwrap())
+        .await
+        .unwrap();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    controller.shutdown().await;
+
+    let failed: Vec<String> = records
+        .iter()
+        .filter_map(|r| {
+            r.error.as_ref().map(|e| {
+                let phase = windows
+                    .iter()
+                    .find(|(_, s, e)| r.start >= *s && r.start <= *e)
+                    .map_or("between switches", |(mode, ..)| mode);
+                format!(
+                    "during the switch to {phase} (through mirror: {}): {e}",
+                    r.through_mirror
+                )
+            })
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} pulls failed:\n{}",
+        failed.len(),
+        records.len(),
+        failed.join("\n")
+    );
+    for (mode, start, end) in &windows {
+        let during = records
+            .iter()
+            .filter(|r| r.start >= *start && r.end <= *end)
+            .count();
+        assert!(during > 0, "no pull ran during the switch to {mode}");
+    }
+    let direct = records.iter().filter(|r| !r.through_mirror).count();
+    assert!(
+        direct > 0 && direct < records.len(),
+        "pulls through the mirror and, in Unmanaged, straight: {direct} of {}",
+        records.len()
+    );
+    eprintln!(
+        "{} pulls over the walk, {direct} straight from the upstream; {} pods started",
+        records.len(),
+        kubelet.started()
+    );
+}

@@ -4,6 +4,7 @@
 
 pub mod apiserver;
 pub mod crd;
+pub mod kubelet;
 
 use std::time::Duration;
 
