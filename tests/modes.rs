@@ -405,3 +405,67 @@ async fn a_switch_waits_for_an_image_in_use_missing_at_the_target() {
     assert_eq!(record["mode"], "Local");
     assert!(record.get("switchingFrom").is_none(), "{record}");
 }
+
+/// With a HelmChartProxy, Helm keeps the workload objects a change of mode drops from the
+/// release (`helm.sh/resource-policy: keep`): the previous mode serves beside the new one, and
+/// its objects are deleted once the switch completes. Helm is played here: the objects its
+/// release would hold are put into the workload cluster.
+#[tokio::test]
+async fn with_a_helm_chart_proxy_the_kept_objects_of_the_previous_mode_go_at_the_end() {
+    let mut env = Env::new().await;
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    let values = |proxy: &Value| -> Value {
+        serde_yaml::from_str(proxy["spec"]["valuesTemplate"].as_str().unwrap()).unwrap()
+    };
+    let proxy = env
+        .management
+        .get(&support::hcp_path())
+        .expect("the HelmChartProxy");
+    assert_eq!(values(&proxy)["mode"], "Local");
+    // Helm installs Local: its StatefulSet, kept across upgrades.
+    let statefulset = json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "registry", "namespace": "registry-system",
+                     "labels": {"app.kubernetes.io/name": "registry", "app.kubernetes.io/part-of": "registry-addon"},
+                     "annotations": {"helm.sh/resource-policy": "keep"}},
+        "spec": {"replicas": 3},
+    });
+    env.workload.put(
+        "/apis/apps/v1/namespaces/registry-system/statefulsets",
+        statefulset,
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let tls = sync_support::TestTls::new(&dir.path().join("tls"));
+    let upstream = sync_support::RegistryProcess::start(
+        &dir.path().join("upstream"),
+        &sync_support::RegistryOptions {
+            tls: Some(&tls),
+            ..Default::default()
+        },
+    );
+    put_secret(
+        &env,
+        "up-ca",
+        "Opaque",
+        &[("ca.crt", &String::from_utf8(tls.ca_pem()).unwrap())],
+    );
+    env.set_registry(json!({"mode": "Direct", "upstream": {"url": upstream.url, "caSecretRef": {"name": "up-ca"}}}));
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    let proxy = env.management.get(&support::hcp_path()).unwrap();
+    assert_eq!(values(&proxy)["mode"], "Direct");
+    // Helm's upgrade: the Deployment is new, the StatefulSet dropped from the release but kept.
+    env.workload.put(
+        "/apis/apps/v1/namespaces/registry-system/deployments",
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+               "metadata": {"name": "registry-direct", "namespace": "registry-system",
+                            "labels": {"app.kubernetes.io/name": "registry-direct", "app.kubernetes.io/part-of": "registry-addon"}},
+               "spec": {"replicas": 2}}),
+    );
+    assert!(
+        env.workload.get(&statefulset_path()).is_some(),
+        "Local serves until Direct is ready"
+    );
+    complete_switch(&env, &statefulset_path()).await;
+    assert!(env.workload.get(DEPLOYMENT).is_some());
+}

@@ -575,11 +575,10 @@ impl<'a> Scope<'a> {
             Err(e) => return Err(e),
         };
         if let Some(workload) = workload {
+            // With a HelmChartProxy too: Helm's uninstall leaves the workload objects it keeps.
             let mut targets: Vec<(String, String, String)> = Vec::new();
-            if proxy.is_none() {
-                for id in removal_targets(&self.config.addon) {
-                    targets.push((id.api_version, id.kind, id.name));
-                }
+            for id in removal_targets(&self.config.addon) {
+                targets.push((id.api_version, id.kind, id.name));
             }
             for secret in [
                 names::REGISTRY_TLS_SECRET,
@@ -906,7 +905,7 @@ impl<'a> Converge<'a> {
         if complete {
             // The new mode serves and every node is off the old one: its workload goes, before
             // the record says the switch is over (a crash in between prunes again).
-            if record.switching_from.is_some() && self.deployer == Deployer::Direct {
+            if record.switching_from.is_some() {
                 let values = RegistryValues::new(
                     &self.config.addon,
                     &self.registry,
@@ -1171,6 +1170,11 @@ impl<'a> Converge<'a> {
                 if self.management.converge(current.as_ref(), &proxy).await? == Outcome::Applied {
                     applied += 1;
                     info!(cluster = %self.key, helmchartproxy = %k8s::ObjectId::of(&proxy), "applied the HelmChartProxy");
+                }
+                // Helm leaves the workload objects a release upgrade drops (they are kept, see
+                // the chart): as with the direct deployer, they go here.
+                if !settled && !self.switching {
+                    applied += modes::prune_other_modes(workload, &values, &self.key).await?;
                 }
             }
             Deployer::Direct => {

@@ -198,9 +198,9 @@ pub fn removal_targets(values: &RegistryValues) -> Vec<ObjectId> {
     all_mode_objects(values)
 }
 
-/// With the direct deployer: deletes the objects another mode rendered that `values`' mode
-/// does not (a HelmChartProxy's release drops them itself on upgrade). Only objects carrying
-/// the addon's labels are deleted. Never a PersistentVolumeClaim: the StatefulSet's are kept
+/// Deletes the objects another mode rendered that `values`' mode does not: those the direct
+/// deployer applied, and those a HelmChartProxy's release dropped on upgrade and Helm kept
+/// (`helm.sh/resource-policy: keep`). Only objects carrying the addon's labels are deleted. Never a PersistentVolumeClaim: the StatefulSet's are kept
 /// by its retention policy (`whenDeleted: Retain`), so Local's data survives Direct and
 /// Unmanaged. The number of objects deleted.
 pub async fn prune_other_modes(

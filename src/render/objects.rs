@@ -271,10 +271,13 @@ mod tests {
                 .as_object_mut()
                 .unwrap()
                 .remove(MANAGED_BY_LABEL);
-            stripped["metadata"]
-                .as_object_mut()
-                .unwrap()
-                .remove("annotations");
+            let metadata = stripped["metadata"].as_object_mut().unwrap();
+            let annotations = metadata["annotations"].as_object_mut().unwrap();
+            annotations.remove("meta.helm.sh/release-name");
+            annotations.remove("meta.helm.sh/release-namespace");
+            if annotations.is_empty() {
+                metadata.remove("annotations");
+            }
             assert_eq!(&stripped, plain);
         }
     }

@@ -321,11 +321,19 @@ fn direct_selector_labels() -> Value {
     })
 }
 
+/// Annotations of the workload objects of a mode. A change of mode drops some of them from a
+/// HelmChartProxy's release: Helm leaves them, and the converge deletes them once the switch
+/// is complete, so that the previous mode keeps serving beside the new one until then.
+fn keep() -> Value {
+    json!({"helm.sh/resource-policy": "keep"})
+}
+
 fn metadata(name: &str) -> Value {
     json!({
         "name": name,
         "namespace": names::REGISTRY_NAMESPACE,
         "labels": labels(),
+        "annotations": keep(),
     })
 }
 
@@ -334,6 +342,7 @@ fn direct_metadata() -> Value {
         "name": names::REGISTRY_DIRECT_NAME,
         "namespace": names::REGISTRY_NAMESPACE,
         "labels": direct_labels(),
+        "annotations": keep(),
     })
 }
 

@@ -194,6 +194,17 @@ def test_each_mode_renders_its_objects(mode, expected):
         validate(obj)
 
 
+@pytest.mark.parametrize("mode", ["Local", "Proxy", "Direct"])
+def test_a_mode_change_keeps_the_previous_workload_for_the_addon_to_remove(mode):
+    """Helm leaves what a change of mode drops from the release (the previous mode serves until
+    the switch completes, then the addon deletes it); the node agent is in every mode."""
+    objects = render(REGISTRY_CHART, {**BASE, "mode": mode, "upstream": UPSTREAM}, NAMESPACE)
+    for obj in objects:
+        annotations = obj["metadata"].get("annotations") or {}
+        kept = annotations.get("helm.sh/resource-policy") == "keep"
+        assert kept == ("node-agent" not in obj["metadata"]["name"]), key(obj)
+
+
 def serving_pods(objects):
     return [o["spec"]["template"]["metadata"]["labels"] for o in objects if o["kind"] in ("StatefulSet", "Deployment")]
 

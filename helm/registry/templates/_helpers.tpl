@@ -62,3 +62,10 @@ app.kubernetes.io/component: registry
 app.kubernetes.io/name: registry-direct
 app.kubernetes.io/part-of: registry-addon
 {{- end }}
+
+{{/* The workload objects of a mode. A change of mode drops some from the release: Helm leaves
+them, and the addon deletes them once the switch is complete, so that the previous mode keeps
+serving at the address beside the new one until then. */}}
+{{- define "registry.keep" -}}
+helm.sh/resource-policy: keep
+{{- end }}
