@@ -566,3 +566,83 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// `--require-images`: the front reports ready only while the registry behind holds every
+/// image the file lists (Local's replicas during a switch to Local); the file is reread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_images_holds_readiness_until_the_registry_has_them() {
+    need("docker-registry", "docker-registry");
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = TestTls::new(&tmp.path().join("tls"));
+    let registry = RegistryProcess::start(&tmp.path().join("registry"), &Default::default());
+    let list = tmp.path().join("images");
+    let list_arg = list.display().to_string();
+    // No file yet: nothing required, ready.
+    let front = FrontProcess::start_with(
+        &tmp.path().join("front"),
+        &registry.url,
+        &tls.cert_file,
+        &tls.key_file,
+        &users(),
+        &["--require-images", &list_arg],
+    );
+    let ready = || http_status(front.metrics_port, "/readyz");
+    let within = |want: u16| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ready() != Some(want) {
+            assert!(
+                Instant::now() < deadline,
+                "/readyz never answered {want}; log:\n{}",
+                std::fs::read_to_string(&front.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let reg = client(&registry.url, None, None);
+    let app = Image::new("amd64", vec![random_bytes(1, 1000)], false);
+    let other = Image::new("amd64", vec![random_bytes(2, 1000)], true);
+    let digest = app.push(&reg, "team/app", "1").await;
+
+    std::fs::write(
+        &list,
+        format!("# in use\nteam/app@{digest}\nlibrary/other:2\n"),
+    )
+    .unwrap();
+    within(503);
+    let log = std::fs::read_to_string(&front.log).unwrap();
+    assert!(
+        log.contains("1 of 2 images in use are missing from the registry; first: library/other:2"),
+        "{log}"
+    );
+    // Pulls are still served meanwhile (only the Service's endpoints follow readiness).
+    let through = client(
+        &front.url,
+        Some(&tls.ca_pem()),
+        Some(registry_addon::oci::Credentials {
+            username: RO.0.into(),
+            password: RO.1.into(),
+        }),
+    );
+    assert!(
+        through
+            .head_manifest("team/app", "1")
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    other.push(&reg, "library/other", "2").await;
+    within(200);
+    // A new image in use: not ready again until it is there.
+    std::fs::write(&list, "library/third:1\n").unwrap();
+    within(503);
+    app.push(&reg, "library/third", "1").await;
+    within(200);
+    // An unreadable list keeps it unready, naming the line.
+    std::fs::write(&list, "Not A Reference\n").unwrap();
+    within(503);
+    let log = std::fs::read_to_string(&front.log).unwrap();
+    assert!(log.contains("line 1:"), "{log}");
+    std::fs::write(&list, "").unwrap();
+    within(200);
+}

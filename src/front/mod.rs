@@ -14,6 +14,7 @@
 pub mod auth;
 pub mod proxy;
 pub mod remote;
+pub mod required;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -82,6 +83,12 @@ pub struct FrontArgs {
     /// How often the certificate and user files are checked for changes (Go duration).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub reload_interval: Duration,
+    /// File of images (`repository:tag` or `repository@digest`, one per line) the registry
+    /// behind must hold before the front reports ready; reread on change. A missing or empty
+    /// file requires nothing. Set by Local's StatefulSet: during a switch to Local, the
+    /// controller lists the images in use there.
+    #[arg(long, conflicts_with = "remote")]
+    pub require_images: Option<PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -271,6 +278,7 @@ pub async fn start(args: FrontArgs) -> anyhow::Result<Running> {
         tokio::spawn(users.clone().watch(args.reload_interval)),
         tokio::spawn(watch_backend(
             backend.clone(),
+            args.require_images.clone().map(required::Required::new),
             ready.clone(),
             args.reload_interval,
         )),
@@ -306,10 +314,19 @@ pub async fn start(args: FrontArgs) -> anyhow::Result<Running> {
     })
 }
 
-/// Ready while the registry behind (or the remote) answers; checked every `interval`.
-async fn watch_backend(backend: Backend, ready: Arc<AtomicBool>, interval: Duration) {
+/// Ready while the registry behind (or the remote) answers, and holds what `required` lists;
+/// checked every `interval`.
+async fn watch_backend(
+    backend: Backend,
+    mut required: Option<required::Required>,
+    ready: Arc<AtomicBool>,
+    interval: Duration,
+) {
     loop {
-        let up = backend.is_up().await;
+        let mut up = backend.is_up().await;
+        if let (true, Some(required), Backend::Local(upstream)) = (up, &mut required, &backend) {
+            up = required.holds_all(upstream).await;
+        }
         if ready.swap(up, Ordering::AcqRel) != up {
             tracing::info!(ready = up, "registry behind the front changed state");
         }

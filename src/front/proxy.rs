@@ -80,6 +80,28 @@ impl Upstream {
         )
     }
 
+    /// Whether the registry holds manifest `reference` of `repository` (a HEAD of every
+    /// manifest type; an error counts as not).
+    pub async fn has_manifest(&self, repository: &str, reference: &str) -> bool {
+        let path = format!("/v2/{repository}/manifests/{reference}");
+        let Ok(path) = path.parse::<Uri>() else {
+            return false;
+        };
+        let Ok(uri) = self.uri_for(&path) else {
+            return false;
+        };
+        let Ok(request) = Request::head(uri)
+            .header(http::header::ACCEPT, crate::oci::MANIFEST_ACCEPT)
+            .body(Full::new(Bytes::new()))
+        else {
+            return false;
+        };
+        matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(5), self.probe.request(request)).await,
+            Ok(Ok(response)) if response.status().is_success()
+        )
+    }
+
     /// Sends `request` on, without its credentials and hop-by-hop headers, and streams the
     /// answer back. `client_ip` goes in `X-Forwarded-For`.
     pub async fn forward(&self, request: Request<Incoming>, client_ip: &str) -> Response<Body> {
