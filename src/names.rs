@@ -29,6 +29,12 @@ pub const REGISTRY_DIRECT_NAME: &str = "registry-direct";
 pub const REGISTRY_UPSTREAM_SECRET: &str = "registry-upstream";
 /// Where the pods mount `registry-upstream`.
 pub const REGISTRY_UPSTREAM_DIR: &str = "/etc/registry-upstream";
+/// ConfigMap listing, during a switch to Local, the images in use the local store must hold
+/// (key [`IMAGES_IN_USE_KEY`]); Local's fronts are ready only once their registry holds them.
+pub const IMAGES_IN_USE_CONFIGMAP: &str = "registry-images-in-use";
+pub const IMAGES_IN_USE_KEY: &str = "images";
+/// Where Local's front mounts [`IMAGES_IN_USE_CONFIGMAP`].
+pub const IMAGES_IN_USE_DIR: &str = "/etc/registry-addon/images-in-use";
 /// Key of `registry-upstream` holding `{"username":…,"password":…}` for Direct's front.
 /// Headless Service giving each replica a stable DNS name.
 pub const REGISTRY_HEADLESS_SERVICE: &str = "registry-headless";

@@ -1422,20 +1422,21 @@ async fn the_full_walk_of_modes_with_a_pull_loop_fails_no_pull() {
 
     // The upstream, as Docker Hub, Harbor or GHCR are: TLS, token authentication for the
     // user `mirror` (the addon's, and a node's own outside the addon), no anonymous pull.
-    let registry = sync_support::RegistryProcess::start(
+    let origin = sync_support::RegistryProcess::start(
         &dir.path().join("upstream"),
         &sync_support::RegistryOptions::default(),
     );
     let image = sync_support::Image::new("amd64", vec![b"app layer".to_vec()], false);
+    let other = sync_support::Image::new("amd64", vec![b"other layer".to_vec()], false);
     image
         .push(
-            &sync_support::client(&registry.url, None, None),
+            &sync_support::client(&origin.url, None, None),
             "team/app",
             "1",
         )
         .await;
     let tokens = sync_support::front::Front::start(
-        &registry.url,
+        &origin.url,
         sync_support::front::FrontOptions {
             bearer: Some(("mirror".into(), "mirror-pass".into())),
             ..Default::default()
@@ -1508,7 +1509,11 @@ async fn the_full_walk_of_modes_with_a_pull_loop_fails_no_pull() {
     let ca_pem = root_ca(env).cert_pem().as_bytes().to_vec();
     image
         .push(
-            &sync_support::client(&format!("https://{address}"), Some(&ca_pem), Some(rw)),
+            &sync_support::client(
+                &format!("https://{address}"),
+                Some(&ca_pem),
+                Some(rw.clone()),
+            ),
             "team/app",
             "1",
         )
@@ -1627,7 +1632,68 @@ async fn the_full_walk_of_modes_with_a_pull_loop_fails_no_pull() {
             registry["upstream"] = upstream_ref.clone();
         }
         let start = Instant::now();
+        if mode == "Local" {
+            // A second image in use, at the upstream (Direct serves it) but not in the local
+            // store: the switch back to Local waits for it.
+            other
+                .push(
+                    &sync_support::client(&origin.url, None, None),
+                    "team/other",
+                    "2",
+                )
+                .await;
+            env.workload.put(
+                "/api/v1/namespaces/default/pods",
+                json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "other"},
+                       "spec": {"containers": [{"name": "c", "image": format!("{host}/team/other:2")}]},
+                       "status": {"phase": "Running"}}),
+            );
+        }
         setup.set_registry(registry);
+        if mode == "Local" {
+            let deadline = start + Duration::from_secs(60);
+            while setup.reason("TargetReady") != "WaitingForImages"
+                || !kubelet.pod_names().contains(&"registry-0".to_string())
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "no WaitingForImages: {}",
+                    setup.creg_condition("TargetReady")
+                );
+                kubelet.sync(&env.workload);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            // Held: Local's replica runs but is not ready, Direct keeps serving.
+            let held = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < held {
+                kubelet.sync(&env.workload);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(status("mode"), "Direct");
+            assert_eq!(status("targetMode"), "Local");
+            let message = setup.creg_condition("TargetReady")["message"].to_string();
+            assert!(message.contains("all 2 images in use"), "{message}");
+            let front_log = kubelet.logs();
+            assert!(
+                front_log.contains(
+                    "1 of 2 images in use are missing from the registry; first: team/other:2"
+                ),
+                "{front_log}"
+            );
+            // The operator pushes it to the replica (through a port-forward, say).
+            let port = kubelet.front_port("registry-0").unwrap();
+            other
+                .push(
+                    &sync_support::client(
+                        &format!("https://127.0.0.1:{port}"),
+                        Some(&ca_pem),
+                        Some(rw.clone()),
+                    ),
+                    "team/other",
+                    "2",
+                )
+                .await;
+        }
         let deadline = start + Duration::from_secs(90);
         while !(status("mode") == mode && status("targetMode").is_null()) {
             assert!(

@@ -365,6 +365,8 @@ pub struct Deployed {
     pub renewed: Option<&'static str>,
     /// Objects written: on the workload cluster, and the HelmChartProxy.
     pub applied: usize,
+    /// During a switch to Local: the number of images in use its replicas must hold.
+    pub images_required: Option<usize>,
 }
 
 /// The StatefulSet `registry-system/registry` against the replicas wanted.
@@ -844,28 +846,27 @@ impl<'a> Converge<'a> {
         }
         let check = match (&desired.upstream, desired.mode) {
             (Some(upstream), Mode::Proxy | Mode::Direct) => {
-                let secrets =
-                    modes::read_upstream_secrets(&self.management, self.cluster, desired)
-                        .await?
-                        .unwrap_or(modes::UpstreamSecrets {
-                            credentials: None,
-                            ca_pem: None,
-                        });
+                let secrets = modes::read_upstream_secrets(&self.management, self.cluster, desired)
+                    .await?
+                    .unwrap_or(modes::UpstreamSecrets {
+                        credentials: None,
+                        ca_pem: None,
+                    });
                 let pods = workload.list("v1", "Pod", None).await?;
                 let images = switch::images_in_use(&pods);
                 let routed = switch::routed_to(&images, &upstream.host);
                 let timeout = self.budget.mul_f64(0.25).max(Duration::from_secs(2));
                 switch::check_upstream(&upstream.origin(), &secrets, &routed, timeout).await
             }
-            (_, Mode::Local) => switch::TargetCheck::NotChecked(
-                "the local store is not running while another mode serves, so its content is                  not checked before a switch to Local; images missing there are pulled from                  their registries (containerd falls back)"
-                    .into(),
-            ),
+            // The local store does not run before the switch: its replicas check themselves.
+            (_, Mode::Local) => switch::TargetCheck::AtReplicas,
             _ => switch::TargetCheck::Ready { checked: 0 },
         };
         if matches!(
             check,
-            switch::TargetCheck::Ready { .. } | switch::TargetCheck::NotChecked(_)
+            switch::TargetCheck::Ready { .. }
+                | switch::TargetCheck::NotChecked(_)
+                | switch::TargetCheck::AtReplicas
         ) {
             let from = record
                 .switching_from
@@ -913,6 +914,9 @@ impl<'a> Converge<'a> {
                     String::new(),
                 );
                 modes::prune_other_modes(workload, &values, &self.key).await?;
+                if self.registry.mode == Mode::Local {
+                    self.delete_images_in_use(workload).await?;
+                }
             }
             record.switching_from = None;
         }
@@ -1140,6 +1144,7 @@ impl<'a> Converge<'a> {
             info!(cluster = %self.key, secret = %format!("{ns}/{tls_name}"), "applied the registry TLS Secret on the workload cluster");
         }
 
+        let images_required = self.ensure_images_in_use(workload, settled).await?;
         let certificate = CertInfo::from_pem(&cert.cert_pem)
             .map_err(|e| ConvergeError::Invalid(format!("registry certificate: {e}")))?;
         let hash = pod_hash(&certificate, &trust, ca);
@@ -1199,7 +1204,50 @@ impl<'a> Converge<'a> {
             certificate,
             renewed,
             applied,
+            images_required,
         })
+    }
+
+    /// During a switch to Local, lists the images in use in the ConfigMap Local's fronts read
+    /// (`front --require-images`), before the StatefulSet is applied, so that its replicas
+    /// start with it; otherwise, when the mode may have changed, removes it. The number of
+    /// images listed.
+    async fn ensure_images_in_use(
+        &self,
+        workload: &ClusterApi,
+        settled: bool,
+    ) -> Result<Option<usize>, ConvergeError> {
+        let ns = names::REGISTRY_NAMESPACE;
+        let name = names::IMAGES_IN_USE_CONFIGMAP;
+        if self.registry.mode == Mode::Local && self.switching {
+            let pods = workload.list("v1", "Pod", None).await?;
+            let images = switch::images_in_use(&pods);
+            let desired = switch::images_in_use_configmap(&images);
+            let existing = workload.get("v1", "ConfigMap", Some(ns), name).await?;
+            if workload.converge(existing.as_ref(), &desired).await? == Outcome::Applied {
+                info!(cluster = %self.key, configmap = %format!("{ns}/{name}"), images = images.len(), "listed the images in use the local store must hold");
+            }
+            return Ok(Some(images.len()));
+        }
+        if !settled {
+            self.delete_images_in_use(workload).await?;
+        }
+        Ok(None)
+    }
+
+    async fn delete_images_in_use(&self, workload: &ClusterApi) -> Result<(), ConvergeError> {
+        let ns = names::REGISTRY_NAMESPACE;
+        let name = names::IMAGES_IN_USE_CONFIGMAP;
+        // Read first: a repeat that finds nothing to do sends no write.
+        if workload
+            .get("v1", "ConfigMap", Some(ns), name)
+            .await?
+            .is_some()
+            && workload.delete("v1", "ConfigMap", Some(ns), name).await?
+        {
+            info!(cluster = %self.key, configmap = %format!("{ns}/{name}"), "deleted the list of images the local store must hold");
+        }
+        Ok(())
     }
 
     /// Fails, before anything is applied to the workload cluster, while the HelmChartProxy

@@ -424,7 +424,9 @@ impl Report {
                     false,
                     "Switching",
                     format!(
-                        "switching from {from} to {effective}: the {effective} registry is                          deployed; complete once it is ready and every node carries the final                          node configuration"
+                        "switching from {from} to {effective}: the {effective} registry is deployed \
+                         beside {from}; complete once it is ready and every node carries the final \
+                         node configuration"
                     ),
                 );
             }
@@ -455,7 +457,38 @@ impl Report {
                 );
             }
         }
-        if let (Some(check), SwitchState::Switching { .. }) = (&decision.check, &decision.state) {
+        if let (SwitchState::Switching { .. }, Some(images)) =
+            (&decision.state, deployed.images_required)
+        {
+            // A switch to Local: its replicas check themselves (`front --require-images`).
+            if readiness.waiting.is_none() {
+                conditions.set(
+                    TARGET_READY,
+                    true,
+                    "TargetServesImagesInUse",
+                    format!(
+                        "the Local target holds all {images} images in use: every replica is \
+                         ready"
+                    ),
+                );
+            } else {
+                conditions.set(
+                    TARGET_READY,
+                    false,
+                    "WaitingForImages",
+                    format!(
+                        "the Local target's replicas are ready only once they hold all {images} \
+                         images in use: {ready} of {wanted} ready (the front's log names the \
+                         first missing); push what is missing to one replica (kubectl -n \
+                         registry-system port-forward pod/registry-0 5000, then registry-addon \
+                         mirror push --to https://127.0.0.1:5000), its peers sync it; mode \
+                         {mode} keeps serving"
+                    ),
+                );
+            }
+        } else if let (Some(check), SwitchState::Switching { .. }) =
+            (&decision.check, &decision.state)
+        {
             let status = if matches!(check, TargetCheck::NotChecked(_)) {
                 ConditionStatus::Unknown
             } else {

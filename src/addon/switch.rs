@@ -166,6 +166,29 @@ pub fn images_in_use(pods: &[Value]) -> Vec<ImageReference> {
     images
 }
 
+/// The ConfigMap listing what the local store must hold: each image in use as the `_default`
+/// mirror is asked for it (`repository:tag`, `repository@digest`), read by Local's fronts
+/// (`front --require-images`).
+pub fn images_in_use_configmap(images: &[ImageReference]) -> Value {
+    let mut lines = BTreeSet::new();
+    for image in images {
+        let path = image.mirror_path();
+        let separator = if image.digest.is_some() { '@' } else { ':' };
+        lines.insert(format!("{}{separator}{}", path.repository, path.reference));
+    }
+    let text: String = lines.into_iter().map(|l| l + "\n").collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": names::IMAGES_IN_USE_CONFIGMAP,
+            "namespace": names::REGISTRY_NAMESPACE,
+            "labels": {names::MANAGED_BY_LABEL: names::FIELD_MANAGER},
+        },
+        "data": {names::IMAGES_IN_USE_KEY: text},
+    })
+}
+
 /// The images of `images` that a mode routing `host`'s images to the mirror would send there.
 pub fn routed_to<'a>(images: &'a [ImageReference], host: &str) -> Vec<&'a ImageReference> {
     images
@@ -183,6 +206,9 @@ pub enum TargetCheck {
     Unavailable(String),
     /// What could not be checked, and why a switch goes on all the same.
     NotChecked(String),
+    /// Checked by the target's own replicas (the local store): each is ready only once it
+    /// holds every image in use, and the switch completes only once all are.
+    AtReplicas,
     /// Images in use it does not have.
     Missing {
         missing: usize,
@@ -199,6 +225,10 @@ impl TargetCheck {
             }
             TargetCheck::Unavailable(why) => format!("{target} cannot be used: {why}"),
             TargetCheck::NotChecked(why) => format!("{target} not checked: {why}"),
+            TargetCheck::AtReplicas => format!(
+                "{target} is checked by its replicas: each is ready only once it holds every \
+                 image in use"
+            ),
             TargetCheck::Missing { missing, of, first } => {
                 format!("{missing} of {of} images in use are missing at {target}; first: {first}")
             }

@@ -4,8 +4,8 @@
 //! [`Kubelet::sync`] reads StatefulSet `registry` and Deployment `registry-direct` in
 //! `registry-system` and runs their pods as the real programs: each pod's `registry` container
 //! is `docker-registry`, its `front` container the addon's binary, with the container's own
-//! arguments and environment. Volumes become directories holding the Secrets' keys (the
-//! kubelet's projection), an `emptyDir`, or for a volume claim template one directory per
+//! arguments and environment. Volumes become directories holding the Secrets' and ConfigMaps'
+//! keys as they are when the pod starts, an `emptyDir`, or for a volume claim template one directory per
 //! claim (`data-registry-0`) that outlives the pod and the StatefulSet, as the PVC does. Ports
 //! a container listens on (`0.0.0.0:N`, `127.0.0.1:N`) are mapped to free loopback ports,
 //! one map per pod, since all pods share this machine's loopback.
@@ -325,6 +325,14 @@ impl Kubelet {
         self.started
     }
 
+    /// The loopback port of a running pod's front (what `kubectl port-forward` would reach).
+    pub fn front_port(&self, pod: &str) -> Option<u16> {
+        self.pods
+            .iter()
+            .find(|p| p.name == pod)
+            .map(|p| p.front_port)
+    }
+
     /// Names of the running pods.
     pub fn pod_names(&self) -> Vec<String> {
         self.pods.iter().map(|p| p.name.clone()).collect()
@@ -439,6 +447,20 @@ impl Kubelet {
                         for (key, content) in &data {
                             std::fs::write(path.join(key), content).unwrap();
                         }
+                    }
+                }
+            } else if let Some(configmap) = volume["configMap"].as_object() {
+                let configmap_name = configmap["name"].as_str().unwrap();
+                let path_of = format!("/api/v1/namespaces/{NS}/configmaps/{configmap_name}");
+                match api.get(&path_of) {
+                    Some(object) => {
+                        for (key, value) in object["data"].as_object().into_iter().flatten() {
+                            std::fs::write(path.join(key), value.as_str().unwrap()).unwrap();
+                        }
+                    }
+                    None if configmap.get("optional") == Some(&json!(true)) => {}
+                    None => {
+                        panic!("pod {name} mounts ConfigMap {configmap_name}, which does not exist")
                     }
                 }
             } else if volume.get("emptyDir").is_none() {
