@@ -865,8 +865,15 @@ async fn a_root_ca_rotation_rolls_out_to_the_nodes_in_two_phases() {
         pod_hash() != hash_before
     })
     .await;
-    let copy = env.management.get(&cluster_ca_path()).unwrap();
-    assert_eq!(certificates(&support::unb64(&copy["data"]["ca.crt"])), 2);
+    // Written right after the node config, in the same step.
+    eventually(
+        "both CAs in the cluster's CA copy, for new machines",
+        || {
+            let copy = env.management.get(&cluster_ca_path()).unwrap();
+            certificates(&support::unb64(&copy["data"]["ca.crt"])) == 2
+        },
+    )
+    .await;
     let transition = node_config_key(env, names::NODE_CONFIG_HASH_KEY);
     eventually("phase 1 progress shown", || {
         setup.reason(registry_addon::controller::status::NODES_CONFIGURED) == "TransitionPhase"

@@ -484,3 +484,83 @@ async fn proxy_mode_end_to_end() {
     // An image never cached is not there while the upstream is down.
     assert!(pull(&ro, "team/never-pulled", "v1").await.is_err());
 }
+
+/// During a switch to Proxy its replicas must fetch the images in use from the upstream
+/// before they are ready (`front --require-images`). Against an upstream with plain Basic
+/// auth, Distribution 2.8's proxy never sends the credentials (only to a token realm): the
+/// replica stays unready, naming the image it cannot serve, so the switch waits instead of
+/// sending nodes to a mirror that cannot pull. (With a token upstream the walk of modes in
+/// tests/controller_converge.rs gets its Proxy replica ready the same way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_replicas_stay_unready_when_they_cannot_fetch_the_images_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let upstream_tls = TestTls::new(&dir.join("upstream-tls"));
+    let htpasswd = dir.join("htpasswd");
+    write_htpasswd(&htpasswd, UPSTREAM_USER, UPSTREAM_PASSWORD);
+    let upstream = RegistryProcess::start(
+        &dir.join("upstream"),
+        &RegistryOptions {
+            tls: Some(&upstream_tls),
+            htpasswd: Some(&htpasswd),
+            ..RegistryOptions::default()
+        },
+    );
+    let image = Image::new("amd64", vec![random_bytes(7, 4096)], false);
+    image
+        .push(
+            &client(
+                &upstream.url,
+                Some(&upstream_tls.ca_pem()),
+                Some(Credentials {
+                    username: UPSTREAM_USER.into(),
+                    password: UPSTREAM_PASSWORD.into(),
+                }),
+            ),
+            "team/app",
+            "1",
+        )
+        .await;
+    let values = proxy_values(&upstream.url);
+    let secret = upstream_secret(&UpstreamSecrets {
+        credentials: Some((UPSTREAM_USER.into(), UPSTREAM_PASSWORD.into())),
+        ca_pem: Some(String::from_utf8(upstream_tls.ca_pem()).unwrap()),
+    });
+    let proxy = ProxyRegistry::start(&dir.join("proxy"), &values, &secret);
+    let list = dir.join("images");
+    let list_arg = list.display().to_string();
+    let front_tls = TestTls::new(&dir.join("front-tls"));
+    let front = FrontProcess::start_with(
+        &dir.join("front"),
+        &format!("http://127.0.0.1:{}", proxy.port),
+        &front_tls.cert_file,
+        &front_tls.key_file,
+        &[FrontUser {
+            name: "ro",
+            password: RO_PASSWORD,
+            push: false,
+        }],
+        &["--pull-only", "--require-images", &list_arg],
+    );
+    // The StatefulSet gives its front the same requirement.
+    let objects = registry_objects(&values);
+    let sts = objects.iter().find(|o| o["kind"] == "StatefulSet").unwrap();
+    let args = &sts["spec"]["template"]["spec"]["containers"][1]["args"];
+    assert!(
+        args.as_array()
+            .unwrap()
+            .contains(&json!("--require-images"))
+    );
+
+    std::fs::write(&list, "team/app:1\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_status(front.metrics_port, "/readyz") != Some(503) {
+        assert!(Instant::now() < deadline, "the front stayed ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = std::fs::read_to_string(&front.log).unwrap();
+    assert!(
+        log.contains("1 of 1 images in use are missing from the registry; first: team/app:1"),
+        "{log}"
+    );
+}

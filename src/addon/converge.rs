@@ -365,7 +365,7 @@ pub struct Deployed {
     pub renewed: Option<&'static str>,
     /// Objects written: on the workload cluster, and the HelmChartProxy.
     pub applied: usize,
-    /// During a switch to Local: the number of images in use its replicas must hold.
+    /// During a switch to Local or Proxy: the number of images in use its replicas must serve.
     pub images_required: Option<usize>,
 }
 
@@ -914,7 +914,7 @@ impl<'a> Converge<'a> {
                     String::new(),
                 );
                 modes::prune_other_modes(workload, &values, &self.key).await?;
-                if self.registry.mode == Mode::Local {
+                if matches!(self.registry.mode, Mode::Local | Mode::Proxy) {
                     self.delete_images_in_use(workload).await?;
                 }
             }
@@ -1208,10 +1208,10 @@ impl<'a> Converge<'a> {
         })
     }
 
-    /// During a switch to Local, lists the images in use in the ConfigMap Local's fronts read
-    /// (`front --require-images`), before the StatefulSet is applied, so that its replicas
-    /// start with it; otherwise, when the mode may have changed, removes it. The number of
-    /// images listed.
+    /// During a switch to Local or Proxy, lists the images in use (Proxy: those routed to the
+    /// upstream) in the ConfigMap the StatefulSet's fronts read (`front --require-images`),
+    /// before the StatefulSet is applied, so that its replicas start with it; otherwise, when
+    /// the mode may have changed, removes it. The number of images listed.
     async fn ensure_images_in_use(
         &self,
         workload: &ClusterApi,
@@ -1219,9 +1219,18 @@ impl<'a> Converge<'a> {
     ) -> Result<Option<usize>, ConvergeError> {
         let ns = names::REGISTRY_NAMESPACE;
         let name = names::IMAGES_IN_USE_CONFIGMAP;
-        if self.registry.mode == Mode::Local && self.switching {
+        let to_store = matches!(self.registry.mode, Mode::Local | Mode::Proxy);
+        if to_store && self.switching {
             let pods = workload.list("v1", "Pod", None).await?;
-            let images = switch::images_in_use(&pods);
+            let mut images = switch::images_in_use(&pods);
+            // Proxy is asked only for the upstream's images.
+            if let (Mode::Proxy, Some(upstream)) = (self.registry.mode, &self.registry.upstream) {
+                let routed: Vec<_> = switch::routed_to(&images, &upstream.host)
+                    .into_iter()
+                    .cloned()
+                    .collect();
+                images = routed;
+            }
             let desired = switch::images_in_use_configmap(&images);
             let existing = workload.get("v1", "ConfigMap", Some(ns), name).await?;
             if workload.converge(existing.as_ref(), &desired).await? == Outcome::Applied {

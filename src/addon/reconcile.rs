@@ -460,29 +460,39 @@ impl Report {
         if let (SwitchState::Switching { .. }, Some(images)) =
             (&decision.state, deployed.images_required)
         {
-            // A switch to Local: its replicas check themselves (`front --require-images`).
+            // A switch to Local or Proxy: its replicas check themselves (`front
+            // --require-images`).
+            let what = if effective == "Local" {
+                "hold"
+            } else {
+                "fetch from the upstream"
+            };
             if readiness.waiting.is_none() {
                 conditions.set(
                     TARGET_READY,
                     true,
                     "TargetServesImagesInUse",
                     format!(
-                        "the Local target holds all {images} images in use: every replica is \
-                         ready"
+                        "the {effective} target serves all {images} images in use routed to it: \
+                         every replica is ready"
                     ),
                 );
             } else {
+                let hint = if effective == "Local" {
+                    "; push what is missing to one replica (kubectl -n registry-system \
+                     port-forward pod/registry-0 5000, then registry-addon mirror push --to \
+                     https://127.0.0.1:5000), its peers sync it"
+                } else {
+                    ""
+                };
                 conditions.set(
                     TARGET_READY,
                     false,
                     "WaitingForImages",
                     format!(
-                        "the Local target's replicas are ready only once they hold all {images} \
-                         images in use: {ready} of {wanted} ready (the front's log names the \
-                         first missing); push what is missing to one replica (kubectl -n \
-                         registry-system port-forward pod/registry-0 5000, then registry-addon \
-                         mirror push --to https://127.0.0.1:5000), its peers sync it; mode \
-                         {mode} keeps serving"
+                        "the {effective} target's replicas are ready only once they {what} all \
+                         {images} images in use routed to it: {ready} of {wanted} ready (each \
+                         front's log names the first it lacks){hint}; mode {mode} keeps serving"
                     ),
                 );
             }

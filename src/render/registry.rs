@@ -672,25 +672,23 @@ fn stateful_set(values: &RegistryValues) -> Value {
     if let Some(resources) = values.resources.registry.to_value() {
         registry["resources"] = resources;
     }
-    let mut backend = vec![json!("--upstream"), json!(format!("http://{loopback}"))];
-    if !proxy {
-        // During a switch to Local, a replica is ready only once it holds the images in use.
-        backend.extend([
-            json!("--require-images"),
-            json!(format!(
-                "{}/{}",
-                names::IMAGES_IN_USE_DIR,
-                names::IMAGES_IN_USE_KEY
-            )),
-        ]);
-    }
+    // During a switch to Local or Proxy, a replica is ready only once its registry serves the
+    // images in use (Local: holds them; Proxy: fetches them from the upstream).
+    let backend = vec![
+        json!("--upstream"),
+        json!(format!("http://{loopback}")),
+        json!("--require-images"),
+        json!(format!(
+            "{}/{}",
+            names::IMAGES_IN_USE_DIR,
+            names::IMAGES_IN_USE_KEY
+        )),
+    ];
     let mut front = front_container(values, backend, proxy);
-    if !proxy {
-        push(
-            &mut front["volumeMounts"],
-            json!({"name": "images-in-use", "mountPath": names::IMAGES_IN_USE_DIR, "readOnly": true}),
-        );
-    }
+    push(
+        &mut front["volumeMounts"],
+        json!({"name": "images-in-use", "mountPath": names::IMAGES_IN_USE_DIR, "readOnly": true}),
+    );
     let mut containers = vec![registry, front];
     if !proxy {
         let mut sync_container = sync_container(values, &loopback);
@@ -724,12 +722,12 @@ fn stateful_set(values: &RegistryValues) -> Value {
                 {"key": names::AUTH_SYNC_CREDENTIALS_KEY, "path": names::AUTH_SYNC_CREDENTIALS_KEY},
             ],
         }}));
-        // Written only during a switch to Local: absent, it requires nothing.
-        volumes.push(json!({"name": "images-in-use", "configMap": {
-            "name": names::IMAGES_IN_USE_CONFIGMAP,
-            "optional": true,
-        }}));
     }
+    // Written only during a switch to Local or Proxy: absent, it requires nothing.
+    volumes.push(json!({"name": "images-in-use", "configMap": {
+        "name": names::IMAGES_IN_USE_CONFIGMAP,
+        "optional": true,
+    }}));
     volumes.push(json!({"name": "tmp", "emptyDir": {}}));
     // Each container sees only its part of `registry-auth`.
     let pod_spec = pod_spec(values, selector_labels(), containers, volumes);
