@@ -469,3 +469,24 @@ async fn with_a_helm_chart_proxy_the_kept_objects_of_the_previous_mode_go_at_the
     complete_switch(&env, &statefulset_path()).await;
     assert!(env.workload.get(DEPLOYMENT).is_some());
 }
+
+/// A registry deployed before modes were recorded (only Local existed) has no record: its
+/// StatefulSet tells it is Local, so a change of mode is a switch with its checks, and Local →
+/// Proxy is refused rather than applied.
+#[tokio::test]
+async fn an_unrecorded_registry_is_taken_as_local() {
+    let mut env = direct_env().await;
+    env.set_registry(json!({}));
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    let sts = env.workload.get(&statefulset_path()).unwrap();
+    env.workload
+        .remove("/api/v1/namespaces/registry-system/configmaps/registry-mode");
+    env.set_registry(json!({"mode": "Proxy", "upstream": {"url": "https://upstream.example"}}));
+    assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert_eq!(
+        env.workload.get(&statefulset_path()).unwrap()["spec"],
+        sts["spec"],
+        "Local → Proxy refused: nothing changed"
+    );
+    assert_eq!(mode_record(&env)["mode"], "Local");
+}

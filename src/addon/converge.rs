@@ -819,8 +819,12 @@ impl<'a> Converge<'a> {
                 state,
                 check: None,
             };
+        let effective = match effective {
+            Some(found) => Some(found),
+            None => self.unrecorded_local(workload, desired).await?,
+        };
         let Some((record, current)) = effective else {
-            // Nothing recorded: a first deploy, or one from before modes were recorded.
+            // Nothing recorded and nothing deployed: a first deploy.
             return Ok(decision(desired.clone(), wanted, SwitchState::Settled));
         };
         if record.same_mode(&wanted) {
@@ -892,6 +896,45 @@ impl<'a> Converge<'a> {
                 check,
             },
         ))
+    }
+
+    /// Without a mode record: Local when its StatefulSet runs (a registry deployed before modes
+    /// were recorded, which could only be Local, or a record deleted by hand), so that a
+    /// change of mode is a switch with its checks rather than taken as is.
+    async fn unrecorded_local(
+        &self,
+        workload: &ClusterApi,
+        desired: &RegistryConfig,
+    ) -> Result<Option<(ModeRecord, RegistryConfig)>, ConvergeError> {
+        let statefulset = workload
+            .get(
+                "apps/v1",
+                "StatefulSet",
+                Some(names::REGISTRY_NAMESPACE),
+                names::REGISTRY_NAME,
+            )
+            .await?;
+        let Some(statefulset) = statefulset else {
+            return Ok(None);
+        };
+        let ours =
+            statefulset["metadata"]["labels"]["app.kubernetes.io/part-of"] == "registry-addon";
+        let proxy = statefulset["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|c| c["env"].as_array().into_iter().flatten())
+            .any(|e| e["name"] == "REGISTRY_PROXY_REMOTEURL");
+        if !ours || proxy {
+            return Ok(None);
+        }
+        let record = ModeRecord {
+            mode: Mode::Local.as_str().to_string(),
+            upstream: None,
+            cache: None,
+            switching_from: None,
+        };
+        Ok(record.apply_to(desired).map(|config| (record, config)))
     }
 
     /// Records the mode deployed: at the start of a switch, and with `complete` (its registry
