@@ -61,6 +61,28 @@ fn upstream() -> Value {
     })
 }
 
+/// A real upstream registry over TLS under `dir`, its CA in Secret `up-ca` beside the Cluster.
+fn tls_upstream(
+    env: &Env,
+    dir: &std::path::Path,
+) -> (sync_support::TestTls, sync_support::RegistryProcess) {
+    let tls = sync_support::TestTls::new(&dir.join("tls"));
+    let upstream = sync_support::RegistryProcess::start(
+        &dir.join("upstream"),
+        &sync_support::RegistryOptions {
+            tls: Some(&tls),
+            ..Default::default()
+        },
+    );
+    put_secret(
+        env,
+        "up-ca",
+        "Opaque",
+        &[("ca.crt", &String::from_utf8(tls.ca_pem()).unwrap())],
+    );
+    (tls, upstream)
+}
+
 async fn direct_env() -> Env {
     let mut env = Env::new().await;
     env.settings = json!({"deployer": "direct"});
@@ -225,20 +247,7 @@ async fn each_mode_applies_its_objects_and_keeps_the_address_and_the_pvcs() {
 
     // A switch to Direct waits for its upstream: a real one, answering /v2/.
     let dir = tempfile::tempdir().unwrap();
-    let tls = sync_support::TestTls::new(&dir.path().join("tls"));
-    let upstream = sync_support::RegistryProcess::start(
-        &dir.path().join("upstream"),
-        &sync_support::RegistryOptions {
-            tls: Some(&tls),
-            ..Default::default()
-        },
-    );
-    put_secret(
-        &env,
-        "up-ca",
-        "Opaque",
-        &[("ca.crt", &String::from_utf8(tls.ca_pem()).unwrap())],
-    );
+    let (_tls, upstream) = tls_upstream(&env, dir.path());
     env.set_registry(json!({"mode": "Direct", "upstream": {"url": upstream.url, "caSecretRef": {"name": "up-ca"}}}));
     assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
     assert!(
@@ -351,20 +360,7 @@ async fn a_switch_waits_for_an_image_in_use_missing_at_the_target() {
     let mut env = direct_env().await;
     assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
     let dir = tempfile::tempdir().unwrap();
-    let tls = sync_support::TestTls::new(&dir.path().join("tls"));
-    let upstream = sync_support::RegistryProcess::start(
-        &dir.path().join("upstream"),
-        &sync_support::RegistryOptions {
-            tls: Some(&tls),
-            ..Default::default()
-        },
-    );
-    put_secret(
-        &env,
-        "up-ca",
-        "Opaque",
-        &[("ca.crt", &String::from_utf8(tls.ca_pem()).unwrap())],
-    );
+    let (tls, upstream) = tls_upstream(&env, dir.path());
     // A Pod in the workload cluster runs an image of the upstream's host, and one elsewhere.
     let host = upstream.url.trim_start_matches("https://").to_string();
     env.workload.put(
@@ -436,20 +432,7 @@ async fn with_a_helm_chart_proxy_the_kept_objects_of_the_previous_mode_go_at_the
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let tls = sync_support::TestTls::new(&dir.path().join("tls"));
-    let upstream = sync_support::RegistryProcess::start(
-        &dir.path().join("upstream"),
-        &sync_support::RegistryOptions {
-            tls: Some(&tls),
-            ..Default::default()
-        },
-    );
-    put_secret(
-        &env,
-        "up-ca",
-        "Opaque",
-        &[("ca.crt", &String::from_utf8(tls.ca_pem()).unwrap())],
-    );
+    let (_tls, upstream) = tls_upstream(&env, dir.path());
     env.set_registry(json!({"mode": "Direct", "upstream": {"url": upstream.url, "caSecretRef": {"name": "up-ca"}}}));
     assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
     let proxy = env.management.get(&support::hcp_path()).unwrap();

@@ -526,14 +526,7 @@ impl<'a> Scope<'a> {
             // Without a HelmChartProxy, only the direct deployer can have put it there.
             None if self.deployer == Deployer::Direct => Ok(Some(Deployer::Direct)),
             None => {
-                let statefulset = workload
-                    .get(
-                        "apps/v1",
-                        "StatefulSet",
-                        Some(names::REGISTRY_NAMESPACE),
-                        names::REGISTRY_NAME,
-                    )
-                    .await?;
+                let statefulset = registry_statefulset(workload).await?;
                 Ok(statefulset.map(|_| Deployer::Direct))
             }
         }
@@ -906,14 +899,7 @@ impl<'a> Converge<'a> {
         workload: &ClusterApi,
         desired: &RegistryConfig,
     ) -> Result<Option<(ModeRecord, RegistryConfig)>, ConvergeError> {
-        let statefulset = workload
-            .get(
-                "apps/v1",
-                "StatefulSet",
-                Some(names::REGISTRY_NAMESPACE),
-                names::REGISTRY_NAME,
-            )
-            .await?;
+        let statefulset = registry_statefulset(workload).await?;
         let Some(statefulset) = statefulset else {
             return Ok(None);
         };
@@ -1355,14 +1341,7 @@ impl<'a> Converge<'a> {
             }
             Mode::Local | Mode::Proxy => {}
         }
-        let statefulset = workload
-            .get(
-                "apps/v1",
-                "StatefulSet",
-                Some(names::REGISTRY_NAMESPACE),
-                names::REGISTRY_NAME,
-            )
-            .await?;
+        let statefulset = registry_statefulset(workload).await?;
         let wanted = u64::from(self.registry.replicas);
         Ok(match &statefulset {
             None => Readiness {
@@ -1379,6 +1358,20 @@ impl<'a> Converge<'a> {
             },
         })
     }
+}
+
+/// StatefulSet `registry-system/registry` (Local's and Proxy's), if it exists.
+async fn registry_statefulset(
+    workload: &ClusterApi,
+) -> Result<Option<serde_json::Value>, ConvergeError> {
+    Ok(workload
+        .get(
+            "apps/v1",
+            "StatefulSet",
+            Some(names::REGISTRY_NAMESPACE),
+            names::REGISTRY_NAME,
+        )
+        .await?)
 }
 
 /// Names the HelmChartProxy holding the addon's name for `cluster` without its labels.
