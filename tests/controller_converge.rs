@@ -540,6 +540,37 @@ async fn turning_the_addon_off_removes_the_workload_objects_and_keeps_pvcs() {
     controller.shutdown().await;
 }
 
+/// With a HelmChartProxy, Helm's uninstall leaves the workload objects it keeps
+/// (`helm.sh/resource-policy: keep`): turning the addon off deletes them too.
+#[tokio::test]
+async fn turning_the_addon_off_with_a_helm_chart_proxy_deletes_the_kept_objects() {
+    let setup = Setup::with(&[]).await;
+    let env = &setup.env;
+    let controller = setup.start(FAST_RESYNC).await;
+    eventually("the HelmChartProxy applied", || {
+        env.management.get(&hcp_path()).is_some()
+    })
+    .await;
+    // What the release installed, as Helm leaves it after an uninstall.
+    env.make_registry_ready(3);
+    env.workload.update(&statefulset_path(), |sts| {
+        sts["metadata"]["labels"] = json!({"app.kubernetes.io/name": "registry",
+                                           "app.kubernetes.io/part-of": "registry-addon"});
+        sts["metadata"]["annotations"] = json!({"helm.sh/resource-policy": "keep"});
+    });
+    setup.set_registry(Value::Null);
+    eventually("the ClusterRegistry removed", || setup.creg().is_none()).await;
+    assert!(
+        env.management.get(&hcp_path()).is_none(),
+        "the HelmChartProxy deleted"
+    );
+    assert!(
+        env.workload.get(&statefulset_path()).is_none(),
+        "the kept StatefulSet deleted"
+    );
+    controller.shutdown().await;
+}
+
 #[tokio::test]
 async fn an_invalid_variable_is_shown_with_the_hooks_message_and_nothing_reaches_the_workload() {
     let mut setup = Setup::new().await;
