@@ -1812,3 +1812,85 @@ async fn the_full_walk_of_modes_with_a_pull_loop_fails_no_pull() {
         kubelet.started()
     );
 }
+
+/// Back to the mode a switch started from while nodes are half-way to the new route: the
+/// abandoned target keeps serving until every node is back on the old route, then goes.
+#[tokio::test]
+async fn switching_back_mid_way_keeps_the_abandoned_target_until_the_nodes_are_back() {
+    let setup = Setup::new().await;
+    let env = &setup.env;
+    put_node(env, "n1", true);
+    let controller = setup.converged().await;
+    let ack_current = || {
+        ack(
+            env,
+            "n1",
+            &node_config_key(env, names::NODE_CONFIG_HASH_KEY),
+        )
+    };
+    ack_current();
+    let app = AppUpstream::start(env);
+    app.push();
+    let local = setup.cluster_value()["spec"]["topology"]["variables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "clusterConfig")
+        .unwrap()["value"]["addons"]["registry"]
+        .clone();
+    let mut direct = local.clone();
+    direct["mode"] = json!("Direct");
+    direct["upstream"] = json!({"url": app.upstream.url, "caSecretRef": {"name": "up-ca"}});
+    setup.set_registry(direct);
+    let deployment = "/apis/apps/v1/namespaces/registry-system/deployments/registry-direct";
+    eventually("Direct ready and the node in transition", || {
+        env.make_direct_ready();
+        node_config_key(env, names::NODE_CONFIG_PHASE_KEY) == "transition"
+    })
+    .await;
+    // The node carries the transition (both routes).
+    ack_current();
+    let status = |field: &str| {
+        setup
+            .creg()
+            .map(|c| c["status"][field].clone())
+            .unwrap_or(Value::Null)
+    };
+    setup.set_registry(local);
+    eventually("returning to Local shown", || {
+        setup.creg_condition("ModeReady")["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("returning to Local"))
+    })
+    .await;
+    assert_eq!(status("mode"), "Local");
+    assert_eq!(status("targetMode"), "Local");
+    assert!(
+        env.workload.get(deployment).is_some(),
+        "Direct serves while the node may send to it"
+    );
+    eventually("back to Local, complete", || {
+        env.make_registry_ready(3);
+        ack_current();
+        status("targetMode").is_null()
+    })
+    .await;
+    assert_eq!(status("mode"), "Local");
+    assert!(
+        env.workload.get(deployment).is_none(),
+        "Direct gone at the end"
+    );
+    let secret = env.workload.get(&node_config_path()).unwrap();
+    let hosts: Vec<String> = secret["data"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.ends_with(".toml"))
+        .map(|(_, v)| support::unb64(v))
+        .collect();
+    assert!(
+        hosts.len() == 1 && !hosts[0].contains("server ="),
+        "only Local's _default route: {hosts:?}"
+    );
+    controller.shutdown().await;
+}

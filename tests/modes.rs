@@ -393,13 +393,21 @@ async fn a_switch_waits_for_an_image_in_use_missing_at_the_target() {
     assert_eq!(record["mode"], "Direct");
     assert_eq!(record["switchingFrom"], "Local");
 
-    // Back to Local before the switch completed: allowed.
+    // Back to Local before the switch completed: allowed, and under way until the nodes are
+    // back; the abandoned Direct serves meanwhile (nodes may carry its route).
     env.set_registry(json!({}));
     assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
     assert!(env.workload.get(&statefulset_path()).is_some());
+    assert!(
+        env.workload.get(DEPLOYMENT).is_some(),
+        "Direct serves until the switch back completes"
+    );
     let record = mode_record(&env);
     assert_eq!(record["mode"], "Local");
-    assert!(record.get("switchingFrom").is_none(), "{record}");
+    assert_eq!(record["switchingFrom"], "Local", "{record}");
+    env.make_registry_ready(3);
+    complete_switch(&env, DEPLOYMENT).await;
+    assert!(env.workload.get(&statefulset_path()).is_some());
 }
 
 /// With a HelmChartProxy, Helm keeps the workload objects a change of mode drops from the

@@ -20,7 +20,7 @@ use time::OffsetDateTime;
 use tracing::info;
 
 use crate::addon::modes;
-use crate::addon::rollout::{self, Plan, Progress, RegistryNow, Signer};
+use crate::addon::rollout::{self, Plan, Progress, RegistryNow, RolloutState, Signer};
 use crate::addon::switch::{self, ModeRecord};
 use crate::addon::users::{self, Credentials, RegistryAuth, StoredUser};
 use crate::certs::{self, CertInfo, CertificateAuthority, CertifiedKey, PrivateKeyPem};
@@ -776,7 +776,8 @@ impl<'a> Converge<'a> {
     /// is under way (see [`switch`]).
     pub fn apply_decision(&mut self, decision: &ModeDecision) {
         self.registry = Cow::Owned(decision.effective.clone());
-        self.switching = matches!(decision.state, SwitchState::Switching { .. });
+        // Also while a newer request waits or is refused: the switch under way goes on.
+        self.switching = decision.record.switching_from.is_some();
     }
 
     /// What a switch of modes allows now: the variable's mode, or the effective one while a
@@ -831,7 +832,22 @@ impl<'a> Converge<'a> {
             };
             return Ok(decision(desired.clone(), record, state));
         }
-        if let Some(message) = switch::refused(current.mode, desired.mode) {
+        // A switch under way counts as from where it started too: Proxy → Direct, then Local
+        // before Direct serves, would rewrite Proxy's StatefulSet into Local's in place.
+        let started = record
+            .switching_from
+            .as_deref()
+            .and_then(|from| Mode::ALL.into_iter().find(|m| m.as_str() == from));
+        let refusal = switch::refused(current.mode, desired.mode).or_else(|| {
+            let from = started?;
+            switch::refused(from, desired.mode).map(|message| {
+                format!(
+                    "{message}; the switch from {from} to {} under way must complete first",
+                    current.mode
+                )
+            })
+        });
+        if let Some(message) = refusal {
             return Ok(decision(
                 current,
                 record,
@@ -870,12 +886,11 @@ impl<'a> Converge<'a> {
                 .clone()
                 .unwrap_or_else(|| record.mode.clone());
             let mut record = wanted;
-            // Back to where a switch started: nothing is under way any more.
-            record.switching_from = (from != record.mode).then_some(from.clone());
-            let state = match &record.switching_from {
-                Some(from) => SwitchState::Switching { from: from.clone() },
-                None => SwitchState::Settled,
-            };
+            // Back to where a switch started, before it completed, is under way too: the
+            // abandoned target's workload may serve, and nodes may carry its route, until the
+            // nodes are back (`from` is then the mode itself).
+            record.switching_from = Some(from.clone());
+            let state = SwitchState::Switching { from };
             return Ok(ModeDecision {
                 check: Some(check),
                 ..decision(desired.clone(), record, state)
@@ -1085,12 +1100,14 @@ impl<'a> Converge<'a> {
         }
         let hash = next.node_config().hash;
         let acks = rollout::acks(&plan.nodes, &hash, next.since(), self.now, plan.timeout);
+        let desired = matches!(&next, RolloutState::Final { side, .. } if *side == plan.desired);
         Ok(Progress {
             state: next,
             hash,
             acks,
             waiting_for_registry,
             written,
+            desired,
         })
     }
 

@@ -393,13 +393,17 @@ impl Report {
             conditions.set(NODES_MIRROR_READY, status, reason, health);
         }
         let effective = decision.effective.mode.as_str().to_string();
+        // A switch still under way while a newer request waits or is refused: its start is
+        // the mode shown.
+        let under_way = decision.record.switching_from.clone().filter(|_| !complete);
         let (mode, target_mode) = match &decision.state {
             SwitchState::Settled => (effective.clone(), None),
             SwitchState::Switching { .. } if complete => (effective.clone(), None),
             SwitchState::Switching { from } => (from.clone(), Some(effective.clone())),
-            SwitchState::Refused { target, .. } | SwitchState::Waiting { target, .. } => {
-                (effective.clone(), Some(target.as_str().to_string()))
-            }
+            SwitchState::Refused { target, .. } | SwitchState::Waiting { target, .. } => (
+                under_way.unwrap_or_else(|| effective.clone()),
+                Some(target.as_str().to_string()),
+            ),
         };
         match &decision.state {
             SwitchState::Settled => {
@@ -416,6 +420,18 @@ impl Report {
                     true,
                     "ModeActive",
                     format!("mode {mode} is deployed; the switch is complete"),
+                );
+            }
+            SwitchState::Switching { from } if from == &effective => {
+                conditions.set(
+                    MODE_READY,
+                    false,
+                    "Switching",
+                    format!(
+                        "returning to {effective} before the switch from it completed: \
+                         complete once {effective} is ready and every node carries the final \
+                         node configuration"
+                    ),
                 );
             }
             SwitchState::Switching { from } => {

@@ -308,6 +308,9 @@ pub struct Progress {
     pub waiting_for_registry: bool,
     /// The Secret was written.
     pub written: bool,
+    /// The state renders the side the cluster should have now (not one a later change is
+    /// still waiting to replace).
+    pub desired: bool,
 }
 
 impl Plan {
@@ -483,9 +486,12 @@ pub fn node_config_secret(state: &RolloutState) -> Value {
 }
 
 impl Progress {
-    /// The final configuration, nothing retiring, on every node that counts.
+    /// The final configuration of the side wanted now, nothing retiring, on every node that
+    /// counts.
     pub fn settled(&self) -> bool {
-        matches!(self.state, RolloutState::Final { retiring: None, .. }) && self.acks.complete()
+        self.desired
+            && matches!(self.state, RolloutState::Final { retiring: None, .. })
+            && self.acks.complete()
     }
 }
 
