@@ -348,9 +348,26 @@ async fn direct_pulls_from_a_basic_upstream_and_stores_nothing() {
         .unwrap_or_else(|e| panic!("pull through the front: {e}\nlog:\n{}", front.log()));
     assert_pulled(&out, &app);
 
-    // What containerd sends: `?ns=`, HEAD then GET; the upstream's headers come through.
+    // What containerd sends: `?ns=` (the image's registry, the upstream's host for a node
+    // routing it here), HEAD then GET; the upstream's headers come through.
     let http = http(&front_tls);
-    let path = "/v2/library/app/manifests/v1?ns=registry.example.com";
+    let upstream_host = upstream
+        .url
+        .trim_start_matches("https://")
+        .replace(':', "%3A");
+    let other = http
+        .head(front.url("/v2/library/app/manifests/v1?ns=registry.example.com"))
+        .header(header::AUTHORIZATION, basic(RO.0, RO.1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        other.status().as_u16(),
+        404,
+        "another registry's image is never the upstream's of the same name"
+    );
+    let path = format!("/v2/library/app/manifests/v1?ns={upstream_host}");
+    let path = path.as_str();
     let head = http
         .head(front.url(path))
         .header(header::AUTHORIZATION, basic(RO.0, RO.1))
@@ -1233,16 +1250,18 @@ async fn containerd_pulls_through_the_direct_front() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    // The image's own registry, 127.0.0.1:9, is unreachable; its hosts.toml names the mirror.
+    // The image is the upstream's, which lets no one in without a token: only the mirror its
+    // hosts.toml names can serve it.
+    let upstream_host = upstream.url.trim_start_matches("https://").to_string();
     let certs = dir.join("certs.d");
-    let host_dir = certs.join("127.0.0.1:9");
+    let host_dir = certs.join(&upstream_host);
     std::fs::create_dir_all(&host_dir).unwrap();
     std::fs::write(host_dir.join("ca.crt"), front_tls.ca_pem()).unwrap();
     let mirror = format!("https://127.0.0.1:{}", front.port);
     std::fs::write(
         host_dir.join("hosts.toml"),
         format!(
-            "server = \"https://127.0.0.1:9\"\n\n[host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  \
+            "server = \"https://{upstream_host}\"\n\n[host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  \
              ca = \"{}\"\n  [host.\"{mirror}\".header]\n    Authorization = [\"{}\"]\n",
             host_dir.join("ca.crt").display(),
             basic(RO.0, RO.1)
@@ -1253,7 +1272,7 @@ async fn containerd_pulls_through_the_direct_front() {
         .args(["--namespace", "registry-addon-test", "content", "fetch"])
         .arg("--hosts-dir")
         .arg(&certs)
-        .arg("127.0.0.1:9/library/app:v1")
+        .arg(format!("{upstream_host}/library/app:v1"))
         .output()
         .unwrap();
     let listed = ctr()

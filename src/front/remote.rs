@@ -121,6 +121,14 @@ impl Remote {
         &self.host
     }
 
+    /// Whether images of `registry` (as containerd names it in `ns`) are the remote's:
+    /// its host, or Docker Hub's name for its API host.
+    fn serves_registry(&self, registry: &str) -> bool {
+        registry == self.host
+            || (registry == crate::oci::reference::DOCKER_HUB
+                && self.host == crate::oci::reference::DOCKER_HUB_API)
+    }
+
     /// Polls the credentials directory every `interval`; new credentials drop every token.
     pub async fn watch_credentials(self: Arc<Self>, interval: Duration) {
         let mut ticker = tokio::time::interval(interval);
@@ -190,6 +198,20 @@ impl Remote {
     /// Sends an authorized GET or HEAD on to the remote and streams the answer back.
     pub async fn forward(&self, request: Request<Incoming>) -> Response<Body> {
         let (parts, _body) = request.into_parts();
+        // Another registry's image (a node still on Local's `_default` route during a switch):
+        // never the upstream's image of the same name; containerd falls back to its registry.
+        if let Some(ns) = ns_of(parts.uri.query().unwrap_or_default())
+            && !self.serves_registry(&ns)
+        {
+            return proxy::error(
+                StatusCode::NOT_FOUND,
+                "NAME_UNKNOWN",
+                &format!(
+                    "this mirror forwards only {}'s images, not {ns}'s",
+                    self.host
+                ),
+            );
+        }
         let target = match target_for(
             &self.prefix,
             parts.uri.path(),
@@ -469,6 +491,28 @@ fn valid_reference(reference: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"_.:+-".contains(&b))
 }
 
+/// The `ns` query parameter containerd adds for a mirror: the image's own registry.
+fn ns_of(query: &str) -> Option<String> {
+    let value = query.split('&').find_map(|p| p.strip_prefix("ns="))?;
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, ..) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok().filter(|ns| !ns.is_empty())
+}
+
 /// Maps a client's path and query to the remote's (see the module comment). Only the pull
 /// API is served: `/v2/`, manifests, blobs, tags and referrers.
 fn target_for(prefix: &str, path: &str, query: &str) -> Result<Target, String> {
@@ -630,6 +674,17 @@ pub fn push_refused(message: &str) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ns_names_the_image_registry_percent_decoded() {
+        assert_eq!(
+            ns_of("ns=127.0.0.1%3A5000").as_deref(),
+            Some("127.0.0.1:5000")
+        );
+        assert_eq!(ns_of("n=1&ns=docker.io").as_deref(), Some("docker.io"));
+        assert_eq!(ns_of("n=1"), None);
+        assert_eq!(ns_of("ns="), None);
+    }
 
     #[test]
     fn remote_urls() {
