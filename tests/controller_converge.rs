@@ -560,14 +560,14 @@ async fn turning_the_addon_off_with_a_helm_chart_proxy_deletes_the_kept_objects(
     });
     setup.set_registry(Value::Null);
     eventually("the ClusterRegistry removed", || setup.creg().is_none()).await;
-    assert!(
-        env.management.get(&hcp_path()).is_none(),
-        "the HelmChartProxy deleted"
-    );
-    assert!(
-        env.workload.get(&statefulset_path()).is_none(),
-        "the kept StatefulSet deleted"
-    );
+    eventually("the HelmChartProxy deleted", || {
+        env.management.get(&hcp_path()).is_none()
+    })
+    .await;
+    eventually("the kept StatefulSet deleted", || {
+        env.workload.get(&statefulset_path()).is_none()
+    })
+    .await;
     controller.shutdown().await;
 }
 
@@ -1545,17 +1545,27 @@ async fn the_full_walk_of_modes_with_a_pull_loop_fails_no_pull() {
         &support::unb64(&rw["data"]["password"]),
     );
     let ca_pem = root_ca(env).cert_pem().as_bytes().to_vec();
-    image
-        .push(
-            &sync_support::client(
-                &format!("https://{address}"),
-                Some(&ca_pem),
-                Some(rw.clone()),
-            ),
-            "team/app",
-            "1",
-        )
-        .await;
+    let local_store = sync_support::client(
+        &format!("https://{address}"),
+        Some(&ca_pem),
+        Some(rw.clone()),
+    );
+    image.push(&local_store, "team/app", "1").await;
+    // The registry's own images are in use too once its pods run (here they stand in for them).
+    for own in [
+        names::DEFAULT_REGISTRY_IMAGE.to_string(),
+        format!(
+            "ghcr.io/registry-addon/registry-addon:{}",
+            env!("CARGO_PKG_VERSION")
+        ),
+    ] {
+        let path = registry_addon::oci::ImageReference::parse(&own)
+            .unwrap()
+            .mirror_path();
+        image
+            .push(&local_store, &path.repository, &path.reference)
+            .await;
+    }
 
     // The node: its agent and containerd.
     let node_dir = dir.path().join("n");
@@ -1710,11 +1720,11 @@ async fn the_full_walk_of_modes_with_a_pull_loop_fails_no_pull() {
             assert_eq!(status("mode"), "Direct");
             assert_eq!(status("targetMode"), "Local");
             let message = setup.creg_condition("TargetReady")["message"].to_string();
-            assert!(message.contains("all 2 images in use"), "{message}");
+            assert!(message.contains("all 4 images in use"), "{message}");
             let front_log = kubelet.logs();
             assert!(
                 front_log.contains(
-                    "1 of 2 images in use are missing from the registry; first: team/other:2"
+                    "1 of 4 images in use are missing from the registry; first: team/other:2"
                 ),
                 "{front_log}"
             );

@@ -582,6 +582,12 @@ impl<'a> Scope<'a> {
             ] {
                 targets.push(("v1".into(), "Secret".into(), secret.into()));
             }
+            // Left by a switch to Local or Proxy that did not complete.
+            targets.push((
+                "v1".into(),
+                "ConfigMap".into(),
+                names::IMAGES_IN_USE_CONFIGMAP.into(),
+            ));
             let ns = names::REGISTRY_NAMESPACE;
             for (api_version, kind, name) in targets {
                 if workload
@@ -1269,6 +1275,18 @@ impl<'a> Converge<'a> {
         if to_store && self.switching {
             let pods = workload.list("v1", "Pod", None).await?;
             let mut images = switch::images_in_use(&pods);
+            // The StatefulSet's own images are in use as soon as its pods exist; listed from
+            // the start, since a replica may be ready before the list is written again.
+            for own in [
+                &self.config.addon.registry_image,
+                &self.config.addon.sync_image,
+            ] {
+                if let Ok(own) = crate::oci::ImageReference::parse(own)
+                    && !images.contains(&own)
+                {
+                    images.push(own);
+                }
+            }
             // Proxy is asked only for the upstream's images.
             if let (Mode::Proxy, Some(upstream)) = (self.registry.mode, &self.registry.upstream) {
                 let routed: Vec<_> = switch::routed_to(&images, &upstream.host)

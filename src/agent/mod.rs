@@ -160,7 +160,10 @@ pub async fn run(args: NodeAgentArgs) -> anyhow::Result<()> {
     let certs_dir = args.certs_dir.clone();
     // The `ca` paths in the hosts files are containerd's.
     let containerd_certs_dir = match &args.containerd_certs_dir {
-        Some(dir) => dir.clone(),
+        Some(dir) if !dir.starts_with('/') => {
+            anyhow::bail!("--containerd-certs-dir {dir:?} must be an absolute path")
+        }
+        Some(dir) => dir.trim_end_matches('/').to_string(),
         None => certs_dir
             .to_str()
             .with_context(|| format!("--certs-dir {} is not UTF-8", certs_dir.display()))?

@@ -140,7 +140,18 @@ async fn run(converge: &mut Converge<'_>, hook: Hook) -> Result<Response, Conver
             let complete = readiness.waiting.is_none() && progress.settled();
             converge.record_mode(&workload, &decision, complete).await?;
             let ns = names::REGISTRY_NAMESPACE;
-            let name = names::REGISTRY_NAME;
+            let workload_name = match converge.registry.mode {
+                crate::wire::variable::Mode::Direct => {
+                    format!("deployment {ns}/{}", names::REGISTRY_DIRECT_NAME)
+                }
+                _ => format!("statefulset {ns}/{}", names::REGISTRY_NAME),
+            };
+            // During a switch to Local or Proxy, replicas are ready only once they serve the
+            // images in use.
+            let images = deployed
+                .images_required
+                .map(|n| format!(" (its replicas are ready once they serve all {n} images in use)"))
+                .unwrap_or_default();
             Ok(match readiness.waiting {
                 None => Response::success(
                     hook,
@@ -153,7 +164,7 @@ async fn run(converge: &mut Converge<'_>, hook: Hook) -> Result<Response, Conver
                     hook,
                     RETRY_AFTER_SECONDS,
                     format!(
-                        "cluster {key}: waiting for statefulset {ns}/{name} on the workload cluster to be ready: {why}"
+                        "cluster {key}: waiting for {workload_name} on the workload cluster to be ready: {why}{images}"
                     ),
                 ),
             })
