@@ -498,6 +498,8 @@ async fn turning_the_addon_off_removes_the_workload_objects_and_keeps_pvcs() {
         "/api/v1/namespaces/registry-system/services/registry".into(),
         "/api/v1/namespaces/registry-system/services/registry-headless".into(),
         "/apis/policy/v1/namespaces/registry-system/poddisruptionbudgets/registry".into(),
+        // The mode record: on again, the variable's mode is taken as a first deploy.
+        "/api/v1/namespaces/registry-system/configmaps/registry-mode".into(),
     ] {
         assert!(env.workload.get(&path).is_none(), "{path} removed");
     }

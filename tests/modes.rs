@@ -165,6 +165,15 @@ async fn proxy_copies_the_upstream_secrets_once() {
     );
     env.set_registry(json!({"mode": "Unmanaged"}));
     assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
+    assert!(
+        env.workload.get(UPSTREAM_SECRET).is_some(),
+        "kept for Proxy's pods while they serve"
+    );
+    complete_switch(&env, &statefulset_path()).await;
+    assert!(
+        env.workload.get(UPSTREAM_SECRET).is_none(),
+        "gone with Proxy"
+    );
     env.set_registry(json!({}));
     assert_success(&env.call(Hook::AfterControlPlaneInitialized).await);
     assert!(env.workload.get(UPSTREAM_SECRET).is_none());
@@ -405,6 +414,12 @@ async fn a_switch_waits_for_an_image_in_use_missing_at_the_target() {
     let record = mode_record(&env);
     assert_eq!(record["mode"], "Local");
     assert_eq!(record["switchingFrom"], "Local", "{record}");
+    // Local's replicas never stopped serving: nothing is required of them.
+    assert!(
+        env.workload
+            .get("/api/v1/namespaces/registry-system/configmaps/registry-images-in-use")
+            .is_none()
+    );
     env.make_registry_ready(3);
     complete_switch(&env, DEPLOYMENT).await;
     assert!(env.workload.get(&statefulset_path()).is_some());

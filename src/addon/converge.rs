@@ -582,12 +582,11 @@ impl<'a> Scope<'a> {
             ] {
                 targets.push(("v1".into(), "Secret".into(), secret.into()));
             }
-            // Left by a switch to Local or Proxy that did not complete.
-            targets.push((
-                "v1".into(),
-                "ConfigMap".into(),
-                names::IMAGES_IN_USE_CONFIGMAP.into(),
-            ));
+            // Left by a switch to Local or Proxy that did not complete; and the mode record,
+            // so that turning the addon on again starts from the variable's mode.
+            for configmap in [names::IMAGES_IN_USE_CONFIGMAP, switch::MODE_CONFIGMAP] {
+                targets.push(("v1".into(), "ConfigMap".into(), configmap.into()));
+            }
             let ns = names::REGISTRY_NAMESPACE;
             for (api_version, kind, name) in targets {
                 if workload
@@ -638,6 +637,9 @@ pub struct Converge<'a> {
     /// A switch of modes is under way: the previous mode's workload keeps serving beside the
     /// new one until the switch completes.
     switching: bool,
+    /// The switch under way goes back to the mode it started from (its workload never
+    /// stopped serving).
+    returning: bool,
 }
 
 impl<'a> std::ops::Deref for Converge<'a> {
@@ -654,6 +656,7 @@ impl<'a> Converge<'a> {
             registry: Cow::Borrowed(registry),
             now,
             switching: false,
+            returning: false,
         }
     }
 
@@ -784,6 +787,8 @@ impl<'a> Converge<'a> {
         self.registry = Cow::Owned(decision.effective.clone());
         // Also while a newer request waits or is refused: the switch under way goes on.
         self.switching = decision.record.switching_from.is_some();
+        self.returning =
+            decision.record.switching_from.as_deref() == Some(decision.effective.mode.as_str());
     }
 
     /// What a switch of modes allows now: the variable's mode, or the effective one while a
@@ -966,6 +971,9 @@ impl<'a> Converge<'a> {
                 modes::prune_other_modes(workload, &values, &self.key).await?;
                 if matches!(self.registry.mode, Mode::Local | Mode::Proxy) {
                     self.delete_images_in_use(workload).await?;
+                }
+                if self.registry.upstream.is_none() {
+                    modes::ensure_upstream_secret(workload, None, &self.key).await?;
                 }
             }
             record.switching_from = None;
@@ -1150,7 +1158,9 @@ impl<'a> Converge<'a> {
         // What another mode left needs looking for only when the mode may have changed.
         let settled = self.state.deployed_in(&self.key, self.registry.mode);
         let mut applied = self.ensure_registry_auth(workload, users, plan).await?;
-        if upstream.is_some() || !settled {
+        // A switch to a mode without an upstream keeps the Secret for the previous mode's
+        // pods (they mount it) until it completes (see `record_mode`).
+        if upstream.is_some() || (!settled && !self.switching) {
             applied +=
                 modes::ensure_upstream_secret(workload, upstream.as_ref(), &self.key).await?;
         }
@@ -1271,8 +1281,10 @@ impl<'a> Converge<'a> {
     ) -> Result<Option<usize>, ConvergeError> {
         let ns = names::REGISTRY_NAMESPACE;
         let name = names::IMAGES_IN_USE_CONFIGMAP;
+        // Not when going back: the replicas of the mode a switch started from serve already,
+        // and a list they fail would take them out of the Service.
         let to_store = matches!(self.registry.mode, Mode::Local | Mode::Proxy);
-        if to_store && self.switching {
+        if to_store && self.switching && !self.returning {
             let pods = workload.list("v1", "Pod", None).await?;
             let mut images = switch::images_in_use(&pods);
             // The StatefulSet's own images are in use as soon as its pods exist; listed from
@@ -1302,7 +1314,7 @@ impl<'a> Converge<'a> {
             }
             return Ok(Some(images.len()));
         }
-        if !settled {
+        if !settled || self.returning {
             self.delete_images_in_use(workload).await?;
         }
         Ok(None)

@@ -342,16 +342,13 @@ impl Report {
                     "ReplicasNotReady"
                 },
                 format!(
-                    "{ready} of {wanted} replicas ready; statefulset {}/{} on the workload \
-                     cluster: {why}",
-                    names::REGISTRY_NAMESPACE,
-                    names::REGISTRY_NAME
+                    "{ready} of {wanted} replicas ready; {} on the workload cluster: {why}",
+                    workload_name(decision.effective.mode)
                 ),
             ),
         };
         conditions.set(REGISTRY_READY, status, reason, message);
-        let settled = matches!(progress.state, RolloutState::Final { retiring: None, .. })
-            && progress.acks.complete();
+        let settled = progress.settled();
         let (healthy, health) = rollout::describe_health(nodes);
         let failing = nodes
             .iter()
@@ -451,7 +448,7 @@ impl Report {
                     MODE_READY,
                     false,
                     "TransitionNotSupported",
-                    format!("{message}; mode {effective} keeps serving, nothing was changed"),
+                    format!("{message}; mode {mode} keeps serving, nothing was changed"),
                 );
             }
             SwitchState::Waiting { target, check } => {
@@ -459,7 +456,9 @@ impl Report {
                     MODE_READY,
                     false,
                     "WaitingForTarget",
-                    format!("the switch to {target} waits for its target; mode {effective} keeps serving"),
+                    format!(
+                        "the switch to {target} waits for its target; mode {mode} keeps serving"
+                    ),
                 );
                 let reason = match check {
                     TargetCheck::Unavailable(_) => "TargetUnavailable",
@@ -561,7 +560,9 @@ impl Report {
             + Duration::from_secs(1);
         // Only a rollout has a next step that waits on nodes; a final configuration that some
         // nodes lack is shown, and looked at again on the usual schedule.
-        let rolling = !matches!(progress.state, RolloutState::Final { retiring: None, .. });
+        // A final state another change still waits to replace moves on at the next step too.
+        let rolling = !matches!(progress.state, RolloutState::Final { retiring: None, .. })
+            || !progress.desired;
         outcome.requeue_after = Some(if rolling {
             until_renewal.min(ROLLOUT_REQUEUE)
         } else if readiness.waiting.is_some() {
@@ -655,5 +656,16 @@ mod tests {
     fn days_are_iso_dates() {
         let time = OffsetDateTime::from_unix_timestamp(1_803_600_000).unwrap();
         assert_eq!(day(time), "2027-02-26");
+    }
+}
+
+/// `kind namespace/name` of the workload serving `mode`, for messages.
+pub fn workload_name(mode: crate::wire::variable::Mode) -> String {
+    let ns = names::REGISTRY_NAMESPACE;
+    match mode {
+        crate::wire::variable::Mode::Direct => {
+            format!("deployment {ns}/{}", names::REGISTRY_DIRECT_NAME)
+        }
+        _ => format!("statefulset {ns}/{}", names::REGISTRY_NAME),
     }
 }

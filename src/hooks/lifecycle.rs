@@ -139,13 +139,7 @@ async fn run(converge: &mut Converge<'_>, hook: Hook) -> Result<Response, Conver
             let progress = converge.roll_nodes(&workload, &plan, registry).await?;
             let complete = readiness.waiting.is_none() && progress.settled();
             converge.record_mode(&workload, &decision, complete).await?;
-            let ns = names::REGISTRY_NAMESPACE;
-            let workload_name = match converge.registry.mode {
-                crate::wire::variable::Mode::Direct => {
-                    format!("deployment {ns}/{}", names::REGISTRY_DIRECT_NAME)
-                }
-                _ => format!("statefulset {ns}/{}", names::REGISTRY_NAME),
-            };
+            let workload_name = crate::addon::reconcile::workload_name(converge.registry.mode);
             // During a switch to Local or Proxy, replicas are ready only once they serve the
             // images in use.
             let images = deployed
