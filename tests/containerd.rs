@@ -426,6 +426,21 @@ fn configure_script_places_the_hosts_file_of_every_mode() {
     );
     assert!(!certs.join("_default").exists());
 
+    // Docker Hub as the upstream: containerd looks its images up under docker.io.
+    let route = containerd::Route::Host("registry-1.docker.io".into());
+    let hub = containerd::bootstrap_hosts_toml(Some(&route), ip, &ro);
+    assert!(
+        hub.contains("server = \"https://registry-1.docker.io\""),
+        "{hub}"
+    );
+    let root = dir.path().join("hub");
+    configure_node_with(&root, None, &hub);
+    let certs = root.join("etc/containerd/certs.d");
+    assert_eq!(
+        std::fs::read_to_string(certs.join("docker.io/hosts.toml")).unwrap(),
+        hub
+    );
+
     let root = dir.path().join("unmanaged");
     configure_node_with(&root, None, "");
     let certs = root.join("etc/containerd/certs.d");

@@ -69,7 +69,7 @@ fn server_directory(hosts: &HostsFile) -> Result<String, String> {
     if !super::files::is_plain_name(host) {
         return Err(format!("server {server:?} is not https://host[:port]"));
     }
-    Ok(host.to_string())
+    Ok(crate::hooks::patches::containerd::hosts_directory(host).to_string())
 }
 
 /// Reads and checks the Secret's data for a node whose hosts directory is `certs_dir`: every
@@ -237,7 +237,15 @@ mod tests {
         let other = side(Some(Route::Host("s.example".into())));
         let none = side(None);
         let local_side = side(Some(Route::Default));
+        // Docker Hub: its API host serves what containerd looks up under docker.io.
+        let hub = side(Some(Route::Host("registry-1.docker.io".into())));
+        assert!(
+            node_config(certs, &Rollout::Final(&hub))
+                .files
+                .contains_key("docker.io/hosts.toml")
+        );
         for config in [
+            node_config(certs, &Rollout::Final(&hub)),
             node_config(certs, &Rollout::Final(&proxy)),
             node_config(certs, &Rollout::Final(&none)),
             node_config(

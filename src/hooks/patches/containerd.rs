@@ -66,6 +66,18 @@ pub fn mirror_host(service_ip: IpAddr) -> String {
     }
 }
 
+/// The directory of containerd's hosts directory for the images a registry `host` serves:
+/// the host itself, but `docker.io` for Docker Hub's API hosts, since containerd looks images
+/// named `docker.io/…` (or `nginx`) up there.
+pub fn hosts_directory(host: &str) -> &str {
+    match host {
+        crate::oci::reference::DOCKER_HUB_API | "index.docker.io" => {
+            crate::oci::reference::DOCKER_HUB
+        }
+        other => other,
+    }
+}
+
 /// The mirror URL nodes pull from (port 443).
 pub fn mirror_url(service_ip: IpAddr) -> String {
     format!("https://{}", mirror_host(service_ip))
@@ -194,6 +206,8 @@ fi
 hosts="$fragments/hosts.toml"
 if [ -s "$hosts" ]; then
   server="$(sed -n -E 's|^server[[:space:]]*=[[:space:]]*"https?://([^"/]+).*|\1|p' "$hosts" | head -n 1)"
+  # containerd looks Docker Hub's images up under docker.io, whatever host serves its API.
+  case "$server" in registry-1.docker.io|index.docker.io) server=docker.io ;; esac
   dir="$root@CERTS_DIR@/${server:-_default}"
   mkdir -p "$dir"
   cp "$hosts" "$dir/hosts.toml.registry-addon"
@@ -335,7 +349,7 @@ impl Route {
     pub fn directory(&self) -> &str {
         match self {
             Route::Default => "_default",
-            Route::Host(host) => host,
+            Route::Host(host) => hosts_directory(host),
         }
     }
 
