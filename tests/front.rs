@@ -646,3 +646,51 @@ async fn require_images_holds_readiness_until_the_registry_has_them() {
     std::fs::write(&list, "").unwrap();
     within(200);
 }
+
+/// `--registry-host` (Proxy): only that registry's images, as containerd's `ns` names them;
+/// another registry's image of the same name is a 404, never the one here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_host_refuses_other_registries_images() {
+    need("docker-registry", "docker-registry");
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = TestTls::new(&tmp.path().join("tls"));
+    let registry = RegistryProcess::start(&tmp.path().join("registry"), &Default::default());
+    let front = FrontProcess::start_with(
+        &tmp.path().join("front"),
+        &registry.url,
+        &tls.cert_file,
+        &tls.key_file,
+        &users(),
+        &["--pull-only", "--registry-host", "registry-1.docker.io"],
+    );
+    let app = Image::new("amd64", vec![random_bytes(3, 1000)], false);
+    app.push(&client(&registry.url, None, None), "library/app", "1")
+        .await;
+    let http = http(&tls);
+    let status = |query: &'static str| {
+        let http = http.clone();
+        let url = format!("{}/v2/library/app/manifests/1{query}", front.url);
+        async move {
+            http.head(url)
+                .header("authorization", basic(RO.0, RO.1))
+                .header("accept", "application/vnd.oci.image.manifest.v1+json")
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(
+        status("").await,
+        200,
+        "no ns: a client of the mirror itself"
+    );
+    assert_eq!(status("?ns=docker.io").await, 200, "Docker Hub's images");
+    assert_eq!(status("?ns=registry-1.docker.io").await, 200);
+    assert_eq!(
+        status("?ns=quay.io").await,
+        404,
+        "another registry's image of the same name"
+    );
+}

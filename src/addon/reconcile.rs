@@ -620,6 +620,17 @@ fn day(time: OffsetDateTime) -> String {
     )
 }
 
+/// `kind namespace/name` of the workload serving `mode`, for messages.
+pub fn workload_name(mode: crate::wire::variable::Mode) -> String {
+    let ns = names::REGISTRY_NAMESPACE;
+    match mode {
+        crate::wire::variable::Mode::Direct => {
+            format!("deployment {ns}/{}", names::REGISTRY_DIRECT_NAME)
+        }
+        _ => format!("statefulset {ns}/{}", names::REGISTRY_NAME),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -656,16 +667,5 @@ mod tests {
     fn days_are_iso_dates() {
         let time = OffsetDateTime::from_unix_timestamp(1_803_600_000).unwrap();
         assert_eq!(day(time), "2027-02-26");
-    }
-}
-
-/// `kind namespace/name` of the workload serving `mode`, for messages.
-pub fn workload_name(mode: crate::wire::variable::Mode) -> String {
-    let ns = names::REGISTRY_NAMESPACE;
-    match mode {
-        crate::wire::variable::Mode::Direct => {
-            format!("deployment {ns}/{}", names::REGISTRY_DIRECT_NAME)
-        }
-        _ => format!("statefulset {ns}/{}", names::REGISTRY_NAME),
     }
 }

@@ -89,6 +89,11 @@ pub struct FrontArgs {
     /// controller lists the images in use there.
     #[arg(long, conflicts_with = "remote")]
     pub require_images: Option<PathBuf>,
+    /// Serve only this registry's images (`host[:port]`): a request whose `ns` (containerd's
+    /// name for the image's registry) names another gets 404, never the image of the same
+    /// name here. Set by Proxy's StatefulSet; with --remote, the remote's host is used.
+    #[arg(long, conflicts_with = "remote")]
+    pub registry_host: Option<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -192,6 +197,8 @@ impl Backend {
 struct Front {
     users: Arc<Users>,
     backend: Backend,
+    /// The one registry whose images are served (`ns`), when not every registry's.
+    only_registry: Option<String>,
     /// Set when only GET and HEAD are served: the 405 message for the rest.
     pushes_refused: Option<String>,
     metrics: Arc<FrontMetrics>,
@@ -295,9 +302,14 @@ pub async fn start(args: FrontArgs) -> anyhow::Result<Running> {
         ready,
     )));
 
+    let only_registry = match &backend {
+        Backend::Remote(remote) => Some(remote.host().to_string()),
+        Backend::Local(_) => args.registry_host.clone(),
+    };
     let front = Arc::new(Front {
         users,
         backend,
+        only_registry,
         pushes_refused,
         metrics,
     });
@@ -358,6 +370,16 @@ async fn accept_loop(
 }
 
 impl Front {
+    /// The registry a request's `ns` names when this front serves only another's: a node still
+    /// on Local's `_default` route during a switch asks for every registry's images, and
+    /// must never get the upstream's image of the same name (containerd falls back to the
+    /// image's registry on the 404).
+    fn other_registry(&self, request: &Request<Incoming>) -> Option<String> {
+        let only = self.only_registry.as_deref()?;
+        let ns = remote::ns_of(request.uri().query().unwrap_or_default())?;
+        (!remote::serves_registry(only, &ns)).then_some(ns)
+    }
+
     async fn handle(&self, request: Request<Incoming>, client_ip: &str) -> Response<Body> {
         let reading = request.method() == Method::GET || request.method() == Method::HEAD;
         // A mirror that only pulls answers every authenticated write with 405, whoever asks.
@@ -372,11 +394,24 @@ impl Front {
             .get(header::AUTHORIZATION)
             .map(HeaderValue::as_bytes);
         let response = match self.users.authorize(authorization, needed).await {
-            Ok(_user) => match (&self.pushes_refused, &self.backend) {
-                (Some(message), _) if !reading => remote::push_refused(message),
-                (_, Backend::Remote(remote)) => remote.forward(request).await,
-                (_, Backend::Local(upstream)) => upstream.forward(request, client_ip).await,
-            },
+            Ok(_user) => {
+                let other = self.other_registry(&request);
+                match (&self.pushes_refused, &self.backend, other) {
+                    (Some(message), ..) if !reading => remote::push_refused(message),
+                    (_, _, Some(ns)) => proxy::error(
+                        StatusCode::NOT_FOUND,
+                        "NAME_UNKNOWN",
+                        &format!(
+                            "this mirror serves only {}'s images, not {ns}'s",
+                            self.only_registry.as_deref().unwrap_or_default()
+                        ),
+                    ),
+                    (_, Backend::Remote(remote), None) => remote.forward(request).await,
+                    (_, Backend::Local(upstream), None) => {
+                        upstream.forward(request, client_ip).await
+                    }
+                }
+            }
             Err(Refusal::Unauthenticated) => {
                 self.metrics
                     .refused

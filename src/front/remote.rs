@@ -121,14 +121,6 @@ impl Remote {
         &self.host
     }
 
-    /// Whether images of `registry` (as containerd names it in `ns`) are the remote's:
-    /// its host, or Docker Hub's name for its API host.
-    fn serves_registry(&self, registry: &str) -> bool {
-        registry == self.host
-            || (registry == crate::oci::reference::DOCKER_HUB
-                && self.host == crate::oci::reference::DOCKER_HUB_API)
-    }
-
     /// Polls the credentials directory every `interval`; new credentials drop every token.
     pub async fn watch_credentials(self: Arc<Self>, interval: Duration) {
         let mut ticker = tokio::time::interval(interval);
@@ -198,20 +190,6 @@ impl Remote {
     /// Sends an authorized GET or HEAD on to the remote and streams the answer back.
     pub async fn forward(&self, request: Request<Incoming>) -> Response<Body> {
         let (parts, _body) = request.into_parts();
-        // Another registry's image (a node still on Local's `_default` route during a switch):
-        // never the upstream's image of the same name; containerd falls back to its registry.
-        if let Some(ns) = ns_of(parts.uri.query().unwrap_or_default())
-            && !self.serves_registry(&ns)
-        {
-            return proxy::error(
-                StatusCode::NOT_FOUND,
-                "NAME_UNKNOWN",
-                &format!(
-                    "this mirror forwards only {}'s images, not {ns}'s",
-                    self.host
-                ),
-            );
-        }
         let target = match target_for(
             &self.prefix,
             parts.uri.path(),
@@ -491,8 +469,14 @@ fn valid_reference(reference: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"_.:+-".contains(&b))
 }
 
+/// Whether images of `registry` (as containerd names it in `ns`) are those of the registry at
+/// `host`: the host itself, or Docker Hub's name for its API hosts.
+pub fn serves_registry(host: &str, registry: &str) -> bool {
+    registry == host || crate::hooks::patches::containerd::hosts_directory(host) == registry
+}
+
 /// The `ns` query parameter containerd adds for a mirror: the image's own registry.
-fn ns_of(query: &str) -> Option<String> {
+pub fn ns_of(query: &str) -> Option<String> {
     let value = query.split('&').find_map(|p| p.strip_prefix("ns="))?;
     let bytes = value.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());

@@ -674,7 +674,7 @@ fn stateful_set(values: &RegistryValues) -> Value {
     }
     // During a switch to Local or Proxy, a replica is ready only once its registry serves the
     // images in use (Local: holds them; Proxy: fetches them from the upstream).
-    let backend = vec![
+    let mut backend = vec![
         json!("--upstream"),
         json!(format!("http://{loopback}")),
         json!("--require-images"),
@@ -684,6 +684,13 @@ fn stateful_set(values: &RegistryValues) -> Value {
             names::IMAGES_IN_USE_KEY
         )),
     ];
+    if proxy {
+        // Only the upstream's images: never its image of another registry's name.
+        backend.extend([
+            json!("--registry-host"),
+            json!(values.upstream.url.trim_start_matches("https://")),
+        ]);
+    }
     let mut front = front_container(values, backend, proxy);
     push(
         &mut front["volumeMounts"],

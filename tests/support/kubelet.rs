@@ -477,7 +477,22 @@ impl Kubelet {
             std::fs::create_dir_all(&path).unwrap();
             volumes.insert(claim, path);
         }
+        // The pod's own ports: those its containers declare, and the loopback ones between its
+        // containers. Only these are moved; any other address (an upstream's) is left as is.
         let mut ports: BTreeMap<u16, u16> = BTreeMap::new();
+        let mut own_ports = vec![registry_addon::names::REGISTRY_LOOPBACK_PORT];
+        if let Some((_, port)) = registry_addon::render::registry::SYNC_NOTIFY_ADDR.rsplit_once(':')
+        {
+            own_ports.extend(port.parse::<u16>().ok());
+        }
+        for container in spec["containers"].as_array().into_iter().flatten() {
+            for port in container["ports"].as_array().into_iter().flatten() {
+                own_ports.extend(port["containerPort"].as_u64().map(|p| p as u16));
+            }
+        }
+        for port in own_ports {
+            ports.entry(port).or_insert_with(free_port);
+        }
         let mut children = Vec::new();
         for container in spec["containers"].as_array().unwrap() {
             let container_name = container["name"].as_str().unwrap().to_string();
@@ -495,7 +510,7 @@ impl Kubelet {
                 })
                 .collect();
             mounts.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
-            let mut map = |value: &str| rewrite(value, &mounts, &mut ports);
+            let map = |value: &str| rewrite(value, &mounts, &ports);
             let mut env: Vec<(String, String)> = Vec::new();
             for var in container["env"].as_array().into_iter().flatten() {
                 let key = var["name"].as_str().unwrap().to_string();
@@ -594,9 +609,9 @@ fn secret_data(api: &ApiServer, name: &str) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
-/// `value` with a mount path prefix replaced by its directory, and a listen address
-/// (`0.0.0.0:N`, `127.0.0.1:N`, `:N`) by the pod's loopback port for `N`.
-fn rewrite(value: &str, mounts: &[(String, PathBuf)], ports: &mut BTreeMap<u16, u16>) -> String {
+/// `value` with a mount path prefix replaced by its directory, and an address of one of the
+/// pod's own ports (`0.0.0.0:N`, `127.0.0.1:N`; the keys of `ports`) by its loopback port here.
+fn rewrite(value: &str, mounts: &[(String, PathBuf)], ports: &BTreeMap<u16, u16>) -> String {
     for (path, dir) in mounts {
         if let Some(rest) = value.strip_prefix(path.as_str()) {
             return format!("{}{rest}", dir.display());
@@ -605,8 +620,7 @@ fn rewrite(value: &str, mounts: &[(String, PathBuf)], ports: &mut BTreeMap<u16, 
     for host in ["http://127.0.0.1:", "0.0.0.0:", "127.0.0.1:"] {
         if let Some(rest) = value.strip_prefix(host) {
             let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-            if let Ok(port) = digits.parse::<u16>() {
-                let mapped = *ports.entry(port).or_insert_with(free_port);
+            if let Some(&mapped) = digits.parse::<u16>().ok().and_then(|p| ports.get(&p)) {
                 let scheme = if host.starts_with("http://") {
                     "http://"
                 } else {
