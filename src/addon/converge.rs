@@ -888,9 +888,7 @@ impl<'a> Converge<'a> {
         };
         if matches!(
             check,
-            switch::TargetCheck::Ready { .. }
-                | switch::TargetCheck::NotChecked(_)
-                | switch::TargetCheck::AtReplicas
+            switch::TargetCheck::Ready { .. } | switch::TargetCheck::AtReplicas
         ) {
             let from = record
                 .switching_from

@@ -514,20 +514,10 @@ impl Report {
         } else if let (Some(check), SwitchState::Switching { .. }) =
             (&decision.check, &decision.state)
         {
-            let status = if matches!(check, TargetCheck::NotChecked(_)) {
-                ConditionStatus::Unknown
-            } else {
-                ConditionStatus::True
-            };
-            let reason = if status == ConditionStatus::True {
-                "TargetServesImagesInUse"
-            } else {
-                "NotChecked"
-            };
             conditions.set(
                 TARGET_READY,
-                status,
-                reason,
+                true,
+                "TargetServesImagesInUse",
                 check.message(&format!("the {effective} target")),
             );
         }

@@ -204,8 +204,6 @@ pub enum TargetCheck {
     Ready { checked: usize },
     /// It does not answer, or refuses the credentials.
     Unavailable(String),
-    /// What could not be checked, and why a switch goes on all the same.
-    NotChecked(String),
     /// Checked by the target's own replicas (the local store): each is ready only once it
     /// holds every image in use, and the switch completes only once all are.
     AtReplicas,
@@ -224,7 +222,6 @@ impl TargetCheck {
                 format!("{target} serves all {checked} images in use routed to it")
             }
             TargetCheck::Unavailable(why) => format!("{target} cannot be used: {why}"),
-            TargetCheck::NotChecked(why) => format!("{target} not checked: {why}"),
             TargetCheck::AtReplicas => format!(
                 "{target} is checked by its replicas: each is ready only once it holds every \
                  image in use"
