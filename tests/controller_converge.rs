@@ -211,6 +211,17 @@ impl Setup {
         controller
     }
 
+    /// The Cluster's `addons.registry` as stored.
+    fn registry_variable(&self) -> Value {
+        self.cluster_value()["spec"]["topology"]["variables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "clusterConfig")
+            .unwrap()["value"]["addons"]["registry"]
+            .clone()
+    }
+
     fn cluster_value(&self) -> Value {
         self.env.management.get(&cluster_path()).expect("Cluster")
     }
@@ -831,6 +842,18 @@ fn node_config_key(env: &Env, key: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The hosts files of the node-config Secret, decoded.
+fn node_hosts_files(env: &Env) -> Vec<String> {
+    let secret = env.workload.get(&node_config_path()).unwrap();
+    secret["data"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.ends_with(".toml"))
+        .map(|(_, v)| support::unb64(v))
+        .collect()
+}
+
 fn certificates(pem: &str) -> usize {
     registry_addon::certs::pem_certificates(pem).map_or(0, |c| c.len())
 }
@@ -1131,13 +1154,7 @@ async fn mode_switches_are_shown_refused_held_and_completed() {
 
     // Local → Proxy directly: refused, nothing changes.
     let registry = |mode: Value| {
-        let mut value = setup.cluster_value()["spec"]["topology"]["variables"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == "clusterConfig")
-            .unwrap()["value"]["addons"]["registry"]
-            .clone();
+        let mut value = setup.registry_variable();
         for (k, v) in mode.as_object().unwrap() {
             value[k] = v.clone();
         }
@@ -1201,14 +1218,7 @@ async fn mode_switches_are_shown_refused_held_and_completed() {
     assert_eq!(setup.reason("ModeReady"), "ModeActive");
     // The nodes' route moved to the upstream's host only, through the two phases.
     assert_eq!(node_config_key(env, names::NODE_CONFIG_PHASE_KEY), "final");
-    let secret = env.workload.get(&node_config_path()).unwrap();
-    let hosts_files: Vec<String> = secret["data"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| k.ends_with(".toml"))
-        .map(|(_, v)| support::unb64(v))
-        .collect();
+    let hosts_files = node_hosts_files(env);
     assert!(
         hosts_files.len() == 1 && hosts_files[0].contains(&format!("server = \"https://{host}\"")),
         "{hosts_files:?}"
@@ -1248,13 +1258,7 @@ async fn the_full_walk_of_modes_keeps_the_address_and_the_data() {
     let app = AppUpstream::start(env);
     app.push();
     let (upstream, host) = (&app.upstream, app.host.clone());
-    let base = setup.cluster_value()["spec"]["topology"]["variables"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "clusterConfig")
-        .unwrap()["value"]["addons"]["registry"]
-        .clone();
+    let base = setup.registry_variable();
     let upstream_ref = json!({"url": upstream.url, "caSecretRef": {"name": "up-ca"}});
     let status = |field: &str| {
         setup
@@ -1312,14 +1316,7 @@ async fn the_full_walk_of_modes_keeps_the_address_and_the_data() {
                 "{before} → {mode}: {previous} goes once the switch is complete"
             );
         }
-        let secret = env.workload.get(&node_config_path()).unwrap();
-        let hosts: Vec<String> = secret["data"]
-            .as_object()
-            .unwrap()
-            .iter()
-            .filter(|(k, _)| k.ends_with(".toml"))
-            .map(|(_, v)| support::unb64(v))
-            .collect();
+        let hosts = node_hosts_files(env);
         match mode {
             "Unmanaged" => assert!(hosts.is_empty(), "{mode}: {hosts:?}"),
             "Local" => assert!(
@@ -1448,13 +1445,7 @@ async fn the_full_walk_of_modes_with_a_pull_loop_fails_no_pull() {
     env.management.update(&cluster_path(), |c| {
         c["spec"]["clusterNetwork"]["services"]["cidrBlocks"] = json!(["127.77.0.0/16"]);
     });
-    let mut base = setup.cluster_value()["spec"]["topology"]["variables"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "clusterConfig")
-        .unwrap()["value"]["addons"]["registry"]
-        .clone();
+    let mut base = setup.registry_variable();
     base["replicas"] = json!(1);
     base.as_object_mut().unwrap().remove("serviceIP");
     setup.set_registry(base.clone());
@@ -1856,13 +1847,7 @@ async fn switching_back_mid_way_keeps_the_abandoned_target_until_the_nodes_are_b
     ack_current();
     let app = AppUpstream::start(env);
     app.push();
-    let local = setup.cluster_value()["spec"]["topology"]["variables"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "clusterConfig")
-        .unwrap()["value"]["addons"]["registry"]
-        .clone();
+    let local = setup.registry_variable();
     let mut direct = local.clone();
     direct["mode"] = json!("Direct");
     direct["upstream"] = json!({"url": app.upstream.url, "caSecretRef": {"name": "up-ca"}});
@@ -1905,14 +1890,7 @@ async fn switching_back_mid_way_keeps_the_abandoned_target_until_the_nodes_are_b
         env.workload.get(deployment).is_none(),
         "Direct gone at the end"
     );
-    let secret = env.workload.get(&node_config_path()).unwrap();
-    let hosts: Vec<String> = secret["data"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| k.ends_with(".toml"))
-        .map(|(_, v)| support::unb64(v))
-        .collect();
+    let hosts = node_hosts_files(env);
     assert!(
         hosts.len() == 1 && !hosts[0].contains("server ="),
         "only Local's _default route: {hosts:?}"
