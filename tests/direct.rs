@@ -205,6 +205,18 @@ impl BasicUpstream {
     }
 }
 
+/// The front's Direct flags: `--remote url`, its CA, and its credentials directory.
+fn remote_args(url: &str, ca: &Path, credentials: &Path) -> Vec<String> {
+    vec![
+        "--remote".into(),
+        url.into(),
+        "--remote-ca".into(),
+        ca.display().to_string(),
+        "--remote-credentials".into(),
+        credentials.display().to_string(),
+    ]
+}
+
 fn front_log(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
@@ -330,14 +342,11 @@ async fn direct_pulls_from_a_basic_upstream_and_stores_nothing() {
         &tmp.path().join("front"),
         &front_tls,
         &cwd,
-        &[
-            "--remote".into(),
-            format!("{}/mirror", upstream.url),
-            "--remote-ca".into(),
-            upstream_tls.ca_file.display().to_string(),
-            "--remote-credentials".into(),
-            creds.display().to_string(),
-        ],
+        &remote_args(
+            &format!("{}/mirror", upstream.url),
+            &upstream_tls.ca_file,
+            &creds,
+        ),
     );
     assert!(front.wait_ready(true), "not ready; log:\n{}", front.log());
 
@@ -485,14 +494,7 @@ async fn direct_refusals_are_clear_and_credentials_reload() {
         &tmp.path().join("front"),
         &front_tls,
         &cwd,
-        &[
-            "--remote".into(),
-            upstream.url.clone(),
-            "--remote-ca".into(),
-            upstream_tls.ca_file.display().to_string(),
-            "--remote-credentials".into(),
-            creds.display().to_string(),
-        ],
+        &remote_args(&upstream.url, &upstream_tls.ca_file, &creds),
     );
     // /v2/ answers 401 to anyone: the upstream is up, the front is ready.
     assert!(front.wait_ready(true), "not ready; log:\n{}", front.log());
@@ -555,14 +557,7 @@ async fn direct_refusals_are_clear_and_credentials_reload() {
         &tmp.path().join("front-untrusting"),
         &front_tls,
         &cwd,
-        &[
-            "--remote".into(),
-            upstream.url.clone(),
-            "--remote-ca".into(),
-            front_tls.ca_file.display().to_string(),
-            "--remote-credentials".into(),
-            creds.display().to_string(),
-        ],
+        &remote_args(&upstream.url, &front_tls.ca_file, &creds),
     );
     assert!(untrusting.wait_ready(false));
     let resp = http
@@ -816,14 +811,7 @@ async fn direct_pulls_through_token_auth_with_one_token_per_scope() {
         &tmp.path().join("front"),
         &front_tls,
         &cwd,
-        &[
-            "--remote".into(),
-            upstream.url.clone(),
-            "--remote-ca".into(),
-            upstream_tls.ca_file.display().to_string(),
-            "--remote-credentials".into(),
-            creds.display().to_string(),
-        ],
+        &remote_args(&upstream.url, &upstream_tls.ca_file, &creds),
     );
     assert!(front.wait_ready(true), "not ready; log:\n{}", front.log());
 
@@ -903,14 +891,7 @@ async fn direct_pulls_through_token_auth_with_one_token_per_scope() {
         &tmp.path().join("front-wrong"),
         &front_tls,
         &cwd,
-        &[
-            "--remote".into(),
-            upstream.url.clone(),
-            "--remote-ca".into(),
-            upstream_tls.ca_file.display().to_string(),
-            "--remote-credentials".into(),
-            wrong.display().to_string(),
-        ],
+        &remote_args(&upstream.url, &upstream_tls.ca_file, &wrong),
     );
     let resp = http
         .get(front.url("/v2/team/one/manifests/v1"))
@@ -1121,14 +1102,7 @@ async fn direct_follows_blob_redirects_without_credentials() {
         &tmp.path().join("front"),
         &front_tls,
         tmp.path(),
-        &[
-            "--remote".into(),
-            upstream.url.clone(),
-            "--remote-ca".into(),
-            upstream_tls.ca_file.display().to_string(),
-            "--remote-credentials".into(),
-            creds.display().to_string(),
-        ],
+        &remote_args(&upstream.url, &upstream_tls.ca_file, &creds),
     );
     assert!(front.wait_ready(true), "not ready; log:\n{}", front.log());
     let out = tmp.path().join("pulled");
@@ -1198,57 +1172,21 @@ async fn containerd_pulls_through_the_direct_front() {
         &tmp.path().join("front"),
         &front_tls,
         tmp.path(),
-        &[
-            "--remote".into(),
-            format!("{}/mirror", upstream.url),
-            "--remote-ca".into(),
-            upstream_tls.ca_file.display().to_string(),
-            "--remote-credentials".into(),
-            creds.display().to_string(),
-        ],
+        &remote_args(
+            &format!("{}/mirror", upstream.url),
+            &upstream_tls.ca_file,
+            &creds,
+        ),
     );
     assert!(front.wait_ready(true), "not ready; log:\n{}", front.log());
 
     let dir = tmp.path().join("containerd");
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("containerd.sock");
-    std::fs::write(
-        dir.join("config.toml"),
-        format!(
-            "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
-             disabled_plugins = [\"io.containerd.grpc.v1.cri\", \"io.containerd.snapshotter.v1.btrfs\", \
-             \"io.containerd.snapshotter.v1.zfs\", \"io.containerd.snapshotter.v1.devmapper\", \
-             \"io.containerd.snapshotter.v1.aufs\"]\n\
-             [grpc]\n  address = \"{s}\"\n[ttrpc]\n  address = \"{d}/containerd-ttrpc.sock\"\n\
-             [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{d}/opt\"\n",
-            d = dir.display(),
-            s = socket.display()
-        ),
-    )
-    .unwrap();
-    let mut containerd = Command::new("containerd")
-        .arg("--config")
-        .arg(dir.join("config.toml"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("containerd.log")).unwrap())
-        .spawn()
-        .expect("containerd (Debian package containerd)");
+    let (containerd, socket) = sync_support::containerd::start_containerd(&dir);
     let ctr = || {
         let mut cmd = Command::new("ctr");
         cmd.arg("--address").arg(&socket);
         cmd
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ctr()
-        .arg("version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        assert!(Instant::now() < deadline, "containerd did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 
     // The image is the upstream's, which lets no one in without a token: only the mirror its
     // hosts.toml names can serve it.
@@ -1279,8 +1217,7 @@ async fn containerd_pulls_through_the_direct_front() {
         .args(["--namespace", "registry-addon-test", "content", "ls", "-q"])
         .output()
         .unwrap();
-    let _ = containerd.kill();
-    let _ = containerd.wait();
+    drop(containerd);
     assert!(
         out.status.success(),
         "ctr content fetch through the Direct front failed: {}\nfront log:\n{}",

@@ -90,16 +90,6 @@ fn archive() -> PathBuf {
     path
 }
 
-/// A child process killed when dropped.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ready() {
@@ -194,7 +184,7 @@ struct Containerd {
     socket: PathBuf,
     image: Unpacked,
     // Dropped after every container of the test, since those are declared later.
-    _process: Running,
+    _process: sync_support::containerd::Containerd,
     dir: tempfile::TempDir,
 }
 
@@ -207,46 +197,13 @@ impl Containerd {
             .prefix("ri")
             .tempdir_in("/tmp")
             .unwrap();
-        let d = dir.path();
-        let socket = d.join("containerd.sock");
-        let config = format!(
-            r#"version = 2
-root = "{d}/root"
-state = "{d}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
-[grpc]
-  address = "{sock}"
-[ttrpc]
-  address = "{d}/containerd-ttrpc.sock"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{d}/opt"
-"#,
-            d = d.display(),
-            sock = socket.display(),
-        );
-        std::fs::write(d.join("config.toml"), config).unwrap();
-        let log = std::fs::File::create(d.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(d.join("config.toml"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let process = Running(child);
+        let (process, socket) = sync_support::containerd::start_containerd(dir.path());
         let containerd = Containerd {
             socket,
             image,
             _process: process,
             dir,
         };
-        wait_for("containerd", Duration::from_secs(20), || {
-            containerd
-                .ctr()
-                .arg("version")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        });
         let out = containerd
             .ctr()
             .args(["images", "import"])
