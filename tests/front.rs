@@ -693,4 +693,14 @@ async fn registry_host_refuses_other_registries_images() {
         404,
         "another registry's image of the same name"
     );
+    // Authentication comes first: without credentials, 401 whatever the registry asked for.
+    let anonymous = http
+        .head(format!(
+            "{}/v2/library/app/manifests/1?ns=quay.io",
+            front.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status().as_u16(), 401);
 }

@@ -634,12 +634,9 @@ pub struct Converge<'a> {
     pub registry: Cow<'a, RegistryConfig>,
     /// The time certificates are checked and issued at.
     pub now: OffsetDateTime,
-    /// A switch of modes is under way: the previous mode's workload keeps serving beside the
-    /// new one until the switch completes.
-    switching: bool,
-    /// The switch under way goes back to the mode it started from (its workload never
-    /// stopped serving).
-    returning: bool,
+    /// Where a switch of modes under way started: the previous mode's workload keeps serving
+    /// beside the new one until the switch completes.
+    switching_from: Option<String>,
 }
 
 impl<'a> std::ops::Deref for Converge<'a> {
@@ -655,8 +652,7 @@ impl<'a> Converge<'a> {
             scope,
             registry: Cow::Borrowed(registry),
             now,
-            switching: false,
-            returning: false,
+            switching_from: None,
         }
     }
 
@@ -786,9 +782,18 @@ impl<'a> Converge<'a> {
     pub fn apply_decision(&mut self, decision: &ModeDecision) {
         self.registry = Cow::Owned(decision.effective.clone());
         // Also while a newer request waits or is refused: the switch under way goes on.
-        self.switching = decision.record.switching_from.is_some();
-        self.returning =
-            decision.record.switching_from.as_deref() == Some(decision.effective.mode.as_str());
+        self.switching_from = decision.record.switching_from.clone();
+    }
+
+    /// A switch of modes is under way.
+    fn switching(&self) -> bool {
+        self.switching_from.is_some()
+    }
+
+    /// The switch under way goes back to the mode it started from, whose workload never
+    /// stopped serving.
+    fn returning(&self) -> bool {
+        self.switching_from.as_deref() == Some(self.registry.mode.as_str())
     }
 
     /// What a switch of modes allows now: the variable's mode, or the effective one while a
@@ -1158,7 +1163,7 @@ impl<'a> Converge<'a> {
         let mut applied = self.ensure_registry_auth(workload, users, plan).await?;
         // A switch to a mode without an upstream keeps the Secret for the previous mode's
         // pods (they mount it) until it completes (see `record_mode`).
-        if upstream.is_some() || (!settled && !self.switching) {
+        if upstream.is_some() || (!settled && !self.switching()) {
             applied +=
                 modes::ensure_upstream_secret(workload, upstream.as_ref(), &self.key).await?;
         }
@@ -1238,7 +1243,7 @@ impl<'a> Converge<'a> {
                 }
                 // Helm leaves the workload objects a release upgrade drops (they are kept, see
                 // the chart): as with the direct deployer, they go here.
-                if !settled && !self.switching {
+                if !settled && !self.switching() {
                     applied += modes::prune_other_modes(workload, &values, &self.key).await?;
                 }
             }
@@ -1252,7 +1257,7 @@ impl<'a> Converge<'a> {
                 // While a switch is under way the previous mode's workload keeps serving at the
                 // address beside the new one (the Service selects both); it goes once the switch
                 // completes (see `record_mode`).
-                if !settled && !self.switching {
+                if !settled && !self.switching() {
                     applied += modes::prune_other_modes(workload, &values, &self.key).await?;
                 }
             }
@@ -1282,7 +1287,7 @@ impl<'a> Converge<'a> {
         // Not when going back: the replicas of the mode a switch started from serve already,
         // and a list they fail would take them out of the Service.
         let to_store = matches!(self.registry.mode, Mode::Local | Mode::Proxy);
-        if to_store && self.switching && !self.returning {
+        if to_store && self.switching() && !self.returning() {
             let pods = workload.list("v1", "Pod", None).await?;
             let mut images = switch::images_in_use(&pods);
             // The StatefulSet's own images are in use as soon as its pods exist; listed from
@@ -1312,7 +1317,7 @@ impl<'a> Converge<'a> {
             }
             return Ok(Some(images.len()));
         }
-        if !settled || self.returning {
+        if !settled || self.returning() {
             self.delete_images_in_use(workload).await?;
         }
         Ok(None)
