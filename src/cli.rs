@@ -1,4 +1,4 @@
-//! The command line: `registry-addon serve | sync | front | render | mirror | node-agent`.
+//! The command line: `registry-addon serve | sync | front | render | mirror | node-agent | wait`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,6 +36,39 @@ pub enum Command {
     Mirror(crate::mirror::MirrorArgs),
     /// On a workload node: keep containerd's mirror files current and report mirror health.
     NodeAgent(crate::agent::NodeAgentArgs),
+    /// Wait until every address accepts TCP connections (a container's postStart hook, so the
+    /// kubelet starts the pod's next container only then); fails after --timeout.
+    Wait(WaitArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WaitArgs {
+    /// Address to wait for (repeatable).
+    #[arg(long = "tcp", required = true)]
+    pub addresses: Vec<SocketAddr>,
+    /// How long to wait at most (Go duration).
+    #[arg(long, default_value = "30s", value_parser = parse_timeout)]
+    pub timeout: std::time::Duration,
+}
+
+/// `registry-addon wait`: returns once every address accepts a connection.
+pub async fn wait(args: WaitArgs) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + args.timeout;
+    for addr in &args.addresses {
+        loop {
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(_) => break,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    anyhow::bail!(
+                        "{addr} did not accept a connection within {:?}: {e}",
+                        args.timeout
+                    )
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Args)]
@@ -156,6 +189,10 @@ pub struct RenderArgs {
 
 fn parse_hook(s: &str) -> Result<Hook, String> {
     s.trim().parse()
+}
+
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    crate::duration::parse_go_duration(s)
 }
 
 fn parse_resync(s: &str) -> Result<std::time::Duration, String> {

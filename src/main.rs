@@ -8,7 +8,7 @@ fn main() -> std::process::ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     // The node agent runs on every node: one thread keeps its memory small.
-    let mut builder = if matches!(cli.command, Command::NodeAgent(_)) {
+    let mut builder = if matches!(cli.command, Command::NodeAgent(_) | Command::Wait(_)) {
         tokio::runtime::Builder::new_current_thread()
     } else {
         tokio::runtime::Builder::new_multi_thread()
@@ -28,6 +28,7 @@ fn main() -> std::process::ExitCode {
             Command::Render(args) => registry_addon::render::run_cli(args).await,
             Command::Mirror(args) => registry_addon::mirror::run(args).await,
             Command::NodeAgent(args) => registry_addon::agent::run(args).await,
+            Command::Wait(args) => registry_addon::cli::wait(args).await,
         }
     });
     match result {

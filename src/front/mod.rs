@@ -9,10 +9,13 @@
 //! Modes (SPEC §9.5): in Local mode everything is forwarded to the registry on the loopback;
 //! with `--pull-only` (Proxy mode, a pull-through cache behind) every request other than GET
 //! and HEAD gets 405; with `--remote` (Direct mode) the front alone is the mirror and
-//! forwards pulls to the remote registry, see [`remote`].
+//! forwards pulls to the remote registry, see [`remote`]. With `--remote` and
+//! `--relay-listen` (Proxy mode as the StatefulSet runs it) clients are served from the cache
+//! behind, and the cache reaches the remote through the front's relay, see [`relay`].
 
 pub mod auth;
 pub mod proxy;
+pub mod relay;
 pub mod remote;
 pub mod required;
 
@@ -57,11 +60,22 @@ pub struct FrontArgs {
     /// cache (Proxy mode).
     #[arg(long)]
     pub pull_only: bool,
-    /// Direct mode: forward pulls to this registry, `https://host[:port][/path]`, instead of
-    /// --upstream; pushes are refused. With a path, mirror repository `foo/bar` is the
-    /// remote's `<path>/foo/bar`. containerd's `?ns=` query is dropped.
+    /// The remote registry, `https://host[:port][/path]`. Direct mode: pulls are forwarded to
+    /// it instead of --upstream, and pushes are refused. With --relay-listen (Proxy mode):
+    /// clients are served by --upstream, a pull-through cache whose `proxy.remoteurl` is the
+    /// relay, and the relay forwards to this registry. With a path, mirror repository
+    /// `foo/bar` is the remote's `<path>/foo/bar`. containerd's `?ns=` query is dropped.
     #[arg(long)]
     pub remote: Option<String>,
+    /// Proxy mode: serve, on this loopback address, the relay to --remote that the cache
+    /// behind (--upstream) uses as its upstream. It adds the credentials and downloads a blob
+    /// once for every concurrent request of the cache. Implies --pull-only.
+    #[arg(long, requires = "remote")]
+    pub relay_listen: Option<SocketAddr>,
+    /// Writable directory where the relay spools a blob while it is downloaded (files are
+    /// unlinked at once, and gone when the last request reading one ends).
+    #[arg(long, default_value = "/tmp", requires = "relay_listen")]
+    pub relay_spool: PathBuf,
     /// Directory of a mounted `kubernetes.io/basic-auth` Secret (files `username`,
     /// `password`): the credentials for --remote; reread on change. Without it, anonymous.
     #[arg(long, requires = "remote")]
@@ -86,12 +100,12 @@ pub struct FrontArgs {
     /// File of images (`repository:tag` or `repository@digest`, one per line) the registry
     /// behind must hold before the front reports ready; reread on change. A missing or empty
     /// file requires nothing. Set by Local's StatefulSet: during a switch to Local, the
-    /// controller lists the images in use there.
-    #[arg(long, conflicts_with = "remote")]
+    /// controller lists the images in use there. Not with Direct mode's --remote alone.
+    #[arg(long)]
     pub require_images: Option<PathBuf>,
     /// Serve only this registry's images (`host[:port]`): a request whose `ns` (containerd's
     /// name for the image's registry) names another gets 404, never the image of the same
-    /// name here. Set by Proxy's StatefulSet; with --remote, the remote's host is used.
+    /// name here. With --remote, the remote's host is used.
     #[arg(long, conflicts_with = "remote")]
     pub registry_host: Option<String>,
 }
@@ -119,6 +133,7 @@ pub struct FrontMetrics {
     refused: Family<RefusalLabels, Counter>,
     reloads: ReloadCounters,
     remote: remote::RemoteMetrics,
+    relay: relay::RelayMetrics,
 }
 
 impl Default for FrontMetrics {
@@ -158,12 +173,24 @@ impl Default for FrontMetrics {
             "Direct mode: tokens fetched from the remote's token service",
             remote.token_fetches.clone(),
         );
+        let relay = relay::RelayMetrics::default();
+        registry.register(
+            "relay_blob_downloads",
+            "Proxy mode: blob downloads from the remote the relay started for the cache",
+            relay.downloads.clone(),
+        );
+        registry.register(
+            "relay_blob_shared",
+            "Proxy mode: requests of the cache for a blob served from a download another started",
+            relay.shared.clone(),
+        );
         FrontMetrics {
             registry,
             requests,
             refused,
             reloads,
             remote,
+            relay,
         }
     }
 }
@@ -208,6 +235,8 @@ struct Front {
 pub struct Running {
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// The relay's address, with --relay-listen.
+    pub relay_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
@@ -245,23 +274,52 @@ pub async fn start(args: FrontArgs) -> anyhow::Result<Running> {
         args.pull_users.clone(),
         args.push_users.clone(),
     )?);
-    let (backend, pushes_refused, target) = match &args.remote {
-        Some(url) => {
-            let remote = Arc::new(remote::Remote::new(
-                url,
-                args.remote_ca.as_deref(),
-                args.remote_credentials.clone(),
-                metrics.remote.clone(),
-            )?);
+    let remote = match &args.remote {
+        Some(url) => Some(Arc::new(remote::Remote::new(
+            url,
+            args.remote_ca.as_deref(),
+            args.remote_credentials.clone(),
+            metrics.remote.clone(),
+        )?)),
+        None => None,
+    };
+    let direct = remote.as_ref().filter(|_| args.relay_listen.is_none());
+    if direct.is_some() && args.require_images.is_some() {
+        anyhow::bail!(
+            "--require-images needs the registry behind the front, not Direct mode's --remote (without --relay-listen)"
+        );
+    }
+    let relay = match (&remote, args.relay_listen) {
+        (Some(remote), Some(addr)) => {
+            if !addr.ip().is_loopback() {
+                anyhow::bail!(
+                    "--relay-listen {addr}: must be a loopback address; the relay adds the upstream's credentials and authenticates nobody"
+                );
+            }
+            let relay =
+                relay::Relay::new(remote.clone(), &args.relay_spool, metrics.relay.clone())?;
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for the relay: {e}"))?;
+            Some((Arc::new(relay), listener))
+        }
+        _ => None,
+    };
+    let (backend, pushes_refused, target) = match direct {
+        Some(remote) => {
             let message = format!(
                 "this mirror forwards to {}; pushes are refused",
                 remote.host()
             );
-            (Backend::Remote(remote), Some(message), url.clone())
+            (
+                Backend::Remote(remote.clone()),
+                Some(message),
+                remote.host().to_string(),
+            )
         }
         None => (
             Backend::Local(Box::new(Upstream::new(&args.upstream)?)),
-            args.pull_only
+            (args.pull_only || relay.is_some())
                 .then(|| "this mirror is a pull-through cache; pushes are refused".to_string()),
             args.upstream.clone(),
         ),
@@ -290,11 +348,19 @@ pub async fn start(args: FrontArgs) -> anyhow::Result<Running> {
             args.reload_interval,
         )),
     ];
-    if let Backend::Remote(remote) = &backend {
+    if let Some(remote) = &remote {
         background.push(tokio::spawn(
             remote.clone().watch_credentials(args.reload_interval),
         ));
     }
+    let relay_addr = match relay {
+        Some((relay, listener)) => {
+            let addr = listener.local_addr()?;
+            background.push(tokio::spawn(relay.serve(listener)));
+            Some(addr)
+        }
+        None => None,
+    };
     let encode = metrics.clone();
     background.push(tokio::spawn(crate::metrics::serve_probes(
         probe_listener,
@@ -302,9 +368,9 @@ pub async fn start(args: FrontArgs) -> anyhow::Result<Running> {
         ready,
     )));
 
-    let only_registry = match &backend {
-        Backend::Remote(remote) => Some(remote.host().to_string()),
-        Backend::Local(_) => args.registry_host.clone(),
+    let only_registry = match (&remote, &args.registry_host) {
+        (Some(remote), _) => Some(remote.host().to_string()),
+        (None, host) => host.clone(),
     };
     let front = Arc::new(Front {
         users,
@@ -316,10 +382,11 @@ pub async fn start(args: FrontArgs) -> anyhow::Result<Running> {
     let front_pull_only = front.pushes_refused.is_some();
     let (shutdown, shutdown_rx) = watch::channel(false);
     let task = tokio::spawn(accept_loop(listener, acceptor, front, shutdown_rx));
-    tracing::info!(%addr, %metrics_addr, upstream = %target, pull_only = front_pull_only, "registry front serving");
+    tracing::info!(%addr, %metrics_addr, upstream = %target, pull_only = front_pull_only, relay = ?relay_addr, "registry front serving");
     Ok(Running {
         addr,
         metrics_addr,
+        relay_addr,
         shutdown,
         task,
         background,

@@ -165,17 +165,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// An answer in the Distribution API's error format.
 pub fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    let body = serde_json::json!({"errors": [{"code": code, "message": message}]}).to_string();
+    let body = error_body(code, message);
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
         .header("docker-distribution-api-version", "registry/2.0")
-        .body(
-            Full::new(Bytes::from(body))
-                .map_err(|never| match never {})
-                .boxed(),
-        )
+        .body(Full::new(body).map_err(|never| match never {}).boxed())
         .unwrap_or_default()
+}
+
+/// The body of an [`error`].
+pub fn error_body(code: &str, message: &str) -> Bytes {
+    Bytes::from(serde_json::json!({"errors": [{"code": code, "message": message}]}).to_string())
 }
 
 #[cfg(test)]

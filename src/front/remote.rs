@@ -190,25 +190,26 @@ impl Remote {
     /// Sends an authorized GET or HEAD on to the remote and streams the answer back.
     pub async fn forward(&self, request: Request<Incoming>) -> Response<Body> {
         let (parts, _body) = request.into_parts();
-        let target = match target_for(
-            &self.prefix,
-            parts.uri.path(),
-            parts.uri.query().unwrap_or_default(),
-        ) {
-            Ok(target) => target,
-            Err(message) => return proxy::error(StatusCode::NOT_FOUND, "NAME_INVALID", &message),
-        };
-        match self.send(&parts.method, &parts.headers, &target).await {
-            Ok(resp) => {
-                if resp.status().is_server_error() {
-                    self.count("server_error");
-                }
-                let resp: Response<reqwest::Body> = resp.into();
-                let (mut parts, body) = resp.into_parts();
-                proxy::strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, body.map_err(Into::into).boxed())
-            }
-            Err(failure) => {
+        match self.fetch(&parts.method, &parts.uri, &parts.headers).await {
+            Ok(resp) => self.streamed(resp),
+            Err(answer) => answer,
+        }
+    }
+
+    /// Sends a GET or HEAD for the client's `uri` on to the remote, authenticated: the
+    /// remote's answer, or the error to answer the client with instead (404 for a path
+    /// outside the pull API, 502 naming what failed on the remote side).
+    pub(super) async fn fetch(
+        &self,
+        method: &Method,
+        uri: &http::Uri,
+        headers: &HeaderMap,
+    ) -> Result<reqwest::Response, Response<Body>> {
+        let target = target_for(&self.prefix, uri.path(), uri.query().unwrap_or_default())
+            .map_err(|message| proxy::error(StatusCode::NOT_FOUND, "NAME_INVALID", &message))?;
+        self.send(method, headers, &target)
+            .await
+            .map_err(|failure| {
                 self.count(failure.reason);
                 tracing::warn!(
                     remote = %self.host,
@@ -217,8 +218,19 @@ impl Remote {
                     "remote registry request failed"
                 );
                 proxy::error(StatusCode::BAD_GATEWAY, failure.code, &failure.message)
-            }
+            })
+    }
+
+    /// The remote's answer as the client's, its body streamed.
+    pub(super) fn streamed(&self, resp: reqwest::Response) -> Response<Body> {
+        if resp.status().is_server_error() {
+            self.count("server_error");
         }
+        let resp: Response<reqwest::Body> = resp.into();
+        let (mut parts, body) = resp.into_parts();
+        proxy::strip_hop_by_hop(&mut parts.headers);
+        let body = body.map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) });
+        Response::from_parts(parts, body.boxed())
     }
 
     async fn send(
