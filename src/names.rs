@@ -149,6 +149,9 @@ pub const AUTH_SOURCE_ANNOTATION: &str = "registry-addon/users-source";
 
 /// Where the registry listens inside its pod, behind the front (plain HTTP, loopback only).
 pub const REGISTRY_LOOPBACK_PORT: u16 = 5001;
+/// Where the front's relay to the upstream listens inside a Proxy pod (plain HTTP, loopback
+/// only): the registry's `proxy.remoteurl`.
+pub const PROXY_RELAY_PORT: u16 = 5003;
 /// Port of the front's probes and metrics (plain HTTP).
 pub const FRONT_METRICS_PORT: u16 = 9442;
 

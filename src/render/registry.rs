@@ -633,40 +633,18 @@ fn stateful_set(values: &RegistryValues) -> Value {
         }}),
     ];
     if proxy {
-        // A pull-through cache of the upstream; each replica caches on its own, so there is
-        // no sync sidecar and no notification.
-        let upstream = &values.upstream;
+        // A pull-through cache of the upstream, reached through the front's relay on the
+        // pod's loopback (which adds the credentials and downloads each blob once); each
+        // replica caches on its own, so there is no sync sidecar and no notification.
         push(
             &mut registry["env"],
-            json!({"name": "REGISTRY_PROXY_REMOTEURL", "value": upstream.url}),
+            json!({"name": "REGISTRY_PROXY_REMOTEURL", "value": format!("http://{}", proxy_relay_addr())}),
         );
-        if upstream.credentials {
-            for (name, key) in [
-                ("REGISTRY_PROXY_USERNAME", "username"),
-                ("REGISTRY_PROXY_PASSWORD", "password"),
-            ] {
-                push(
-                    &mut registry["env"],
-                    json!({"name": name, "valueFrom": {"secretKeyRef": {
-                        "name": upstream.secret_name, "key": key,
-                    }}}),
-                );
-            }
-        }
-        if !upstream.cache_ttl.is_empty() {
+        if !values.upstream.cache_ttl.is_empty() {
             push(
                 &mut registry["env"],
-                json!({"name": "REGISTRY_PROXY_TTL", "value": upstream.cache_ttl}),
+                json!({"name": "REGISTRY_PROXY_TTL", "value": values.upstream.cache_ttl}),
             );
-        }
-        if upstream.ca {
-            // Go's TLS reads extra roots from SSL_CERT_FILE.
-            push(
-                &mut registry["env"],
-                json!({"name": "SSL_CERT_FILE", "value": format!("{}/ca.crt", names::REGISTRY_UPSTREAM_DIR)}),
-            );
-            push(&mut registry["volumeMounts"], upstream_mount());
-            volumes.push(upstream_volume(values, &["ca.crt"]));
         }
     }
     if let Some(resources) = values.resources.registry.to_value() {
@@ -684,19 +662,48 @@ fn stateful_set(values: &RegistryValues) -> Value {
             names::IMAGES_IN_USE_KEY
         )),
     ];
+    let mut upstream_keys = Vec::new();
     if proxy {
-        // Only the upstream's images: never its image of another registry's name.
+        // The relay to the upstream, and the images of the upstream's host only (the
+        // remote's host): never its image of another registry's name.
+        let (remote, keys) = remote_args(values);
+        backend.extend(remote);
         backend.extend([
-            json!("--registry-host"),
-            json!(values.upstream.url.trim_start_matches("https://")),
+            json!("--relay-listen"),
+            json!(proxy_relay_addr()),
+            json!("--relay-spool"),
+            json!(RELAY_SPOOL_DIR),
         ]);
+        upstream_keys = keys;
     }
     let mut front = front_container(values, backend, proxy);
     push(
         &mut front["volumeMounts"],
         json!({"name": "images-in-use", "mountPath": names::IMAGES_IN_USE_DIR, "readOnly": true}),
     );
-    let mut containers = vec![registry, front];
+    if proxy {
+        // Distribution 2.8 reads its upstream's /v2/ when it starts and exits when it cannot:
+        // the kubelet starts the registry only once this hook returns, the relay listening.
+        front["lifecycle"] = json!({"postStart": {"exec": {"command": [
+            IMAGE_BINARY, "wait", "--tcp", proxy_relay_addr(),
+        ]}}});
+        push(
+            &mut front["volumeMounts"],
+            json!({"name": "relay-spool", "mountPath": RELAY_SPOOL_DIR}),
+        );
+        volumes.push(json!({"name": "relay-spool", "emptyDir": {}}));
+        if !upstream_keys.is_empty() {
+            push(&mut front["volumeMounts"], upstream_mount());
+            volumes.push(upstream_volume(values, &upstream_keys));
+        }
+    }
+    // The kubelet starts a pod's containers in order: in Proxy the front (whose relay the
+    // registry needs) comes first.
+    let mut containers = if proxy {
+        vec![front, registry]
+    } else {
+        vec![registry, front]
+    };
     if !proxy {
         let mut sync_container = sync_container(values, &loopback);
         let notify = &values.notifications;
@@ -828,20 +835,38 @@ fn statefulset_annotations(values: &RegistryValues) -> Value {
 pub const DIRECT_CREDENTIALS_DIR: &str = names::REGISTRY_UPSTREAM_DIR;
 pub const DIRECT_CA_FILE: &str = "/etc/registry-upstream/ca.crt";
 
-/// Direct: the front alone, forwarding to the upstream and storing nothing; at least two
-/// replicas behind the same Service.
-fn direct_deployment(values: &RegistryValues) -> Value {
+/// The front's flags for the upstream (`--remote` and, with their Secret references,
+/// `--remote-credentials` and `--remote-ca`), and the keys of `registry-upstream` they read.
+fn remote_args(values: &RegistryValues) -> (Vec<Value>, Vec<&'static str>) {
     let upstream = &values.upstream;
-    let mut backend = vec![json!("--remote"), json!(upstream.url)];
+    let mut args = vec![json!("--remote"), json!(upstream.url)];
     let mut keys = Vec::new();
     if upstream.credentials {
-        backend.extend([json!("--remote-credentials"), json!(DIRECT_CREDENTIALS_DIR)]);
+        args.extend([json!("--remote-credentials"), json!(DIRECT_CREDENTIALS_DIR)]);
         keys.extend(["username", "password"]);
     }
     if upstream.ca {
-        backend.extend([json!("--remote-ca"), json!(DIRECT_CA_FILE)]);
+        args.extend([json!("--remote-ca"), json!(DIRECT_CA_FILE)]);
         keys.push("ca.crt");
     }
+    (args, keys)
+}
+
+/// Where Proxy's registry reaches the front's relay to the upstream (its `proxy.remoteurl`).
+pub fn proxy_relay_addr() -> String {
+    format!("127.0.0.1:{}", names::PROXY_RELAY_PORT)
+}
+
+/// This binary in its image.
+pub const IMAGE_BINARY: &str = "/usr/local/bin/registry-addon";
+
+/// Where the relay spools the blobs it downloads (an emptyDir).
+pub const RELAY_SPOOL_DIR: &str = "/var/cache/registry-addon-relay";
+
+/// Direct: the front alone, forwarding to the upstream and storing nothing; at least two
+/// replicas behind the same Service.
+fn direct_deployment(values: &RegistryValues) -> Value {
+    let (backend, keys) = remote_args(values);
     let mut front = front_container(values, backend, false);
     let mut volumes = vec![
         json!({"name": "tls", "secret": {"secretName": names::REGISTRY_TLS_SECRET}}),
@@ -1210,27 +1235,58 @@ mod tests {
             .as_array()
             .unwrap();
         assert_eq!(containers.len(), 2, "no sync sidecar");
-        let env = containers[0]["env"].as_array().unwrap();
+        // The front first: the registry starts once its postStart hook sees the relay listen.
+        assert_eq!(containers[0]["name"], "front");
+        assert_eq!(
+            containers[0]["lifecycle"]["postStart"]["exec"]["command"],
+            json!([IMAGE_BINARY, "wait", "--tcp", "127.0.0.1:5003"])
+        );
+        let (front, registry) = (&containers[0], &containers[1]);
+        let env = registry["env"].as_array().unwrap();
         let get = |n: &str| env.iter().find(|e| e["name"] == n);
+        // The registry reaches the upstream through the front's relay on the loopback, and
+        // holds neither the upstream's credentials nor its CA.
         assert_eq!(
             get("REGISTRY_PROXY_REMOTEURL").unwrap()["value"],
-            "https://up.example:5443"
+            "http://127.0.0.1:5003"
         );
-        assert_eq!(
-            get("REGISTRY_PROXY_PASSWORD").unwrap()["valueFrom"]["secretKeyRef"]["name"],
-            "registry-upstream"
-        );
-        assert_eq!(
-            get("SSL_CERT_FILE").unwrap()["value"],
-            "/etc/registry-upstream/ca.crt"
+        assert!(get("REGISTRY_PROXY_PASSWORD").is_none());
+        assert!(get("SSL_CERT_FILE").is_none());
+        assert!(
+            registry["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|m| m["name"] != "upstream")
         );
         assert!(get("REGISTRY_PROXY_TTL").is_none());
         assert!(get("REGISTRY_NOTIFICATIONS_ENDPOINTS").is_none());
+        let args = front["args"].as_array().unwrap();
+        let after = |flag: &str| {
+            args.iter()
+                .position(|a| a == flag)
+                .map(|i| args[i + 1].as_str().unwrap())
+        };
+        assert!(args.contains(&json!("--pull-only")));
+        assert_eq!(after("--remote"), Some("https://up.example:5443"));
+        assert_eq!(after("--relay-listen"), Some("127.0.0.1:5003"));
+        assert_eq!(after("--remote-credentials"), Some(DIRECT_CREDENTIALS_DIR));
+        assert_eq!(after("--remote-ca"), Some(DIRECT_CA_FILE));
+        assert_eq!(after("--relay-spool"), Some(RELAY_SPOOL_DIR));
+        let mounts = front["volumeMounts"].as_array().unwrap();
+        let mounted =
+            |name: &str| mounts.iter().find(|m| m["name"] == name).unwrap()["mountPath"].clone();
+        assert_eq!(mounted("upstream"), "/etc/registry-upstream");
+        assert_eq!(mounted("relay-spool"), RELAY_SPOOL_DIR);
+        let volumes = sts["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .unwrap();
+        let upstream = volumes.iter().find(|v| v["name"] == "upstream").unwrap();
+        assert_eq!(upstream["secret"]["secretName"], "registry-upstream");
         assert!(
-            containers[1]["args"]
-                .as_array()
-                .unwrap()
-                .contains(&json!("--pull-only"))
+            volumes
+                .iter()
+                .any(|v| v["name"] == "relay-spool" && v["emptyDir"].is_object())
         );
     }
 

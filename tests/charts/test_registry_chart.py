@@ -237,24 +237,37 @@ def test_proxy_is_a_pull_through_cache_without_sync():
     local = next(o for o in render(REGISTRY_CHART, BASE, NAMESPACE) if o["kind"] == "StatefulSet")
     assert sts["spec"]["volumeClaimTemplates"] == local["spec"]["volumeClaimTemplates"]
     containers = sts["spec"]["template"]["spec"]["containers"]
-    assert [c["name"] for c in containers] == ["registry", "front"]
-    registry, front = containers
+    # The front first, its postStart hook holding the registry back until its relay listens.
+    assert [c["name"] for c in containers] == ["front", "registry"]
+    front, registry = containers
+    assert front["lifecycle"]["postStart"]["exec"]["command"] == ["/usr/local/bin/registry-addon", "wait", "--tcp", "127.0.0.1:5003"]
+    assert [c["name"] for c in local["spec"]["template"]["spec"]["containers"]] == ["registry", "front", "sync"]
     env = {e["name"]: e for e in registry["env"]}
-    assert env["REGISTRY_PROXY_REMOTEURL"]["value"] == "https://upstream.example:5443"
-    assert env["REGISTRY_PROXY_USERNAME"]["valueFrom"]["secretKeyRef"] == {"name": "registry-upstream", "key": "username"}
-    assert env["REGISTRY_PROXY_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "registry-upstream", "key": "password"}
+    # The registry reaches the upstream through the front's relay on the pod's loopback and
+    # holds neither the upstream's credentials nor its CA; the front's relay does.
+    assert env["REGISTRY_PROXY_REMOTEURL"]["value"] == "http://127.0.0.1:5003"
     assert env["REGISTRY_PROXY_TTL"]["value"] == "72h"
-    assert env["SSL_CERT_FILE"]["value"] == "/etc/registry-upstream/ca.crt"
+    assert {"REGISTRY_PROXY_USERNAME", "REGISTRY_PROXY_PASSWORD", "SSL_CERT_FILE"}.isdisjoint(env)
+    assert "upstream" not in {m["name"] for m in registry["volumeMounts"]}
     assert not any(name.startswith("REGISTRY_NOTIFICATIONS") for name in env)
-    assert "--pull-only" in front["args"]
+    args = front["args"]
+    assert "--pull-only" in args
+    assert args[args.index("--remote") + 1] == "https://upstream.example:5443"
+    assert args[args.index("--remote-credentials") + 1] == "/etc/registry-upstream"
+    assert args[args.index("--remote-ca") + 1] == "/etc/registry-upstream/ca.crt"
+    assert args[args.index("--relay-listen") + 1] == "127.0.0.1:5003"
+    mounts = {m["name"]: m["mountPath"] for m in front["volumeMounts"]}
+    assert mounts["upstream"] == "/etc/registry-upstream"
+    assert mounts["relay-spool"] == args[args.index("--relay-spool") + 1]
     volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
     assert "sync-auth" not in volumes
-    assert volumes["upstream"]["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+    assert volumes["relay-spool"] == {"name": "relay-spool", "emptyDir": {}}
+    assert volumes["upstream"]["secret"]["items"] == [{"key": "username", "path": "username"}, {"key": "password", "path": "password"}, {"key": "ca.crt", "path": "ca.crt"}]
     # Without credentials nor CA: no reference to a Secret that is not there.
     plain = {**BASE, "mode": "Proxy", "upstream": {"url": "https://upstream.example"}}
     sts = next(o for o in render(REGISTRY_CHART, plain, NAMESPACE) if o["kind"] == "StatefulSet")
-    env = {e["name"] for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert {"REGISTRY_PROXY_USERNAME", "REGISTRY_PROXY_TTL", "SSL_CERT_FILE"}.isdisjoint(env)
+    front = sts["spec"]["template"]["spec"]["containers"][0]
+    assert "--remote-credentials" not in front["args"] and "--remote-ca" not in front["args"]
     assert "upstream" not in {v["name"] for v in sts["spec"]["template"]["spec"]["volumes"]}
 
 
