@@ -111,14 +111,18 @@ async fn proxy_copies_the_upstream_secrets_once() {
     assert_eq!(unb64(&copy["data"]["password"]), "s3cret");
     assert_eq!(unb64(&copy["data"]["ca.crt"]), ca);
     let sts = env.workload.get(&statefulset_path()).expect("StatefulSet");
-    let env_vars = &sts["spec"]["template"]["spec"]["containers"][0]["env"];
+    // The front's relay reaches the upstream, the registry reaches the relay.
+    let containers = &sts["spec"]["template"]["spec"]["containers"];
+    let args = containers[0]["args"].as_array().unwrap();
+    let remote = args.iter().position(|a| a == "--remote").unwrap();
+    assert_eq!(args[remote + 1], "https://upstream.example:5443");
     assert!(
-        env_vars
+        containers[1]["env"]
             .as_array()
             .unwrap()
             .iter()
             .any(|e| e["name"] == "REGISTRY_PROXY_REMOTEURL"
-                && e["value"] == "https://upstream.example:5443")
+                && e["value"] == "http://127.0.0.1:5003")
     );
 
     // A repeat writes nothing.

@@ -93,95 +93,215 @@ impl Drop for Running {
     }
 }
 
-/// The Proxy registry as the rendered StatefulSet runs it: the registry container's
-/// environment with the kubelet's part done here (Secret references resolved from `secret`,
-/// the mounted CA written to a file) and the pod's paths moved under `dir`.
-struct ProxyRegistry {
-    _child: Running,
-    port: u16,
+/// A Proxy replica as the rendered StatefulSet runs it, the kubelet's part done here: the
+/// front with its rendered flags (the `registry-upstream` Secret's files, the relay's port and
+/// spool, the images-in-use file moved under `dir`), its postStart hook (`registry-addon
+/// wait`), then the registry container's environment (Secret references resolved) under
+/// `dir`.
+struct ProxyPod {
+    registry: Option<Running>,
+    front: FrontProcess,
+    registry_env: BTreeMap<String, String>,
+    registry_port: u16,
+    /// The relay's address.
+    relay: String,
+    tls: TestTls,
+    dir: PathBuf,
     root: PathBuf,
+    images: PathBuf,
 }
 
-impl ProxyRegistry {
-    fn start(dir: &Path, values: &RegistryValues, secret: &Value) -> ProxyRegistry {
+impl ProxyPod {
+    fn start(
+        dir: &Path,
+        values: &RegistryValues,
+        secret: &Value,
+        users: &[FrontUser<'_>],
+    ) -> ProxyPod {
         let objects = registry_objects(values);
         let sts = objects
             .iter()
             .find(|o| o["kind"] == "StatefulSet")
             .expect("Proxy renders the StatefulSet");
-        let container = &sts["spec"]["template"]["spec"]["containers"][0];
-        assert_eq!(container["name"], "registry");
-        let mounted_ca = dir.join("upstream/ca.crt");
-        std::fs::create_dir_all(mounted_ca.parent().unwrap()).unwrap();
-        std::fs::write(&mounted_ca, secret_data(secret, "ca.crt").unwrap()).unwrap();
-        let root = dir.join("data");
-        let log = dir.join("registry.log");
-        for _try in 0..5 {
-            let port = free_port();
-            let mut env = BTreeMap::new();
-            for var in container["env"].as_array().unwrap() {
-                let name = var["name"].as_str().unwrap().to_string();
-                let value = match (&var["value"], &var["valueFrom"]["secretKeyRef"]) {
-                    (Value::String(v), _) => v.clone(),
-                    (_, r) if r["name"] == "registry-upstream" => {
-                        secret_data(secret, r["key"].as_str().unwrap()).unwrap()
-                    }
-                    (_, r) if r["name"] == "registry-auth" => "proxy-test-http-secret".into(),
-                    other => panic!("unexpected env {name}: {other:?}"),
-                };
-                let value = match name.as_str() {
-                    "REGISTRY_HTTP_ADDR" => format!("127.0.0.1:{port}"),
-                    "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY" => {
-                        // Under the volume, as in the pod.
-                        let sub = value.strip_prefix("/var/lib/registry").unwrap();
-                        format!("{}{sub}", root.display())
-                    }
-                    "SSL_CERT_FILE" => {
-                        assert_eq!(value, "/etc/registry-upstream/ca.crt");
-                        mounted_ca.display().to_string()
-                    }
-                    _ => value,
-                };
-                env.insert(name, value);
-            }
-            let config = dir.join("config.yml");
-            std::fs::write(
-                &config,
-                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: /nonexistent\nhttp:\n  addr: 127.0.0.1:1\n",
-            )
+        let containers = sts["spec"]["template"]["spec"]["containers"]
+            .as_array()
             .unwrap();
-            let log_file = std::fs::File::create(&log).unwrap();
-            let child = Command::new("docker-registry")
-                .arg("serve")
-                .arg(&config)
-                .env_clear()
-                .envs(&env)
-                .stdin(Stdio::null())
-                .stdout(log_file.try_clone().unwrap())
-                .stderr(log_file)
-                .spawn()
-                .expect("docker-registry must be installed (Debian package docker-registry)");
-            let mut child = Running(child);
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.0.try_wait() {
-                    break;
-                }
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                if text.contains(&format!("listening on 127.0.0.1:{port}")) {
-                    return ProxyRegistry {
-                        _child: child,
-                        port,
-                        root,
-                    };
-                }
-                std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(containers[0]["name"], "front", "the front starts first");
+        assert_eq!(containers[1]["name"], "registry");
+        let (front, registry) = (&containers[0], &containers[1]);
+
+        // The mounted Secret, the spool and the images-in-use ConfigMap.
+        let upstream_dir = dir.join("upstream");
+        std::fs::create_dir_all(&upstream_dir).unwrap();
+        for key in ["username", "password", "ca.crt"] {
+            if let Some(value) = secret_data(secret, key) {
+                std::fs::write(upstream_dir.join(key), value).unwrap();
             }
         }
-        panic!(
-            "the Proxy registry did not start; log:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
+        let spool = dir.join("spool");
+        std::fs::create_dir_all(&spool).unwrap();
+        let images = dir.join("images-in-use");
+        let (registry_port, relay_port) = (free_port(), free_port());
+        let relay = format!("127.0.0.1:{relay_port}");
+        let map = |value: &str| -> String {
+            if value
+                == format!(
+                    "http://127.0.0.1:{}",
+                    registry_addon::names::REGISTRY_LOOPBACK_PORT
+                )
+            {
+                format!("http://127.0.0.1:{registry_port}")
+            } else if value == registry_addon::render::registry::proxy_relay_addr() {
+                relay.clone()
+            } else if let Some(rest) = value.strip_prefix("/etc/registry-upstream") {
+                format!("{}{rest}", upstream_dir.display())
+            } else if value == registry_addon::render::registry::RELAY_SPOOL_DIR {
+                spool.display().to_string()
+            } else if value.starts_with(registry_addon::names::IMAGES_IN_USE_DIR) {
+                images.display().to_string()
+            } else {
+                value.to_string()
+            }
+        };
+        // The flags of the front that the test's front does not set itself.
+        let args: Vec<String> = front["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect();
+        let own = [
+            "--listen",
+            "--tls-cert-file",
+            "--tls-key-file",
+            "--upstream",
+            "--pull-users",
+            "--push-users",
+            "--metrics-listen",
+        ];
+        let mut extra = Vec::new();
+        let mut i = 1;
+        while i < args.len() {
+            let flag = &args[i];
+            let takes_value = i + 1 < args.len() && !args[i + 1].starts_with("--");
+            if !own.contains(&flag.as_str()) {
+                extra.push(flag.clone());
+                if takes_value {
+                    extra.push(map(&args[i + 1]));
+                }
+            }
+            i += if takes_value { 2 } else { 1 };
+        }
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let front_tls = TestTls::new(&dir.join("front-tls"));
+        let front_process = FrontProcess::start_unready(
+            &dir.join("front"),
+            &format!("http://127.0.0.1:{registry_port}"),
+            &front_tls.cert_file,
+            &front_tls.key_file,
+            users,
+            &extra,
         );
+        // The postStart hook, as rendered.
+        let hook: Vec<String> = front["lifecycle"]["postStart"]["exec"]["command"]
+            .as_array()
+            .expect("the front holds the registry back with a postStart hook")
+            .iter()
+            .map(|w| map(w.as_str().unwrap()))
+            .collect();
+        assert_eq!(hook[0], registry_addon::render::registry::IMAGE_BINARY);
+        let status = Command::new(env!("CARGO_BIN_EXE_registry-addon"))
+            .args(&hook[1..])
+            .status()
+            .unwrap();
+        assert!(status.success(), "the postStart hook failed");
+
+        let mut registry_env = BTreeMap::new();
+        let root = dir.join("data");
+        for var in registry["env"].as_array().unwrap() {
+            let name = var["name"].as_str().unwrap().to_string();
+            let value = match (&var["value"], &var["valueFrom"]["secretKeyRef"]) {
+                (Value::String(v), _) => v.clone(),
+                (_, r) if r["name"] == "registry-auth" => "proxy-test-http-secret".into(),
+                other => panic!("unexpected env {name}: {other:?}"),
+            };
+            let value = match name.as_str() {
+                "REGISTRY_HTTP_ADDR" => format!("127.0.0.1:{registry_port}"),
+                "REGISTRY_PROXY_REMOTEURL" => {
+                    assert_eq!(
+                        value,
+                        format!(
+                            "http://{}",
+                            registry_addon::render::registry::proxy_relay_addr()
+                        )
+                    );
+                    format!("http://{relay}")
+                }
+                "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY" => {
+                    // Under the volume, as in the pod.
+                    let sub = value.strip_prefix("/var/lib/registry").unwrap();
+                    format!("{}{sub}", root.display())
+                }
+                _ => value,
+            };
+            registry_env.insert(name, value);
+        }
+        let mut pod = ProxyPod {
+            registry: None,
+            front: front_process,
+            registry_env,
+            registry_port,
+            relay,
+            tls: front_tls,
+            dir: dir.to_path_buf(),
+            root,
+            images,
+        };
+        pod.start_registry();
+        pod
+    }
+
+    /// Starts the registry container (again).
+    fn start_registry(&mut self) {
+        self.registry = None;
+        let config = self.dir.join("config.yml");
+        std::fs::write(
+            &config,
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: /nonexistent\nhttp:\n  addr: 127.0.0.1:1\n",
+        )
+        .unwrap();
+        let log = self.dir.join("registry.log");
+        let log_file = std::fs::File::create(&log).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .env_clear()
+            .envs(&self.registry_env)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .expect("docker-registry must be installed (Debian package docker-registry)");
+        let mut child = Running(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let listening = format!("listening on 127.0.0.1:{}", self.registry_port);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains(&listening) {
+                self.registry = Some(child);
+                return;
+            }
+            let exited = matches!(child.0.try_wait(), Ok(Some(_)));
+            assert!(
+                !exited && Instant::now() < deadline,
+                "the Proxy registry did not start; log:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop_registry(&mut self) {
+        self.registry = None;
     }
 }
 
@@ -304,24 +424,10 @@ async fn proxy_mode_end_to_end() {
         credentials: Some((UPSTREAM_USER.into(), UPSTREAM_PASSWORD.into())),
         ca_pem: Some(String::from_utf8(upstream_tls.ca_pem()).unwrap()),
     });
-    let proxy = ProxyRegistry::start(&dir.join("proxy"), &values, &secret);
-
-    // The front before it, with the args the StatefulSet gives it, pull-only included.
-    let objects = registry_objects(&values);
-    let sts = objects.iter().find(|o| o["kind"] == "StatefulSet").unwrap();
-    let front_args = &sts["spec"]["template"]["spec"]["containers"][1]["args"];
-    assert!(
-        front_args
-            .as_array()
-            .unwrap()
-            .contains(&json!("--pull-only"))
-    );
-    let front_tls = TestTls::new(&dir.join("front-tls"));
-    let front = FrontProcess::start_with(
-        &dir.join("front"),
-        &format!("http://127.0.0.1:{}", proxy.port),
-        &front_tls.cert_file,
-        &front_tls.key_file,
+    let mut pod = ProxyPod::start(
+        &dir.join("proxy"),
+        &values,
+        &secret,
         &[
             FrontUser {
                 name: "ro",
@@ -334,16 +440,29 @@ async fn proxy_mode_end_to_end() {
                 push: true,
             },
         ],
-        &["--pull-only"],
     );
+    pod.front.wait_readyz(200);
     let ro = client(
-        &front.url,
-        Some(&front_tls.ca_pem()),
+        &pod.front.url,
+        Some(&pod.tls.ca_pem()),
         Some(Credentials {
             username: "ro".into(),
             password: RO_PASSWORD.into(),
         }),
     );
+
+    // The relay pulls and nothing else, and answers the cache's check of the upstream itself.
+    let relay_port: u16 = pod.relay.rsplit(':').next().unwrap().parse().unwrap();
+    assert_eq!(http_status(relay_port, "/v2/"), Some(200));
+    let mut post = std::net::TcpStream::connect(&pod.relay).unwrap();
+    std::io::Write::write_all(
+        &mut post,
+        b"POST /v2/team/large/blobs/uploads/ HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut post, &mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
 
     // Cold pull: from the upstream, through the cache.
     let before = upstream_blob_gets(&upstream_log);
@@ -352,14 +471,8 @@ async fn proxy_mode_end_to_end() {
     pull(&ro, "library/small", "v1")
         .await
         .expect("cold pull of many layers");
-    let cold_gets = upstream_blob_gets(&upstream_log) - before;
     assert!(
-        cold_gets >= 2 + 13,
-        "the cold pull fetched {cold_gets} blobs upstream"
-    );
-    assert!(
-        proxy
-            .root
+        pod.root
             .join("proxy-cache/docker/registry/v2/blobs")
             .exists(),
         "the cache lies under proxy-cache, beside Local's tree"
@@ -367,9 +480,7 @@ async fn proxy_mode_end_to_end() {
 
     // Distribution 2.8 stores a blob in the cache by a second download of its own, in the
     // background: wait until every blob is linked into its repository of the cache.
-    let cache = proxy
-        .root
-        .join("proxy-cache/docker/registry/v2/repositories");
+    let cache = pod.root.join("proxy-cache/docker/registry/v2/repositories");
     let linked = |repo: &str, image: &Image| {
         std::iter::once(&image.config)
             .chain(&image.layers)
@@ -392,6 +503,45 @@ async fn proxy_mode_end_to_end() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Distribution 2.8 asks for every cold blob twice (once to answer, once to store it, each a
+    // HEAD then a GET); the front's relay downloads it once from the upstream, from the first
+    // HEAD on, and serves both GETs from that download.
+    let cold_gets = upstream_blob_gets(&upstream_log) - before;
+    assert_eq!(
+        cold_gets,
+        2 + 13,
+        "the cold pulls fetched {cold_gets} blobs upstream, not each of the 15 once"
+    );
+    assert_eq!(
+        pod.front
+            .counter("registry_addon_front_relay_blob_downloads_total"),
+        15
+    );
+    assert_eq!(
+        pod.front
+            .counter("registry_addon_front_relay_blob_shared_total"),
+        30
+    );
+    // A HEAD of a blob just downloaded (answered from the download) gives its size.
+    let layer = sha256(&large.layers[0]);
+    let mut head = std::net::TcpStream::connect(&pod.relay).unwrap();
+    std::io::Write::write_all(
+        &mut head,
+        format!(
+            "HEAD /v2/team/large/blobs/{layer} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut head, &mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains(&format!("content-length: {}\r\n", 8 << 20)),
+        "{answer}"
+    );
 
     // Warm pull: no blob from the upstream again.
     let before = upstream_blob_gets(&upstream_log);
@@ -405,8 +555,8 @@ async fn proxy_mode_end_to_end() {
 
     // Pushes are refused: Distribution's proxy mode answers UNSUPPORTED itself.
     let rw = client(
-        &front.url,
-        Some(&front_tls.ca_pem()),
+        &pod.front.url,
+        Some(&pod.tls.ca_pem()),
         Some(Credentials {
             username: "rw".into(),
             password: RW_PASSWORD.into(),
@@ -427,8 +577,8 @@ async fn proxy_mode_end_to_end() {
     // The node: only the upstream host's images through the mirror.
     let hosts = dir.join("certs.d");
     let side = MirrorSide {
-        host: format!("127.0.0.1:{}", front.port),
-        ca_pem: String::from_utf8(front_tls.ca_pem()).unwrap(),
+        host: format!("127.0.0.1:{}", pod.front.port),
+        ca_pem: String::from_utf8(pod.tls.ca_pem()).unwrap(),
         ro: registry_addon::addon::users::Credentials {
             username: "ro".into(),
             password: RO_PASSWORD.into(),
@@ -472,12 +622,20 @@ async fn proxy_mode_end_to_end() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // A replica restarted while the upstream is down starts (the relay answers its check of
+    // the upstream) and serves its cache.
+    pod.stop_registry();
+    pod.start_registry();
+    pod.front.wait_readyz(200);
+    pull(&ro, "library/small", "v1")
+        .await
+        .expect("cached image from a registry restarted with the upstream down");
     // Another registry's image does not go through the mirror.
-    let requests = front_requests(&front);
+    let requests = front_requests(&pod.front);
     let out = ctr_fetch(&socket, &hosts, "127.0.0.1:9/other:v1");
     assert!(!out.status.success());
     assert_eq!(
-        front_requests(&front),
+        front_requests(&pod.front),
         requests,
         "another registry's image reached the mirror"
     );
@@ -486,13 +644,13 @@ async fn proxy_mode_end_to_end() {
 }
 
 /// During a switch to Proxy its replicas must fetch the images in use from the upstream
-/// before they are ready (`front --require-images`). Against an upstream with plain Basic
-/// auth, Distribution 2.8's proxy never sends the credentials (only to a token realm): the
-/// replica stays unready, naming the image it cannot serve, so the switch waits instead of
-/// sending nodes to a mirror that cannot pull. (With a token upstream the walk of modes in
-/// tests/controller_converge.rs gets its Proxy replica ready the same way.)
+/// before they are ready (`front --require-images`). Here the upstream has plain Basic auth,
+/// to which Distribution 2.8's own proxy never sends credentials (only to a token realm): the
+/// front's relay answers the challenge, so the replica fetches the images and gets ready. With
+/// refused credentials it stays unready, naming the image it cannot serve, so the switch waits
+/// instead of sending nodes to a mirror that cannot pull.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn proxy_replicas_stay_unready_when_they_cannot_fetch_the_images_in_use() {
+async fn proxy_replicas_get_ready_once_they_fetch_the_images_in_use_from_a_basic_auth_upstream() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let upstream_tls = TestTls::new(&dir.join("upstream-tls"));
@@ -506,7 +664,7 @@ async fn proxy_replicas_stay_unready_when_they_cannot_fetch_the_images_in_use() 
             ..RegistryOptions::default()
         },
     );
-    let image = Image::new("amd64", vec![random_bytes(7, 4096)], false);
+    let image = Image::new("amd64", vec![random_bytes(7, 300 << 10)], false);
     image
         .push(
             &client(
@@ -522,45 +680,88 @@ async fn proxy_replicas_stay_unready_when_they_cannot_fetch_the_images_in_use() 
         )
         .await;
     let values = proxy_values(&upstream.url);
-    let secret = upstream_secret(&UpstreamSecrets {
-        credentials: Some((UPSTREAM_USER.into(), UPSTREAM_PASSWORD.into())),
-        ca_pem: Some(String::from_utf8(upstream_tls.ca_pem()).unwrap()),
-    });
-    let proxy = ProxyRegistry::start(&dir.join("proxy"), &values, &secret);
-    let list = dir.join("images");
-    let list_arg = list.display().to_string();
-    let front_tls = TestTls::new(&dir.join("front-tls"));
-    let front = FrontProcess::start_with(
-        &dir.join("front"),
-        &format!("http://127.0.0.1:{}", proxy.port),
-        &front_tls.cert_file,
-        &front_tls.key_file,
-        &[FrontUser {
-            name: "ro",
-            password: RO_PASSWORD,
-            push: false,
-        }],
-        &["--pull-only", "--require-images", &list_arg],
-    );
-    // The StatefulSet gives its front the same requirement.
-    let objects = registry_objects(&values);
-    let sts = objects.iter().find(|o| o["kind"] == "StatefulSet").unwrap();
-    let args = &sts["spec"]["template"]["spec"]["containers"][1]["args"];
-    assert!(
-        args.as_array()
-            .unwrap()
-            .contains(&json!("--require-images"))
-    );
+    let users = [FrontUser {
+        name: "ro",
+        password: RO_PASSWORD,
+        push: false,
+    }];
+    let pod_with = |name: &str, password: &str| {
+        let secret = upstream_secret(&UpstreamSecrets {
+            credentials: Some((UPSTREAM_USER.into(), password.into())),
+            ca_pem: Some(String::from_utf8(upstream_tls.ca_pem()).unwrap()),
+        });
+        ProxyPod::start(&dir.join(name), &values, &secret, &users)
+    };
 
-    std::fs::write(&list, "team/app:1\n").unwrap();
+    // Refused credentials: unready, the image named.
+    let refused = pod_with("refused", "not-the-password");
+    std::fs::write(&refused.images, "team/app:1\n").unwrap();
+    refused.front.wait_readyz(503);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while http_status(front.metrics_port, "/readyz") != Some(503) {
-        assert!(Instant::now() < deadline, "the front stayed ready");
+    loop {
+        let log = std::fs::read_to_string(&refused.front.log).unwrap();
+        if log.contains("1 of 1 images in use are missing from the registry; first: team/app:1")
+            && log.contains("refused the mirror's credentials")
+        {
+            assert!(
+                !log.contains("not-the-password"),
+                "the password was logged: {log}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{log}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let log = std::fs::read_to_string(&front.log).unwrap();
+
+    // The right ones: unready while an image in use is missing upstream, ready once the list
+    // holds only what the upstream has.
+    let pod = pod_with("proxy", UPSTREAM_PASSWORD);
+    std::fs::write(&pod.images, "team/app:1\nteam/gone:1\n").unwrap();
+    pod.front.wait_readyz(503);
+    std::fs::write(&pod.images, "team/app:1\n").unwrap();
+    pod.front.wait_readyz(200);
+    let ro = client(
+        &pod.front.url,
+        Some(&pod.tls.ca_pem()),
+        Some(Credentials {
+            username: "ro".into(),
+            password: RO_PASSWORD.into(),
+        }),
+    );
+    pull(&ro, "team/app", "1")
+        .await
+        .expect("a pull through the cache of a Basic-auth upstream");
+}
+
+/// The relay adds the upstream's credentials and authenticates nobody: the front refuses to
+/// serve it anywhere but on a loopback address.
+#[test]
+fn the_relay_listens_on_the_loopback_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = TestTls::new(&dir.path().join("tls"));
+    let users = dir.path().join("pull.htpasswd");
+    write_htpasswd(&users, "ro", RO_PASSWORD);
+    let out = Command::new(env!("CARGO_BIN_EXE_registry-addon"))
+        .arg("front")
+        .arg("--pull-users")
+        .arg(&users)
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .arg("--tls-cert-file")
+        .arg(&tls.cert_file)
+        .arg("--tls-key-file")
+        .arg(&tls.key_file)
+        .args([
+            "--remote",
+            "https://upstream.example",
+            "--relay-listen",
+            "0.0.0.0:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        log.contains("1 of 1 images in use are missing from the registry; first: team/app:1"),
-        "{log}"
+        stderr.contains("--relay-listen 0.0.0.0:0: must be a loopback address"),
+        "{stderr}"
     );
 }

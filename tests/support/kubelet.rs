@@ -480,7 +480,10 @@ impl Kubelet {
         // The pod's own ports: those its containers declare, and the loopback ones between its
         // containers. Only these are moved; any other address (an upstream's) is left as is.
         let mut ports: BTreeMap<u16, u16> = BTreeMap::new();
-        let mut own_ports = vec![registry_addon::names::REGISTRY_LOOPBACK_PORT];
+        let mut own_ports = vec![
+            registry_addon::names::REGISTRY_LOOPBACK_PORT,
+            registry_addon::names::PROXY_RELAY_PORT,
+        ];
         if let Some((_, port)) = registry_addon::render::registry::SYNC_NOTIFY_ADDR.rsplit_once(':')
         {
             own_ports.extend(port.parse::<u16>().ok());
@@ -569,7 +572,29 @@ impl Kubelet {
                 .stderr(log)
                 .spawn()
                 .unwrap_or_else(|e| panic!("pod {name}: starting {container_name}: {e}"));
-            children.push((container_name, child));
+            children.push((container_name.clone(), child));
+            // As the kubelet: the next container starts once this one's postStart hook
+            // returned; a failed hook kills the container (here: the pod is replaced).
+            let hook = &container["lifecycle"]["postStart"]["exec"]["command"];
+            if let Some(command) = hook.as_array() {
+                let words: Vec<String> = command.iter().map(|w| map(w.as_str().unwrap())).collect();
+                assert_eq!(
+                    words[0],
+                    registry_addon::render::registry::IMAGE_BINARY,
+                    "pod {name}: a postStart hook the stand-in does not run"
+                );
+                let status = Command::new(&self.binary)
+                    .args(&words[1..])
+                    .stdin(Stdio::null())
+                    .status()
+                    .unwrap();
+                if !status.success() {
+                    eprintln!("pod {name}: the postStart hook of {container_name} failed");
+                    if let Some((_, child)) = children.last_mut() {
+                        let _ = child.kill();
+                    }
+                }
+            }
         }
         let front_port = ports[&registry_addon::names::REGISTRY_PORT];
         let metrics_port = ports[&registry_addon::names::FRONT_METRICS_PORT];

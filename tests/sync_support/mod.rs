@@ -642,6 +642,31 @@ impl FrontProcess {
         users: &[FrontUser<'_>],
         extra: &[&str],
     ) -> FrontProcess {
+        Self::launch(dir, upstream, cert_file, key_file, users, extra, true)
+    }
+
+    /// As [`FrontProcess::start_with`], but returns once the front listens, ready or not (the
+    /// registry behind it may start after it).
+    pub fn start_unready(
+        dir: &Path,
+        upstream: &str,
+        cert_file: &Path,
+        key_file: &Path,
+        users: &[FrontUser<'_>],
+        extra: &[&str],
+    ) -> FrontProcess {
+        Self::launch(dir, upstream, cert_file, key_file, users, extra, false)
+    }
+
+    fn launch(
+        dir: &Path,
+        upstream: &str,
+        cert_file: &Path,
+        key_file: &Path,
+        users: &[FrontUser<'_>],
+        extra: &[&str],
+        ready: bool,
+    ) -> FrontProcess {
         std::fs::create_dir_all(dir).unwrap();
         let (mut pull, mut push) = (String::new(), String::new());
         for user in users {
@@ -689,7 +714,7 @@ impl FrontProcess {
                 metrics_port,
                 log: log.clone(),
             };
-            if front.wait_ready() {
+            if front.wait_started(ready) {
                 return front;
             }
         }
@@ -699,7 +724,8 @@ impl FrontProcess {
         );
     }
 
-    fn wait_ready(&mut self) -> bool {
+    /// Whether the front came up listening within 15 s, and ready too if `ready`.
+    fn wait_started(&mut self, ready: bool) -> bool {
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -707,13 +733,35 @@ impl FrontProcess {
             }
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
             if log.contains(&format!("127.0.0.1:{}", self.port))
-                && http_status(self.metrics_port, "/readyz") == Some(200)
+                && (!ready || http_status(self.metrics_port, "/readyz") == Some(200))
             {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         false
+    }
+
+    /// Waits up to 15 s for `/readyz` to answer `status`.
+    pub fn wait_readyz(&self, status: u16) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while http_status(self.metrics_port, "/readyz") != Some(status) {
+            assert!(
+                Instant::now() < deadline,
+                "the front's /readyz did not answer {status}; log:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A counter of the front's metrics (the sum over its labels).
+    pub fn counter(&self, name: &str) -> u64 {
+        self.metrics()
+            .lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
     }
 
     /// The front's Prometheus metrics.
