@@ -765,3 +765,111 @@ fn the_relay_listens_on_the_loopback_only() {
         "{stderr}"
     );
 }
+
+/// A blob whose content does not match its digest is never given out whole: the relay's
+/// reader gets fewer bytes than announced (the connection cut before the last), and the next
+/// request downloads anew instead of sharing the failed download.
+#[test]
+fn the_relay_never_completes_a_blob_that_fails_its_digest() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    // An upstream answering every blob with the same wrong bytes.
+    let port = free_port();
+    let server = Command::new("python3")
+        .arg("-c")
+        .arg(
+            r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def answer(self, body):
+        self.send_response(200)
+        self.send_header("Content-Length", "9")
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        if body:
+            self.wfile.write(b"corrupted")
+    def do_GET(self):
+        self.answer(True)
+    def do_HEAD(self):
+        self.answer(False)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#,
+        )
+        .arg(port.to_string())
+        .spawn()
+        .unwrap();
+    let _server = Running(server);
+    let upstream_tls = TestTls::new(&dir.join("upstream-tls"));
+    let upstream = TlsHaproxy::start(
+        &dir.join("haproxy"),
+        &upstream_tls,
+        &format!("http://127.0.0.1:{port}"),
+    );
+    let relay = format!("127.0.0.1:{}", free_port());
+    let spool = dir.join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    let front_tls = TestTls::new(&dir.join("front-tls"));
+    let front = FrontProcess::start_unready(
+        &dir.join("front"),
+        "http://127.0.0.1:9",
+        &front_tls.cert_file,
+        &front_tls.key_file,
+        &[FrontUser {
+            name: "ro",
+            password: RO_PASSWORD,
+            push: false,
+        }],
+        &[
+            "--remote",
+            &format!("https://127.0.0.1:{}", upstream.port),
+            "--remote-ca",
+            upstream_tls.ca_file.to_str().unwrap(),
+            "--relay-listen",
+            &relay,
+            "--relay-spool",
+            spool.to_str().unwrap(),
+        ],
+    );
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let get = || {
+        let mut stream = std::net::TcpStream::connect(&relay).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        std::io::Write::write_all(
+            &mut stream,
+            format!(
+                "GET /v2/team/app/blobs/{digest} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let mut answer = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stream, &mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    for round in 1..=2 {
+        let answer = get();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            head.to_ascii_lowercase().contains("content-length: 9"),
+            "{head}"
+        );
+        assert!(
+            body.len() < 9,
+            "round {round}: the wrong blob was given out whole: {body:?}"
+        );
+        assert_eq!(
+            front.counter("registry_addon_front_relay_blob_downloads_total"),
+            round,
+            "a failed download was shared"
+        );
+    }
+    let log = std::fs::read_to_string(&front.log).unwrap();
+    assert!(log.contains("hashes to sha256:"), "{log}");
+}

@@ -73,7 +73,8 @@ pub struct FrontArgs {
     #[arg(long, requires = "remote")]
     pub relay_listen: Option<SocketAddr>,
     /// Writable directory where the relay spools a blob while it is downloaded (files are
-    /// unlinked at once, and gone when the last request reading one ends).
+    /// unlinked at once; their space is freed 10 s after the download, once the last request
+    /// reading one ends).
     #[arg(long, default_value = "/tmp", requires = "relay_listen")]
     pub relay_spool: PathBuf,
     /// Directory of a mounted `kubernetes.io/basic-auth` Secret (files `username`,

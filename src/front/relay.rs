@@ -36,6 +36,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use prometheus_client::metrics::counter::Counter;
+use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -46,6 +47,10 @@ use super::remote::{self, Remote};
 const CHUNK: usize = 256 * 1024;
 /// How long a finished download stays shared.
 const GRACE: Duration = Duration::from_secs(10);
+/// How long the upstream may keep a download waiting: for its answer, or for more bytes.
+const IDLE: Duration = Duration::from_secs(60);
+/// How long blobs are fetched unshared after the spool could not be written.
+const SPOOL_BACKOFF: Duration = Duration::from_secs(30);
 /// How long a download goes on while nobody reads it.
 const UNREAD_LIMIT: Duration = Duration::from_secs(2);
 /// The largest answer other than 200 that is kept to give every waiting request.
@@ -67,14 +72,38 @@ pub struct Relay {
     /// The blob downloads under way or recently finished, by the cache's request path.
     flights: Mutex<HashMap<String, Arc<Flight>>>,
     files: AtomicU64,
+    /// Until when blobs are fetched unshared, after the spool could not be written.
+    spool_broken_until: Mutex<Option<Instant>>,
     metrics: RelayMetrics,
 }
 
 /// One download of a blob, shared by the requests for it.
 struct Flight {
-    /// The spool: an unlinked file, gone with the last reader.
-    file: Arc<std::fs::File>,
+    file: Arc<Spool>,
     state: watch::Sender<State>,
+}
+
+/// A spool file, unlinked when created: its space is freed when the download is forgotten
+/// (10 s after it finished) and its last reader is done.
+struct Spool(Option<std::fs::File>);
+
+impl Spool {
+    fn file(&self) -> std::io::Result<&std::fs::File> {
+        // Only `drop` takes the file out.
+        self.0
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("the spool is closed"))
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        // Closing the last handle of a large unlinked file frees its blocks: not on the
+        // runtime's threads.
+        if let (Some(file), Ok(runtime)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
+            runtime.spawn_blocking(move || drop(file));
+        }
+    }
 }
 
 impl Flight {
@@ -111,6 +140,7 @@ impl Relay {
             spool: spool.to_path_buf(),
             flights: Mutex::new(HashMap::new()),
             files: AtomicU64::new(0),
+            spool_broken_until: Mutex::new(None),
             metrics,
         };
         relay
@@ -177,7 +207,7 @@ impl Relay {
         }
         let head = method == Method::HEAD;
         let (parts, body) = request.into_parts();
-        let Some((file, receiver)) = self.join_or_start(&path, &parts, head) else {
+        let Some((file, receiver)) = self.join_or_start(&path, &parts, head).await else {
             return self.remote.forward(Request::from_parts(parts, body)).await;
         };
         if head {
@@ -190,45 +220,74 @@ impl Relay {
 
     /// Joins the download of `path` under way, or starts it: the spool and its state to read
     /// the blob from. `None` when it cannot be spooled, to be fetched unshared.
-    fn join_or_start(
+    async fn join_or_start(
         self: &Arc<Self>,
         path: &str,
         request: &http::request::Parts,
         head: bool,
-    ) -> Option<(Arc<std::fs::File>, watch::Receiver<State>)> {
+    ) -> Option<(Arc<Spool>, watch::Receiver<State>)> {
+        if let Some(joined) = self.join(path, head) {
+            return Some(joined);
+        }
+        let broken = self
+            .spool_broken_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|until| Instant::now() < until);
+        if broken {
+            return None;
+        }
+        let relay = self.clone();
+        let created = tokio::task::spawn_blocking(move || relay.spool_file()).await;
+        let spool = match created {
+            Ok(Ok(file)) => Arc::new(Spool(Some(file))),
+            Ok(Err(e)) => {
+                tracing::warn!(spool = %self.spool.display(), error = %e, "cannot spool a blob; fetching it unshared");
+                return None;
+            }
+            Err(_) => return None,
+        };
         let mut flights = self.lock();
-        // A download that failed is about to be forgotten: this request starts anew.
+        // Another request may have started it meanwhile.
         if let Some(flight) = flights.get(path).filter(|f| !f.failed()) {
             if !head {
                 self.metrics.shared.inc();
             }
             return Some((flight.file.clone(), flight.state.subscribe()));
         }
-        let file = match self.spool_file() {
-            Ok(file) => Arc::new(file),
-            Err(e) => {
-                tracing::warn!(spool = %self.spool.display(), error = %e, "cannot spool a blob; fetching it unshared");
-                return None;
-            }
-        };
         let (state, receiver) = watch::channel(State::Asking);
         let flight = Arc::new(Flight {
-            file: file.clone(),
+            file: spool.clone(),
             state,
         });
         flights.insert(path.to_string(), flight.clone());
         self.metrics.downloads.inc();
-        let mut headers = request.headers.clone();
-        // Whatever started it, the download is a GET of the whole blob.
-        headers.remove(header::CONTENT_LENGTH);
+        // Whatever started it, the download is an unconditional GET of the whole blob.
+        let mut headers = HeaderMap::new();
+        for name in [header::ACCEPT, header::USER_AGENT] {
+            if let Some(value) = request.headers.get(&name) {
+                headers.insert(name, value.clone());
+            }
+        }
         tokio::spawn(
             self.clone()
                 .download(path.to_string(), flight, request.uri.clone(), headers),
         );
-        Some((file, receiver))
+        Some((spool, receiver))
     }
 
-    /// A new spool file, unlinked at once: it lives while someone holds it open.
+    /// The download of `path` under way (not failed), joined.
+    fn join(&self, path: &str, head: bool) -> Option<(Arc<Spool>, watch::Receiver<State>)> {
+        let flights = self.lock();
+        // A download that failed is about to be forgotten: this request starts anew.
+        let flight = flights.get(path).filter(|f| !f.failed())?;
+        if !head {
+            self.metrics.shared.inc();
+        }
+        Some((flight.file.clone(), flight.state.subscribe()))
+    }
+
+    /// A new spool file, unlinked at once.
     fn spool_file(&self) -> std::io::Result<std::fs::File> {
         let n = self.files.fetch_add(1, Ordering::Relaxed);
         let path = self
@@ -262,22 +321,42 @@ impl Relay {
         }
     }
 
-    /// Fetches the blob and spools it, publishing each step; whether it all arrived.
+    /// Fetches the blob and spools it, publishing each step; whether it all arrived, whole and
+    /// matching its digest.
     async fn fill(&self, flight: &Flight, uri: &http::Uri, headers: &HeaderMap) -> bool {
-        let resp = match self.remote.fetch(&Method::GET, uri, headers).await {
-            Ok(resp) if resp.status() == StatusCode::OK => resp,
-            Ok(resp) => {
+        let fetched = tokio::time::timeout(IDLE, self.remote.fetch(&Method::GET, uri, headers));
+        let resp = match fetched.await {
+            Ok(Ok(resp)) if resp.status() == StatusCode::OK => resp,
+            Ok(Ok(resp)) => {
                 let whole = whole(self.remote.streamed(resp)).await;
                 flight.state.send_replace(State::Whole(Arc::new(whole)));
                 return false;
             }
-            Err(answer) => {
+            Ok(Err(answer)) => {
                 let whole = whole(answer).await;
+                flight.state.send_replace(State::Whole(Arc::new(whole)));
+                return false;
+            }
+            Err(_) => {
+                let message = format!(
+                    "remote registry {} did not answer within {}s",
+                    self.remote.host(),
+                    IDLE.as_secs()
+                );
+                tracing::warn!(remote = %self.remote.host(), error = %message, "relayed blob download failed");
+                let whole = whole(proxy::error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "UNAVAILABLE",
+                    &message,
+                ))
+                .await;
                 flight.state.send_replace(State::Whole(Arc::new(whole)));
                 return false;
             }
         };
         let expected = resp.content_length();
+        let held_back =
+            |written: u64| written.min(expected.map_or(u64::MAX, |n| n.saturating_sub(1)));
         let mut head = resp.headers().clone();
         proxy::strip_hop_by_hop(&mut head);
         let head = Arc::new(head);
@@ -293,6 +372,9 @@ impl Relay {
                 end,
             });
         };
+        // The path ends in the blob's digest: checked as the bytes are spooled.
+        let digest = uri.path().rsplit('/').next().unwrap_or_default();
+        let mut hasher = digest.strip_prefix("sha256:").map(|_| Sha256::new());
         let mut stream = resp.bytes_stream();
         let mut buffer = BytesMut::with_capacity(CHUNK);
         let mut written = 0u64;
@@ -300,41 +382,84 @@ impl Relay {
         let mut unread_since: Option<Instant> = None;
         let failure: Option<String> = loop {
             if !ended {
-                match stream.next().await {
-                    Some(Ok(bytes)) => buffer.extend_from_slice(&bytes),
-                    Some(Err(e)) => break Some(format!("the upstream's answer broke off: {e}")),
-                    None => ended = true,
+                match tokio::time::timeout(IDLE, stream.next()).await {
+                    Ok(Some(Ok(bytes))) => buffer.extend_from_slice(&bytes),
+                    Ok(Some(Err(e))) => {
+                        break Some(format!(
+                            "the upstream's answer broke off: {}",
+                            e.without_url()
+                        ));
+                    }
+                    Ok(None) => ended = true,
+                    Err(_) => {
+                        break Some(format!("the upstream sent nothing for {}s", IDLE.as_secs()));
+                    }
                 }
             }
             if buffer.len() >= CHUNK || (ended && !buffer.is_empty()) {
                 let chunk = buffer.split().freeze();
                 let len = chunk.len() as u64;
-                let file = flight.file.clone();
+                let spool = flight.file.clone();
                 let offset = written;
-                let stored =
-                    tokio::task::spawn_blocking(move || file.write_all_at(&chunk, offset)).await;
+                let mut digesting = hasher.take();
+                let stored = tokio::task::spawn_blocking(move || {
+                    spool.file()?.write_all_at(&chunk, offset)?;
+                    if let Some(hasher) = &mut digesting {
+                        hasher.update(&chunk);
+                    }
+                    Ok::<_, std::io::Error>(digesting)
+                })
+                .await;
                 match stored {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => break Some(format!("cannot spool the blob: {e}")),
+                    Ok(Ok(digesting)) => hasher = digesting,
+                    Ok(Err(e)) => {
+                        // Full or failing: fetch unshared for a while.
+                        *self
+                            .spool_broken_until
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner()) =
+                            Some(Instant::now() + SPOOL_BACKOFF);
+                        break Some(format!("cannot spool the blob: {e}"));
+                    }
                     Err(e) => break Some(format!("cannot spool the blob: {e}")),
                 }
                 written += len;
-                publish(written, None);
+                // The last byte is given out only once the whole blob is checked: a reader of
+                // a blob that fails its check never gets a complete answer.
+                publish(held_back(written), None);
                 // Nobody reading it for a while (the HEAD that started it was not followed by
-                // a GET, or every reader went away): stop.
+                // a GET, or every reader went away): stop, deciding under the lock new
+                // readers join under, so none joins a download that is giving up.
                 if flight.state.receiver_count() > 0 {
                     unread_since = None;
                 } else if unread_since.get_or_insert_with(Instant::now).elapsed() >= UNREAD_LIMIT {
-                    break Some("nobody read it".into());
+                    let abandoned = {
+                        let _flights = self.lock();
+                        let unread = flight.state.receiver_count() == 0;
+                        if unread {
+                            publish(held_back(written), Some(Err(Arc::from("nobody read it"))));
+                        }
+                        unread
+                    };
+                    if abandoned {
+                        return false;
+                    }
+                    unread_since = None;
                 }
             }
             if ended && buffer.is_empty() {
-                break match expected {
-                    Some(n) if n != written => {
-                        Some(format!("the upstream sent {written} of {n} bytes"))
+                if let Some(n) = expected.filter(|n| *n != written) {
+                    break Some(format!("the upstream sent {written} of {n} bytes"));
+                }
+                if let Some(hasher) = hasher.take() {
+                    let got = format!("sha256:{}", hex::encode(hasher.finalize()));
+                    if got != digest {
+                        break Some(format!(
+                            "the upstream's content hashes to {got}, not {digest}"
+                        ));
                     }
-                    _ => None,
-                };
+                }
+                break None;
             }
         };
         match failure {
@@ -344,7 +469,8 @@ impl Relay {
             }
             Some(message) => {
                 tracing::warn!(remote = %self.remote.host(), error = %message, "relayed blob download failed");
-                publish(written, Some(Err(Arc::<str>::from(message))));
+                let _flights = self.lock();
+                publish(held_back(written), Some(Err(Arc::<str>::from(message))));
                 false
             }
         }
@@ -353,7 +479,7 @@ impl Relay {
 
 /// The answer to one request for a blob: the remote's answer once known, the body read from
 /// the spool as the download fills it.
-async fn reader(file: Arc<std::fs::File>, mut state: watch::Receiver<State>) -> Response<Body> {
+async fn reader(file: Arc<Spool>, mut state: watch::Receiver<State>) -> Response<Body> {
     let head = loop {
         let current = state.borrow_and_update().clone();
         match current {
@@ -378,7 +504,7 @@ async fn reader(file: Arc<std::fs::File>, mut state: watch::Receiver<State>) -> 
                 let spool = file.clone();
                 let read = tokio::task::spawn_blocking(move || {
                     let mut buf = vec![0; len];
-                    spool.read_exact_at(&mut buf, offset).map(|()| buf)
+                    spool.file()?.read_exact_at(&mut buf, offset).map(|()| buf)
                 })
                 .await;
                 return Some(match read {

@@ -266,10 +266,15 @@ impl Remote {
             if let Some(value) = &authorization {
                 request = request.header(header::AUTHORIZATION, value.as_str());
             }
-            let resp = request.send().await.map_err(|e| Failure {
-                reason: transport_reason(&e),
-                code: "UNAVAILABLE",
-                message: format!("remote registry {}: {}", self.host, error_chain(&e)),
+            let resp = request.send().await.map_err(|e| {
+                let reason = transport_reason(&e);
+                // The URL may be a redirect's, signed: a credential of its own.
+                let e = e.without_url();
+                Failure {
+                    reason,
+                    code: "UNAVAILABLE",
+                    message: format!("remote registry {}: {}", self.host, error_chain(&e)),
+                }
             })?;
             if resp.status() != StatusCode::UNAUTHORIZED {
                 return Ok(resp);

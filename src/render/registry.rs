@@ -687,11 +687,12 @@ fn stateful_set(values: &RegistryValues) -> Value {
         front["lifecycle"] = json!({"postStart": {"exec": {"command": [
             IMAGE_BINARY, "wait", "--tcp", proxy_relay_addr(),
         ]}}});
+        // The relay's spool: its own directory of the replica's volume (sized for the cache),
+        // beside the cache, which never looks at it.
         push(
             &mut front["volumeMounts"],
-            json!({"name": "relay-spool", "mountPath": RELAY_SPOOL_DIR}),
+            json!({"name": "data", "mountPath": RELAY_SPOOL_DIR, "subPath": RELAY_SPOOL_SUBPATH}),
         );
-        volumes.push(json!({"name": "relay-spool", "emptyDir": {}}));
         if !upstream_keys.is_empty() {
             push(&mut front["volumeMounts"], upstream_mount());
             volumes.push(upstream_volume(values, &upstream_keys));
@@ -860,8 +861,9 @@ pub fn proxy_relay_addr() -> String {
 /// This binary in its image.
 pub const IMAGE_BINARY: &str = "/usr/local/bin/registry-addon";
 
-/// Where the relay spools the blobs it downloads (an emptyDir).
+/// Where the relay spools the blobs it downloads, and its directory of the replica's volume.
 pub const RELAY_SPOOL_DIR: &str = "/var/cache/registry-addon-relay";
+const RELAY_SPOOL_SUBPATH: &str = "registry-addon-relay";
 
 /// Direct: the front alone, forwarding to the upstream and storing nothing; at least two
 /// replicas behind the same Service.
@@ -1277,17 +1279,15 @@ mod tests {
         let mounted =
             |name: &str| mounts.iter().find(|m| m["name"] == name).unwrap()["mountPath"].clone();
         assert_eq!(mounted("upstream"), "/etc/registry-upstream");
-        assert_eq!(mounted("relay-spool"), RELAY_SPOOL_DIR);
+        assert_eq!(mounted("data"), RELAY_SPOOL_DIR);
+        let spool = mounts.iter().find(|m| m["name"] == "data").unwrap();
+        assert_eq!(spool["subPath"], RELAY_SPOOL_SUBPATH);
         let volumes = sts["spec"]["template"]["spec"]["volumes"]
             .as_array()
             .unwrap();
         let upstream = volumes.iter().find(|v| v["name"] == "upstream").unwrap();
         assert_eq!(upstream["secret"]["secretName"], "registry-upstream");
-        assert!(
-            volumes
-                .iter()
-                .any(|v| v["name"] == "relay-spool" && v["emptyDir"].is_object())
-        );
+        assert!(volumes.iter().all(|v| v["name"] != "relay-spool"));
     }
 
     #[test]

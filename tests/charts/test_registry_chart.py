@@ -256,12 +256,12 @@ def test_proxy_is_a_pull_through_cache_without_sync():
     assert args[args.index("--remote-credentials") + 1] == "/etc/registry-upstream"
     assert args[args.index("--remote-ca") + 1] == "/etc/registry-upstream/ca.crt"
     assert args[args.index("--relay-listen") + 1] == "127.0.0.1:5003"
-    mounts = {m["name"]: m["mountPath"] for m in front["volumeMounts"]}
-    assert mounts["upstream"] == "/etc/registry-upstream"
-    assert mounts["relay-spool"] == args[args.index("--relay-spool") + 1]
+    mounts = {m["name"]: m for m in front["volumeMounts"]}
+    assert mounts["upstream"]["mountPath"] == "/etc/registry-upstream"
+    # The spool: the relay's own directory of the replica's volume.
+    assert mounts["data"] == {"name": "data", "mountPath": args[args.index("--relay-spool") + 1], "subPath": "registry-addon-relay"}
     volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
     assert "sync-auth" not in volumes
-    assert volumes["relay-spool"] == {"name": "relay-spool", "emptyDir": {}}
     assert volumes["upstream"]["secret"]["items"] == [{"key": "username", "path": "username"}, {"key": "password", "path": "password"}, {"key": "ca.crt", "path": "ca.crt"}]
     # Without credentials nor CA: no reference to a Secret that is not there.
     plain = {**BASE, "mode": "Proxy", "upstream": {"url": "https://upstream.example"}}
