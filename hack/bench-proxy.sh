@@ -1,28 +1,37 @@
 #!/usr/bin/env bash
-# Benchmark of Proxy mode: `registry-addon front` before a CNCF Distribution pull-through cache
-# (configured as the Proxy StatefulSet configures it: proxy.remoteurl, the upstream's CA in
-# SSL_CERT_FILE, the cache beside Local's tree), same machine, same images. Measured, per image
-# shape (one large blob; many small layers):
+# Benchmark of Proxy mode: a replica as the Proxy StatefulSet runs it (`registry-addon front`
+# with its relay to the upstream, `--remote … --relay-listen`, before a CNCF Distribution
+# pull-through cache whose proxy.remoteurl is that relay, the cache beside Local's tree), same
+# machine, same images. Measured, per image shape (one large blob; many small layers):
 #   - warm pull through front + cache ÷ a pull from a plain local registry holding the images
 #     (TLS, no front): time ratio plain/warm, target >= 0.9;
 #   - cold pull through front + cache (the cache emptied and restarted before each round) ÷ a
-#     pull straight from the upstream: time ratio cold/upstream, target <= 1.3.
+#     pull straight from the upstream: time ratio cold/upstream, target <= 1.3;
+#   - for comparison, the same cold pull through Distribution 2.8's proxy reaching the upstream
+#     on its own (no relay), which downloads every blob twice.
 # A pull is what a node does: the manifest, then every blob, 4 at a time.
 #
-# The upstream is anonymous here: Distribution 2.8 sends proxy credentials to token realms only,
-# and the token exchange happens once per repository, not per byte.
+# The upstream is anonymous here, so that the straight pull pays no bcrypt per request;
+# credentials would be added by the relay once per token or per request header, not per byte.
 #
 # Needs: docker-registry, curl, openssl, htpasswd, python3 (Debian: docker-registry, curl,
 # openssl, apache2-utils). Only loopback addresses are used.
 #
+# Each is measured with one client and with CLIENTS at once (the same image, as nodes pulling it
+# together), the time until every client has it. With LINK_MIB, the upstream is reached
+# through one link of that bandwidth shared by every connection (hack/throttle.py), as a remote
+# registry is; without, on the loopback, where the upstream, the cache and the clients share
+# the machine's cores.
+#
 # Environment: BIG_MIB (default 256), SMALL_LAYERS (default 64, 256 KiB each), ROUNDS
-# (default 3), BIN (a release binary; default: built as hack/build-image.sh builds it), KEEP=1
+# (default 3), CLIENTS (default 4), LINK_MIB (default: none), BIN (a release binary; default: built as hack/build-image.sh builds it), KEEP=1
 # to keep the work directory.
 set -euo pipefail
 
 BIG_MIB=${BIG_MIB:-256}
 SMALL_LAYERS=${SMALL_LAYERS:-64}
 ROUNDS=${ROUNDS:-3}
+CLIENTS=${CLIENTS:-4}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d /tmp/bench-proxy.XXXXXX)
 PIDS=()
@@ -86,42 +95,77 @@ registry_config() { # name port store tls(yes/no)
 UPSTREAM=$(free_port)
 LOCAL=$(free_port)
 CACHE=$(free_port)
+CACHE_ALONE=$(free_port)
+RELAY=$(free_port)
 FRONT=$(free_port)
 FRONT_METRICS=$(free_port)
+FRONT_ALONE=$(free_port)
+FRONT_ALONE_METRICS=$(free_port)
 registry_config upstream "$UPSTREAM" "$WORK/upstream-store" yes
 registry_config local "$LOCAL" "$WORK/local-store" yes
 docker-registry serve "$WORK/upstream/config.yml" >"$WORK/upstream/log" 2>&1 &
+UPSTREAM_PID=$!
 PIDS+=($!)
 docker-registry serve "$WORK/local/config.yml" >"$WORK/local/log" 2>&1 &
 PIDS+=($!)
 wait_http "https://127.0.0.1:$UPSTREAM/v2/" --cacert "$WORK/tls/ca.pem"
 wait_http "https://127.0.0.1:$LOCAL/v2/" --cacert "$WORK/tls/ca.pem"
+# Where pulls straight from the upstream, the relay and the lone cache reach the upstream: with
+# LINK_MIB, through one link of that many MiB/s shared by every connection.
+REMOTE=$UPSTREAM
+if [[ -n "${LINK_MIB:-}" ]]; then
+    REMOTE=$(free_port)
+    python3 "$ROOT/hack/throttle.py" "$REMOTE" "$UPSTREAM" "$LINK_MIB" &
+    PIDS+=($!)
+    wait_http "https://127.0.0.1:$REMOTE/v2/" --cacert "$WORK/tls/ca.pem"
+fi
 
-# The cache as the Proxy StatefulSet runs it: the environment of its registry container.
+# The replica as the Proxy StatefulSet runs it: the front, with the relay the cache reaches the
+# upstream through (verifying it with its CA), then the cache with its registry container's
+# environment. And, as a peer, the cache as Distribution 2.8 runs on its own: the upstream as
+# its proxy.remoteurl (its CA in SSL_CERT_FILE), a plain front before it.
 registry_config cache "$CACHE" /nonexistent no
+registry_config cache-alone "$CACHE_ALONE" /nonexistent no
 CACHE_PID=
+CACHE_ALONE_PID=
 start_cache() {
-    rm -rf "$WORK/cache-volume"
-    mkdir -p "$WORK/cache-volume"
-    REGISTRY_PROXY_REMOTEURL="https://127.0.0.1:$UPSTREAM" \
-        SSL_CERT_FILE="$WORK/tls/ca.pem" \
+    rm -rf "$WORK/cache-volume" "$WORK/cache-alone-volume"
+    mkdir -p "$WORK/cache-volume" "$WORK/cache-alone-volume"
+    REGISTRY_PROXY_REMOTEURL="http://127.0.0.1:$RELAY" \
         REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY="$WORK/cache-volume/proxy-cache" \
         docker-registry serve "$WORK/cache/config.yml" >"$WORK/cache/log" 2>&1 &
     CACHE_PID=$!
-    PIDS+=($CACHE_PID)
+    REGISTRY_PROXY_REMOTEURL="https://127.0.0.1:$REMOTE" \
+        SSL_CERT_FILE="$WORK/tls/ca.pem" \
+        REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY="$WORK/cache-alone-volume/proxy-cache" \
+        docker-registry serve "$WORK/cache-alone/config.yml" >"$WORK/cache-alone/log" 2>&1 &
+    CACHE_ALONE_PID=$!
+    PIDS+=("$CACHE_PID" "$CACHE_ALONE_PID")
     wait_http "http://127.0.0.1:$CACHE/v2/"
+    wait_http "http://127.0.0.1:$CACHE_ALONE/v2/"
 }
 stop_cache() {
-    kill "$CACHE_PID" 2>/dev/null || true
-    wait "$CACHE_PID" 2>/dev/null || true
+    kill "$CACHE_PID" "$CACHE_ALONE_PID" 2>/dev/null || true
+    wait "$CACHE_PID" "$CACHE_ALONE_PID" 2>/dev/null || true
 }
-start_cache
+mkdir -p "$WORK/spool"
 "$BIN" front --listen "127.0.0.1:$FRONT" --metrics-listen "127.0.0.1:$FRONT_METRICS" \
     --tls-cert-file "$WORK/tls/tls.crt" --tls-key-file "$WORK/tls/tls.key" \
-    --upstream "http://127.0.0.1:$CACHE" \
+    --upstream "http://127.0.0.1:$CACHE" --pull-only \
+    --remote "https://127.0.0.1:$REMOTE" --remote-ca "$WORK/tls/ca.pem" \
+    --relay-listen "127.0.0.1:$RELAY" --relay-spool "$WORK/spool" \
     --pull-users "$WORK/pull.htpasswd" --push-users "$WORK/push.htpasswd" 2>"$WORK/front.log" &
+FRONT_PID=$!
 PIDS+=($!)
+"$BIN" wait --tcp "127.0.0.1:$RELAY"
+"$BIN" front --listen "127.0.0.1:$FRONT_ALONE" --metrics-listen "127.0.0.1:$FRONT_ALONE_METRICS" \
+    --tls-cert-file "$WORK/tls/tls.crt" --tls-key-file "$WORK/tls/tls.key" \
+    --upstream "http://127.0.0.1:$CACHE_ALONE" --pull-only \
+    --pull-users "$WORK/pull.htpasswd" --push-users "$WORK/push.htpasswd" 2>"$WORK/front-alone.log" &
+PIDS+=($!)
+start_cache
 wait_http "http://127.0.0.1:$FRONT_METRICS/readyz" -f
+wait_http "http://127.0.0.1:$FRONT_ALONE_METRICS/readyz" -f
 
 # --- content: the same images in the upstream and in the plain local registry ---------------------
 put_blob() { # port repo file digest
@@ -180,14 +224,25 @@ pull() { # base repo -> seconds
     end=$(date +%s.%N)
     python3 -c "print($end - $start)"
 }
+pull_many() { # clients base repo -> seconds until every client has the image
+    local n=$1 base=$2 repo=$3 start end pids=()
+    start=$(date +%s.%N)
+    for _ in $(seq "$n"); do
+        pull "$base" "$repo" >/dev/null &
+        pids+=($!)
+    done
+    wait "${pids[@]}"
+    end=$(date +%s.%N)
+    python3 -c "print($end - $start)"
+}
 # The cache holds every blob once its own background copy is committed (Distribution 2.8 stores
 # a blob by a second download, after answering the client).
-wait_cached() { # repo
-    local repo=$1
+wait_cached() { # volume repo
+    local volume=$1 repo=$2
     for _ in $(seq 600); do
         local missing=0
         while read -r digest; do
-            [[ -e "$WORK/cache-volume/proxy-cache/docker/registry/v2/repositories/$repo/_layers/sha256/${digest#sha256:}/link" ]] || missing=1
+            [[ -e "$WORK/$volume/proxy-cache/docker/registry/v2/repositories/$repo/_layers/sha256/${digest#sha256:}/link" ]] || missing=1
         done <"$WORK/images/$repo/blobs"
         [[ $missing == 0 ]] && return 0
         sleep 0.05
@@ -205,29 +260,59 @@ done
 declare -A T
 for round in $(seq "$ROUNDS"); do
     for repo in large small; do
-        T[upstream,$repo,$round]=$(pull "https://127.0.0.1:$UPSTREAM" "$repo")
+        T[upstream,$repo,$round]=$(pull "https://127.0.0.1:$REMOTE" "$repo")
         stop_cache
         start_cache
         T[cold,$repo,$round]=$(pull "https://127.0.0.1:$FRONT" "$repo")
-        wait_cached "$repo"
+        wait_cached cache-volume "$repo"
+        T[alone,$repo,$round]=$(pull "https://127.0.0.1:$FRONT_ALONE" "$repo")
+        wait_cached cache-alone-volume "$repo"
         T[local,$repo,$round]=$(pull "https://127.0.0.1:$LOCAL" "$repo")
         T[warm,$repo,$round]=$(pull "https://127.0.0.1:$FRONT" "$repo")
+        # CLIENTS nodes pulling the same image at once (a DaemonSet rolled out, say).
+        T[upstream_n,$repo,$round]=$(pull_many "$CLIENTS" "https://127.0.0.1:$REMOTE" "$repo")
+        stop_cache
+        start_cache
+        T[cold_n,$repo,$round]=$(pull_many "$CLIENTS" "https://127.0.0.1:$FRONT" "$repo")
+        wait_cached cache-volume "$repo"
+        T[alone_n,$repo,$round]=$(pull_many "$CLIENTS" "https://127.0.0.1:$FRONT_ALONE" "$repo")
+        wait_cached cache-alone-volume "$repo"
+        T[local_n,$repo,$round]=$(pull_many "$CLIENTS" "https://127.0.0.1:$LOCAL" "$repo")
+        T[warm_n,$repo,$round]=$(pull_many "$CLIENTS" "https://127.0.0.1:$FRONT" "$repo")
     done
 done
 
-python3 - "$BIG_MIB" "$SMALL_LAYERS" "$ROUNDS" "$(for k in "${!T[@]}"; do echo "$k=${T[$k]}"; done)" <<'EOF'
+# Where the CPU of one more cold pull of the large image goes (seconds of user + system time).
+cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+stop_cache
+start_cache
+declare -A CPU_BEFORE
+for p in upstream:$UPSTREAM_PID front:$FRONT_PID cache:$CACHE_PID; do CPU_BEFORE[${p%%:*}]=$(cpu "${p#*:}"); done
+cold_once=$(pull "https://127.0.0.1:$FRONT" large)
+wait_cached cache-volume large
+ticks=$(getconf CLK_TCK)
+cpu_report="cold pull of the large image once more: ${cold_once}s; CPU seconds:"
+for p in upstream:$UPSTREAM_PID front:$FRONT_PID cache:$CACHE_PID; do
+    cpu_report+=" ${p%%:*} $(python3 -c "print(round(($(cpu "${p#*:}") - ${CPU_BEFORE[${p%%:*}]}) / $ticks, 2))")"
+done
+
+python3 - "$BIG_MIB" "$SMALL_LAYERS" "$ROUNDS" "$CLIENTS" "${LINK_MIB:-}" "$(for k in "${!T[@]}"; do echo "$k=${T[$k]}"; done)" <<'EOF'
 import statistics, sys
-big, layers, rounds = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+big, layers, rounds, clients, link = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 times = {}
-for line in sys.argv[4].split("\n"):
+for line in sys.argv[6].split("\n"):
     key, value = line.split("=")
     side, repo, _ = key.split(",")
     times.setdefault((side, repo), []).append(float(value))
 med = lambda side, repo: statistics.median(times[(side, repo)])
-print(f"proxy benchmark: {rounds} interleaved rounds, median of rounds, seconds per pull")
-print(f"{'image':<28}{'local':>8}{'warm':>8}{'local/warm':>12}{'upstream':>10}{'cold':>8}{'cold/upstream':>15}")
+where = f"through one {link} MiB/s link" if link else "on the loopback, no link limit"
+print(f"proxy benchmark: upstream {where}; {rounds} interleaved rounds, median of rounds, seconds per pull")
+print(f"{'image':<26}{'clients':>8}{'local':>8}{'warm':>8}{'local/warm':>12}{'upstream':>10}{'cold':>8}{'cold/upstream':>15}{'alone':>8}{'alone/upstream':>16}")
 for repo, label in (("large", f"1 blob of {big} MiB"), ("small", f"{layers} layers of 256 KiB")):
-    l, w, u, c = med("local", repo), med("warm", repo), med("upstream", repo), med("cold", repo)
-    print(f"{label:<28}{l:>8.3f}{w:>8.3f}{l / w:>12.2f}{u:>10.3f}{c:>8.3f}{c / u:>15.2f}")
+    for n, suffix in ((1, ""), (clients, "_n")):
+        l, w, u, c, a = (med(side + suffix, repo) for side in ("local", "warm", "upstream", "cold", "alone"))
+        print(f"{label:<26}{n:>8}{l:>8.3f}{w:>8.3f}{l / w:>12.2f}{u:>10.3f}{c:>8.3f}{c / u:>15.2f}{a:>8.3f}{a / u:>16.2f}")
 print("targets: local/warm >= 0.9, cold/upstream <= 1.3")
+print("alone: a cold pull through Distribution 2.8's own proxy to the upstream (no relay), for comparison")
 EOF
+echo "$cpu_report (front includes its relay)"

@@ -305,6 +305,22 @@ impl ProxyPod {
     }
 }
 
+/// One plain HTTP/1.1 request to the relay at `addr`, without a body: the whole answer as
+/// read until the relay closed the connection (or 10 s passed).
+fn relay_request(addr: &str, method: &str, path: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: relay\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    std::io::Write::write_all(&mut stream, request.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut stream, &mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// Pulls `repo:tag` whole (manifest, config and layers, digests checked); the bytes read.
 async fn pull(reg: &Registry, repo: &str, tag: &str) -> Result<u64, String> {
     let manifest = reg
@@ -454,14 +470,7 @@ async fn proxy_mode_end_to_end() {
     // The relay pulls and nothing else, and answers the cache's check of the upstream itself.
     let relay_port: u16 = pod.relay.rsplit(':').next().unwrap().parse().unwrap();
     assert_eq!(http_status(relay_port, "/v2/"), Some(200));
-    let mut post = std::net::TcpStream::connect(&pod.relay).unwrap();
-    std::io::Write::write_all(
-        &mut post,
-        b"POST /v2/team/large/blobs/uploads/ HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-    )
-    .unwrap();
-    let mut answer = String::new();
-    std::io::Read::read_to_string(&mut post, &mut answer).unwrap();
+    let answer = relay_request(&pod.relay, "POST", "/v2/team/large/blobs/uploads/");
     assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
 
     // Cold pull: from the upstream, through the cache.
@@ -524,17 +533,7 @@ async fn proxy_mode_end_to_end() {
     );
     // A HEAD of a blob just downloaded (answered from the download) gives its size.
     let layer = sha256(&large.layers[0]);
-    let mut head = std::net::TcpStream::connect(&pod.relay).unwrap();
-    std::io::Write::write_all(
-        &mut head,
-        format!(
-            "HEAD /v2/team/large/blobs/{layer} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .unwrap();
-    let mut answer = String::new();
-    std::io::Read::read_to_string(&mut head, &mut answer).unwrap();
+    let answer = relay_request(&pod.relay, "HEAD", &format!("/v2/team/large/blobs/{layer}"));
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(
         answer
@@ -835,23 +834,7 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_foreve
         ],
     );
     let digest = format!("sha256:{}", "ab".repeat(32));
-    let get = || {
-        let mut stream = std::net::TcpStream::connect(&relay).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        std::io::Write::write_all(
-            &mut stream,
-            format!(
-                "GET /v2/team/app/blobs/{digest} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            )
-            .as_bytes(),
-        )
-        .unwrap();
-        let mut answer = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut stream, &mut answer);
-        String::from_utf8_lossy(&answer).into_owned()
-    };
+    let get = || relay_request(&relay, "GET", &format!("/v2/team/app/blobs/{digest}"));
     for round in 1..=2 {
         let answer = get();
         let (head, body) = answer.split_once("\r\n\r\n").unwrap();
