@@ -152,7 +152,17 @@ impl CertsDir {
             }
         }
         let mut manifest = Manifest::default();
-        for (relative, content) in &config.files {
+        // The CA bundles before the hosts files that name them, and (below) the hosts files
+        // removed before what they named: containerd may read the directory at any moment,
+        // and a hosts file whose CA is not there fails every pull of its registry.
+        let hosts_last = |(relative, _): &(&String, &String)| relative.ends_with("hosts.toml");
+        let ordered: Vec<(&String, &String)> = config
+            .files
+            .iter()
+            .filter(|f| !hosts_last(f))
+            .chain(config.files.iter().filter(|f| hosts_last(f)))
+            .collect();
+        for (relative, content) in ordered {
             let path = owned_path(&self.root, relative)?;
             self.refuse_symlinks(&path)?;
             let current = std::fs::read(&path).ok();
@@ -170,7 +180,14 @@ impl CertsDir {
                 .files
                 .insert(relative.clone(), sha256(content.as_bytes()));
         }
-        for (relative, hash) in &previous.files {
+        let hosts_first = |(relative, _): &(&String, &String)| relative.ends_with("hosts.toml");
+        let removals: Vec<(&String, &String)> = previous
+            .files
+            .iter()
+            .filter(|f| hosts_first(f))
+            .chain(previous.files.iter().filter(|f| !hosts_first(f)))
+            .collect();
+        for (relative, hash) in removals {
             if manifest.files.contains_key(relative) {
                 continue;
             }
@@ -296,6 +313,28 @@ mod tests {
     }
 
     #[test]
+    fn a_hosts_file_is_written_after_its_ca_and_removed_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = CertsDir::new(dir.path().to_path_buf());
+        // Sorted by name, the hosts file would come first.
+        let direct = config(&[
+            ("127.0.0.1:5443/hosts.toml", "h"),
+            ("127.222.0.20/ca.crt", "c"),
+        ]);
+        assert_eq!(
+            certs.apply(&direct).unwrap().written,
+            ["127.222.0.20/ca.crt", "127.0.0.1:5443/hosts.toml"]
+        );
+        let other = config(&[("0.example/hosts.toml", "h"), ("0.example/ca.crt", "c")]);
+        let out = certs.apply(&other).unwrap();
+        assert_eq!(
+            out.removed,
+            ["127.0.0.1:5443/hosts.toml", "127.222.0.20/ca.crt"]
+        );
+        assert_eq!(out.written, ["0.example/ca.crt", "0.example/hosts.toml"]);
+    }
+
+    #[test]
     fn a_foreign_hosts_file_is_refused_and_a_bootstrap_one_taken_over() {
         let dir = tempfile::tempdir().unwrap();
         let certs = CertsDir::new(dir.path().to_path_buf());
@@ -349,9 +388,10 @@ mod tests {
         // A file the operator added beside an owned one keeps its directory.
         std::fs::write(dir.path().join("10.0.0.1/client.cert"), "mine").unwrap();
         let out = certs.apply(&config(&[])).unwrap();
+        // The hosts file before the CA it names.
         assert_eq!(
             out.removed,
-            ["10.0.0.1/ca.crt", "r.example:5443/hosts.toml"]
+            ["r.example:5443/hosts.toml", "10.0.0.1/ca.crt"]
         );
         assert!(!dir.path().join("r.example:5443").exists());
         assert!(dir.path().join("10.0.0.1/client.cert").exists());
