@@ -1351,6 +1351,32 @@ async fn the_full_walk_of_modes_keeps_the_address_and_the_data() {
 
 /// A copy of the hosts directory `from` at one instant, as containerd would see it at `to`
 /// (the hosts files' `ca` paths name containerd's directory): what one pull resolves with.
+/// The warning and error lines in the logs of every pod the kubelet stand-in ran.
+fn pod_complaints(kubelet_dir: &std::path::Path) -> String {
+    let mut out = String::new();
+    for pod in std::fs::read_dir(kubelet_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for log in std::fs::read_dir(pod.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if log.path().extension().is_some_and(|e| e == "log") {
+                let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+                for line in text.lines().filter(|l| {
+                    l.contains("WARN") || l.contains("ERROR") || l.contains("level=error")
+                }) {
+                    out.push_str(&format!("{}: {line}\n", log.path().display()));
+                }
+            }
+        }
+    }
+    out
+}
+
 fn snapshot(from: &std::path::Path, to: &std::path::Path) {
     let _ = std::fs::remove_dir_all(to);
     copy_hosts(from, to, to);
@@ -1442,8 +1468,11 @@ async fn the_full_walk_of_modes_with_a_pull_loop_fails_no_pull() {
         .unwrap();
     // The Service's ClusterIP on this machine's loopback (127.0.0.0/8), where haproxy stands
     // in for kube-proxy; one replica, since peers would need the headless Service's DNS.
+    // A /16 of its own per run, so that two runs at once never share an address.
+    let second = 64 + std::process::id() % 160;
+    let cidr = format!("127.{second}.0.0/16");
     env.management.update(&cluster_path(), |c| {
-        c["spec"]["clusterNetwork"]["services"]["cidrBlocks"] = json!(["127.77.0.0/16"]);
+        c["spec"]["clusterNetwork"]["services"]["cidrBlocks"] = json!([cidr]);
     });
     let mut base = setup.registry_variable();
     base["replicas"] = json!(1);
@@ -1523,7 +1552,7 @@ async fn the_full_walk_of_modes_with_a_pull_loop_fails_no_pull() {
         .as_str()
         .unwrap()
         .to_string();
-    assert!(address.starts_with("127.77."), "{address}");
+    assert!(address.starts_with(&format!("127.{second}.")), "{address}");
 
     // Local holds the image in use, pushed through the fixed address as `rw`.
     let rw = env
@@ -1801,10 +1830,11 @@ async fn the_full_walk_of_modes_with_a_pull_loop_fails_no_pull() {
         .collect();
     assert!(
         failed.is_empty(),
-        "{} of {} pulls failed:\n{}",
+        "{} of {} pulls failed:\n{}\nwarnings and errors of every pod:\n{}",
         failed.len(),
         records.len(),
-        failed.join("\n")
+        failed.join("\n"),
+        pod_complaints(&dir.path().join("k"))
     );
     for (mode, start, end) in &windows {
         let during = records

@@ -159,7 +159,8 @@ impl Balancer {
         std::fs::create_dir_all(dir).unwrap();
         let socket = dir.join("admin.sock");
         let config = format!(
-            "global\n  maxconn 1024\n  stats socket {} mode 600 level admin\n\
+            // noreuseport: a second balancer on the same address fails instead of sharing it.
+            "global\n  maxconn 1024\n  noreuseport\n  stats socket {} mode 600 level admin\n\
              defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 120s\n  timeout server 120s\n\
              frontend registry\n  bind {address}:443\n  default_backend pods\n\
              backend pods\n  balance roundrobin\n  server-template s 1-{SLOTS} 127.0.0.1:1 disabled\n",
