@@ -303,6 +303,18 @@ impl ProxyPod {
     fn stop_registry(&mut self) {
         self.registry = None;
     }
+
+    /// A client of the replica's front as `username`.
+    fn client_as(&self, username: &str, password: &str) -> std::sync::Arc<Registry> {
+        client(
+            &self.front.url,
+            Some(&self.tls.ca_pem()),
+            Some(Credentials {
+                username: username.into(),
+                password: password.into(),
+            }),
+        )
+    }
 }
 
 /// One plain HTTP/1.1 request to the relay at `addr`, without a body: the whole answer as
@@ -458,14 +470,7 @@ async fn proxy_mode_end_to_end() {
         ],
     );
     pod.front.wait_readyz(200);
-    let ro = client(
-        &pod.front.url,
-        Some(&pod.tls.ca_pem()),
-        Some(Credentials {
-            username: "ro".into(),
-            password: RO_PASSWORD.into(),
-        }),
-    );
+    let ro = pod.client_as("ro", RO_PASSWORD);
 
     // The relay pulls and nothing else, and answers the cache's check of the upstream itself.
     let relay_port: u16 = pod.relay.rsplit(':').next().unwrap().parse().unwrap();
@@ -553,14 +558,7 @@ async fn proxy_mode_end_to_end() {
     );
 
     // Pushes are refused: Distribution's proxy mode answers UNSUPPORTED itself.
-    let rw = client(
-        &pod.front.url,
-        Some(&pod.tls.ca_pem()),
-        Some(Credentials {
-            username: "rw".into(),
-            password: RW_PASSWORD.into(),
-        }),
-    );
+    let rw = pod.client_as("rw", RW_PASSWORD);
     let pushed = rw
         .start_upload("team/large", None)
         .await
@@ -719,14 +717,7 @@ async fn proxy_replicas_get_ready_once_they_fetch_the_images_in_use_from_a_basic
     pod.front.wait_readyz(503);
     std::fs::write(&pod.images, "team/app:1\n").unwrap();
     pod.front.wait_readyz(200);
-    let ro = client(
-        &pod.front.url,
-        Some(&pod.tls.ca_pem()),
-        Some(Credentials {
-            username: "ro".into(),
-            password: RO_PASSWORD.into(),
-        }),
-    );
+    let ro = pod.client_as("ro", RO_PASSWORD);
     pull(&ro, "team/app", "1")
         .await
         .expect("a pull through the cache of a Basic-auth upstream");
