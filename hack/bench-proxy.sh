@@ -23,8 +23,13 @@
 # registry is; without, on the loopback, where the upstream, the cache and the clients share
 # the machine's cores.
 #
+# LINK_RTT_MS adds that round-trip time to the link. With KEEPALIVE=1 a pull fetches its blobs
+# over four kept-alive connections (as containerd does) instead of one curl, and one
+# connection, per blob.
+#
 # Environment: BIG_MIB (default 256), SMALL_LAYERS (default 64, 256 KiB each), ROUNDS
-# (default 3), CLIENTS (default 4), LINK_MIB (default: none), BIN (a release binary; default: built as hack/build-image.sh builds it), KEEP=1
+# (default 3), CLIENTS (default 4), LINK_MIB (default: none), LINK_RTT_MS (default 0, with
+# LINK_MIB), KEEPALIVE (default 0), BIN (a release binary; default: built as hack/build-image.sh builds it), KEEP=1
 # to keep the work directory.
 set -euo pipefail
 
@@ -115,7 +120,7 @@ wait_http "https://127.0.0.1:$LOCAL/v2/" --cacert "$WORK/tls/ca.pem"
 REMOTE=$UPSTREAM
 if [[ -n "${LINK_MIB:-}" ]]; then
     REMOTE=$(free_port)
-    python3 "$ROOT/hack/throttle.py" "$REMOTE" "$UPSTREAM" "$LINK_MIB" &
+    python3 "$ROOT/hack/throttle.py" "$REMOTE" "$UPSTREAM" "$LINK_MIB" "${LINK_RTT_MS:-0}" &
     PIDS+=($!)
     wait_http "https://127.0.0.1:$REMOTE/v2/" --cacert "$WORK/tls/ca.pem"
 fi
@@ -219,8 +224,25 @@ pull() { # base repo -> seconds
     curl -sf --cacert "$WORK/tls/ca.pem" -H "$AUTH" \
         -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
         -o /dev/null "$base/v2/$repo/manifests/v1"
-    xargs -P 4 -I{} curl -sf --cacert "$WORK/tls/ca.pem" -H "$AUTH" -o /dev/null \
-        "$base/v2/$repo/blobs/{}" <"$WORK/images/$repo/blobs"
+    if [[ "${KEEPALIVE:-}" == 1 ]]; then
+        # Four connections kept alive, each fetching its share of the blobs in turn, as
+        # containerd's pooled client does.
+        local k urls pids=()
+        for k in 0 1 2 3; do
+            urls=()
+            while read -r digest; do
+                urls+=(-o /dev/null "$base/v2/$repo/blobs/$digest")
+            done < <(awk -v k="$k" 'NR % 4 == k' "$WORK/images/$repo/blobs")
+            if [[ ${#urls[@]} -gt 0 ]]; then
+                curl -sf --cacert "$WORK/tls/ca.pem" -H "$AUTH" "${urls[@]}" &
+                pids+=($!)
+            fi
+        done
+        wait "${pids[@]}"
+    else
+        xargs -P 4 -I{} curl -sf --cacert "$WORK/tls/ca.pem" -H "$AUTH" -o /dev/null \
+            "$base/v2/$repo/blobs/{}" <"$WORK/images/$repo/blobs"
+    fi
     end=$(date +%s.%N)
     python3 -c "print($end - $start)"
 }
@@ -306,6 +328,11 @@ for line in sys.argv[6].split("\n"):
     times.setdefault((side, repo), []).append(float(value))
 med = lambda side, repo: statistics.median(times[(side, repo)])
 where = f"through one {link} MiB/s link" if link else "on the loopback, no link limit"
+import os
+if link and os.environ.get("LINK_RTT_MS", "0") != "0":
+    where += f", {os.environ['LINK_RTT_MS']} ms round trip"
+if os.environ.get("KEEPALIVE") == "1":
+    where += "; clients keep their connections alive"
 print(f"proxy benchmark: upstream {where}; {rounds} interleaved rounds, median of rounds, seconds per pull")
 print(f"{'image':<26}{'clients':>8}{'local':>8}{'warm':>8}{'local/warm':>12}{'upstream':>10}{'cold':>8}{'cold/upstream':>15}{'alone':>8}{'alone/upstream':>16}")
 for repo, label in (("large", f"1 blob of {big} MiB"), ("small", f"{layers} layers of 256 KiB")):

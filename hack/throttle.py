@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""A TCP forwarder whose answers (target to client) share one bandwidth limit, as the link to
-a remote registry does: every connection through it together gets at most RATE MiB/s.
+"""A TCP forwarder standing in for the link to a remote registry: its answers (target to
+client) share one bandwidth limit, every connection through it together getting at most RATE
+MiB/s, and each direction is delayed by half of RTT milliseconds.
 
-    throttle.py LISTEN_PORT TARGET_PORT RATE_MIB_PER_S
+    throttle.py LISTEN_PORT TARGET_PORT RATE_MIB_PER_S [RTT_MS]
 
-Loopback only. Used by hack/bench-proxy.sh (LINK_MIB) to put the upstream behind a link.
+Loopback only. Used by hack/bench-proxy.sh (LINK_MIB, LINK_RTT_MS).
 """
 import asyncio
 import sys
@@ -31,7 +32,31 @@ class Link:
             await asyncio.sleep(delay)
 
 
-async def pipe(reader, writer, link=None):
+async def pipe(reader, writer, delay, link=None):
+    """Copies reader to writer, each chunk delivered `delay` seconds after it was read."""
+    queue = asyncio.Queue()
+
+    async def deliver():
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                due, data = item
+                wait = due - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            try:
+                writer.close()
+            except Exception:
+                pass
+
+    delivering = asyncio.ensure_future(deliver())
     try:
         while True:
             data = await reader.read(CHUNK)
@@ -39,19 +64,17 @@ async def pipe(reader, writer, link=None):
                 break
             if link is not None:
                 await link.send(len(data))
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, asyncio.CancelledError):
+            queue.put_nowait((time.monotonic() + delay, data))
+    except ConnectionError:
         pass
     finally:
-        try:
-            writer.close()
-        except Exception:
-            pass
+        queue.put_nowait(None)
+        await delivering
 
 
 async def main():
     listen, target, rate = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    delay = (float(sys.argv[4]) if len(sys.argv) > 4 else 0.0) / 2000.0
     link = Link(rate * 1024 * 1024)
 
     async def handle(client_reader, client_writer):
@@ -61,8 +84,8 @@ async def main():
             client_writer.close()
             return
         await asyncio.gather(
-            pipe(client_reader, server_writer),
-            pipe(server_reader, client_writer, link),
+            pipe(client_reader, server_writer, delay),
+            pipe(server_reader, client_writer, delay, link),
         )
 
     server = await asyncio.start_server(handle, "127.0.0.1", listen)
