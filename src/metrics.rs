@@ -111,23 +111,39 @@ pub async fn serve_probes(
     encode: Arc<dyn Fn() -> String + Send + Sync>,
     ready: Arc<AtomicBool>,
 ) {
+    serve_http1(listener, "metrics", move |req: Request<Incoming>| {
+        let response = probe_response(&req, &*encode, &ready);
+        async move { response }
+    })
+    .await
+}
+
+/// Serves plain HTTP/1.1 on `listener`, each request answered by `handle`; `what` names the
+/// listener in logs.
+pub async fn serve_http1<H, F, B>(listener: TcpListener, what: &'static str, handle: H)
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "metrics listener: accept failed");
+                tracing::warn!(error = %e, listener = what, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let encode = encode.clone();
-        let ready = ready.clone();
+        let _ = stream.set_nodelay(true);
+        let handle = handle.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let encode = encode.clone();
-                let ready = ready.clone();
-                async move { Ok::<_, std::convert::Infallible>(probe_response(&req, &*encode, &ready)) }
+            let service = hyper::service::service_fn(move |req| {
+                let answer = handle(req);
+                async move { Ok::<_, std::convert::Infallible>(answer.await) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
             let _ = hyper::server::conn::http1::Builder::new()

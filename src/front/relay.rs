@@ -151,28 +151,7 @@ impl Relay {
 
     /// Serves the relay on `listener` (plain HTTP/1.1).
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "relay listener: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let relay = self.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let relay = relay.clone();
-                    async move { Ok::<_, std::convert::Infallible>(relay.handle(req).await) }
-                });
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await;
-            });
-        }
+        crate::metrics::serve_http1(listener, "relay", move |req| self.clone().handle(req)).await
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Flight>>> {
@@ -249,11 +228,8 @@ impl Relay {
         };
         let mut flights = self.lock();
         // Another request may have started it meanwhile.
-        if let Some(flight) = flights.get(path).filter(|f| !f.failed()) {
-            if !head {
-                self.metrics.shared.inc();
-            }
-            return Some((flight.file.clone(), flight.state.subscribe()));
+        if let Some(joined) = self.join_in(&flights, path, head) {
+            return Some(joined);
         }
         let (state, receiver) = watch::channel(State::Asking);
         let flight = Arc::new(Flight {
@@ -278,7 +254,15 @@ impl Relay {
 
     /// The download of `path` under way (not failed), joined.
     fn join(&self, path: &str, head: bool) -> Option<(Arc<Spool>, watch::Receiver<State>)> {
-        let flights = self.lock();
+        self.join_in(&self.lock(), path, head)
+    }
+
+    fn join_in(
+        &self,
+        flights: &HashMap<String, Arc<Flight>>,
+        path: &str,
+        head: bool,
+    ) -> Option<(Arc<Spool>, watch::Receiver<State>)> {
         // A download that failed is about to be forgotten: this request starts anew.
         let flight = flights.get(path).filter(|f| !f.failed())?;
         if !head {

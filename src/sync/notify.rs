@@ -177,27 +177,11 @@ impl Notifier {
     }
 
     async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) {
-        loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "notification listener: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
+        crate::metrics::serve_http1(listener, "notifications", move |req| {
             let this = self.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let this = this.clone();
-                    async move { Ok::<_, std::convert::Infallible>(this.handle(req).await) }
-                });
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await;
-            });
-        }
+            async move { this.handle(req).await }
+        })
+        .await
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
