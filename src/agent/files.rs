@@ -155,14 +155,7 @@ impl CertsDir {
         // The CA bundles before the hosts files that name them, and (below) the hosts files
         // removed before what they named: containerd may read the directory at any moment,
         // and a hosts file whose CA is not there fails every pull of its registry.
-        let hosts_last = |(relative, _): &(&String, &String)| relative.ends_with("hosts.toml");
-        let ordered: Vec<(&String, &String)> = config
-            .files
-            .iter()
-            .filter(|f| !hosts_last(f))
-            .chain(config.files.iter().filter(|f| hosts_last(f)))
-            .collect();
-        for (relative, content) in ordered {
+        for (relative, content) in hosts_files_last(&config.files) {
             let path = owned_path(&self.root, relative)?;
             self.refuse_symlinks(&path)?;
             let current = std::fs::read(&path).ok();
@@ -180,14 +173,7 @@ impl CertsDir {
                 .files
                 .insert(relative.clone(), sha256(content.as_bytes()));
         }
-        let hosts_first = |(relative, _): &(&String, &String)| relative.ends_with("hosts.toml");
-        let removals: Vec<(&String, &String)> = previous
-            .files
-            .iter()
-            .filter(|f| hosts_first(f))
-            .chain(previous.files.iter().filter(|f| !hosts_first(f)))
-            .collect();
-        for (relative, hash) in removals {
+        for (relative, hash) in hosts_files_last(&previous.files).into_iter().rev() {
             if manifest.files.contains_key(relative) {
                 continue;
             }
@@ -233,6 +219,14 @@ impl CertsDir {
         }
         Ok(())
     }
+}
+
+/// The entries of `files` with the hosts files after the rest (the CA bundles they name).
+fn hosts_files_last<V>(files: &BTreeMap<String, V>) -> Vec<(&String, &V)> {
+    let (hosts, rest): (Vec<_>, Vec<_>) = files
+        .iter()
+        .partition(|(relative, _)| relative.ends_with("hosts.toml"));
+    rest.into_iter().chain(hosts).collect()
 }
 
 /// Writes `path` through a temporary file in its own directory and a rename, so containerd
