@@ -1175,3 +1175,53 @@ async fn a_local_tag_deleted_behind_a_restarted_syncer_is_restored_by_the_full_c
         .with_state_file(&state);
     assert_eq!(round_ok(&again).await.local_manifest_heads, 0);
 }
+
+/// Eight manifests in one repository share a blob that a round brings into another
+/// repository first. The blob is mounted into the first repository once, not once per
+/// manifest: Distribution 2.8 rewrites a blob's link in place, and a manifest push reading it
+/// during a second mount failed with `MANIFEST_BLOB_UNKNOWN`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_shared_by_many_manifests_is_mounted_once_per_repository() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tls, peer, local) = tls_peer_and_local(tmp.path());
+    let ca = tls.ca_pem();
+    let p = client(&peer.url, Some(&ca), None);
+    let l = client(&local.url, Some(&ca), None);
+    let shared_layer = random_bytes(40, 200_000);
+    // Listed first, and one level shallower: this repository reaches the shared blob first.
+    Image::new(
+        "amd64",
+        vec![shared_layer.clone(), random_bytes(41, 500)],
+        false,
+    )
+    .push(&p, "a/first", "v1")
+    .await;
+    let images: Vec<(String, Image)> = (0..8u64)
+        .map(|i| {
+            let arch = format!("arch{i}");
+            let layers = vec![shared_layer.clone(), random_bytes(50 + i, 500)];
+            let image = Image::new(&arch, layers, false);
+            (arch, image)
+        })
+        .collect();
+    let platforms: Vec<(&str, &Image)> = images.iter().map(|(a, i)| (a.as_str(), i)).collect();
+    push_index(&p, "b/many", "v1", &platforms, false).await;
+
+    let s = syncer(
+        &local.url,
+        &[&peer.url],
+        Some(&ca),
+        ClientOptions::default(),
+    );
+    let report = round_ok(&s).await;
+    // a/first: the shared layer, its own layer, its config; b/many: the shared layer, eight
+    // layers, eight configs. Each made present once.
+    assert_eq!(
+        report.blobs_copied + report.blobs_mounted,
+        20,
+        "{report:#?}"
+    );
+    assert_eq!(report.blobs_mounted, 1, "{report:#?}");
+    assert_eq!(tag_digests(&l).await, tag_digests(&p).await);
+    assert_pullable(&l).await;
+}

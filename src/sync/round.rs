@@ -451,8 +451,11 @@ struct RoundState {
     listings: Mutex<HashMap<String, PeerListing>>,
     /// Manifests by digest known present locally, per repository.
     manifests: Shared<(String, Digest), ()>,
-    /// Blobs known present locally, per repository.
-    blobs_present: Mutex<HashSet<(String, Digest)>>,
+    /// Blobs made present locally, per repository, each by one task: Distribution 2.8's
+    /// filesystem driver rewrites a blob's link in place, so two mounts of one blob into one
+    /// repository at once can make a manifest push that reads the link between them fail
+    /// (`MANIFEST_BLOB_UNKNOWN`).
+    blobs_present: Shared<(String, Digest), ()>,
     /// A local repository holding each blob: the source of cross-repository mounts.
     blob_home: Mutex<HashMap<Digest, String>>,
     /// Blob transfers in progress, by digest, resolving to the repository received into.
@@ -759,28 +762,30 @@ impl Round<'_> {
         blob: &Reference,
     ) -> Result<(), OciError> {
         let key = (repo.to_string(), blob.digest.clone());
-        if lock(&self.state.blobs_present).contains(&key) {
-            return Ok(());
-        }
-        if self.local().blob_exists(repo, &blob.digest).await? {
-            self.blob_is_in(repo, &blob.digest);
-            return Ok(());
-        }
-        let cell = shared(&self.state.blob_copies, &blob.digest);
-        let home = cell
-            .get_or_try_init(|| self.copy_blob(peer, repo, blob))
-            .await?
-            .clone();
-        if home != repo {
-            // Another task brought the blob into another repository meanwhile.
-            self.mount_or_copy(peer, repo, blob, &home).await?;
-        }
-        self.blob_is_in(repo, &blob.digest);
+        let present = shared(&self.state.blobs_present, &key);
+        present
+            .get_or_try_init(|| async {
+                if self.local().blob_exists(repo, &blob.digest).await? {
+                    self.blob_is_in(repo, &blob.digest);
+                    return Ok(());
+                }
+                let cell = shared(&self.state.blob_copies, &blob.digest);
+                let home = cell
+                    .get_or_try_init(|| self.copy_blob(peer, repo, blob))
+                    .await?
+                    .clone();
+                if home != repo {
+                    // Another task brought the blob into another repository meanwhile.
+                    self.mount_or_copy(peer, repo, blob, &home).await?;
+                }
+                self.blob_is_in(repo, &blob.digest);
+                Ok::<(), OciError>(())
+            })
+            .await?;
         Ok(())
     }
 
     fn blob_is_in(&self, repo: &str, digest: &Digest) {
-        lock(&self.state.blobs_present).insert((repo.to_string(), digest.clone()));
         lock(&self.state.blob_home)
             .entry(digest.clone())
             .or_insert_with(|| repo.to_string());
