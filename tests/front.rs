@@ -704,3 +704,113 @@ async fn registry_host_refuses_other_registries_images() {
         .unwrap();
     assert_eq!(anonymous.status().as_u16(), 401);
 }
+
+/// With `--blob-store`, a blob the registry's repository holds is read from its storage by the
+/// front; everything else is still the registry's to answer, and nobody unauthenticated
+/// gets anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_come_from_the_registrys_storage_only_where_the_registry_serves_them() {
+    need("docker-registry", "docker-registry");
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = TestTls::new(&tmp.path().join("tls"));
+    let registry = RegistryProcess::start(&tmp.path().join("registry"), &Default::default());
+    let front = FrontProcess::start_with(
+        &tmp.path().join("front"),
+        &registry.url,
+        &tls.cert_file,
+        &tls.key_file,
+        &users(),
+        &["--blob-store", registry.root.to_str().unwrap()],
+    );
+    let app = Image::new(
+        "amd64",
+        vec![random_bytes(21, 700_000), random_bytes(22, 0)],
+        false,
+    );
+    app.push(&client(&registry.url, None, None), "library/app", "1")
+        .await;
+    Image::new("amd64", vec![random_bytes(23, 100)], false)
+        .push(&client(&registry.url, None, None), "library/other", "1")
+        .await;
+    let http = http(&tls);
+    let from_store = || front.counter("registry_addon_front_blobs_from_store_total");
+    let layer = &app.layers[0];
+    let digest = sha256(layer);
+    let url = |repo: &str, digest: &str| format!("{}/v2/{repo}/blobs/{digest}", front.url);
+    let get = |url: String| {
+        http.get(url)
+            .header("authorization", basic(RO.0, RO.1))
+            .send()
+    };
+
+    let answer = get(url("library/app", &digest)).await.unwrap();
+    assert_eq!(answer.status().as_u16(), 200);
+    let header = |a: &reqwest::Response, name: &str| {
+        a.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    assert_eq!(
+        header(&answer, "docker-content-digest"),
+        Some(digest.clone())
+    );
+    assert_eq!(
+        header(&answer, "content-length"),
+        Some(layer.len().to_string())
+    );
+    assert_eq!(
+        header(&answer, "content-type").as_deref(),
+        Some("application/octet-stream")
+    );
+    assert_eq!(answer.bytes().await.unwrap().as_ref(), layer.as_slice());
+    assert_eq!(from_store(), 1);
+    // An empty blob, and a HEAD.
+    let empty = get(url("library/app", &sha256(&app.layers[1])))
+        .await
+        .unwrap();
+    assert_eq!(empty.status().as_u16(), 200);
+    assert!(empty.bytes().await.unwrap().is_empty());
+    let head = http
+        .head(url("library/app", &digest))
+        .header("authorization", basic(RO.0, RO.1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status().as_u16(), 200);
+    assert_eq!(
+        header(&head, "content-length"),
+        Some(layer.len().to_string())
+    );
+    assert_eq!(from_store(), 3);
+
+    // The registry's: a repository that does not hold the blob (404 as the registry says),
+    // and a range.
+    let elsewhere = get(url("library/other", &digest)).await.unwrap();
+    assert_eq!(elsewhere.status().as_u16(), 404);
+    let range = http
+        .get(url("library/app", &digest))
+        .header("authorization", basic(RO.0, RO.1))
+        .header("range", "bytes=10-19")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(range.status().as_u16(), 206);
+    assert_eq!(range.bytes().await.unwrap().as_ref(), &layer[10..20]);
+    assert_eq!(from_store(), 3, "none of these came from the store");
+
+    // Refused: no credentials, whatever the store holds.
+    let anonymous = http.get(url("library/app", &digest)).send().await.unwrap();
+    assert_eq!(anonymous.status().as_u16(), 401);
+    assert_eq!(from_store(), 3);
+
+    // The registry no longer linking the blob into the repository (deleted there): the
+    // registry answers, and its 404 is what the client gets.
+    let link = registry.root.join(format!(
+        "docker/registry/v2/repositories/library/app/_layers/sha256/{}/link",
+        digest.trim_start_matches("sha256:")
+    ));
+    std::fs::remove_file(&link).unwrap();
+    let gone = get(url("library/app", &digest)).await.unwrap();
+    assert_eq!(gone.status().as_u16(), 404);
+    assert_eq!(from_store(), 3);
+}

@@ -18,6 +18,7 @@ pub mod proxy;
 pub mod relay;
 pub mod remote;
 pub mod required;
+pub mod store;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -109,6 +110,11 @@ pub struct FrontArgs {
     /// name here. With --remote, the remote's host is used.
     #[arg(long, conflicts_with = "remote")]
     pub registry_host: Option<String>,
+    /// The storage root of the registry behind (its `storage.filesystem.rootdirectory`),
+    /// mounted read-only: blobs its repositories hold are read from there instead of
+    /// through the registry. Anything else, and a blob not there, goes to the registry.
+    #[arg(long)]
+    pub blob_store: Option<PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -135,6 +141,7 @@ pub struct FrontMetrics {
     reloads: ReloadCounters,
     remote: remote::RemoteMetrics,
     relay: relay::RelayMetrics,
+    blobs_from_store: Counter,
 }
 
 impl Default for FrontMetrics {
@@ -185,6 +192,12 @@ impl Default for FrontMetrics {
             "Proxy mode: requests of the cache for a blob served from a download another started",
             relay.shared.clone(),
         );
+        let blobs_from_store = Counter::default();
+        registry.register(
+            "blobs_from_store",
+            "Blob requests answered from the registry's storage (--blob-store), not through the registry",
+            blobs_from_store.clone(),
+        );
         FrontMetrics {
             registry,
             requests,
@@ -192,6 +205,7 @@ impl Default for FrontMetrics {
             reloads,
             remote,
             relay,
+            blobs_from_store,
         }
     }
 }
@@ -229,6 +243,8 @@ struct Front {
     only_registry: Option<String>,
     /// Set when only GET and HEAD are served: the 405 message for the rest.
     pushes_refused: Option<String>,
+    /// The registry's storage, read for blobs.
+    store: Option<store::BlobStore>,
     metrics: Arc<FrontMetrics>,
 }
 
@@ -288,6 +304,11 @@ pub async fn start(args: FrontArgs) -> anyhow::Result<Running> {
     if direct.is_some() && args.require_images.is_some() {
         anyhow::bail!(
             "--require-images needs the registry behind the front, not Direct mode's --remote (without --relay-listen)"
+        );
+    }
+    if direct.is_some() && args.blob_store.is_some() {
+        anyhow::bail!(
+            "--blob-store needs the registry behind the front, not Direct mode's --remote (without --relay-listen)"
         );
     }
     let relay = match (&remote, args.relay_listen) {
@@ -373,11 +394,17 @@ pub async fn start(args: FrontArgs) -> anyhow::Result<Running> {
         (Some(remote), _) => Some(remote.host().to_string()),
         (None, host) => host.clone(),
     };
+    let store = args
+        .blob_store
+        .as_deref()
+        .map(store::BlobStore::new)
+        .transpose()?;
     let front = Arc::new(Front {
         users,
         backend,
         only_registry,
         pushes_refused,
+        store,
         metrics,
     });
     let front_pull_only = front.pushes_refused.is_some();
@@ -448,6 +475,12 @@ impl Front {
         (!remote::serves_registry(only, &ns)).then_some(ns)
     }
 
+    async fn served_by_store(&self, request: &Request<Incoming>) -> Option<Response<Body>> {
+        let response = self.store.as_ref()?.serve(request).await?;
+        self.metrics.blobs_from_store.inc();
+        Some(response)
+    }
+
     async fn handle(&self, request: Request<Incoming>, client_ip: &str) -> Response<Body> {
         let reading = request.method() == Method::GET || request.method() == Method::HEAD;
         // A mirror that only pulls answers every authenticated write with 405, whoever asks.
@@ -476,7 +509,10 @@ impl Front {
                     ),
                     (_, Backend::Remote(remote), None) => remote.forward(request).await,
                     (_, Backend::Local(upstream), None) => {
-                        upstream.forward(request, client_ip).await
+                        match self.served_by_store(&request).await {
+                            Some(response) => response,
+                            None => upstream.forward(request, client_ip).await,
+                        }
                     }
                 }
             }
