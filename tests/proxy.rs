@@ -141,6 +141,8 @@ impl ProxyPod {
         let spool = dir.join("spool");
         std::fs::create_dir_all(&spool).unwrap();
         let images = dir.join("images-in-use");
+        // The replica's volume.
+        let root = dir.join("data");
         let (registry_port, relay_port) = (free_port(), free_port());
         let relay = format!("127.0.0.1:{relay_port}");
         let map = |value: &str| -> String {
@@ -159,6 +161,10 @@ impl ProxyPod {
                 spool.display().to_string()
             } else if value.starts_with(registry_addon::names::IMAGES_IN_USE_DIR) {
                 images.display().to_string()
+            } else if let Some(sub) =
+                value.strip_prefix(registry_addon::render::registry::REGISTRY_DATA_DIR)
+            {
+                format!("{}{sub}", root.display())
             } else {
                 value.to_string()
             }
@@ -217,7 +223,6 @@ impl ProxyPod {
         assert!(status.success(), "the postStart hook failed");
 
         let mut registry_env = BTreeMap::new();
-        let root = dir.join("data");
         for var in registry["env"].as_array().unwrap() {
             let name = var["name"].as_str().unwrap().to_string();
             let value = match (&var["value"], &var["valueFrom"]["secretKeyRef"]) {
@@ -547,7 +552,13 @@ async fn proxy_mode_end_to_end() {
         "{answer}"
     );
 
-    // Warm pull: no blob from the upstream again.
+    // Warm pull: no blob from the upstream again, and every blob read by the front from the
+    // cache's storage (--blob-store, as rendered), none before.
+    let from_store = || {
+        pod.front
+            .counter("registry_addon_front_blobs_from_store_total")
+    };
+    assert_eq!(from_store(), 0, "cold blobs come through the cache");
     let before = upstream_blob_gets(&upstream_log);
     pull(&ro, "team/large", "v1").await.expect("warm pull");
     pull(&ro, "library/small", "v1").await.expect("warm pull");
@@ -556,6 +567,7 @@ async fn proxy_mode_end_to_end() {
         before,
         "warm pulls hit the upstream"
     );
+    assert_eq!(from_store(), 2 + 13);
 
     // Pushes are refused: Distribution's proxy mode answers UNSUPPORTED itself.
     let rw = pod.client_as("rw", RW_PASSWORD);

@@ -596,6 +596,9 @@ fn pod_spec(
 /// one of a Local image; and Local's data stays as it was for a return to Local.
 pub const PROXY_CACHE_DIR: &str = "/var/lib/registry/proxy-cache";
 
+/// Where the replica's volume is mounted: read-write in the registry, read-only in the front.
+pub const REGISTRY_DATA_DIR: &str = "/var/lib/registry";
+
 /// The StatefulSet of Local and Proxy. Both keep the same volumeClaimTemplates, so the PVCs
 /// (and Local's data) stay through a change of mode.
 fn stateful_set(values: &RegistryValues) -> Value {
@@ -614,11 +617,11 @@ fn stateful_set(values: &RegistryValues) -> Value {
                 "name": names::REGISTRY_AUTH_SECRET, "key": names::AUTH_HTTP_SECRET_KEY,
             }}},
             {"name": "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY",
-             "value": if proxy { PROXY_CACHE_DIR } else { "/var/lib/registry" }},
+             "value": if proxy { PROXY_CACHE_DIR } else { REGISTRY_DATA_DIR }},
         ],
         "securityContext": container_security(),
         "volumeMounts": [
-            {"name": "data", "mountPath": "/var/lib/registry"},
+            {"name": "data", "mountPath": REGISTRY_DATA_DIR},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
     });
@@ -662,6 +665,15 @@ fn stateful_set(values: &RegistryValues) -> Value {
             names::IMAGES_IN_USE_KEY
         )),
     ];
+    // The front reads the blobs the registry holds from its storage, mounted read-only.
+    backend.extend([
+        json!("--blob-store"),
+        json!(if proxy {
+            PROXY_CACHE_DIR
+        } else {
+            REGISTRY_DATA_DIR
+        }),
+    ]);
     let mut upstream_keys = Vec::new();
     if proxy {
         // The relay to the upstream, and the images of the upstream's host only (the
@@ -680,6 +692,10 @@ fn stateful_set(values: &RegistryValues) -> Value {
     push(
         &mut front["volumeMounts"],
         json!({"name": "images-in-use", "mountPath": names::IMAGES_IN_USE_DIR, "readOnly": true}),
+    );
+    push(
+        &mut front["volumeMounts"],
+        json!({"name": "data", "mountPath": REGISTRY_DATA_DIR, "readOnly": true}),
     );
     if proxy {
         // Distribution 2.8 reads its upstream's /v2/ when it starts and exits when it cannot:
@@ -1136,6 +1152,20 @@ mod tests {
         assert!(state.starts_with(&format!("{}/", mount["mountPath"].as_str().unwrap())));
         assert_eq!(mount["subPath"], "registry-addon-sync");
         assert!(mount.get("readOnly").is_none());
+        // The front reads blobs from Local's storage, which it mounts read-only.
+        let front = &sts["spec"]["template"]["spec"]["containers"][1];
+        assert_eq!(front["name"], "front");
+        let front_args = front["args"].as_array().unwrap();
+        let i = front_args.iter().position(|a| a == "--blob-store").unwrap();
+        assert_eq!(front_args[i + 1], REGISTRY_DATA_DIR);
+        let store = front["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "data")
+            .unwrap();
+        assert_eq!(store["mountPath"], REGISTRY_DATA_DIR);
+        assert_eq!(store["readOnly"], true);
         let annotations = &sts["spec"]["template"]["metadata"]["annotations"];
         assert_eq!(annotations[names::CERTIFICATE_HASH_ANNOTATION], "abc");
         let svc = objects
@@ -1279,9 +1309,22 @@ mod tests {
         let mounted =
             |name: &str| mounts.iter().find(|m| m["name"] == name).unwrap()["mountPath"].clone();
         assert_eq!(mounted("upstream"), "/etc/registry-upstream");
-        assert_eq!(mounted("data"), RELAY_SPOOL_DIR);
-        let spool = mounts.iter().find(|m| m["name"] == "data").unwrap();
+        let data: Vec<&Value> = mounts.iter().filter(|m| m["name"] == "data").collect();
+        // The spool, writable; the cache's storage, read-only, which the front reads blobs from.
+        assert_eq!(data.len(), 2, "{data:?}");
+        let spool = data
+            .iter()
+            .find(|m| m["mountPath"] == RELAY_SPOOL_DIR)
+            .unwrap();
         assert_eq!(spool["subPath"], RELAY_SPOOL_SUBPATH);
+        assert_ne!(spool["readOnly"], true);
+        let store = data
+            .iter()
+            .find(|m| m["mountPath"] == REGISTRY_DATA_DIR)
+            .unwrap();
+        assert_eq!(store["readOnly"], true);
+        assert!(store.get("subPath").is_none());
+        assert_eq!(after("--blob-store"), Some(PROXY_CACHE_DIR));
         let volumes = sts["spec"]["template"]["spec"]["volumes"]
             .as_array()
             .unwrap();
