@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark of Proxy mode: a replica as the Proxy StatefulSet runs it (`registry-addon front`
-# with its relay to the upstream, `--remote … --relay-listen`, before a CNCF Distribution
+# with its relay to the upstream, `--remote … --relay-listen`, reading the cached blobs from
+# the cache's storage, `--blob-store`, before a CNCF Distribution
 # pull-through cache whose proxy.remoteurl is that relay, the cache beside Local's tree), same
 # machine, same images. Measured, per image shape (one large blob; many small layers):
 #   - warm pull through front + cache ÷ a pull from a plain local registry holding the images
@@ -159,6 +160,7 @@ mkdir -p "$WORK/spool"
     --upstream "http://127.0.0.1:$CACHE" --pull-only \
     --remote "https://127.0.0.1:$REMOTE" --remote-ca "$WORK/tls/ca.pem" \
     --relay-listen "127.0.0.1:$RELAY" --relay-spool "$WORK/spool" \
+    --blob-store "$WORK/cache-volume/proxy-cache" \
     --pull-users "$WORK/pull.htpasswd" --push-users "$WORK/push.htpasswd" 2>"$WORK/front.log" &
 FRONT_PID=$!
 PIDS+=($!)

@@ -142,6 +142,7 @@ pub struct FrontMetrics {
     remote: remote::RemoteMetrics,
     relay: relay::RelayMetrics,
     blobs_from_store: Counter,
+    blobs_from_relay: Counter,
 }
 
 impl Default for FrontMetrics {
@@ -198,6 +199,12 @@ impl Default for FrontMetrics {
             "Blob requests answered from the registry's storage (--blob-store), not through the registry",
             blobs_from_store.clone(),
         );
+        let blobs_from_relay = Counter::default();
+        registry.register(
+            "blobs_from_relay",
+            "Proxy mode: blob requests for a blob not in the cache, answered from the relay's download of it while the cache stores it",
+            blobs_from_relay.clone(),
+        );
         FrontMetrics {
             registry,
             requests,
@@ -206,6 +213,7 @@ impl Default for FrontMetrics {
             remote,
             relay,
             blobs_from_store,
+            blobs_from_relay,
         }
     }
 }
@@ -245,6 +253,8 @@ struct Front {
     pushes_refused: Option<String>,
     /// The registry's storage, read for blobs.
     store: Option<store::BlobStore>,
+    /// Proxy mode's relay: with the store, a client's cold blob is read from its download.
+    relay: Option<Arc<relay::Relay>>,
     metrics: Arc<FrontMetrics>,
 }
 
@@ -375,6 +385,7 @@ pub async fn start(args: FrontArgs) -> anyhow::Result<Running> {
             remote.clone().watch_credentials(args.reload_interval),
         ));
     }
+    let relay_for_clients = relay.as_ref().map(|(relay, _)| relay.clone());
     let relay_addr = match relay {
         Some((relay, listener)) => {
             let addr = listener.local_addr()?;
@@ -405,6 +416,7 @@ pub async fn start(args: FrontArgs) -> anyhow::Result<Running> {
         only_registry,
         pushes_refused,
         store,
+        relay: relay_for_clients,
         metrics,
     });
     let front_pull_only = front.pushes_refused.is_some();
@@ -475,10 +487,42 @@ impl Front {
         (!remote::serves_registry(only, &ns)).then_some(ns)
     }
 
-    async fn served_by_store(&self, request: &Request<Incoming>) -> Option<Response<Body>> {
-        let response = self.store.as_ref()?.serve(request).await?;
-        self.metrics.blobs_from_store.inc();
-        Some(response)
+    /// The answer of the registry behind: a blob it holds read from its storage; in Proxy
+    /// mode a blob it does not hold yet read from the relay's download, the cache told to
+    /// store it (a HEAD, which makes it fetch the blob, from that same download); anything
+    /// else forwarded.
+    async fn from_registry(
+        &self,
+        request: Request<Incoming>,
+        upstream: &Upstream,
+        client_ip: &str,
+    ) -> Response<Body> {
+        let Some(store) = &self.store else {
+            return upstream.forward(request, client_ip).await;
+        };
+        if let Some(response) = store.serve(&request).await {
+            self.metrics.blobs_from_store.inc();
+            return response;
+        }
+        // Only a miss of the store says the cache does not hold the blob.
+        if let Some(relay) = &self.relay
+            && store::blob_of(request.uri().path()).is_some()
+            && let Some(response) = relay.blob_for_client(&request).await
+        {
+            self.metrics.blobs_from_relay.inc();
+            let upstream = upstream.clone();
+            let path = request.uri().path().to_string();
+            tokio::spawn(async move {
+                if upstream.head(&path).await.is_none() {
+                    tracing::warn!(
+                        path,
+                        "the cache did not answer the HEAD that makes it store a blob"
+                    );
+                }
+            });
+            return response;
+        }
+        upstream.forward(request, client_ip).await
     }
 
     async fn handle(&self, request: Request<Incoming>, client_ip: &str) -> Response<Body> {
@@ -509,10 +553,7 @@ impl Front {
                     ),
                     (_, Backend::Remote(remote), None) => remote.forward(request).await,
                     (_, Backend::Local(upstream), None) => {
-                        match self.served_by_store(&request).await {
-                            Some(response) => response,
-                            None => upstream.forward(request, client_ip).await,
-                        }
+                        self.from_registry(request, upstream, client_ip).await
                     }
                 }
             }

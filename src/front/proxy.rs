@@ -102,6 +102,18 @@ impl Upstream {
         )
     }
 
+    /// A HEAD of `path` to the registry, waiting for its whole answer (a pull-through cache
+    /// reads a cold blob through before it answers); its status, `None` when it did not answer.
+    pub async fn head(&self, path: &str) -> Option<StatusCode> {
+        let uri = self.uri_for(&path.parse::<Uri>().ok()?).ok()?;
+        let request = Request::head(uri).body(Full::new(Bytes::new())).ok()?;
+        let response = self.probe.request(request).await.ok()?;
+        let status = response.status();
+        // Read to its end, so that the registry has finished with the request.
+        let _ = response.into_body().collect().await;
+        Some(status)
+    }
+
     /// Sends `request` on, without its credentials and hop-by-hop headers, and streams the
     /// answer back. `client_ip` goes in `X-Forwarded-For`.
     pub async fn forward(&self, request: Request<Incoming>, client_ip: &str) -> Response<Body> {

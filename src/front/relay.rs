@@ -197,6 +197,63 @@ impl Relay {
         reader(file, receiver).await
     }
 
+    /// A client's GET of a blob the cache does not hold (Proxy mode, through the front): the
+    /// blob as the relay downloads it, read from the spool as it arrives, instead of through
+    /// the cache, which asks the relay for the same download when told to store the blob.
+    /// `None` when the cache is to answer: the request has a range, the blob cannot be
+    /// spooled, or the upstream's answer is not the blob (the cache then gives its own).
+    pub async fn blob_for_client<B>(
+        self: &Arc<Self>,
+        request: &Request<B>,
+    ) -> Option<Response<Body>> {
+        if request.method() != Method::GET || request.headers().contains_key(header::RANGE) {
+            return None;
+        }
+        let path = request.uri().path();
+        let digest = path.rsplit_once("/blobs/")?.1.to_string();
+        // The cache's own request for it: the path alone (no `ns`), its Accept and User-Agent.
+        let mut flight_request = Request::get(path).body(()).ok()?;
+        for name in [header::ACCEPT, header::USER_AGENT] {
+            if let Some(value) = request.headers().get(&name) {
+                flight_request.headers_mut().insert(name, value.clone());
+            }
+        }
+        let (parts, ()) = flight_request.into_parts();
+        let (file, mut receiver) = self.join_or_start(path, &parts, false).await?;
+        loop {
+            match &*receiver.borrow_and_update() {
+                State::Streaming { .. } => break,
+                State::Whole(_) => return None,
+                State::Asking => {}
+            }
+            if receiver.changed().await.is_err() {
+                return None;
+            }
+        }
+        let mut response = reader(file, receiver).await;
+        if response.status() != StatusCode::OK {
+            return None;
+        }
+        // The registry's headers for a blob, not the upstream's (or its object store's).
+        let length = response.headers().get(header::CONTENT_LENGTH).cloned();
+        let headers = response.headers_mut();
+        headers.clear();
+        if let Some(length) = length {
+            headers.insert(header::CONTENT_LENGTH, length);
+        }
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        if let Ok(value) = HeaderValue::from_str(&digest) {
+            headers.insert("docker-content-digest", value);
+        }
+        if let Ok(value) = HeaderValue::from_str(&format!("\"{digest}\"")) {
+            headers.insert(header::ETAG, value);
+        }
+        Some(response)
+    }
+
     /// Joins the download of `path` under way, or starts it: the spool and its state to read
     /// the blob from. `None` when it cannot be spooled, to be fetched unshared.
     async fn join_or_start(

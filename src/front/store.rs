@@ -118,7 +118,7 @@ impl BlobStore {
 
 /// `(repository, hex)` of `/v2/<repository>/blobs/sha256:<hex>`, both checked: a valid
 /// repository name (no `..`, no empty component) and 64 lowercase hex digits.
-fn blob_of(path: &str) -> Option<(&str, &str)> {
+pub fn blob_of(path: &str) -> Option<(&str, &str)> {
     let rest = path.strip_prefix("/v2/")?;
     let (repository, digest) = rest.rsplit_once("/blobs/")?;
     let hex = digest.strip_prefix("sha256:")?;
