@@ -13,6 +13,8 @@
 //!   a small blob may be done before the second request arrives). The registry asks for a
 //!   blob's size (HEAD) right before each download: the download starts at that HEAD, which
 //!   is answered from its headers, saving a round trip to the upstream per blob.
+//! - A client's cold blob is read by the front from the relay's download as it arrives
+//!   ([`Relay::blob_for_client`]); the cache, told to store the blob, reads the same download.
 //! - Distribution 2.8 sends its proxy credentials only to a token realm, never as Basic auth;
 //!   the relay answers either.
 //! - Distribution 2.8 reads the upstream's `/v2/` when it starts and exits when it cannot; the
