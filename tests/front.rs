@@ -649,18 +649,27 @@ async fn require_images_holds_readiness_until_the_registry_has_them() {
 
 /// `--registry-host` (Proxy): only that registry's images, as containerd's `ns` names them;
 /// another registry's image of the same name is a 404, never the one here.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn registry_host_refuses_other_registries_images() {
-    need("docker-registry", "docker-registry");
-    let tmp = tempfile::tempdir().unwrap();
-    let tls = TestTls::new(&tmp.path().join("tls"));
-    let registry = RegistryProcess::start(&tmp.path().join("registry"), &Default::default());
+/// A registry under `dir` and a front before it with the test users and `extra` flags.
+fn registry_and_front(dir: &Path, extra: &[&str]) -> (TestTls, RegistryProcess, FrontProcess) {
+    let tls = TestTls::new(&dir.join("tls"));
+    let registry = RegistryProcess::start(&dir.join("registry"), &Default::default());
     let front = FrontProcess::start_with(
-        &tmp.path().join("front"),
+        &dir.join("front"),
         &registry.url,
         &tls.cert_file,
         &tls.key_file,
         &users(),
+        extra,
+    );
+    (tls, registry, front)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_host_refuses_other_registries_images() {
+    need("docker-registry", "docker-registry");
+    let tmp = tempfile::tempdir().unwrap();
+    let (tls, registry, front) = registry_and_front(
+        tmp.path(),
         &["--pull-only", "--registry-host", "registry-1.docker.io"],
     );
     let app = Image::new("amd64", vec![random_bytes(3, 1000)], false);
@@ -712,16 +721,10 @@ async fn registry_host_refuses_other_registries_images() {
 async fn blobs_come_from_the_registrys_storage_only_where_the_registry_serves_them() {
     need("docker-registry", "docker-registry");
     let tmp = tempfile::tempdir().unwrap();
-    let tls = TestTls::new(&tmp.path().join("tls"));
-    let registry = RegistryProcess::start(&tmp.path().join("registry"), &Default::default());
-    let front = FrontProcess::start_with(
-        &tmp.path().join("front"),
-        &registry.url,
-        &tls.cert_file,
-        &tls.key_file,
-        &users(),
-        &["--blob-store", registry.root.to_str().unwrap()],
-    );
+    let store = tmp.path().join("registry/storage");
+    let (tls, registry, front) =
+        registry_and_front(tmp.path(), &["--blob-store", store.to_str().unwrap()]);
+    assert_eq!(registry.root, store);
     let app = Image::new(
         "amd64",
         vec![random_bytes(21, 700_000), random_bytes(22, 0)],

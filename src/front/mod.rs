@@ -491,7 +491,7 @@ impl Front {
     /// mode a blob it does not hold yet read from the relay's download, the cache told to
     /// store it (a HEAD, which makes it fetch the blob, from that same download); anything
     /// else forwarded.
-    async fn from_registry(
+    async fn answer_from_registry(
         &self,
         request: Request<Incoming>,
         upstream: &Upstream,
@@ -553,7 +553,8 @@ impl Front {
                     ),
                     (_, Backend::Remote(remote), None) => remote.forward(request).await,
                     (_, Backend::Local(upstream), None) => {
-                        self.from_registry(request, upstream, client_ip).await
+                        self.answer_from_registry(request, upstream, client_ip)
+                            .await
                     }
                 }
             }
