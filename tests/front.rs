@@ -668,9 +668,16 @@ fn registry_and_front(dir: &Path, extra: &[&str]) -> (TestTls, RegistryProcess, 
 async fn registry_host_refuses_other_registries_images() {
     need("docker-registry", "docker-registry");
     let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("registry/storage");
     let (tls, registry, front) = registry_and_front(
         tmp.path(),
-        &["--pull-only", "--registry-host", "registry-1.docker.io"],
+        &[
+            "--pull-only",
+            "--registry-host",
+            "registry-1.docker.io",
+            "--blob-store",
+            store.to_str().unwrap(),
+        ],
     );
     let app = Image::new("amd64", vec![random_bytes(3, 1000)], false);
     app.push(&client(&registry.url, None, None), "library/app", "1")
@@ -701,6 +708,31 @@ async fn registry_host_refuses_other_registries_images() {
         status("?ns=quay.io").await,
         404,
         "another registry's image of the same name"
+    );
+    // Its blobs too, though the store holds them.
+    let layer = sha256(&app.layers[0]);
+    let blob = |query: &'static str| {
+        let http = http.clone();
+        let url = format!("{}/v2/library/app/blobs/{layer}{query}", front.url);
+        async move {
+            http.get(url)
+                .header("authorization", basic(RO.0, RO.1))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(blob("?ns=quay.io").await, 404);
+    assert_eq!(
+        front.counter("registry_addon_front_blobs_from_store_total"),
+        0
+    );
+    assert_eq!(blob("?ns=docker.io").await, 200);
+    assert_eq!(
+        front.counter("registry_addon_front_blobs_from_store_total"),
+        1
     );
     // Authentication comes first: without credentials, 401 whatever the registry asked for.
     let anonymous = http
@@ -806,12 +838,18 @@ async fn blobs_come_from_the_registrys_storage_only_where_the_registry_serves_th
     assert_eq!(anonymous.status().as_u16(), 401);
     assert_eq!(from_store(), 3);
 
-    // The registry no longer linking the blob into the repository (deleted there): the
-    // registry answers, and its 404 is what the client gets.
+    // A link naming another digest (as while Distribution rewrites it): the registry's.
     let link = registry.root.join(format!(
         "docker/registry/v2/repositories/library/app/_layers/sha256/{}/link",
         digest.trim_start_matches("sha256:")
     ));
+    std::fs::write(&link, format!("sha256:{}", "0".repeat(64))).unwrap();
+    let rewritten = get(url("library/app", &digest)).await.unwrap();
+    assert_ne!(rewritten.status().as_u16(), 200);
+    assert_eq!(from_store(), 3);
+
+    // The registry no longer linking the blob into the repository (deleted there): the
+    // registry answers, and its 404 is what the client gets.
     std::fs::remove_file(&link).unwrap();
     let gone = get(url("library/app", &digest)).await.unwrap();
     assert_eq!(gone.status().as_u16(), 404);

@@ -576,6 +576,35 @@ async fn proxy_mode_end_to_end() {
     );
     assert_eq!(from_store(), 2 + 13);
 
+    // A blob the upstream does not have: the client's 404 is the cache's, and the upstream is
+    // asked once (the cache, asking right after the client, gets the relay's same answer).
+    let missing = format!("sha256:{}", "e".repeat(64));
+    let asked = || {
+        std::fs::read_to_string(&upstream_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&missing) && l.contains(" HTTP/1.1\" "))
+            .count()
+    };
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pod.tls.ca_pem()).unwrap())
+        .build()
+        .unwrap();
+    let answer = http
+        .get(format!("{}/v2/team/large/blobs/{missing}", pod.front.url))
+        .basic_auth("ro", Some(RO_PASSWORD))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 404);
+    let body = answer.text().await.unwrap();
+    assert!(body.contains("BLOB_UNKNOWN"), "{body}");
+    assert_eq!(
+        asked(),
+        1,
+        "the upstream was asked for the missing blob more than once"
+    );
+
     // Pushes are refused: Distribution's proxy mode answers UNSUPPORTED itself.
     let rw = pod.client_as("rw", RW_PASSWORD);
     let pushed = rw

@@ -500,27 +500,36 @@ impl Front {
         let Some(store) = &self.store else {
             return upstream.forward(request, client_ip).await;
         };
-        if let Some(response) = store.serve(&request).await {
-            self.metrics.blobs_from_store.inc();
-            return response;
-        }
-        // Only a miss of the store says the cache does not hold the blob.
-        if let Some(relay) = &self.relay
-            && store::blob_of(request.uri().path()).is_some()
-            && let Some(response) = relay.blob_for_client(&request).await
-        {
-            self.metrics.blobs_from_relay.inc();
-            let upstream = upstream.clone();
-            let path = request.uri().path().to_string();
-            tokio::spawn(async move {
-                if upstream.head(&path).await.is_none() {
-                    tracing::warn!(
-                        path,
-                        "the cache did not answer the HEAD that makes it store a blob"
-                    );
+        match store.serve(&request).await {
+            store::Lookup::Served(response) => {
+                self.metrics.blobs_from_store.inc();
+                return response;
+            }
+            // Only a blob certainly not in the store is the relay's: never one the cache holds.
+            store::Lookup::Absent => {
+                if let Some(relay) = &self.relay
+                    && let Some((response, started)) = relay.blob_for_client(&request).await
+                {
+                    self.metrics.blobs_from_relay.inc();
+                    if started {
+                        // The cache stores the blob from the same download; once per download.
+                        let upstream = upstream.clone();
+                        let path = request.uri().path().to_string();
+                        tokio::spawn(async move {
+                            match upstream.head(&path).await {
+                                Some(status) if status.is_success() => {}
+                                status => tracing::warn!(
+                                    path,
+                                    status = ?status.map(|s| s.as_u16()),
+                                    "the cache did not take the blob a client pulled through the relay; it is not cached"
+                                ),
+                            }
+                        });
+                    }
+                    return response;
                 }
-            });
-            return response;
+            }
+            store::Lookup::NotABlob | store::Lookup::Unsure => {}
         }
         upstream.forward(request, client_ip).await
     }

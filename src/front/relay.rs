@@ -49,6 +49,8 @@ use super::remote::{self, Remote};
 const CHUNK: usize = 256 * 1024;
 /// How long a finished download stays shared.
 const GRACE: Duration = Duration::from_secs(10);
+/// How long an answer other than the blob stays shared.
+const WHOLE_GRACE: Duration = Duration::from_secs(2);
 /// How long the upstream may keep a download waiting: for its answer, or for more bytes.
 const IDLE: Duration = Duration::from_secs(60);
 /// How long blobs are fetched unshared after the spool could not be written.
@@ -188,7 +190,7 @@ impl Relay {
         }
         let head = method == Method::HEAD;
         let (parts, body) = request.into_parts();
-        let Some((file, receiver)) = self.join_or_start(&path, &parts, head).await else {
+        let Some((file, receiver, _)) = self.join_or_start(&path, &parts, head).await else {
             return self.remote.forward(Request::from_parts(parts, body)).await;
         };
         if head {
@@ -204,10 +206,12 @@ impl Relay {
     /// the cache, which asks the relay for the same download when told to store the blob.
     /// `None` when the cache is to answer: the request has a range, the blob cannot be
     /// spooled, or the upstream's answer is not the blob (the cache then gives its own).
+    /// With the answer, whether this request started the download (and the cache, which
+    /// must be told to store the blob, has not been yet).
     pub async fn blob_for_client<B>(
         self: &Arc<Self>,
         request: &Request<B>,
-    ) -> Option<Response<Body>> {
+    ) -> Option<(Response<Body>, bool)> {
         if request.method() != Method::GET || request.headers().contains_key(header::RANGE) {
             return None;
         }
@@ -221,7 +225,7 @@ impl Relay {
             }
         }
         let (parts, ()) = flight_request.into_parts();
-        let (file, mut receiver) = self.join_or_start(path, &parts, false).await?;
+        let (file, mut receiver, started) = self.join_or_start(path, &parts, false).await?;
         loop {
             match &*receiver.borrow_and_update() {
                 State::Streaming { .. } => break,
@@ -253,19 +257,20 @@ impl Relay {
         if let Ok(value) = HeaderValue::from_str(&format!("\"{digest}\"")) {
             headers.insert(header::ETAG, value);
         }
-        Some(response)
+        Some((response, started))
     }
 
     /// Joins the download of `path` under way, or starts it: the spool and its state to read
-    /// the blob from. `None` when it cannot be spooled, to be fetched unshared.
+    /// the blob from, and whether this request started it. `None` when it cannot be spooled,
+    /// to be fetched unshared.
     async fn join_or_start(
         self: &Arc<Self>,
         path: &str,
         request: &http::request::Parts,
         head: bool,
-    ) -> Option<(Arc<Spool>, watch::Receiver<State>)> {
-        if let Some(joined) = self.join(path, head) {
-            return Some(joined);
+    ) -> Option<(Arc<Spool>, watch::Receiver<State>, bool)> {
+        if let Some((file, state)) = self.join(path, head) {
+            return Some((file, state, false));
         }
         let broken = self
             .spool_broken_until
@@ -287,8 +292,8 @@ impl Relay {
         };
         let mut flights = self.lock();
         // Another request may have started it meanwhile.
-        if let Some(joined) = self.join_in(&flights, path, head) {
-            return Some(joined);
+        if let Some((file, state)) = self.join_in(&flights, path, head) {
+            return Some((file, state, false));
         }
         let (state, receiver) = watch::channel(State::Asking);
         let flight = Arc::new(Flight {
@@ -308,7 +313,7 @@ impl Relay {
             self.clone()
                 .download(path.to_string(), flight, request.uri.clone(), headers),
         );
-        Some((spool, receiver))
+        Some((spool, receiver, true))
     }
 
     /// The download of `path` under way (not failed), joined.
@@ -357,6 +362,10 @@ impl Relay {
         let ok = self.fill(&flight, &uri, &headers).await;
         if ok {
             tokio::time::sleep(GRACE).await;
+        } else if matches!(&*flight.state.borrow(), State::Whole(_)) {
+            // An answer other than the blob (404, a refusal) is given to the requests that
+            // follow at once too: the cache asking after a client was refused it, say.
+            tokio::time::sleep(WHOLE_GRACE).await;
         }
         let mut flights = self.lock();
         if flights.get(&path).is_some_and(|f| Arc::ptr_eq(f, &flight)) {

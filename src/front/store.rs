@@ -58,20 +58,22 @@ impl BlobStore {
         })
     }
 
-    /// The answer to `request` from the store, or `None` when the registry must answer it.
-    pub async fn serve<B>(&self, request: &Request<B>) -> Option<Response<Body>> {
+    /// The answer to `request` from the store, or why the registry must answer it.
+    pub async fn serve<B>(&self, request: &Request<B>) -> Lookup {
         let head = match *request.method() {
             Method::GET => false,
             Method::HEAD => true,
-            _ => return None,
+            _ => return Lookup::NotABlob,
         };
         if HANDLED_BY_THE_REGISTRY
             .iter()
             .any(|h| request.headers().contains_key(h))
         {
-            return None;
+            return Lookup::NotABlob;
         }
-        let (repository, hex) = blob_of(request.uri().path())?;
+        let Some((repository, hex)) = blob_of(request.uri().path()) else {
+            return Lookup::NotABlob;
+        };
         let link = self
             .v2
             .join("repositories")
@@ -86,34 +88,54 @@ impl BlobStore {
             .join(hex)
             .join("data");
         let digest = format!("sha256:{hex}");
-        let stored = tokio::task::spawn_blocking(move || -> std::io::Result<Option<Stored>> {
+        let found = tokio::task::spawn_blocking(move || -> std::io::Result<Found> {
             // The link is the registry's record that the repository holds the blob.
             match std::fs::read(&link) {
                 Ok(content) if content == digest.as_bytes() => {}
-                Ok(_) => return Ok(None),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                // Being rewritten (Distribution 2.8 does it in place), or not ours to read.
+                Ok(_) => return Ok(Found::Unsure),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Found::Absent),
                 Err(e) => return Err(e),
             }
             let file = match std::fs::File::open(&data) {
                 Ok(file) => file,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Found::Absent),
                 Err(e) => return Err(e),
             };
             let size = file.metadata()?.len();
-            Ok(Some(Stored { file, size, digest }))
+            Ok(Found::Stored(Stored { file, size, digest }))
         })
         .await;
-        let stored = match stored {
-            Ok(Ok(Some(stored))) => stored,
-            Ok(Ok(None)) => return None,
+        match found {
+            Ok(Ok(Found::Stored(stored))) => Lookup::Served(answer(stored, head)),
+            Ok(Ok(Found::Absent)) if !head => Lookup::Absent,
+            Ok(Ok(_)) => Lookup::Unsure,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot read a blob from the registry's storage; asking the registry");
-                return None;
+                Lookup::Unsure
             }
-            Err(_) => return None,
-        };
-        Some(answer(stored, head))
+            Err(_) => Lookup::Unsure,
+        }
     }
+}
+
+/// What the store says about a request.
+pub enum Lookup {
+    /// Answered from the store.
+    Served(Response<Body>),
+    /// A GET of a blob the registry does not hold: neither its link nor its data is there.
+    Absent,
+    /// Not a plain GET or HEAD of a blob, for the registry to answer.
+    NotABlob,
+    /// For the registry to answer: a HEAD of a blob not there, a link being rewritten, a
+    /// storage error.
+    Unsure,
+}
+
+enum Found {
+    Stored(Stored),
+    Absent,
+    Unsure,
 }
 
 /// `(repository, hex)` of `/v2/<repository>/blobs/sha256:<hex>`, both checked: a valid
