@@ -247,16 +247,7 @@ impl Relay {
         if let Some(length) = length {
             headers.insert(header::CONTENT_LENGTH, length);
         }
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
-        if let Ok(value) = HeaderValue::from_str(&digest) {
-            headers.insert("docker-content-digest", value);
-        }
-        if let Ok(value) = HeaderValue::from_str(&format!("\"{digest}\"")) {
-            headers.insert(header::ETAG, value);
-        }
+        super::store::blob_headers(headers, &digest);
         Some((response, started))
     }
 

@@ -159,23 +159,28 @@ fn answer(stored: Stored, head: bool) -> Response<Body> {
     *response.status_mut() = StatusCode::OK;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
+    blob_headers(headers, &digest);
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     // Content addressed: never changes.
     headers.insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static("max-age=31536000"),
     );
-    if let Ok(value) = HeaderValue::from_str(&digest) {
+    response
+}
+
+/// The registry's headers of a blob `digest`, besides its length: its type, digest and ETag.
+pub fn blob_headers(headers: &mut http::HeaderMap, digest: &str) {
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Ok(value) = HeaderValue::from_str(digest) {
         headers.insert("docker-content-digest", value);
     }
     if let Ok(value) = HeaderValue::from_str(&format!("\"{digest}\"")) {
         headers.insert(header::ETAG, value);
     }
-    response
 }
 
 type Chunk = Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>;
