@@ -647,8 +647,6 @@ async fn require_images_holds_readiness_until_the_registry_has_them() {
     within(200);
 }
 
-/// `--registry-host` (Proxy): only that registry's images, as containerd's `ns` names them;
-/// another registry's image of the same name is a 404, never the one here.
 /// A registry under `dir` and a front before it with the test users and `extra` flags.
 fn registry_and_front(dir: &Path, extra: &[&str]) -> (TestTls, RegistryProcess, FrontProcess) {
     let tls = TestTls::new(&dir.join("tls"));
@@ -664,6 +662,8 @@ fn registry_and_front(dir: &Path, extra: &[&str]) -> (TestTls, RegistryProcess, 
     (tls, registry, front)
 }
 
+/// `--registry-host` (Proxy): only that registry's images, as containerd's `ns` names them;
+/// another registry's image of the same name is a 404, never the one here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_host_refuses_other_registries_images() {
     need("docker-registry", "docker-registry");
@@ -854,4 +854,87 @@ async fn blobs_come_from_the_registrys_storage_only_where_the_registry_serves_th
     let gone = get(url("library/app", &digest)).await.unwrap();
     assert_eq!(gone.status().as_u16(), 404);
     assert_eq!(from_store(), 3);
+}
+
+/// A read the registry behind fails with 500 (Distribution does, for a moment, while it
+/// rewrites a file another request reads) is asked once more, and the client gets the second
+/// answer; a second 500 is the client's, and a write is never sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_the_registry_fails_with_500_is_asked_once_more() {
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = TestTls::new(&tmp.path().join("tls"));
+    // The registry behind: each path fails its first `fails` requests with 500.
+    let asked: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>> = Arc::default();
+    let seen = asked.clone();
+    let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+        let seen = seen.clone();
+        async move {
+            let key = format!("{} {}", request.method(), request.uri().path());
+            let n = {
+                let mut seen = seen.lock().unwrap();
+                let n = seen.entry(key).or_default();
+                *n += 1;
+                *n
+            };
+            let fails = match request.uri().path() {
+                "/v2/" => 0,
+                "/v2/app/manifests/always" => usize::MAX,
+                _ => 1,
+            };
+            if n <= fails {
+                (
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    r#"{"errors":[{"code":"UNKNOWN","message":"unknown error"}]}"#,
+                )
+            } else {
+                (axum::http::StatusCode::OK, "{}")
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let front = FrontProcess::start(
+        &tmp.path().join("front"),
+        &format!("http://127.0.0.1:{port}"),
+        &tls.cert_file,
+        &tls.key_file,
+        &users(),
+    );
+    let http = http(&tls);
+    let send = |method: reqwest::Method, path: &'static str| {
+        let request = http
+            .request(method, format!("{}{path}", front.url))
+            .header("authorization", basic(RW.0, RW.1));
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    let count = |key: &str| asked.lock().unwrap().get(key).copied().unwrap_or(0);
+    assert_eq!(send(reqwest::Method::GET, "/v2/app/manifests/1").await, 200);
+    assert_eq!(count("GET /v2/app/manifests/1"), 2);
+    assert_eq!(
+        send(reqwest::Method::HEAD, "/v2/app/blobs/sha256:1").await,
+        200
+    );
+    assert_eq!(count("HEAD /v2/app/blobs/sha256:1"), 2);
+    assert_eq!(
+        send(reqwest::Method::GET, "/v2/app/manifests/always").await,
+        500
+    );
+    assert_eq!(
+        count("GET /v2/app/manifests/always"),
+        2,
+        "asked more than twice"
+    );
+    assert_eq!(
+        send(reqwest::Method::POST, "/v2/app/blobs/uploads/").await,
+        500
+    );
+    assert_eq!(
+        count("POST /v2/app/blobs/uploads/"),
+        1,
+        "a write was sent twice"
+    );
+    let log = std::fs::read_to_string(&front.log).unwrap();
+    assert!(log.contains("asking once more"), "{log}");
 }

@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -29,9 +29,12 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 #[derive(Clone)]
 pub struct Upstream {
     base: Uri,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, Body>,
     probe: Client<HttpConnector, Full<Bytes>>,
 }
+
+/// How long a read the registry failed with 500 waits before it is sent again, once.
+const READ_RETRY_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
 
 impl Upstream {
     /// `base` is `http://host:port`; the front only talks to its pod's registry over loopback.
@@ -142,8 +145,31 @@ impl Upstream {
         );
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
-        let request = Request::from_parts(parts, body);
-        match self.client.request(request).await {
+        // A read the registry fails with 500 is sent once more: Distribution 2.8 answers 500
+        // for a moment while it rewrites a file another request reads (a proxied tag's link
+        // is rewritten on every pull of it, in place).
+        let read = parts.method == Method::GET || parts.method == Method::HEAD;
+        let again = read.then(|| parts.clone());
+        let body = if read {
+            empty()
+        } else {
+            body.map_err(Into::into).boxed()
+        };
+        let mut answer = self.client.request(Request::from_parts(parts, body)).await;
+        if let (Some(parts), Ok(response)) = (again, &answer)
+            && response.status() == StatusCode::INTERNAL_SERVER_ERROR
+        {
+            tracing::warn!(
+                path = parts.uri.path(),
+                "the registry behind the front answered a read with 500; asking once more"
+            );
+            tokio::time::sleep(READ_RETRY_AFTER).await;
+            answer = self
+                .client
+                .request(Request::from_parts(parts, empty()))
+                .await;
+        }
+        match answer {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
@@ -159,6 +185,15 @@ impl Upstream {
             }
         }
     }
+}
+
+/// A body of `bytes`, whole.
+pub fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+fn empty() -> Body {
+    full(Bytes::new())
 }
 
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -182,7 +217,7 @@ pub fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
         .header("docker-distribution-api-version", "registry/2.0")
-        .body(Full::new(body).map_err(|never| match never {}).boxed())
+        .body(full(body))
         .unwrap_or_default()
 }
 
