@@ -804,43 +804,22 @@ fn the_relay_listens_on_the_loopback_only() {
     );
 }
 
-/// A blob whose content does not match its digest is never given out whole: the relay's
-/// reader gets fewer bytes than announced (the connection cut before the last), and the next
-/// request downloads anew instead of sharing the failed download.
-#[test]
-fn the_relay_never_completes_a_blob_that_fails_its_digest() {
-    tools_present();
-    let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
-    // An upstream answering every blob with the same wrong bytes.
+/// A front with its relay whose upstream is the Python HTTP server `script` (run with its
+/// port, then `args`) behind TLS: what keeps them running, and the relay's address.
+fn relay_before_python(
+    dir: &Path,
+    script: &str,
+    args: &[&str],
+) -> (Running, TlsHaproxy, FrontProcess, String) {
     let port = free_port();
     let server = Command::new("python3")
         .arg("-c")
-        .arg(
-            r#"
-import http.server, sys
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def answer(self, body):
-        self.send_response(200)
-        self.send_header("Content-Length", "9")
-        self.send_header("Content-Type", "application/octet-stream")
-        self.end_headers()
-        if body:
-            self.wfile.write(b"corrupted")
-    def do_GET(self):
-        self.answer(True)
-    def do_HEAD(self):
-        self.answer(False)
-    def log_message(self, *args):
-        pass
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-"#,
-        )
+        .arg(script)
         .arg(port.to_string())
+        .args(args)
         .spawn()
         .unwrap();
-    let _server = Running(server);
+    let server = Running(server);
     let upstream_tls = TestTls::new(&dir.join("upstream-tls"));
     let upstream = TlsHaproxy::start(
         &dir.join("haproxy"),
@@ -871,6 +850,111 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_foreve
             "--relay-spool",
             spool.to_str().unwrap(),
         ],
+    );
+    (server, upstream, front, relay)
+}
+
+/// A request keeping up with a download gets the blob's bytes as they arrive, not once a
+/// spool write is full or the blob is whole: the upstream sends 60 000 of its 100 000 bytes
+/// and waits; the reader has those meanwhile, then the rest, the whole blob checked.
+#[test]
+fn the_relay_gives_out_a_blobs_bytes_as_they_arrive() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let release = dir.join("release");
+    let content: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&content)));
+    let (_server, _upstream, _front, relay) = relay_before_python(
+        dir,
+        r#"
+import http.server, os, sys, time
+content = bytes(i % 251 for i in range(100000))
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(content)))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        self.wfile.write(content[:60000])
+        self.wfile.flush()
+        while not os.path.exists(sys.argv[2]):
+            time.sleep(0.01)
+        self.wfile.write(content[60000:])
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#,
+        &[release.to_str().unwrap()],
+    );
+    let mut stream = std::net::TcpStream::connect(&relay).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let request = format!(
+        "GET /v2/team/app/blobs/{digest} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n"
+    );
+    std::io::Write::write_all(&mut stream, request.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let mut buf = vec![0; 65536];
+    let body_start = loop {
+        let n = std::io::Read::read(&mut stream, &mut buf)
+            .expect("the relay gave out nothing of what had arrived within 10 s");
+        assert!(n > 0, "the relay closed the connection: {answer:?}");
+        answer.extend_from_slice(&buf[..n]);
+        if let Some(at) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+            let body = &answer[at + 4..];
+            // Chunked or not, the first 60 000 bytes are there once the answer holds them.
+            if body.len() >= 60_000 {
+                break at + 4;
+            }
+        }
+    };
+    let head = String::from_utf8_lossy(&answer[..body_start]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("content-length: 100000"), "{head}");
+    assert_eq!(&answer[body_start..], &content[..answer.len() - body_start]);
+    std::fs::write(&release, b"").unwrap();
+    let _ = std::io::Read::read_to_end(&mut stream, &mut answer);
+    assert!(
+        answer[body_start..] == content[..],
+        "the blob as given out differs: {} bytes",
+        answer.len() - body_start
+    );
+}
+
+/// A blob whose content does not match its digest is never given out whole: the relay's
+/// reader gets fewer bytes than announced (the connection cut before the last), and the next
+/// request downloads anew instead of sharing the failed download.
+#[test]
+fn the_relay_never_completes_a_blob_that_fails_its_digest() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    // An upstream answering every blob with the same wrong bytes.
+    let (_server, _upstream, front, relay) = relay_before_python(
+        dir,
+        r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def answer(self, body):
+        self.send_response(200)
+        self.send_header("Content-Length", "9")
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        if body:
+            self.wfile.write(b"corrupted")
+    def do_GET(self):
+        self.answer(True)
+    def do_HEAD(self):
+        self.answer(False)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#,
+        &[],
     );
     let digest = format!("sha256:{}", "ab".repeat(32));
     let get = || relay_request(&relay, "GET", &format!("/v2/team/app/blobs/{digest}"));

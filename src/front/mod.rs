@@ -14,6 +14,7 @@
 //! behind, and the cache reaches the remote through the front's relay, see [`relay`].
 
 pub mod auth;
+pub mod cache_fill;
 pub mod proxy;
 pub mod relay;
 pub mod remote;
@@ -255,6 +256,8 @@ struct Front {
     store: Option<store::BlobStore>,
     /// Proxy mode's relay: with the store, a client's cold blob is read from its download.
     relay: Option<Arc<relay::Relay>>,
+    /// With the relay and the store: when the cache is told to store such a blob.
+    cache_fill: Option<Arc<cache_fill::CacheFill>>,
     metrics: Arc<FrontMetrics>,
 }
 
@@ -410,6 +413,22 @@ pub async fn start(args: FrontArgs) -> anyhow::Result<Running> {
         .as_deref()
         .map(store::BlobStore::new)
         .transpose()?;
+    let cache_fill = match (&backend, &relay_for_clients, &store) {
+        (Backend::Local(upstream), Some(_), Some(_)) => {
+            let fill = Arc::new(cache_fill::CacheFill::default());
+            let upstream = Upstream::clone(upstream);
+            let running = fill.clone();
+            background.push(tokio::spawn(async move {
+                running
+                    .run(|path| {
+                        tokio::spawn(tell_cache(upstream.clone(), path));
+                    })
+                    .await
+            }));
+            Some(fill)
+        }
+        _ => None,
+    };
     let front = Arc::new(Front {
         users,
         backend,
@@ -417,6 +436,7 @@ pub async fn start(args: FrontArgs) -> anyhow::Result<Running> {
         pushes_refused,
         store,
         relay: relay_for_clients,
+        cache_fill,
         metrics,
     });
     let front_pull_only = front.pushes_refused.is_some();
@@ -431,6 +451,19 @@ pub async fn start(args: FrontArgs) -> anyhow::Result<Running> {
         task,
         background,
     })
+}
+
+/// Tells the cache to store the blob at `path`, which the relay holds: a HEAD, which makes
+/// Distribution fetch the blob (from the relay) and store it.
+async fn tell_cache(upstream: Upstream, path: String) {
+    match upstream.head(&path).await {
+        Some(status) if status.is_success() => {}
+        status => tracing::warn!(
+            path,
+            status = ?status.map(|s| s.as_u16()),
+            "the cache did not take the blob a client pulled through the relay; it is not cached"
+        ),
+    }
 }
 
 /// Ready while the registry behind (or the remote) answers, and holds what `required` lists;
@@ -489,7 +522,7 @@ impl Front {
 
     /// The answer of the registry behind: a blob it holds read from its storage; in Proxy
     /// mode a blob it does not hold yet read from the relay's download, the cache told to
-    /// store it (a HEAD, which makes it fetch the blob, from that same download); anything
+    /// store it from that same download once it is whole and the clients are quiet; anything
     /// else forwarded.
     async fn answer_from_registry(
         &self,
@@ -508,21 +541,17 @@ impl Front {
             // Only a blob certainly not in the store is the relay's: never one the cache holds.
             store::Lookup::Absent => {
                 if let Some(relay) = &self.relay
-                    && let Some((response, started)) = relay.blob_for_client(&request).await
+                    && let Some((response, download)) = relay.blob_for_client(&request).await
                 {
                     self.metrics.blobs_from_relay.inc();
-                    if started {
-                        // The cache stores the blob from the same download; once per download.
-                        let upstream = upstream.clone();
+                    if let (Some(download), Some(fill)) = (download, &self.cache_fill) {
+                        // The cache stores the blob from the same download once it is whole,
+                        // when the clients let it (see `cache_fill`).
+                        let fill = fill.clone();
                         let path = request.uri().path().to_string();
                         tokio::spawn(async move {
-                            match upstream.head(&path).await {
-                                Some(status) if status.is_success() => {}
-                                status => tracing::warn!(
-                                    path,
-                                    status = ?status.map(|s| s.as_u16()),
-                                    "the cache did not take the blob a client pulled through the relay; it is not cached"
-                                ),
+                            if download.succeeded().await {
+                                fill.store_later(path);
                             }
                         });
                     }
@@ -535,6 +564,9 @@ impl Front {
     }
 
     async fn handle(&self, request: Request<Incoming>, client_ip: &str) -> Response<Body> {
+        if let Some(fill) = &self.cache_fill {
+            fill.request();
+        }
         let reading = request.method() == Method::GET || request.method() == Method::HEAD;
         // A mirror that only pulls answers every authenticated write with 405, whoever asks.
         let needed = if reading || self.pushes_refused.is_some() {

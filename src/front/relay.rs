@@ -8,13 +8,16 @@
 //! Why a relay, and not the registry talking to the upstream itself:
 //! - Distribution 2.8 answers a cold blob from one download and fills its cache from a second,
 //!   concurrent one of its own, so a cold pull moves every byte from the upstream twice. Both
-//!   downloads reach the relay, which fetches the blob once, spools it to a file and streams
-//!   it from there to every request that asked for it meanwhile (or in the few seconds after:
-//!   a small blob may be done before the second request arrives). The registry asks for a
+//!   downloads reach the relay, which fetches the blob once and gives it to every request that
+//!   asked for it meanwhile (or in the few seconds after: a small blob may be done before the
+//!   second request arrives): a request keeping up with the download gets the bytes as they
+//!   arrive, from memory; the blob is also spooled to a file, which requests that fall behind
+//!   or come later read. The registry asks for a
 //!   blob's size (HEAD) right before each download: the download starts at that HEAD, which
 //!   is answered from its headers, saving a round trip to the upstream per blob.
 //! - A client's cold blob is read by the front from the relay's download as it arrives
-//!   ([`Relay::blob_for_client`]); the cache, told to store the blob, reads the same download.
+//!   ([`Relay::blob_for_client`]); the cache, told to store the blob once it is whole (see
+//!   [`super::cache_fill`]), reads the same download from the spool.
 //! - Distribution 2.8 sends its proxy credentials only to a token realm, never as Basic auth;
 //!   the relay answers either.
 //! - Distribution 2.8 reads the upstream's `/v2/` when it starts and exits when it cannot; the
@@ -35,18 +38,21 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use prometheus_client::metrics::counter::Counter;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::proxy::{self, Body};
+use super::proxy::{self, Body, full};
 use super::remote::{self, Remote};
 
-/// Bytes spooled, and read back, per file operation.
+/// Bytes spooled, and read back, per file operation (at most).
 const CHUNK: usize = 256 * 1024;
+/// The most pieces, as they arrived, kept in memory before they are spooled: every change
+/// of what arrived hands readers a list of them.
+const PIECES: usize = 64;
 /// How long a finished download stays shared.
 const GRACE: Duration = Duration::from_secs(10);
 /// How long an answer other than the blob stays shared.
@@ -79,6 +85,26 @@ pub struct Relay {
     /// Until when blobs are fetched unshared, after the spool could not be written.
     spool_broken_until: Mutex<Option<Instant>>,
     metrics: RelayMetrics,
+}
+
+/// A download, to learn when it has finished. While held it counts as a reader: the download
+/// goes on to its end even if the client that asked for it goes away, for the cache to store.
+pub struct Finished(watch::Receiver<State>);
+
+impl Finished {
+    /// Whether the download completed, the whole blob checked.
+    pub async fn succeeded(mut self) -> bool {
+        loop {
+            match &*self.0.borrow_and_update() {
+                State::Streaming { end: Some(end), .. } => return end.is_ok(),
+                State::Whole(_) => return false,
+                State::Asking | State::Streaming { end: None, .. } => {}
+            }
+            if self.0.changed().await.is_err() {
+                return false;
+            }
+        }
+    }
 }
 
 /// One download of a blob, shared by the requests for it.
@@ -126,10 +152,17 @@ impl Flight {
 enum State {
     /// Waiting for the remote's answer.
     Asking,
-    /// 200: the answer's headers, the bytes spooled so far, and how the download ended.
+    /// 200: the answer's headers, what has arrived so far, and how the download ended.
     Streaming {
         head: Arc<HeaderMap>,
-        written: u64,
+        /// The bytes a reader may give out: all that arrived but the last byte, until the
+        /// whole blob is checked.
+        readable: u64,
+        /// The bytes written to the spool.
+        spooled: u64,
+        /// What arrived after those, not yet in the spool, in arrival order: readers keeping
+        /// up with the download take their bytes from here, as they arrive.
+        pending: Arc<[Bytes]>,
         end: Option<Result<(), Arc<str>>>,
     },
     /// Any other answer, whole: given to every request as it is.
@@ -206,12 +239,12 @@ impl Relay {
     /// the cache, which asks the relay for the same download when told to store the blob.
     /// `None` when the cache is to answer: the request has a range, the blob cannot be
     /// spooled, or the upstream's answer is not the blob (the cache then gives its own).
-    /// With the answer, whether this request started the download (and the cache, which
-    /// must be told to store the blob, has not been yet).
+    /// With the answer, the download to tell the cache of once it has finished, when this
+    /// request started it, or joined it finished (the cache lost it, or is still storing it).
     pub async fn blob_for_client<B>(
         self: &Arc<Self>,
         request: &Request<B>,
-    ) -> Option<(Response<Body>, bool)> {
+    ) -> Option<(Response<Body>, Option<Finished>)> {
         if request.method() != Method::GET || request.headers().contains_key(header::RANGE) {
             return None;
         }
@@ -226,6 +259,14 @@ impl Relay {
         }
         let (parts, ()) = flight_request.into_parts();
         let (file, mut receiver, started) = self.join_or_start(path, &parts, false).await?;
+        let finished = matches!(
+            &*receiver.borrow(),
+            State::Streaming {
+                end: Some(Ok(())),
+                ..
+            }
+        );
+        let tell = (started || finished).then(|| Finished(receiver.clone()));
         loop {
             match &*receiver.borrow_and_update() {
                 State::Streaming { .. } => break,
@@ -248,7 +289,7 @@ impl Relay {
             headers.insert(header::CONTENT_LENGTH, length);
         }
         super::store::blob_headers(headers, &digest);
-        Some((response, started))
+        Some((response, tell))
     }
 
     /// Joins the download of `path` under way, or starts it: the spool and its state to read
@@ -399,34 +440,42 @@ impl Relay {
         };
         let expected = resp.content_length();
         let held_back =
-            |written: u64| written.min(expected.map_or(u64::MAX, |n| n.saturating_sub(1)));
+            |received: u64| received.min(expected.map_or(u64::MAX, |n| n.saturating_sub(1)));
         let mut head = resp.headers().clone();
         proxy::strip_hop_by_hop(&mut head);
         let head = Arc::new(head);
-        flight.state.send_replace(State::Streaming {
-            head: head.clone(),
-            written: 0,
-            end: None,
-        });
-        let publish = |written: u64, end: Option<Result<(), Arc<str>>>| {
-            flight.state.send_replace(State::Streaming {
-                head: head.clone(),
-                written,
-                end,
-            });
-        };
+        let publish =
+            |readable: u64, spooled: u64, pending: &[Bytes], end: Option<Result<(), Arc<str>>>| {
+                flight.state.send_replace(State::Streaming {
+                    head: head.clone(),
+                    readable,
+                    spooled,
+                    pending: pending.into(),
+                    end,
+                });
+            };
+        publish(0, 0, &[], None);
         // The path ends in the blob's digest: checked as the bytes are spooled.
         let digest = uri.path().rsplit('/').next().unwrap_or_default();
         let mut hasher = digest.strip_prefix("sha256:").map(|_| Sha256::new());
         let mut stream = resp.bytes_stream();
-        let mut buffer = BytesMut::with_capacity(CHUNK);
-        let mut written = 0u64;
+        // Arrived, not yet spooled: given to readers from memory meanwhile.
+        let mut pending: Vec<Bytes> = Vec::new();
+        let mut pending_len = 0usize;
+        let mut spooled = 0u64;
         let mut ended = false;
         let mut unread_since: Option<Instant> = None;
         let failure: Option<String> = loop {
             if !ended {
                 match tokio::time::timeout(IDLE, stream.next()).await {
-                    Ok(Some(Ok(bytes))) => buffer.extend_from_slice(&bytes),
+                    Ok(Some(Ok(bytes))) => {
+                        if !bytes.is_empty() {
+                            pending_len += bytes.len();
+                            pending.push(bytes);
+                            let received = spooled + pending_len as u64;
+                            publish(held_back(received), spooled, &pending, None);
+                        }
+                    }
                     Ok(Some(Err(e))) => {
                         break Some(format!(
                             "the upstream's answer broke off: {}",
@@ -439,16 +488,21 @@ impl Relay {
                     }
                 }
             }
-            if buffer.len() >= CHUNK || (ended && !buffer.is_empty()) {
-                let chunk = buffer.split().freeze();
-                let len = chunk.len() as u64;
+            if pending_len >= CHUNK || pending.len() >= PIECES || (ended && pending_len > 0) {
+                let chunk = pending.clone();
+                let len = pending_len as u64;
                 let spool = flight.file.clone();
-                let offset = written;
+                let offset = spooled;
                 let mut digesting = hasher.take();
                 let stored = tokio::task::spawn_blocking(move || {
-                    spool.file()?.write_all_at(&chunk, offset)?;
-                    if let Some(hasher) = &mut digesting {
-                        hasher.update(&chunk);
+                    let file = spool.file()?;
+                    let mut at = offset;
+                    for piece in &chunk {
+                        file.write_all_at(piece, at)?;
+                        at += piece.len() as u64;
+                        if let Some(hasher) = &mut digesting {
+                            hasher.update(piece);
+                        }
                     }
                     Ok::<_, std::io::Error>(digesting)
                 })
@@ -466,10 +520,12 @@ impl Relay {
                     }
                     Err(e) => break Some(format!("cannot spool the blob: {e}")),
                 }
-                written += len;
+                spooled += len;
+                pending.clear();
+                pending_len = 0;
                 // The last byte is given out only once the whole blob is checked: a reader of
                 // a blob that fails its check never gets a complete answer.
-                publish(held_back(written), None);
+                publish(held_back(spooled), spooled, &[], None);
                 // Nobody reading it for a while (the HEAD that started it was not followed by
                 // a GET, or every reader went away): stop, deciding under the lock new
                 // readers join under, so none joins a download that is giving up.
@@ -480,7 +536,12 @@ impl Relay {
                         let _flights = self.lock();
                         let unread = flight.state.receiver_count() == 0;
                         if unread {
-                            publish(held_back(written), Some(Err(Arc::from("nobody read it"))));
+                            publish(
+                                held_back(spooled),
+                                spooled,
+                                &[],
+                                Some(Err(Arc::from("nobody read it"))),
+                            );
                         }
                         unread
                     };
@@ -490,9 +551,9 @@ impl Relay {
                     unread_since = None;
                 }
             }
-            if ended && buffer.is_empty() {
-                if let Some(n) = expected.filter(|n| *n != written) {
-                    break Some(format!("the upstream sent {written} of {n} bytes"));
+            if ended && pending_len == 0 {
+                if let Some(n) = expected.filter(|n| *n != spooled) {
+                    break Some(format!("the upstream sent {spooled} of {n} bytes"));
                 }
                 if let Some(hasher) = hasher.take() {
                     let got = format!("sha256:{}", hex::encode(hasher.finalize()));
@@ -507,13 +568,19 @@ impl Relay {
         };
         match failure {
             None => {
-                publish(written, Some(Ok(())));
+                publish(spooled, spooled, &[], Some(Ok(())));
                 true
             }
             Some(message) => {
                 tracing::warn!(remote = %self.remote.host(), error = %message, "relayed blob download failed");
                 let _flights = self.lock();
-                publish(held_back(written), Some(Err(Arc::<str>::from(message))));
+                let received = spooled + pending_len as u64;
+                publish(
+                    held_back(received),
+                    spooled,
+                    &pending,
+                    Some(Err(Arc::<str>::from(message))),
+                );
                 false
             }
         }
@@ -538,12 +605,45 @@ async fn reader(file: Arc<Spool>, mut state: watch::Receiver<State>) -> Response
     let body = futures::stream::unfold(Some((file, state, 0u64)), |progress| async move {
         let (file, mut state, offset) = progress?;
         loop {
-            let (written, end) = match &*state.borrow_and_update() {
-                State::Streaming { written, end, .. } => (*written, end.clone()),
-                _ => (0, Some(Err(Arc::from("the download was replaced")))),
+            let (readable, spooled, pending, end) = match &*state.borrow_and_update() {
+                State::Streaming {
+                    readable,
+                    spooled,
+                    pending,
+                    end,
+                    ..
+                } => (*readable, *spooled, pending.clone(), end.clone()),
+                _ => (
+                    0,
+                    0,
+                    Arc::from([]),
+                    Some(Err(Arc::from("the download was replaced"))),
+                ),
             };
-            if offset < written {
-                let len = (written - offset).min(CHUNK as u64) as usize;
+            if offset < readable && offset >= spooled {
+                // Keeping up: the bytes that just arrived, from memory, a piece at a time.
+                let mut skip = (offset - spooled) as usize;
+                let piece = pending.iter().find(|piece| {
+                    let here = skip < piece.len();
+                    if !here {
+                        skip -= piece.len();
+                    }
+                    here
+                });
+                // `pending` holds every byte from `spooled` to past `readable`.
+                let Some(piece) = piece else {
+                    return Some((Err("the relayed download lost its bytes".into()), None));
+                };
+                let take = (piece.len() - skip).min((readable - offset) as usize);
+                let next = offset + take as u64;
+                return Some((
+                    Ok(Frame::data(piece.slice(skip..skip + take))),
+                    Some((file, state, next)),
+                ));
+            }
+            if offset < readable {
+                // Behind: from the spool.
+                let len = (readable.min(spooled) - offset).min(CHUNK as u64) as usize;
                 let spool = file.clone();
                 let read = tokio::task::spawn_blocking(move || {
                     let mut buf = vec![0; len];
@@ -610,10 +710,6 @@ fn answer(status: StatusCode, headers: &HeaderMap, body: Body) -> Response<Body>
     *response.status_mut() = status;
     *response.headers_mut() = headers.clone();
     response
-}
-
-fn full(bytes: Bytes) -> Body {
-    Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
 /// An answer read whole, to give again to every request waiting for it; one too large to keep
