@@ -6,8 +6,8 @@
 # machine, same images. Measured, per image shape (one large blob; many small layers):
 #   - warm pull through front + cache ÷ a pull from a plain local registry holding the images
 #     (TLS, no front): time ratio plain/warm, target >= 0.9;
-#   - cold pull through front + cache (the cache emptied and restarted before each round) ÷ a
-#     pull straight from the upstream: time ratio cold/upstream, target <= 1.3;
+#   - cold pull through front + cache (of an image never pulled through it before, the cache
+#     emptied and restarted) ÷ a pull of it straight from the upstream: time ratio cold/upstream, target <= 1.3;
 #   - for comparison, the same cold pull through Distribution 2.8's proxy reaching the upstream
 #     on its own (no relay), which downloads every blob twice.
 # A pull is what a node does: the manifest, then every blob, 4 at a time.
@@ -216,8 +216,17 @@ make_image() { # repo layer-count layer-bytes
             --data-binary "@$dir/manifest.json" "https://127.0.0.1:$port/v2/$repo/manifests/v1" -o /dev/null
     done
 }
-make_image large 1 $((BIG_MIB * 1024 * 1024))
-make_image small "$SMALL_LAYERS" $((256 * 1024))
+# Every cold pull is of an image nobody pulled through the front before, so that nothing of it
+# is left in the relay (which shares a finished download for a few seconds) or the page cache
+# of the cache's volume: per round, one image of each shape for one client, and one for many.
+for round in $(seq "$ROUNDS") cpu; do
+    make_image "large-$round" 1 $((BIG_MIB * 1024 * 1024))
+    make_image "small-$round" "$SMALL_LAYERS" $((256 * 1024))
+    if [[ $round != cpu ]]; then
+        make_image "large-$round-n" 1 $((BIG_MIB * 1024 * 1024))
+        make_image "small-$round-n" "$SMALL_LAYERS" $((256 * 1024))
+    fi
+done
 
 # --- pulls -----------------------------------------------------------------------------------------
 pull() { # base repo -> seconds
@@ -276,33 +285,34 @@ wait_cached() { # volume repo
 }
 
 # Warm the page cache and every path once.
-for repo in large small; do
+for repo in $(ls "$WORK/images"); do
     pull "https://127.0.0.1:$LOCAL" "$repo" >/dev/null
     pull "https://127.0.0.1:$UPSTREAM" "$repo" >/dev/null
 done
 
 declare -A T
 for round in $(seq "$ROUNDS"); do
-    for repo in large small; do
-        T[upstream,$repo,$round]=$(pull "https://127.0.0.1:$REMOTE" "$repo")
+    for shape in large small; do
+        one=$shape-$round many=$shape-$round-n
+        T[upstream,$shape,$round]=$(pull "https://127.0.0.1:$REMOTE" "$one")
         stop_cache
         start_cache
-        T[cold,$repo,$round]=$(pull "https://127.0.0.1:$FRONT" "$repo")
-        wait_cached cache-volume "$repo"
-        T[alone,$repo,$round]=$(pull "https://127.0.0.1:$FRONT_ALONE" "$repo")
-        wait_cached cache-alone-volume "$repo"
-        T[local,$repo,$round]=$(pull "https://127.0.0.1:$LOCAL" "$repo")
-        T[warm,$repo,$round]=$(pull "https://127.0.0.1:$FRONT" "$repo")
+        T[cold,$shape,$round]=$(pull "https://127.0.0.1:$FRONT" "$one")
+        wait_cached cache-volume "$one"
+        T[alone,$shape,$round]=$(pull "https://127.0.0.1:$FRONT_ALONE" "$one")
+        wait_cached cache-alone-volume "$one"
+        T[local,$shape,$round]=$(pull "https://127.0.0.1:$LOCAL" "$one")
+        T[warm,$shape,$round]=$(pull "https://127.0.0.1:$FRONT" "$one")
         # CLIENTS nodes pulling the same image at once (a DaemonSet rolled out, say).
-        T[upstream_n,$repo,$round]=$(pull_many "$CLIENTS" "https://127.0.0.1:$REMOTE" "$repo")
+        T[upstream_n,$shape,$round]=$(pull_many "$CLIENTS" "https://127.0.0.1:$REMOTE" "$many")
         stop_cache
         start_cache
-        T[cold_n,$repo,$round]=$(pull_many "$CLIENTS" "https://127.0.0.1:$FRONT" "$repo")
-        wait_cached cache-volume "$repo"
-        T[alone_n,$repo,$round]=$(pull_many "$CLIENTS" "https://127.0.0.1:$FRONT_ALONE" "$repo")
-        wait_cached cache-alone-volume "$repo"
-        T[local_n,$repo,$round]=$(pull_many "$CLIENTS" "https://127.0.0.1:$LOCAL" "$repo")
-        T[warm_n,$repo,$round]=$(pull_many "$CLIENTS" "https://127.0.0.1:$FRONT" "$repo")
+        T[cold_n,$shape,$round]=$(pull_many "$CLIENTS" "https://127.0.0.1:$FRONT" "$many")
+        wait_cached cache-volume "$many"
+        T[alone_n,$shape,$round]=$(pull_many "$CLIENTS" "https://127.0.0.1:$FRONT_ALONE" "$many")
+        wait_cached cache-alone-volume "$many"
+        T[local_n,$shape,$round]=$(pull_many "$CLIENTS" "https://127.0.0.1:$LOCAL" "$many")
+        T[warm_n,$shape,$round]=$(pull_many "$CLIENTS" "https://127.0.0.1:$FRONT" "$many")
     done
 done
 
@@ -312,8 +322,8 @@ stop_cache
 start_cache
 declare -A CPU_BEFORE
 for p in upstream:$UPSTREAM_PID front:$FRONT_PID cache:$CACHE_PID; do CPU_BEFORE[${p%%:*}]=$(cpu "${p#*:}"); done
-cold_once=$(pull "https://127.0.0.1:$FRONT" large)
-wait_cached cache-volume large
+cold_once=$(pull "https://127.0.0.1:$FRONT" large-cpu)
+wait_cached cache-volume large-cpu
 ticks=$(getconf CLK_TCK)
 cpu_report="cold pull of the large image once more: ${cold_once}s; CPU seconds:"
 for p in upstream:$UPSTREAM_PID front:$FRONT_PID cache:$CACHE_PID; do
