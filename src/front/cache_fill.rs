@@ -1,32 +1,35 @@
 //! Proxy mode: when the cache is told to store a blob a client pulled through the relay.
 //!
 //! Storing a blob costs the cache about what serving it costs the front: it reads the blob
-//! from the relay's spool, hashes it, writes it and syncs it to disk. Told at once, it does
-//! that while the node is still pulling the image's other blobs, on the replica's same CPUs
-//! and disk, and the pull is slower for it. So the front tells the cache once its clients have
-//! been quiet for a moment (no request for [`QUIET`]), and at the latest [`LATEST`] after the
-//! blob's download finished. That is well within the time the relay keeps a finished download
-//! shared, so the cache reads the blob from the spool, not from the upstream again; and until
-//! the cache has it, the relay gives it to every client that asks.
+//! from the relay's spool (twice: Distribution 2.8 reads it through once to answer the HEAD
+//! that tells it), hashes it, writes it and syncs it to disk. Told at once, it does that while
+//! the node is still pulling the image's other blobs, on the replica's same CPUs and disk, and
+//! the pull is slower for it. So the front tells the cache once no client request has been
+//! under way (its answer not yet sent whole) for [`QUIET`], and at the latest [`LATEST`] after
+//! the blob's download finished. That is well within the time the relay keeps a finished
+//! download shared (10 s), so the cache reads the blob from the spool, not from the upstream
+//! again; and meanwhile the relay gives it to every client that asks.
 
 use std::collections::HashSet;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// How long clients must have sent nothing before the cache is told.
+/// How long no client request must have been under way before the cache is told.
 pub const QUIET: Duration = Duration::from_millis(200);
 /// How long a blob waits at most, however busy the clients are.
 pub const LATEST: Duration = Duration::from_secs(3);
 
-/// The blobs the cache is to be told to store, and when clients last asked for anything.
+/// The blobs the cache is to be told to store, and the client requests under way.
 pub struct CacheFill {
     start: Instant,
-    /// When the last client request came, in milliseconds since `start`.
-    last_request: AtomicU64,
+    /// Client requests whose answers are not yet sent whole.
+    answering: AtomicUsize,
+    /// When `answering` last changed, in milliseconds since `start`.
+    changed: AtomicU64,
     waiting: Mutex<Waiting>,
     wake: Notify,
     quiet: Duration,
@@ -40,6 +43,16 @@ struct Waiting {
     since: Option<Instant>,
 }
 
+/// Held while a client request is answered, until its answer is sent whole or dropped.
+pub struct Answering(Arc<CacheFill>);
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.stamp();
+        self.0.answering.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Default for CacheFill {
     fn default() -> Self {
         CacheFill::new(QUIET, LATEST)
@@ -50,7 +63,8 @@ impl CacheFill {
     pub fn new(quiet: Duration, latest: Duration) -> Self {
         CacheFill {
             start: Instant::now(),
-            last_request: AtomicU64::new(0),
+            answering: AtomicUsize::new(0),
+            changed: AtomicU64::new(0),
             waiting: Mutex::new(Waiting::default()),
             wake: Notify::new(),
             quiet,
@@ -63,10 +77,16 @@ impl CacheFill {
         self.waiting.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A client request came.
-    pub fn request(&self) {
+    fn stamp(&self) {
         let ms = self.start.elapsed().as_millis() as u64;
-        self.last_request.fetch_max(ms, Ordering::Relaxed);
+        self.changed.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// A client request came: under way until the returned guard is dropped.
+    pub fn answering(self: &Arc<Self>) -> Answering {
+        self.answering.fetch_add(1, Ordering::AcqRel);
+        self.stamp();
+        Answering(self.clone())
     }
 
     /// The blob at `path` (a client's request path) is to be stored by the cache: told once,
@@ -88,10 +108,15 @@ impl CacheFill {
                 continue;
             };
             let due = since + self.latest;
-            let quiet_at = self.start
-                + Duration::from_millis(self.last_request.load(Ordering::Relaxed))
-                + self.quiet;
             let now = Instant::now();
+            // While requests are under way, looked at again every `quiet`.
+            let quiet_at = if self.answering.load(Ordering::Acquire) > 0 {
+                now + self.quiet
+            } else {
+                self.start
+                    + Duration::from_millis(self.changed.load(Ordering::Relaxed))
+                    + self.quiet
+            };
             if now < due && now < quiet_at {
                 tokio::time::sleep_until(due.min(quiet_at)).await;
                 continue;
@@ -132,17 +157,24 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn told_once_clients_are_quiet_and_once_per_path() {
+    async fn told_once_no_request_is_under_way_and_once_per_path() {
         let (fill, mut told) = started(200, 3000);
-        fill.request();
+        let answering = fill.answering();
         fill.store_later("/v2/a/blobs/sha256:1".into());
         fill.store_later("/v2/a/blobs/sha256:1".into());
+        // A request whose answer is still being sent holds it back.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert!(
+            told.try_recv().is_err(),
+            "told while a request was under way"
+        );
+        drop(answering);
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert!(
             told.try_recv().is_err(),
             "told before the clients were quiet"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(told.try_recv().unwrap(), "/v2/a/blobs/sha256:1");
         tokio::time::sleep(Duration::from_millis(1000)).await;
         assert!(told.try_recv().is_err(), "told twice");
@@ -154,10 +186,12 @@ mod tests {
         fill.store_later("/v2/a/blobs/sha256:1".into());
         let mut waited = Duration::ZERO;
         while told.try_recv().is_err() {
-            fill.request();
+            // Requests one after another, each 50 ms long.
+            let answering = fill.answering();
             tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(answering);
             waited += Duration::from_millis(50);
-            assert!(waited <= Duration::from_millis(3100), "never told");
+            assert!(waited <= Duration::from_millis(3300), "never told");
         }
         assert!(
             waited >= Duration::from_millis(3000),
@@ -165,7 +199,7 @@ mod tests {
         );
         // A blob that comes later waits its own time.
         fill.store_later("/v2/a/blobs/sha256:2".into());
-        fill.request();
+        drop(fill.answering());
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(told.try_recv().is_err());
         tokio::time::sleep(Duration::from_millis(150)).await;

@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use clap::Args;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -418,10 +419,16 @@ pub async fn start(args: FrontArgs) -> anyhow::Result<Running> {
             let fill = Arc::new(cache_fill::CacheFill::default());
             let upstream = Upstream::clone(upstream);
             let running = fill.clone();
+            // Two blobs stored at a time: each costs the cache two reads of it and a write.
+            let slots = Arc::new(tokio::sync::Semaphore::new(2));
             background.push(tokio::spawn(async move {
                 running
                     .run(|path| {
-                        tokio::spawn(tell_cache(upstream.clone(), path));
+                        let (upstream, slots) = (upstream.clone(), slots.clone());
+                        tokio::spawn(async move {
+                            let _slot = slots.acquire_owned().await;
+                            tell_cache(upstream, path).await
+                        });
                     })
                     .await
             }));
@@ -564,9 +571,11 @@ impl Front {
     }
 
     async fn handle(&self, request: Request<Incoming>, client_ip: &str) -> Response<Body> {
-        if let Some(fill) = &self.cache_fill {
-            fill.request();
-        }
+        // Until its answer is sent, body and all, the cache waits to store what clients pulled.
+        let answering = self
+            .cache_fill
+            .as_ref()
+            .map(cache_fill::CacheFill::answering);
         let reading = request.method() == Method::GET || request.method() == Method::HEAD;
         // A mirror that only pulls answers every authenticated write with 405, whoever asks.
         let needed = if reading || self.pushes_refused.is_some() {
@@ -638,6 +647,15 @@ impl Front {
                 code: response.status().as_u16(),
             })
             .inc();
-        response
+        match answering {
+            Some(answering) => response.map(|body| {
+                body.map_frame(move |frame| {
+                    let _ = &answering;
+                    frame
+                })
+                .boxed()
+            }),
+            None => response,
+        }
     }
 }

@@ -35,6 +35,8 @@ pub struct Upstream {
 
 /// How long a read the registry failed with 500 waits before it is sent again, once.
 const READ_RETRY_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
+/// A read is sent again only when the 500 came within this long.
+const READ_RETRY_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Upstream {
     /// `base` is `http://host:port`; the front only talks to its pod's registry over loopback.
@@ -148,16 +150,21 @@ impl Upstream {
         // A read the registry fails with 500 is sent once more: Distribution 2.8 answers 500
         // for a moment while it rewrites a file another request reads (a proxied tag's link
         // is rewritten on every pull of it, in place).
-        let read = parts.method == Method::GET || parts.method == Method::HEAD;
+        // Only a read without a body, answered 500 at once (not after a slow failure
+        // upstream, which a second try would only repeat).
+        let read = (parts.method == Method::GET || parts.method == Method::HEAD)
+            && hyper::body::Body::is_end_stream(&body);
         let again = read.then(|| parts.clone());
         let body = if read {
             empty()
         } else {
             body.map_err(Into::into).boxed()
         };
+        let asked = std::time::Instant::now();
         let mut answer = self.client.request(Request::from_parts(parts, body)).await;
         if let (Some(parts), Ok(response)) = (again, &answer)
             && response.status() == StatusCode::INTERNAL_SERVER_ERROR
+            && asked.elapsed() < READ_RETRY_WITHIN
         {
             tracing::warn!(
                 path = parts.uri.path(),

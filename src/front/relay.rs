@@ -87,30 +87,43 @@ pub struct Relay {
     metrics: RelayMetrics,
 }
 
-/// A download, to learn when it has finished. While held it counts as a reader: the download
-/// goes on to its end even if the client that asked for it goes away, for the cache to store.
-pub struct Finished(watch::Receiver<State>);
+/// A download, to learn when it has finished. While held it counts as a reader, so the
+/// download is never given up as unread: it goes on to its end even if the client that asked
+/// for it goes away, for the cache to store.
+pub struct Finished {
+    outcome: Outcome,
+    _reading: watch::Receiver<State>,
+}
 
 impl Finished {
     /// Whether the download completed, the whole blob checked.
     pub async fn succeeded(mut self) -> bool {
-        loop {
-            match &*self.0.borrow_and_update() {
-                State::Streaming { end: Some(end), .. } => return end.is_ok(),
-                State::Whole(_) => return false,
-                State::Asking | State::Streaming { end: None, .. } => {}
-            }
-            if self.0.changed().await.is_err() {
-                return false;
-            }
+        match self.outcome.wait_for(Option::is_some).await {
+            Ok(outcome) => outcome.unwrap_or(false),
+            Err(_) => false,
         }
     }
 }
+
+/// How a download ended, once it did: whether it completed, the whole blob checked.
+type Outcome = watch::Receiver<Option<bool>>;
 
 /// One download of a blob, shared by the requests for it.
 struct Flight {
     file: Arc<Spool>,
     state: watch::Sender<State>,
+    /// Once it ended: whether it completed, the whole blob checked.
+    outcome: watch::Sender<Option<bool>>,
+}
+
+/// The bytes that arrived after those in the spool, newest first: publishing one more is
+/// constant work, and a reader keeping up finds its bytes at the head. At most [`PIECES`]
+/// long: spooled before it grows longer.
+struct Piece {
+    /// Where its bytes are in the blob.
+    at: u64,
+    bytes: Bytes,
+    before: Option<Arc<Piece>>,
 }
 
 /// A spool file, unlinked when created: its space is freed when the download is forgotten
@@ -160,9 +173,9 @@ enum State {
         readable: u64,
         /// The bytes written to the spool.
         spooled: u64,
-        /// What arrived after those, not yet in the spool, in arrival order: readers keeping
-        /// up with the download take their bytes from here, as they arrive.
-        pending: Arc<[Bytes]>,
+        /// What arrived after those, not yet in the spool: readers keeping up with the
+        /// download take their bytes from here, as they arrive.
+        pending: Option<Arc<Piece>>,
         end: Option<Result<(), Arc<str>>>,
     },
     /// Any other answer, whole: given to every request as it is.
@@ -235,12 +248,12 @@ impl Relay {
     }
 
     /// A client's GET of a blob the cache does not hold (Proxy mode, through the front): the
-    /// blob as the relay downloads it, read from the spool as it arrives, instead of through
+    /// blob as the relay downloads it, given out as it arrives, instead of through
     /// the cache, which asks the relay for the same download when told to store the blob.
     /// `None` when the cache is to answer: the request has a range, the blob cannot be
     /// spooled, or the upstream's answer is not the blob (the cache then gives its own).
-    /// With the answer, the download to tell the cache of once it has finished, when this
-    /// request started it, or joined it finished (the cache lost it, or is still storing it).
+    /// With the answer, when this request started the download, the download to tell the
+    /// cache of once it has finished.
     pub async fn blob_for_client<B>(
         self: &Arc<Self>,
         request: &Request<B>,
@@ -258,15 +271,11 @@ impl Relay {
             }
         }
         let (parts, ()) = flight_request.into_parts();
-        let (file, mut receiver, started) = self.join_or_start(path, &parts, false).await?;
-        let finished = matches!(
-            &*receiver.borrow(),
-            State::Streaming {
-                end: Some(Ok(())),
-                ..
-            }
-        );
-        let tell = (started || finished).then(|| Finished(receiver.clone()));
+        let (file, mut receiver, outcome) = self.join_or_start(path, &parts, false).await?;
+        let tell = outcome.map(|outcome| Finished {
+            outcome,
+            _reading: receiver.clone(),
+        });
         loop {
             match &*receiver.borrow_and_update() {
                 State::Streaming { .. } => break,
@@ -293,16 +302,16 @@ impl Relay {
     }
 
     /// Joins the download of `path` under way, or starts it: the spool and its state to read
-    /// the blob from, and whether this request started it. `None` when it cannot be spooled,
-    /// to be fetched unshared.
+    /// the blob from, and, when this request started it, its outcome once it ended. `None`
+    /// when it cannot be spooled, to be fetched unshared.
     async fn join_or_start(
         self: &Arc<Self>,
         path: &str,
         request: &http::request::Parts,
         head: bool,
-    ) -> Option<(Arc<Spool>, watch::Receiver<State>, bool)> {
+    ) -> Option<(Arc<Spool>, watch::Receiver<State>, Option<Outcome>)> {
         if let Some((file, state)) = self.join(path, head) {
-            return Some((file, state, false));
+            return Some((file, state, None));
         }
         let broken = self
             .spool_broken_until
@@ -325,12 +334,13 @@ impl Relay {
         let mut flights = self.lock();
         // Another request may have started it meanwhile.
         if let Some((file, state)) = self.join_in(&flights, path, head) {
-            return Some((file, state, false));
+            return Some((file, state, None));
         }
         let (state, receiver) = watch::channel(State::Asking);
         let flight = Arc::new(Flight {
             file: spool.clone(),
             state,
+            outcome: watch::Sender::new(None),
         });
         flights.insert(path.to_string(), flight.clone());
         self.metrics.downloads.inc();
@@ -341,11 +351,12 @@ impl Relay {
                 headers.insert(name, value.clone());
             }
         }
+        let outcome = flight.outcome.subscribe();
         tokio::spawn(
             self.clone()
                 .download(path.to_string(), flight, request.uri.clone(), headers),
         );
-        Some((spool, receiver, true))
+        Some((spool, receiver, Some(outcome)))
     }
 
     /// The download of `path` under way (not failed), joined.
@@ -392,6 +403,7 @@ impl Relay {
         headers: HeaderMap,
     ) {
         let ok = self.fill(&flight, &uri, &headers).await;
+        flight.outcome.send_replace(Some(ok));
         if ok {
             tokio::time::sleep(GRACE).await;
         } else if matches!(&*flight.state.borrow(), State::Whole(_)) {
@@ -439,29 +451,36 @@ impl Relay {
             }
         };
         let expected = resp.content_length();
-        let held_back =
-            |received: u64| received.min(expected.map_or(u64::MAX, |n| n.saturating_sub(1)));
+        // The last byte is given out only once the whole blob is checked: a reader of a blob
+        // that fails its check never gets a complete answer.
+        let held_back = |received: u64| match expected {
+            Some(n) => received.min(n.saturating_sub(1)),
+            None => received.saturating_sub(1),
+        };
         let mut head = resp.headers().clone();
         proxy::strip_hop_by_hop(&mut head);
         let head = Arc::new(head);
-        let publish =
-            |readable: u64, spooled: u64, pending: &[Bytes], end: Option<Result<(), Arc<str>>>| {
-                flight.state.send_replace(State::Streaming {
-                    head: head.clone(),
-                    readable,
-                    spooled,
-                    pending: pending.into(),
-                    end,
-                });
-            };
-        publish(0, 0, &[], None);
+        let publish = |readable: u64,
+                       spooled: u64,
+                       pending: &Option<Arc<Piece>>,
+                       end: Option<Result<(), Arc<str>>>| {
+            flight.state.send_replace(State::Streaming {
+                head: head.clone(),
+                readable,
+                spooled,
+                pending: pending.clone(),
+                end,
+            });
+        };
+        publish(0, 0, &None, None);
         // The path ends in the blob's digest: checked as the bytes are spooled.
         let digest = uri.path().rsplit('/').next().unwrap_or_default();
         let mut hasher = digest.strip_prefix("sha256:").map(|_| Sha256::new());
         let mut stream = resp.bytes_stream();
-        // Arrived, not yet spooled: given to readers from memory meanwhile.
-        let mut pending: Vec<Bytes> = Vec::new();
-        let mut pending_len = 0usize;
+        // Arrived, not yet spooled: to spool, and as given to readers meanwhile.
+        let mut arrived: Vec<Bytes> = Vec::new();
+        let mut arrived_len = 0usize;
+        let mut pending: Option<Arc<Piece>> = None;
         let mut spooled = 0u64;
         let mut ended = false;
         let mut unread_since: Option<Instant> = None;
@@ -470,10 +489,20 @@ impl Relay {
                 match tokio::time::timeout(IDLE, stream.next()).await {
                     Ok(Some(Ok(bytes))) => {
                         if !bytes.is_empty() {
-                            pending_len += bytes.len();
-                            pending.push(bytes);
-                            let received = spooled + pending_len as u64;
-                            publish(held_back(received), spooled, &pending, None);
+                            let at = spooled + arrived_len as u64;
+                            arrived_len += bytes.len();
+                            pending = Some(Arc::new(Piece {
+                                at,
+                                bytes: bytes.clone(),
+                                before: pending.take(),
+                            }));
+                            arrived.push(bytes);
+                            publish(
+                                held_back(spooled + arrived_len as u64),
+                                spooled,
+                                &pending,
+                                None,
+                            );
                         }
                     }
                     Ok(Some(Err(e))) => {
@@ -488,21 +517,21 @@ impl Relay {
                     }
                 }
             }
-            if pending_len >= CHUNK || pending.len() >= PIECES || (ended && pending_len > 0) {
-                let chunk = pending.clone();
-                let len = pending_len as u64;
+            if arrived_len >= CHUNK || arrived.len() >= PIECES || (ended && arrived_len > 0) {
+                let pieces = std::mem::take(&mut arrived);
+                let len = arrived_len;
                 let spool = flight.file.clone();
                 let offset = spooled;
                 let mut digesting = hasher.take();
                 let stored = tokio::task::spawn_blocking(move || {
-                    let file = spool.file()?;
-                    let mut at = offset;
-                    for piece in &chunk {
-                        file.write_all_at(piece, at)?;
-                        at += piece.len() as u64;
-                        if let Some(hasher) = &mut digesting {
-                            hasher.update(piece);
-                        }
+                    // One write of them all.
+                    let mut chunk = Vec::with_capacity(len);
+                    for piece in &pieces {
+                        chunk.extend_from_slice(piece);
+                    }
+                    spool.file()?.write_all_at(&chunk, offset)?;
+                    if let Some(hasher) = &mut digesting {
+                        hasher.update(&chunk);
                     }
                     Ok::<_, std::io::Error>(digesting)
                 })
@@ -520,12 +549,10 @@ impl Relay {
                     }
                     Err(e) => break Some(format!("cannot spool the blob: {e}")),
                 }
-                spooled += len;
-                pending.clear();
-                pending_len = 0;
-                // The last byte is given out only once the whole blob is checked: a reader of
-                // a blob that fails its check never gets a complete answer.
-                publish(held_back(spooled), spooled, &[], None);
+                spooled += len as u64;
+                arrived_len = 0;
+                pending = None;
+                publish(held_back(spooled), spooled, &pending, None);
                 // Nobody reading it for a while (the HEAD that started it was not followed by
                 // a GET, or every reader went away): stop, deciding under the lock new
                 // readers join under, so none joins a download that is giving up.
@@ -539,7 +566,7 @@ impl Relay {
                             publish(
                                 held_back(spooled),
                                 spooled,
-                                &[],
+                                &pending,
                                 Some(Err(Arc::from("nobody read it"))),
                             );
                         }
@@ -551,7 +578,7 @@ impl Relay {
                     unread_since = None;
                 }
             }
-            if ended && pending_len == 0 {
+            if ended && arrived_len == 0 {
                 if let Some(n) = expected.filter(|n| *n != spooled) {
                     break Some(format!("the upstream sent {spooled} of {n} bytes"));
                 }
@@ -568,15 +595,14 @@ impl Relay {
         };
         match failure {
             None => {
-                publish(spooled, spooled, &[], Some(Ok(())));
+                publish(spooled, spooled, &None, Some(Ok(())));
                 true
             }
             Some(message) => {
                 tracing::warn!(remote = %self.remote.host(), error = %message, "relayed blob download failed");
                 let _flights = self.lock();
-                let received = spooled + pending_len as u64;
                 publish(
-                    held_back(received),
+                    held_back(spooled + arrived_len as u64),
                     spooled,
                     &pending,
                     Some(Err(Arc::<str>::from(message))),
@@ -587,8 +613,8 @@ impl Relay {
     }
 }
 
-/// The answer to one request for a blob: the remote's answer once known, the body read from
-/// the spool as the download fills it.
+/// The answer to one request for a blob: the remote's answer once known, the body given out as
+/// the download goes: from memory while it keeps up, from the spool when it is behind.
 async fn reader(file: Arc<Spool>, mut state: watch::Receiver<State>) -> Response<Body> {
     let head = loop {
         let current = state.borrow_and_update().clone();
@@ -616,29 +642,27 @@ async fn reader(file: Arc<Spool>, mut state: watch::Receiver<State>) -> Response
                 _ => (
                     0,
                     0,
-                    Arc::from([]),
+                    None,
                     Some(Err(Arc::from("the download was replaced"))),
                 ),
             };
             if offset < readable && offset >= spooled {
                 // Keeping up: the bytes that just arrived, from memory, a piece at a time.
-                let mut skip = (offset - spooled) as usize;
-                let piece = pending.iter().find(|piece| {
-                    let here = skip < piece.len();
-                    if !here {
-                        skip -= piece.len();
-                    }
-                    here
-                });
-                // `pending` holds every byte from `spooled` to past `readable`.
-                let Some(piece) = piece else {
+                // `pending` holds every byte from `spooled` up to `readable` at least.
+                let mut piece = pending.as_deref();
+                while let Some(p) = piece
+                    && p.at > offset
+                {
+                    piece = p.before.as_deref();
+                }
+                let Some(piece) = piece.filter(|p| offset < p.at + p.bytes.len() as u64) else {
                     return Some((Err("the relayed download lost its bytes".into()), None));
                 };
-                let take = (piece.len() - skip).min((readable - offset) as usize);
-                let next = offset + take as u64;
+                let from = (offset - piece.at) as usize;
+                let to = piece.bytes.len().min((readable - piece.at) as usize);
                 return Some((
-                    Ok(Frame::data(piece.slice(skip..skip + take))),
-                    Some((file, state, next)),
+                    Ok(Frame::data(piece.bytes.slice(from..to))),
+                    Some((file, state, piece.at + to as u64)),
                 ));
             }
             if offset < readable {
