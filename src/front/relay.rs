@@ -105,6 +105,9 @@ impl Finished {
     }
 }
 
+/// A write of arrived pieces to the spool, carrying the digest computed so far.
+type Spooling = tokio::task::JoinHandle<std::io::Result<Option<Sha256>>>;
+
 /// How a download ended, once it did: whether it completed, the whole blob checked.
 type Outcome = watch::Receiver<Option<bool>>;
 
@@ -114,6 +117,19 @@ struct Flight {
     state: watch::Sender<State>,
     /// Once it ended: whether it completed, the whole blob checked.
     outcome: watch::Sender<Option<bool>>,
+}
+
+impl Piece {
+    /// The piece of `newest` and those before it that holds byte `offset`.
+    fn holding(newest: &Option<Arc<Piece>>, offset: u64) -> Option<&Piece> {
+        let mut piece = newest.as_deref();
+        while let Some(p) = piece
+            && p.at > offset
+        {
+            piece = p.before.as_deref();
+        }
+        piece.filter(|p| offset < p.at + p.bytes.len() as u64)
+    }
 }
 
 /// The bytes that arrived after those in the spool, newest first: publishing one more is
@@ -173,9 +189,11 @@ enum State {
         readable: u64,
         /// The bytes written to the spool.
         spooled: u64,
-        /// What arrived after those, not yet in the spool: readers keeping up with the
-        /// download take their bytes from here, as they arrive.
+        /// What arrived after those and is not yet being written to the spool, and what is
+        /// being written, before it: readers keeping up with the download take their bytes
+        /// from here, as they arrive.
         pending: Option<Arc<Piece>>,
+        writing: Option<Arc<Piece>>,
         end: Option<Result<(), Arc<str>>>,
     },
     /// Any other answer, whole: given to every request as it is.
@@ -460,83 +478,48 @@ impl Relay {
         let mut head = resp.headers().clone();
         proxy::strip_hop_by_hop(&mut head);
         let head = Arc::new(head);
+        // What readers are handed: `pending` (arrived, not yet being spooled) and `writing`
+        // (being spooled), each newest first.
         let publish = |readable: u64,
                        spooled: u64,
                        pending: &Option<Arc<Piece>>,
+                       writing: &Option<Arc<Piece>>,
                        end: Option<Result<(), Arc<str>>>| {
             flight.state.send_replace(State::Streaming {
                 head: head.clone(),
                 readable,
                 spooled,
                 pending: pending.clone(),
+                writing: writing.clone(),
                 end,
             });
         };
-        publish(0, 0, &None, None);
+        publish(0, 0, &None, &None, None);
         // The path ends in the blob's digest: checked as the bytes are spooled.
         let digest = uri.path().rsplit('/').next().unwrap_or_default();
         let mut hasher = digest.strip_prefix("sha256:").map(|_| Sha256::new());
         let mut stream = resp.bytes_stream();
-        // Arrived, not yet spooled: to spool, and as given to readers meanwhile.
+        // Arrived, not yet being spooled: the next write, and as given to readers meanwhile.
         let mut arrived: Vec<Bytes> = Vec::new();
         let mut arrived_len = 0usize;
         let mut pending: Option<Arc<Piece>> = None;
+        // The write under way while the next pieces arrive: its task and length (its pieces
+        // are `writing`).
+        let mut write: Option<(Spooling, u64)> = None;
+        let mut writing: Option<Arc<Piece>> = None;
+        let mut received = 0u64;
         let mut spooled = 0u64;
         let mut ended = false;
         let mut unread_since: Option<Instant> = None;
         let failure: Option<String> = loop {
-            if !ended {
-                match tokio::time::timeout(IDLE, stream.next()).await {
-                    Ok(Some(Ok(bytes))) => {
-                        if !bytes.is_empty() {
-                            let at = spooled + arrived_len as u64;
-                            arrived_len += bytes.len();
-                            pending = Some(Arc::new(Piece {
-                                at,
-                                bytes: bytes.clone(),
-                                before: pending.take(),
-                            }));
-                            arrived.push(bytes);
-                            publish(
-                                held_back(spooled + arrived_len as u64),
-                                spooled,
-                                &pending,
-                                None,
-                            );
-                        }
-                    }
-                    Ok(Some(Err(e))) => {
-                        break Some(format!(
-                            "the upstream's answer broke off: {}",
-                            e.without_url()
-                        ));
-                    }
-                    Ok(None) => ended = true,
-                    Err(_) => {
-                        break Some(format!("the upstream sent nothing for {}s", IDLE.as_secs()));
-                    }
-                }
-            }
-            if arrived_len >= CHUNK || arrived.len() >= PIECES || (ended && arrived_len > 0) {
-                let pieces = std::mem::take(&mut arrived);
-                let len = arrived_len;
-                let spool = flight.file.clone();
-                let offset = spooled;
-                let mut digesting = hasher.take();
-                let stored = tokio::task::spawn_blocking(move || {
-                    // One write of them all.
-                    let mut chunk = Vec::with_capacity(len);
-                    for piece in &pieces {
-                        chunk.extend_from_slice(piece);
-                    }
-                    spool.file()?.write_all_at(&chunk, offset)?;
-                    if let Some(hasher) = &mut digesting {
-                        hasher.update(&chunk);
-                    }
-                    Ok::<_, std::io::Error>(digesting)
-                })
-                .await;
-                match stored {
+            let batch =
+                arrived_len >= CHUNK || arrived.len() >= PIECES || (ended && arrived_len > 0);
+            // One write at a time, in order (it carries the digest along): the next waits for
+            // the one under way, and so does the end.
+            if (batch || ended)
+                && let Some((task, len)) = write.take()
+            {
+                match task.await {
                     Ok(Ok(digesting)) => hasher = digesting,
                     Ok(Err(e)) => {
                         // Full or failing: fetch unshared for a while.
@@ -549,10 +532,9 @@ impl Relay {
                     }
                     Err(e) => break Some(format!("cannot spool the blob: {e}")),
                 }
-                spooled += len as u64;
-                arrived_len = 0;
-                pending = None;
-                publish(held_back(spooled), spooled, &pending, None);
+                spooled += len;
+                writing = None;
+                publish(held_back(received), spooled, &pending, &writing, None);
                 // Nobody reading it for a while (the HEAD that started it was not followed by
                 // a GET, or every reader went away): stop, deciding under the lock new
                 // readers join under, so none joins a download that is giving up.
@@ -564,9 +546,10 @@ impl Relay {
                         let unread = flight.state.receiver_count() == 0;
                         if unread {
                             publish(
-                                held_back(spooled),
+                                held_back(received),
                                 spooled,
                                 &pending,
+                                &writing,
                                 Some(Err(Arc::from("nobody read it"))),
                             );
                         }
@@ -578,7 +561,32 @@ impl Relay {
                     unread_since = None;
                 }
             }
-            if ended && arrived_len == 0 {
+            if batch {
+                let pieces = std::mem::take(&mut arrived);
+                let len = std::mem::take(&mut arrived_len);
+                let spool = flight.file.clone();
+                let offset = spooled;
+                let mut digesting = hasher.take();
+                let task = tokio::task::spawn_blocking(move || {
+                    // One write of them all.
+                    let mut chunk = Vec::with_capacity(len);
+                    for piece in &pieces {
+                        chunk.extend_from_slice(piece);
+                    }
+                    spool.file()?.write_all_at(&chunk, offset)?;
+                    if let Some(hasher) = &mut digesting {
+                        hasher.update(&chunk);
+                    }
+                    Ok::<_, std::io::Error>(digesting)
+                });
+                write = Some((task, len as u64));
+                writing = pending.take();
+                publish(held_back(received), spooled, &pending, &writing, None);
+                continue;
+            }
+            if ended {
+                // The write under way was waited for above.
+                debug_assert!(write.is_none());
                 if let Some(n) = expected.filter(|n| *n != spooled) {
                     break Some(format!("the upstream sent {spooled} of {n} bytes"));
                 }
@@ -592,19 +600,45 @@ impl Relay {
                 }
                 break None;
             }
+            match tokio::time::timeout(IDLE, stream.next()).await {
+                Ok(Some(Ok(bytes))) => {
+                    if !bytes.is_empty() {
+                        pending = Some(Arc::new(Piece {
+                            at: received,
+                            bytes: bytes.clone(),
+                            before: pending.take(),
+                        }));
+                        received += bytes.len() as u64;
+                        arrived_len += bytes.len();
+                        arrived.push(bytes);
+                        publish(held_back(received), spooled, &pending, &writing, None);
+                    }
+                }
+                Ok(Some(Err(e))) => {
+                    break Some(format!(
+                        "the upstream's answer broke off: {}",
+                        e.without_url()
+                    ));
+                }
+                Ok(None) => ended = true,
+                Err(_) => {
+                    break Some(format!("the upstream sent nothing for {}s", IDLE.as_secs()));
+                }
+            }
         };
         match failure {
             None => {
-                publish(spooled, spooled, &None, Some(Ok(())));
+                publish(spooled, spooled, &None, &None, Some(Ok(())));
                 true
             }
             Some(message) => {
                 tracing::warn!(remote = %self.remote.host(), error = %message, "relayed blob download failed");
                 let _flights = self.lock();
                 publish(
-                    held_back(spooled + arrived_len as u64),
+                    held_back(received),
                     spooled,
                     &pending,
+                    &writing,
                     Some(Err(Arc::<str>::from(message))),
                 );
                 false
@@ -631,31 +665,36 @@ async fn reader(file: Arc<Spool>, mut state: watch::Receiver<State>) -> Response
     let body = futures::stream::unfold(Some((file, state, 0u64)), |progress| async move {
         let (file, mut state, offset) = progress?;
         loop {
-            let (readable, spooled, pending, end) = match &*state.borrow_and_update() {
+            let (readable, spooled, pending, writing, end) = match &*state.borrow_and_update() {
                 State::Streaming {
                     readable,
                     spooled,
                     pending,
+                    writing,
                     end,
                     ..
-                } => (*readable, *spooled, pending.clone(), end.clone()),
+                } => (
+                    *readable,
+                    *spooled,
+                    pending.clone(),
+                    writing.clone(),
+                    end.clone(),
+                ),
                 _ => (
                     0,
                     0,
+                    None,
                     None,
                     Some(Err(Arc::from("the download was replaced"))),
                 ),
             };
             if offset < readable && offset >= spooled {
                 // Keeping up: the bytes that just arrived, from memory, a piece at a time.
-                // `pending` holds every byte from `spooled` up to `readable` at least.
-                let mut piece = pending.as_deref();
-                while let Some(p) = piece
-                    && p.at > offset
-                {
-                    piece = p.before.as_deref();
-                }
-                let Some(piece) = piece.filter(|p| offset < p.at + p.bytes.len() as u64) else {
+                // `writing` and `pending` hold every byte from `spooled` up to `readable` at
+                // least.
+                let piece =
+                    Piece::holding(&pending, offset).or_else(|| Piece::holding(&writing, offset));
+                let Some(piece) = piece else {
                     return Some((Err("the relayed download lost its bytes".into()), None));
                 };
                 let from = (offset - piece.at) as usize;
