@@ -322,9 +322,9 @@ impl ProxyPod {
     }
 }
 
-/// One plain HTTP/1.1 request to the relay at `addr`, without a body: the whole answer as
-/// read until the relay closed the connection (or 10 s passed).
-fn relay_request(addr: &str, method: &str, path: &str) -> String {
+/// One plain HTTP/1.1 request to the relay at `addr`, without a body, sent: the connection
+/// to read its answer from (each read waiting at most 10 s).
+fn relay_send(addr: &str, method: &str, path: &str) -> std::net::TcpStream {
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -333,6 +333,13 @@ fn relay_request(addr: &str, method: &str, path: &str) -> String {
         "{method} {path} HTTP/1.1\r\nHost: relay\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
     std::io::Write::write_all(&mut stream, request.as_bytes()).unwrap();
+    stream
+}
+
+/// One plain HTTP/1.1 request to the relay at `addr`, without a body: the whole answer as
+/// read until the relay closed the connection (or 10 s passed).
+fn relay_request(addr: &str, method: &str, path: &str) -> String {
+    let mut stream = relay_send(addr, method, path);
     let mut answer = Vec::new();
     let _ = std::io::Read::read_to_end(&mut stream, &mut answer);
     String::from_utf8_lossy(&answer).into_owned()
@@ -888,14 +895,7 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_foreve
 "#,
         &[release.to_str().unwrap()],
     );
-    let mut stream = std::net::TcpStream::connect(&relay).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let request = format!(
-        "GET /v2/team/app/blobs/{digest} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n"
-    );
-    std::io::Write::write_all(&mut stream, request.as_bytes()).unwrap();
+    let mut stream = relay_send(&relay, "GET", &format!("/v2/team/app/blobs/{digest}"));
     let mut answer = Vec::new();
     let mut buf = vec![0; 65536];
     let body_start = loop {

@@ -147,11 +147,10 @@ impl Upstream {
         );
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
-        // A read the registry fails with 500 is sent once more: Distribution 2.8 answers 500
-        // for a moment while it rewrites a file another request reads (a proxied tag's link
-        // is rewritten on every pull of it, in place).
-        // Only a read without a body, answered 500 at once (not after a slow failure
-        // upstream, which a second try would only repeat).
+        // A read without a body that the registry fails with 500 at once is sent once more:
+        // Distribution 2.8 answers 500 for a moment while it rewrites a file another request
+        // reads (a proxied tag's link is rewritten on every pull of it, in place). Not after a
+        // slow failure upstream, which a second try would only repeat.
         let read = (parts.method == Method::GET || parts.method == Method::HEAD)
             && hyper::body::Body::is_end_stream(&body);
         let again = read.then(|| parts.clone());
