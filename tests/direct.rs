@@ -72,6 +72,17 @@ impl Drop for Front {
 
 impl Front {
     fn start(dir: &Path, tls: &TestTls, cwd: &Path, args: &[String]) -> Front {
+        Front::start_with_env(dir, tls, cwd, args, &[])
+    }
+
+    /// [`Front::start`] with more environment variables.
+    fn start_with_env(
+        dir: &Path,
+        tls: &TestTls,
+        cwd: &Path,
+        args: &[String],
+        env: &[(&str, &Path)],
+    ) -> Front {
         std::fs::create_dir_all(dir).unwrap();
         let line = |(name, password): (&str, &str)| {
             registry_addon::addon::users::htpasswd_line(
@@ -104,6 +115,7 @@ impl Front {
                 .arg(dir.join("push.htpasswd"))
                 .args(["--reload-interval", "200ms"])
                 .args(args)
+                .envs(env.iter().copied())
                 .stdin(Stdio::null())
                 .stdout(log_file.try_clone().unwrap())
                 .stderr(log_file)
@@ -992,13 +1004,23 @@ impl Drop for RedirectingUpstream {
 }
 
 impl RedirectingUpstream {
-    fn start(dir: &Path, tls: &TestTls, registry: &RegistryProcess) -> RedirectingUpstream {
+    /// The registry's API with `tls`; its storage with `storage_tls`.
+    fn start(
+        dir: &Path,
+        tls: &TestTls,
+        storage_tls: &TestTls,
+        registry: &RegistryProcess,
+    ) -> RedirectingUpstream {
         std::fs::create_dir_all(dir.join("tmp")).unwrap();
         let storage_log = dir.join("storage.log");
         for _try in 0..5 {
             let (front_port, storage_port) = (free_port(), free_port());
             let d = dir.display();
             let (cert, key) = (tls.cert_file.display(), tls.key_file.display());
+            let (storage_cert, storage_key) = (
+                storage_tls.cert_file.display(),
+                storage_tls.key_file.display(),
+            );
             let storage_auth = basic(UPSTREAM_USER.0, UPSTREAM_USER.1);
             let config = format!(
                 "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
@@ -1011,7 +1033,7 @@ impl RedirectingUpstream {
                  return 307 https://localhost:{storage_port}/storage/$1/$2?signature=s3cr3t;\n    }}\n\
                  location / {{ proxy_pass https://127.0.0.1:{}; }}\n  }}\n\
                  server {{\n    listen 127.0.0.1:{storage_port} ssl;\n\
-                 ssl_certificate {cert}; ssl_certificate_key {key};\n\
+                 ssl_certificate {storage_cert}; ssl_certificate_key {storage_key};\n\
                  access_log {};\n\
                  location /storage/ {{\n\
                  if ($http_authorization) {{ return 403; }}\n\
@@ -1063,7 +1085,9 @@ impl RedirectingUpstream {
 }
 
 /// Blob redirects are followed inside the front, to another host, without credentials: the
-/// node only ever talks to the mirror.
+/// node only ever talks to the mirror. The storage's certificate is signed by a CA of the
+/// system's roots (here `SSL_CERT_FILE`), not by the upstream's CA: `--remote-ca` is trusted
+/// besides the system's roots, as a public object store behind a private registry needs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_follows_blob_redirects_without_credentials() {
     need("docker-registry", "docker-registry");
@@ -1096,13 +1120,20 @@ async fn direct_follows_blob_redirects_without_credentials() {
         "v1",
     )
     .await;
-    let upstream = RedirectingUpstream::start(&tmp.path().join("nginx"), &upstream_tls, &registry);
+    let storage_tls = TestTls::new(&tmp.path().join("storage-tls"));
+    let upstream = RedirectingUpstream::start(
+        &tmp.path().join("nginx"),
+        &upstream_tls,
+        &storage_tls,
+        &registry,
+    );
     let creds = credentials_dir(&tmp.path().join("creds"), UPSTREAM_USER.0, UPSTREAM_USER.1);
-    let front = Front::start(
+    let front = Front::start_with_env(
         &tmp.path().join("front"),
         &front_tls,
         tmp.path(),
         &remote_args(&upstream.url, &upstream_tls.ca_file, &creds),
+        &[("SSL_CERT_FILE", storage_tls.ca_file.as_path())],
     );
     assert!(front.wait_ready(true), "not ready; log:\n{}", front.log());
     let out = tmp.path().join("pulled");

@@ -30,7 +30,7 @@ use serde_json::{Value, json};
 use crate::addon::modes::UpstreamSecrets;
 use crate::names;
 use crate::oci::Credentials;
-use crate::oci::client::{ClientOptions, Registry, build_http_clients};
+use crate::oci::client::{ClientOptions, Registry, build_remote_http_clients};
 use crate::oci::reference::ImageReference;
 use crate::wire::variable::{Mode, RegistryConfig, registry_from_config};
 
@@ -241,7 +241,7 @@ pub async fn check_upstream(
     images: &[&ImageReference],
     timeout: Duration,
 ) -> TargetCheck {
-    let clients = match build_http_clients(secrets.ca_pem.as_deref().map(str::as_bytes)) {
+    let clients = match build_remote_http_clients(secrets.ca_pem.as_deref().map(str::as_bytes)) {
         Ok(clients) => clients,
         Err(e) => return TargetCheck::Unavailable(format!("its CA: {e}")),
     };

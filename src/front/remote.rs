@@ -95,10 +95,11 @@ impl Remote {
             })?),
             None => None,
         };
-        let http = crate::oci::build_http_clients(ca.as_deref()).map_err(|e| match ca_file {
-            Some(file) => anyhow::anyhow!("--remote-ca {}: {e}", file.display()),
-            None => anyhow::anyhow!("HTTP client for --remote: {e}"),
-        })?;
+        let http =
+            crate::oci::build_remote_http_clients(ca.as_deref()).map_err(|e| match ca_file {
+                Some(file) => anyhow::anyhow!("--remote-ca {}: {e}", file.display()),
+                None => anyhow::anyhow!("HTTP client for --remote: {e}"),
+            })?;
         let credentials = CredentialsDir::load(credentials_dir)?;
         let host = match base.port() {
             Some(port) => format!("{}:{port}", base.host_str().unwrap_or_default()),

@@ -89,6 +89,21 @@ pub fn build_http_clients(ca_bundle_pem: Option<&[u8]>) -> Result<HttpClients, S
     build_http_clients_with_agent(ca_bundle_pem, DEFAULT_USER_AGENT)
 }
 
+/// The HTTP clients for a remote registry (Proxy's and Direct's upstream): a CA bundle is
+/// trusted in addition to the system's roots, as containerd and Docker trust a registry's
+/// `ca`. A private registry often redirects its blobs to object storage with a publicly
+/// trusted certificate.
+pub fn build_remote_http_clients(ca_bundle_pem: Option<&[u8]>) -> Result<HttpClients, String> {
+    Ok(HttpClients {
+        metadata: client_builder_trusting(ca_bundle_pem, false, true)?
+            .build()
+            .map_err(|e| format!("HTTP client: {e}"))?,
+        blobs: client_builder_trusting(ca_bundle_pem, true, true)?
+            .build()
+            .map_err(|e| format!("HTTP client: {e}"))?,
+    })
+}
+
 /// The `User-Agent` of [`build_http_clients`].
 pub const DEFAULT_USER_AGENT: &str = concat!("registry-addon/", env!("CARGO_PKG_VERSION"));
 
@@ -120,6 +135,16 @@ pub fn build_http_client(ca_bundle_pem: Option<&[u8]>) -> Result<reqwest::Client
 fn client_builder(
     ca_bundle_pem: Option<&[u8]>,
     http1_only: bool,
+) -> Result<reqwest::ClientBuilder, String> {
+    client_builder_trusting(ca_bundle_pem, http1_only, false)
+}
+
+/// With `system_roots`, a CA bundle is trusted besides the system's roots (those that can
+/// be read: `SSL_CERT_FILE`, `SSL_CERT_DIR` or the distribution's bundle), not instead.
+fn client_builder_trusting(
+    ca_bundle_pem: Option<&[u8]>,
+    http1_only: bool,
+    system_roots: bool,
 ) -> Result<reqwest::ClientBuilder, String> {
     // Idempotent: the first provider installed stays.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -157,6 +182,11 @@ fn client_builder(
         }
         if roots.is_empty() {
             return Err("CA bundle: no certificate found".into());
+        }
+        if system_roots {
+            // An image without a CA store has none: the bundle alone is trusted then.
+            let system = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(system.certs);
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls = rustls::ClientConfig::builder_with_provider(provider)

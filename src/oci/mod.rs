@@ -12,6 +12,7 @@ pub use auth::Credentials;
 pub use client::{
     BlobDownload, ClientOptions, HttpClients, Manifest, ManifestHead, Registry, UploadStart,
     build_http_client, build_http_clients, build_http_clients_with_agent,
+    build_remote_http_clients,
 };
 pub use error::OciError;
 pub use reference::{ImageReference, MirrorPath};
