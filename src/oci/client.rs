@@ -94,16 +94,8 @@ pub fn build_http_clients(ca_bundle_pem: Option<&[u8]>) -> Result<HttpClients, S
 /// `ca`. A private registry often redirects its blobs to object storage with a publicly
 /// trusted certificate.
 pub fn build_remote_http_clients(ca_bundle_pem: Option<&[u8]>) -> Result<HttpClients, String> {
-    Ok(HttpClients {
-        metadata: client_builder_trusting(ca_bundle_pem, false, true)?
-            .build()
-            .map_err(|e| format!("HTTP client: {e}"))?,
-        blobs: client_builder_trusting(ca_bundle_pem, true, true)?
-            .build()
-            .map_err(|e| format!("HTTP client: {e}"))?,
-    })
+    http_clients(ca_bundle_pem, DEFAULT_USER_AGENT, true)
 }
-
 /// The `User-Agent` of [`build_http_clients`].
 pub const DEFAULT_USER_AGENT: &str = concat!("registry-addon/", env!("CARGO_PKG_VERSION"));
 
@@ -113,15 +105,23 @@ pub fn build_http_clients_with_agent(
     ca_bundle_pem: Option<&[u8]>,
     user_agent: &str,
 ) -> Result<HttpClients, String> {
+    http_clients(ca_bundle_pem, user_agent, false)
+}
+
+fn http_clients(
+    ca_bundle_pem: Option<&[u8]>,
+    user_agent: &str,
+    system_roots: bool,
+) -> Result<HttpClients, String> {
+    let build = |http1_only| {
+        client_builder_trusting(ca_bundle_pem, http1_only, system_roots)?
+            .user_agent(user_agent)
+            .build()
+            .map_err(|e| format!("HTTP client: {e}"))
+    };
     Ok(HttpClients {
-        metadata: client_builder(ca_bundle_pem, false)?
-            .user_agent(user_agent)
-            .build()
-            .map_err(|e| format!("HTTP client: {e}"))?,
-        blobs: client_builder(ca_bundle_pem, true)?
-            .user_agent(user_agent)
-            .build()
-            .map_err(|e| format!("HTTP client: {e}"))?,
+        metadata: build(false)?,
+        blobs: build(true)?,
     })
 }
 
@@ -184,9 +184,7 @@ fn client_builder_trusting(
             return Err("CA bundle: no certificate found".into());
         }
         if system_roots {
-            // An image without a CA store has none: the bundle alone is trusted then.
-            let system = rustls_native_certs::load_native_certs();
-            roots.add_parsable_certificates(system.certs);
+            roots.add_parsable_certificates(system_root_certs().iter().cloned());
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -202,6 +200,15 @@ fn client_builder_trusting(
         builder = builder.tls_backend_preconfigured(tls);
     }
     Ok(builder)
+}
+
+/// The system's root certificates, read once per process (the controller builds clients for
+/// every check of an upstream). An image without a CA store has none: a bundle alone is
+/// trusted then.
+fn system_root_certs() -> &'static [rustls_pki_types::CertificateDer<'static>] {
+    static ROOTS: std::sync::OnceLock<Vec<rustls_pki_types::CertificateDer<'static>>> =
+        std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| rustls_native_certs::load_native_certs().certs)
 }
 
 /// A manifest's identity as answered by a HEAD.
