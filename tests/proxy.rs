@@ -924,6 +924,88 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_foreve
     );
 }
 
+/// A forgotten download's spool file is kept and written over by the next download, which
+/// gives out its own bytes only: a failed 3 MiB download leaves its file kept; a 1.5 MiB blob
+/// then spooled into it comes out whole and exact, to a request keeping up and to one
+/// reading the spool after the download finished.
+#[test]
+fn the_relay_writes_a_later_blob_over_a_kept_spool_file() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let content: Vec<u8> = (0..1_572_864u32).map(|i| (i * 7 % 253) as u8).collect();
+    let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&content)));
+    let (_server, _upstream, front, relay) = relay_before_python(
+        dir,
+        r#"
+import http.server, sys
+good = bytes(i * 7 % 253 for i in range(1572864))
+bad = b"x" * (3 << 20)
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = good if self.path.endswith(sys.argv[2]) else bad
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#,
+        &[&digest],
+    );
+    let wrong = format!("sha256:{}", "cd".repeat(32));
+    let answer = relay_request(&relay, "GET", &format!("/v2/team/app/blobs/{wrong}"));
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "{}",
+        &answer[..answer.len().min(200)]
+    );
+    // The failed download is forgotten at once; its file is kept once its reader is done.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while front.counter("registry_addon_front_relay_spools_idle") != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "no spool file was kept:\n{}",
+            front.metrics()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let get = || {
+        let mut stream = relay_send(&relay, "GET", &format!("/v2/team/app/blobs/{digest}"));
+        let mut answer = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stream, &mut answer);
+        let at = answer
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("no answer");
+        let head = String::from_utf8_lossy(&answer[..at]).to_ascii_lowercase();
+        (head, answer[at + 4..].to_vec())
+    };
+    for reader in ["keeping up", "after the download"] {
+        let (head, body) = get();
+        assert!(head.starts_with("http/1.1 200"), "{reader}: {head}");
+        assert!(head.contains("content-length: 1572864"), "{reader}: {head}");
+        assert!(
+            body == content,
+            "{reader}: the blob as given out differs: {} bytes",
+            body.len()
+        );
+    }
+    assert_eq!(
+        front.counter("registry_addon_front_relay_spools_reused_total"),
+        1
+    );
+    assert_eq!(front.counter("registry_addon_front_relay_spools_idle"), 0);
+    // Both requests shared one download.
+    assert_eq!(
+        front.counter("registry_addon_front_relay_blob_downloads_total"),
+        2
+    );
+}
+
 /// A blob whose content does not match its digest is never given out whole: the relay's
 /// reader gets fewer bytes than announced (the connection cut before the last), and the next
 /// request downloads anew instead of sharing the failed download.

@@ -195,6 +195,16 @@ impl Default for FrontMetrics {
             "Proxy mode: requests of the cache for a blob served from a download another started",
             relay.shared.clone(),
         );
+        registry.register(
+            "relay_spools_reused",
+            "Proxy mode: blob downloads spooled into a kept spool file instead of a new one",
+            relay.spools_reused.clone(),
+        );
+        registry.register(
+            "relay_spools_idle",
+            "Proxy mode: spool files kept for the next blob downloads",
+            relay.spools_idle.clone(),
+        );
         let blobs_from_store = Counter::default();
         registry.register(
             "blobs_from_store",

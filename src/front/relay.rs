@@ -41,6 +41,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -48,11 +49,14 @@ use tokio::sync::watch;
 use super::proxy::{self, Body, full};
 use super::remote::{self, Remote};
 
-/// Bytes spooled, and read back, per file operation (at most).
+/// Bytes read back from the spool per file operation (at most).
 const CHUNK: usize = 256 * 1024;
+/// Bytes spooled per write (at least, but at the end): fewer, larger writes cost fewer
+/// wake-ups of the blocking pool per blob.
+const BATCH: usize = 1024 * 1024;
 /// The most pieces, as they arrived, kept in memory before they are spooled: every change
 /// of what arrived hands readers a list of them.
-const PIECES: usize = 64;
+const PIECES: usize = 128;
 /// How long a finished download stays shared.
 const GRACE: Duration = Duration::from_secs(10);
 /// How long an answer other than the blob stays shared.
@@ -65,6 +69,13 @@ const SPOOL_BACKOFF: Duration = Duration::from_secs(30);
 const UNREAD_LIMIT: Duration = Duration::from_secs(2);
 /// The largest answer other than 200 that is kept to give every waiting request.
 const WHOLE_LIMIT: usize = 1 << 20;
+/// Spool files kept once their download is forgotten, for the next downloads to write over
+/// (see [`IdleSpools`]).
+const IDLE_SPOOLS: usize = 4;
+/// The most bytes the kept spool files hold together: a larger file is cut to what is left.
+const IDLE_SPOOL_BYTES: u64 = 1 << 30;
+/// How long a kept spool file waits for a download before it is closed.
+const IDLE_SPOOL_KEEP: Duration = Duration::from_secs(300);
 
 /// Metrics of the relay, registered by the front.
 #[derive(Clone, Default)]
@@ -73,6 +84,10 @@ pub struct RelayMetrics {
     pub downloads: Counter,
     /// Requests for a blob answered from a download another request started.
     pub shared: Counter,
+    /// Downloads spooled into a kept spool file, written over, instead of a new one.
+    pub spools_reused: Counter,
+    /// Spool files kept for the next downloads.
+    pub spools_idle: Gauge,
 }
 
 /// The relay of one front.
@@ -81,6 +96,7 @@ pub struct Relay {
     spool: PathBuf,
     /// The blob downloads under way or recently finished, by the cache's request path.
     flights: Mutex<HashMap<String, Arc<Flight>>>,
+    idle: Arc<IdleSpools>,
     files: AtomicU64,
     /// Until when blobs are fetched unshared, after the spool could not be written.
     spool_broken_until: Mutex<Option<Instant>>,
@@ -142,14 +158,28 @@ struct Piece {
     before: Option<Arc<Piece>>,
 }
 
-/// A spool file, unlinked when created: its space is freed when the download is forgotten
-/// (10 s after it finished) and its last reader is done.
-struct Spool(Option<std::fs::File>);
+/// A spool file, unlinked when created. When the download is forgotten (10 s after it
+/// finished) and its last reader is done, the file is kept for a later download to write over
+/// (see [`IdleSpools`]), or closed, which frees its space.
+struct Spool {
+    file: Option<std::fs::File>,
+    idle: Arc<IdleSpools>,
+    /// Cleared when a write to it failed: a full or failing volume gets its space back.
+    keep: std::sync::atomic::AtomicBool,
+}
 
 impl Spool {
+    fn new(file: std::fs::File, idle: &Arc<IdleSpools>) -> Self {
+        Spool {
+            file: Some(file),
+            idle: idle.clone(),
+            keep: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
+
     fn file(&self) -> std::io::Result<&std::fs::File> {
         // Only `drop` takes the file out.
-        self.0
+        self.file
             .as_ref()
             .ok_or_else(|| std::io::Error::other("the spool is closed"))
     }
@@ -157,11 +187,141 @@ impl Spool {
 
 impl Drop for Spool {
     fn drop(&mut self) {
-        // Closing the last handle of a large unlinked file frees its blocks: not on the
-        // runtime's threads.
-        if let (Some(file), Ok(runtime)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
-            runtime.spawn_blocking(move || drop(file));
+        // Closing the last handle of a large unlinked file frees its blocks, and keeping one
+        // may cut it: not on the runtime's threads.
+        if let (Some(file), Ok(runtime)) = (self.file.take(), tokio::runtime::Handle::try_current())
+        {
+            let idle = self.idle.clone();
+            let keep = self.keep.load(Ordering::Relaxed);
+            let handle = runtime.clone();
+            runtime.spawn_blocking(move || {
+                if keep {
+                    idle.keep(file, &handle);
+                }
+            });
         }
+    }
+}
+
+/// The spool files of forgotten downloads, kept for the next ones to write over, newest last.
+///
+/// A file's pages stay in the page cache while it is open: a download written into a kept
+/// file copies its bytes into memory the kernel already holds, where a new file allocates a
+/// page for every 4 KiB (and frees them all again when it is closed). That allocation costs
+/// about as much as the rest of the relay's work per byte where the machine's free memory is
+/// handed back to a hypervisor. At most [`IDLE_SPOOLS`] files of [`IDLE_SPOOL_BYTES`] in all
+/// are kept, each for [`IDLE_SPOOL_KEEP`]; the kernel may write their pages to the volume
+/// meanwhile, as it does for any file kept open that long.
+struct IdleSpools {
+    files: Mutex<Vec<IdleSpool>>,
+    next: AtomicU64,
+    gauge: Gauge,
+}
+
+struct IdleSpool {
+    id: u64,
+    len: u64,
+    file: std::fs::File,
+}
+
+impl IdleSpools {
+    fn new(gauge: Gauge) -> Self {
+        IdleSpools {
+            files: Mutex::new(Vec::new()),
+            next: AtomicU64::new(0),
+            gauge,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<IdleSpool>> {
+        // Every change under this lock is a single push, pop or removal.
+        self.files.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The newest kept file, its position at the start (blocking).
+    fn take(&self) -> Option<std::fs::File> {
+        use std::io::Seek;
+        loop {
+            let mut file = {
+                let mut files = self.lock();
+                let taken = files.pop()?.file;
+                self.gauge.set(files.len() as i64);
+                taken
+            };
+            // A file that cannot be rewound is closed; the next is tried.
+            if file.rewind().is_ok() {
+                return Some(file);
+            }
+        }
+    }
+
+    /// Keeps `file` if there is room, cut to what is left of [`IDLE_SPOOL_BYTES`], and closes
+    /// it after [`IDLE_SPOOL_KEEP`] unless a download took it (blocking).
+    fn keep(self: &Arc<Self>, file: std::fs::File, runtime: &tokio::runtime::Handle) {
+        let Ok(len) = file.metadata().map(|m| m.len()) else {
+            return;
+        };
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        // Closed once the lock is released: that frees their blocks.
+        let (refused, evicted) = {
+            let mut files = self.lock();
+            // When all are taken, a larger file replaces the smallest: more pages kept.
+            let smallest = files
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, f)| f.len)
+                .map(|(at, f)| (at, f.len));
+            let evicted = match smallest {
+                Some((at, smallest)) if files.len() >= IDLE_SPOOLS && smallest < len => {
+                    Some(files.remove(at))
+                }
+                _ => None,
+            };
+            let held: u64 = files.iter().map(|f| f.len).sum();
+            let room = IDLE_SPOOL_BYTES.saturating_sub(held);
+            let refused = if files.len() >= IDLE_SPOOLS
+                || room < BATCH as u64
+                || (len > room && file.set_len(room).is_err())
+            {
+                Some(file)
+            } else {
+                files.push(IdleSpool {
+                    id,
+                    len: len.min(room),
+                    file,
+                });
+                None
+            };
+            self.gauge.set(files.len() as i64);
+            (refused, evicted)
+        };
+        drop(evicted);
+        if refused.is_some() {
+            return;
+        }
+        let idle = self.clone();
+        runtime.spawn(async move {
+            tokio::time::sleep(IDLE_SPOOL_KEEP).await;
+            let expired = {
+                let mut files = idle.lock();
+                let expired = files
+                    .iter()
+                    .position(|f| f.id == id)
+                    .map(|at| files.remove(at));
+                idle.gauge.set(files.len() as i64);
+                expired
+            };
+            if let Some(expired) = expired {
+                tokio::task::spawn_blocking(move || drop(expired));
+            }
+        });
+    }
+
+    /// Closes every kept file: the volume is full or failing (blocking).
+    fn release(&self) {
+        let files = std::mem::take(&mut *self.lock());
+        self.gauge.set(0);
+        drop(files);
     }
 }
 
@@ -189,11 +349,12 @@ enum State {
         readable: u64,
         /// The bytes written to the spool.
         spooled: u64,
-        /// What arrived after those and is not yet being written to the spool, and what is
-        /// being written, before it: readers keeping up with the download take their bytes
-        /// from here, as they arrive.
+        /// What arrived after those and is not yet being written to the spool, what is
+        /// being written, before it, and the last batch written, before that: readers keeping
+        /// up with the download, or a little behind, take their bytes from here.
         pending: Option<Arc<Piece>>,
         writing: Option<Arc<Piece>>,
+        written: Option<Arc<Piece>>,
         end: Option<Result<(), Arc<str>>>,
     },
     /// Any other answer, whole: given to every request as it is.
@@ -207,6 +368,7 @@ impl Relay {
             remote,
             spool: spool.to_path_buf(),
             flights: Mutex::new(HashMap::new()),
+            idle: Arc::new(IdleSpools::new(metrics.spools_idle.clone())),
             files: AtomicU64::new(0),
             spool_broken_until: Mutex::new(None),
             metrics,
@@ -340,9 +502,16 @@ impl Relay {
             return None;
         }
         let relay = self.clone();
-        let created = tokio::task::spawn_blocking(move || relay.spool_file()).await;
+        let created = tokio::task::spawn_blocking(move || match relay.idle.take() {
+            Some(file) => {
+                relay.metrics.spools_reused.inc();
+                Ok(file)
+            }
+            None => relay.spool_file(),
+        })
+        .await;
         let spool = match created {
-            Ok(Ok(file)) => Arc::new(Spool(Some(file))),
+            Ok(Ok(file)) => Arc::new(Spool::new(file, &self.idle)),
             Ok(Err(e)) => {
                 tracing::warn!(spool = %self.spool.display(), error = %e, "cannot spool a blob; fetching it unshared");
                 return None;
@@ -478,12 +647,11 @@ impl Relay {
         let mut head = resp.headers().clone();
         proxy::strip_hop_by_hop(&mut head);
         let head = Arc::new(head);
-        // What readers are handed: `pending` (arrived, not yet being spooled) and `writing`
-        // (being spooled), each newest first.
+        // What readers are handed: `pending` (arrived, not yet being spooled), `writing`
+        // (being spooled) and `written` (the batch spooled last), each newest first.
         let publish = |readable: u64,
                        spooled: u64,
-                       pending: &Option<Arc<Piece>>,
-                       writing: &Option<Arc<Piece>>,
+                       [pending, writing, written]: [&Option<Arc<Piece>>; 3],
                        end: Option<Result<(), Arc<str>>>| {
             flight.state.send_replace(State::Streaming {
                 head: head.clone(),
@@ -491,10 +659,11 @@ impl Relay {
                 spooled,
                 pending: pending.clone(),
                 writing: writing.clone(),
+                written: written.clone(),
                 end,
             });
         };
-        publish(0, 0, &None, &None, None);
+        publish(0, 0, [&None; 3], None);
         // The path ends in the blob's digest: checked as the bytes are spooled.
         let digest = uri.path().rsplit('/').next().unwrap_or_default();
         let mut hasher = digest.strip_prefix("sha256:").map(|_| Sha256::new());
@@ -507,13 +676,14 @@ impl Relay {
         // are `writing`).
         let mut write: Option<(Spooling, u64)> = None;
         let mut writing: Option<Arc<Piece>> = None;
+        let mut written: Option<Arc<Piece>> = None;
         let mut received = 0u64;
         let mut spooled = 0u64;
         let mut ended = false;
         let mut unread_since: Option<Instant> = None;
         let failure: Option<String> = loop {
             let batch =
-                arrived_len >= CHUNK || arrived.len() >= PIECES || (ended && arrived_len > 0);
+                arrived_len >= BATCH || arrived.len() >= PIECES || (ended && arrived_len > 0);
             // One write at a time, in order (it carries the digest along): the next waits for
             // the one under way, and so does the end.
             if (batch || ended)
@@ -522,19 +692,28 @@ impl Relay {
                 match task.await {
                     Ok(Ok(digesting)) => hasher = digesting,
                     Ok(Err(e)) => {
-                        // Full or failing: fetch unshared for a while.
+                        // Full or failing: fetch unshared for a while, and give the volume
+                        // the kept files' space back.
                         *self
                             .spool_broken_until
                             .lock()
                             .unwrap_or_else(|e| e.into_inner()) =
                             Some(Instant::now() + SPOOL_BACKOFF);
+                        flight.file.keep.store(false, Ordering::Relaxed);
+                        let idle = self.idle.clone();
+                        tokio::task::spawn_blocking(move || idle.release());
                         break Some(format!("cannot spool the blob: {e}"));
                     }
                     Err(e) => break Some(format!("cannot spool the blob: {e}")),
                 }
                 spooled += len;
-                writing = None;
-                publish(held_back(received), spooled, &pending, &writing, None);
+                written = writing.take();
+                publish(
+                    held_back(received),
+                    spooled,
+                    [&pending, &writing, &written],
+                    None,
+                );
                 // Nobody reading it for a while (the HEAD that started it was not followed by
                 // a GET, or every reader went away): stop, deciding under the lock new
                 // readers join under, so none joins a download that is giving up.
@@ -548,8 +727,7 @@ impl Relay {
                             publish(
                                 held_back(received),
                                 spooled,
-                                &pending,
-                                &writing,
+                                [&pending, &writing, &written],
                                 Some(Err(Arc::from("nobody read it"))),
                             );
                         }
@@ -565,23 +743,26 @@ impl Relay {
                 let pieces = std::mem::take(&mut arrived);
                 let len = std::mem::take(&mut arrived_len);
                 let spool = flight.file.clone();
-                let offset = spooled;
                 let mut digesting = hasher.take();
                 let task = tokio::task::spawn_blocking(move || {
-                    // One write of them all.
-                    let mut chunk = Vec::with_capacity(len);
-                    for piece in &pieces {
-                        chunk.extend_from_slice(piece);
-                    }
-                    spool.file()?.write_all_at(&chunk, offset)?;
                     if let Some(hasher) = &mut digesting {
-                        hasher.update(&chunk);
+                        for piece in &pieces {
+                            hasher.update(piece);
+                        }
                     }
+                    // Written in order at the file's position: only this download's writes,
+                    // one at a time, move it (readers read at an offset).
+                    write_all_vectored(spool.file()?, &pieces)?;
                     Ok::<_, std::io::Error>(digesting)
                 });
                 write = Some((task, len as u64));
                 writing = pending.take();
-                publish(held_back(received), spooled, &pending, &writing, None);
+                publish(
+                    held_back(received),
+                    spooled,
+                    [&pending, &writing, &written],
+                    None,
+                );
                 continue;
             }
             if ended {
@@ -611,7 +792,12 @@ impl Relay {
                         received += bytes.len() as u64;
                         arrived_len += bytes.len();
                         arrived.push(bytes);
-                        publish(held_back(received), spooled, &pending, &writing, None);
+                        publish(
+                            held_back(received),
+                            spooled,
+                            [&pending, &writing, &written],
+                            None,
+                        );
                     }
                 }
                 Ok(Some(Err(e))) => {
@@ -628,7 +814,7 @@ impl Relay {
         };
         match failure {
             None => {
-                publish(spooled, spooled, &None, &None, Some(Ok(())));
+                publish(spooled, spooled, [&None; 3], Some(Ok(())));
                 true
             }
             Some(message) => {
@@ -637,8 +823,7 @@ impl Relay {
                 publish(
                     held_back(received),
                     spooled,
-                    &pending,
-                    &writing,
+                    [&pending, &writing, &written],
                     Some(Err(Arc::<str>::from(message))),
                 );
                 false
@@ -665,44 +850,46 @@ async fn reader(file: Arc<Spool>, mut state: watch::Receiver<State>) -> Response
     let body = futures::stream::unfold(Some((file, state, 0u64)), |progress| async move {
         let (file, mut state, offset) = progress?;
         loop {
-            let (readable, spooled, pending, writing, end) = match &*state.borrow_and_update() {
+            let (readable, spooled, memory, end) = match &*state.borrow_and_update() {
                 State::Streaming {
                     readable,
                     spooled,
                     pending,
                     writing,
+                    written,
                     end,
                     ..
-                } => (
-                    *readable,
-                    *spooled,
-                    pending.clone(),
-                    writing.clone(),
-                    end.clone(),
-                ),
+                } => {
+                    // The piece in memory that holds `offset`, if any.
+                    let piece = (offset < *readable)
+                        .then(|| {
+                            [pending, writing, written]
+                                .into_iter()
+                                .find_map(|list| Piece::holding(list, offset))
+                                .map(|p| (p.at, p.bytes.clone()))
+                        })
+                        .flatten();
+                    (*readable, *spooled, piece, end.clone())
+                }
                 _ => (
                     0,
                     0,
                     None,
-                    None,
                     Some(Err(Arc::from("the download was replaced"))),
                 ),
             };
-            if offset < readable && offset >= spooled {
-                // Keeping up: the bytes that just arrived, from memory, a piece at a time.
-                // `writing` and `pending` hold every byte from `spooled` up to `readable` at
-                // least.
-                let piece =
-                    Piece::holding(&pending, offset).or_else(|| Piece::holding(&writing, offset));
-                let Some(piece) = piece else {
-                    return Some((Err("the relayed download lost its bytes".into()), None));
-                };
-                let from = (offset - piece.at) as usize;
-                let to = piece.bytes.len().min((readable - piece.at) as usize);
+            if let Some((at, bytes)) = memory {
+                // Keeping up, or a little behind: the bytes from memory, a piece at a time.
+                let from = (offset - at) as usize;
+                let to = bytes.len().min((readable - at) as usize);
                 return Some((
-                    Ok(Frame::data(piece.bytes.slice(from..to))),
-                    Some((file, state, piece.at + to as u64)),
+                    Ok(Frame::data(bytes.slice(from..to))),
+                    Some((file, state, at + to as u64)),
                 ));
+            }
+            if offset < readable && offset >= spooled {
+                // `pending` and `writing` hold every byte from `spooled` up to `readable`.
+                return Some((Err("the relayed download lost its bytes".into()), None));
             }
             if offset < readable {
                 // Behind: from the spool.
@@ -808,4 +995,93 @@ async fn whole(response: Response<Body>) -> (StatusCode, HeaderMap, Bytes) {
         HeaderValue::from_static("application/json"),
     );
     (StatusCode::BAD_GATEWAY, headers, body)
+}
+
+/// Writes every piece at the file's position, in order, with as few calls as the kernel allows.
+fn write_all_vectored(mut file: &std::fs::File, pieces: &[Bytes]) -> std::io::Result<()> {
+    use std::io::{IoSlice, Write};
+    let mut slices: Vec<IoSlice<'_>> = pieces.iter().map(|p| IoSlice::new(p)).collect();
+    let mut slices = &mut slices[..];
+    while !slices.is_empty() {
+        match file.write_vectored(slices) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sparse(dir: &Path, name: &str, len: u64) -> std::fs::File {
+        let file = std::fs::File::create(dir.join(name)).unwrap();
+        file.set_len(len).unwrap();
+        file
+    }
+
+    /// At most [`IDLE_SPOOLS`] files of [`IDLE_SPOOL_BYTES`] in all are kept, a larger one cut
+    /// to what is left; the newest is taken first.
+    #[tokio::test]
+    async fn kept_spool_files_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let gauge = Gauge::default();
+        let idle = Arc::new(IdleSpools::new(gauge.clone()));
+        let runtime = tokio::runtime::Handle::current();
+        let mib = 1u64 << 20;
+        idle.keep(sparse(dir.path(), "a", 900 * mib), &runtime);
+        idle.keep(sparse(dir.path(), "b", 900 * mib), &runtime);
+        // Nothing left for a third.
+        idle.keep(sparse(dir.path(), "c", 10 * mib), &runtime);
+        assert_eq!(gauge.get(), 2);
+        let newest = idle.take().unwrap();
+        assert_eq!(
+            newest.metadata().unwrap().len(),
+            124 * mib,
+            "not cut to the room left"
+        );
+        assert_eq!(idle.take().unwrap().metadata().unwrap().len(), 900 * mib);
+        assert!(idle.take().is_none());
+        assert_eq!(gauge.get(), 0);
+        for n in 0..IDLE_SPOOLS + 1 {
+            idle.keep(sparse(dir.path(), &format!("small-{n}"), 2 * mib), &runtime);
+        }
+        assert_eq!(gauge.get(), IDLE_SPOOLS as i64);
+        // A larger one replaces the smallest.
+        idle.keep(sparse(dir.path(), "larger", 3 * mib), &runtime);
+        assert_eq!(gauge.get(), IDLE_SPOOLS as i64);
+        assert_eq!(idle.take().unwrap().metadata().unwrap().len(), 3 * mib);
+        idle.release();
+        assert_eq!(gauge.get(), 0);
+        assert!(idle.take().is_none());
+    }
+
+    /// A kept file is given back at its start, to be written over from there.
+    #[tokio::test]
+    async fn a_kept_spool_file_is_taken_rewound() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let idle = Arc::new(IdleSpools::new(Gauge::default()));
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("spool"))
+            .unwrap();
+        file.write_all(&[1u8; 3 << 20]).unwrap();
+        idle.keep(file, &tokio::runtime::Handle::current());
+        let file = idle.take().unwrap();
+        write_all_vectored(
+            &file,
+            &[Bytes::from_static(b"new"), Bytes::from_static(b"er")],
+        )
+        .unwrap();
+        let mut start = [0u8; 6];
+        file.read_exact_at(&mut start, 0).unwrap();
+        assert_eq!(&start, b"newer\x01");
+    }
 }
