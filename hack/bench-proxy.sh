@@ -355,3 +355,12 @@ print("targets: local/warm >= 0.9, cold/upstream <= 1.3")
 print("alone: a cold pull through Distribution 2.8's own proxy to the upstream (no relay), for comparison")
 EOF
 echo "$cpu_report (front includes its relay)"
+# Every round's times of the large image's pulls by one client, and what the relay did.
+for side in upstream cold; do
+    line="$side, 1 blob, 1 client, per round:"
+    for round in $(seq "$ROUNDS"); do line+=" ${T[$side,large,$round]}"; done
+    echo "$line"
+done
+curl -s "http://127.0.0.1:$FRONT_METRICS/metrics" |
+    awk '/^registry_addon_front_relay_(blob_downloads_total|blob_shared_total|spools_reused_total|spools_idle) /{printf "%s %s  ", substr($1, 28), $2} END {print ""}'
+
