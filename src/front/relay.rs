@@ -681,6 +681,17 @@ impl Relay {
         let mut spooled = 0u64;
         let mut ended = false;
         let mut unread_since: Option<Instant> = None;
+        // What arrived so far, as readers are to see it.
+        macro_rules! progress {
+            ($end:expr) => {
+                publish(
+                    held_back(received),
+                    spooled,
+                    [&pending, &writing, &written],
+                    $end,
+                )
+            };
+        }
         let failure: Option<String> = loop {
             let batch =
                 arrived_len >= BATCH || arrived.len() >= PIECES || (ended && arrived_len > 0);
@@ -708,12 +719,7 @@ impl Relay {
                 }
                 spooled += len;
                 written = writing.take();
-                publish(
-                    held_back(received),
-                    spooled,
-                    [&pending, &writing, &written],
-                    None,
-                );
+                progress!(None);
                 // Nobody reading it for a while (the HEAD that started it was not followed by
                 // a GET, or every reader went away): stop, deciding under the lock new
                 // readers join under, so none joins a download that is giving up.
@@ -724,12 +730,7 @@ impl Relay {
                         let _flights = self.lock();
                         let unread = flight.state.receiver_count() == 0;
                         if unread {
-                            publish(
-                                held_back(received),
-                                spooled,
-                                [&pending, &writing, &written],
-                                Some(Err(Arc::from("nobody read it"))),
-                            );
+                            progress!(Some(Err(Arc::from("nobody read it"))));
                         }
                         unread
                     };
@@ -757,12 +758,7 @@ impl Relay {
                 });
                 write = Some((task, len as u64));
                 writing = pending.take();
-                publish(
-                    held_back(received),
-                    spooled,
-                    [&pending, &writing, &written],
-                    None,
-                );
+                progress!(None);
                 continue;
             }
             if ended {
@@ -792,12 +788,7 @@ impl Relay {
                         received += bytes.len() as u64;
                         arrived_len += bytes.len();
                         arrived.push(bytes);
-                        publish(
-                            held_back(received),
-                            spooled,
-                            [&pending, &writing, &written],
-                            None,
-                        );
+                        progress!(None);
                     }
                 }
                 Ok(Some(Err(e))) => {
@@ -820,12 +811,7 @@ impl Relay {
             Some(message) => {
                 tracing::warn!(remote = %self.remote.host(), error = %message, "relayed blob download failed");
                 let _flights = self.lock();
-                publish(
-                    held_back(received),
-                    spooled,
-                    [&pending, &writing, &written],
-                    Some(Err(Arc::<str>::from(message))),
-                );
+                progress!(Some(Err(Arc::<str>::from(message))));
                 false
             }
         }
