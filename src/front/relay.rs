@@ -51,8 +51,8 @@ use super::remote::{self, Remote};
 
 /// Bytes read back from the spool per file operation (at most).
 const CHUNK: usize = 256 * 1024;
-/// Bytes spooled per write (at least, but at the end): fewer, larger writes cost fewer
-/// wake-ups of the blocking pool per blob.
+/// Bytes spooled per write, about (a write starts too once [`PIECES`] pieces arrived, and at
+/// the end): fewer, larger writes cost fewer wake-ups of the blocking pool per blob.
 const BATCH: usize = 1024 * 1024;
 /// The most pieces, as they arrived, kept in memory before they are spooled: every change
 /// of what arrived hands readers a list of them.
@@ -76,6 +76,9 @@ const IDLE_SPOOLS: usize = 4;
 const IDLE_SPOOL_BYTES: u64 = 1 << 30;
 /// How long a kept spool file waits for a download before it is closed.
 const IDLE_SPOOL_KEEP: Duration = Duration::from_secs(300);
+/// The smallest spool file kept: a smaller one would keep a slot for few pages (a spool never
+/// written, for an answer other than the blob, has none).
+const IDLE_SPOOL_MIN: u64 = BATCH as u64;
 
 /// Metrics of the relay, registered by the front.
 #[derive(Clone, Default)]
@@ -215,6 +218,8 @@ impl Drop for Spool {
 struct IdleSpools {
     files: Mutex<Vec<IdleSpool>>,
     next: AtomicU64,
+    /// Until when no file is kept: the volume was full or failing.
+    refused_until: Mutex<Option<Instant>>,
     gauge: Gauge,
 }
 
@@ -229,6 +234,7 @@ impl IdleSpools {
         IdleSpools {
             files: Mutex::new(Vec::new()),
             next: AtomicU64::new(0),
+            refused_until: Mutex::new(None),
             gauge,
         }
     }
@@ -258,47 +264,39 @@ impl IdleSpools {
     /// Keeps `file` if there is room, cut to what is left of [`IDLE_SPOOL_BYTES`], and closes
     /// it after [`IDLE_SPOOL_KEEP`] unless a download took it (blocking).
     fn keep(self: &Arc<Self>, file: std::fs::File, runtime: &tokio::runtime::Handle) {
-        let Ok(len) = file.metadata().map(|m| m.len()) else {
-            return;
-        };
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        // Closed once the lock is released: that frees their blocks.
-        let (refused, evicted) = {
-            let mut files = self.lock();
-            // When all are taken, a larger file replaces the smallest: more pages kept.
-            let smallest = files
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, f)| f.len)
-                .map(|(at, f)| (at, f.len));
-            let evicted = match smallest {
-                Some((at, smallest)) if files.len() >= IDLE_SPOOLS && smallest < len => {
-                    Some(files.remove(at))
-                }
-                _ => None,
-            };
-            let held: u64 = files.iter().map(|f| f.len).sum();
-            let room = IDLE_SPOOL_BYTES.saturating_sub(held);
-            let refused = if files.len() >= IDLE_SPOOLS
-                || room < BATCH as u64
-                || (len > room && file.set_len(room).is_err())
-            {
-                Some(file)
-            } else {
-                files.push(IdleSpool {
-                    id,
-                    len: len.min(room),
-                    file,
-                });
-                None
-            };
-            self.gauge.set(files.len() as i64);
-            (refused, evicted)
-        };
-        drop(evicted);
-        if refused.is_some() {
+        let refused = *self.refused_until.lock().unwrap_or_else(|e| e.into_inner());
+        if refused.is_some_and(|until| Instant::now() < until) {
             return;
         }
+        let Ok(mut len) = file.metadata().map(|m| m.len()) else {
+            return;
+        };
+        if len < IDLE_SPOOL_MIN {
+            return;
+        }
+        // Cut outside the lock (that frees blocks); the room is checked again before keeping.
+        let Some((_, room)) = Self::room(&self.lock(), len) else {
+            return;
+        };
+        if len > room {
+            if file.set_len(room).is_err() {
+                return;
+            }
+            len = room;
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let evicted = {
+            let mut files = self.lock();
+            let Some((evict, _)) = Self::room(&files, len).filter(|(_, room)| len <= *room) else {
+                return;
+            };
+            let evicted = evict.map(|at| files.remove(at));
+            files.push(IdleSpool { id, len, file });
+            self.gauge.set(files.len() as i64);
+            evicted
+        };
+        // Closed once the lock is released: that frees its blocks.
+        drop(evicted);
         let idle = self.clone();
         runtime.spawn(async move {
             tokio::time::sleep(IDLE_SPOOL_KEEP).await;
@@ -317,10 +315,33 @@ impl IdleSpools {
         });
     }
 
-    /// Closes every kept file: the volume is full or failing (blocking).
-    fn release(&self) {
-        let files = std::mem::take(&mut *self.lock());
-        self.gauge.set(0);
+    /// The room a file of `len` bytes would have among `files`, and the kept file to close for
+    /// it: when every slot is taken, a larger file replaces the smallest. `None` when it would
+    /// not be kept.
+    fn room(files: &[IdleSpool], len: u64) -> Option<(Option<usize>, u64)> {
+        let mut held: u64 = files.iter().map(|f| f.len).sum();
+        let mut evict = None;
+        if files.len() >= IDLE_SPOOLS {
+            let (at, smallest) = files.iter().enumerate().min_by_key(|(_, f)| f.len)?;
+            if smallest.len >= len {
+                return None;
+            }
+            held -= smallest.len;
+            evict = Some(at);
+        }
+        let room = IDLE_SPOOL_BYTES.saturating_sub(held);
+        (room >= IDLE_SPOOL_MIN).then_some((evict, room))
+    }
+
+    /// Closes every kept file, and keeps none until `until`: the volume is full or failing
+    /// (blocking).
+    fn release(&self, until: Instant) {
+        *self.refused_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(until);
+        let files = {
+            let mut files = self.lock();
+            self.gauge.set(0);
+            std::mem::take(&mut *files)
+        };
         drop(files);
     }
 }
@@ -503,15 +524,12 @@ impl Relay {
         }
         let relay = self.clone();
         let created = tokio::task::spawn_blocking(move || match relay.idle.take() {
-            Some(file) => {
-                relay.metrics.spools_reused.inc();
-                Ok(file)
-            }
-            None => relay.spool_file(),
+            Some(file) => Ok((file, true)),
+            None => relay.spool_file().map(|file| (file, false)),
         })
         .await;
-        let spool = match created {
-            Ok(Ok(file)) => Arc::new(Spool::new(file, &self.idle)),
+        let (spool, reused) = match created {
+            Ok(Ok((file, reused))) => (Arc::new(Spool::new(file, &self.idle)), reused),
             Ok(Err(e)) => {
                 tracing::warn!(spool = %self.spool.display(), error = %e, "cannot spool a blob; fetching it unshared");
                 return None;
@@ -531,6 +549,9 @@ impl Relay {
         });
         flights.insert(path.to_string(), flight.clone());
         self.metrics.downloads.inc();
+        if reused {
+            self.metrics.spools_reused.inc();
+        }
         // Whatever started it, the download is an unconditional GET of the whole blob.
         let mut headers = HeaderMap::new();
         for name in [header::ACCEPT, header::USER_AGENT] {
@@ -705,14 +726,14 @@ impl Relay {
                     Ok(Err(e)) => {
                         // Full or failing: fetch unshared for a while, and give the volume
                         // the kept files' space back.
+                        let until = Instant::now() + SPOOL_BACKOFF;
                         *self
                             .spool_broken_until
                             .lock()
-                            .unwrap_or_else(|e| e.into_inner()) =
-                            Some(Instant::now() + SPOOL_BACKOFF);
+                            .unwrap_or_else(|e| e.into_inner()) = Some(until);
                         flight.file.keep.store(false, Ordering::Relaxed);
                         let idle = self.idle.clone();
-                        tokio::task::spawn_blocking(move || idle.release());
+                        tokio::task::spawn_blocking(move || idle.release(until));
                         break Some(format!("cannot spool the blob: {e}"));
                     }
                     Err(e) => break Some(format!("cannot spool the blob: {e}")),
@@ -1032,15 +1053,46 @@ mod tests {
         assert_eq!(idle.take().unwrap().metadata().unwrap().len(), 900 * mib);
         assert!(idle.take().is_none());
         assert_eq!(gauge.get(), 0);
-        for n in 0..IDLE_SPOOLS + 1 {
-            idle.keep(sparse(dir.path(), &format!("small-{n}"), 2 * mib), &runtime);
+        // Too small to be worth a slot.
+        idle.keep(sparse(dir.path(), "tiny", 4096), &runtime);
+        assert_eq!(gauge.get(), 0);
+        for n in 0..IDLE_SPOOLS as u64 {
+            idle.keep(
+                sparse(dir.path(), &format!("n-{n}"), (3 + n) * mib),
+                &runtime,
+            );
         }
         assert_eq!(gauge.get(), IDLE_SPOOLS as i64);
-        // A larger one replaces the smallest.
-        idle.keep(sparse(dir.path(), "larger", 3 * mib), &runtime);
+        // Not larger than the smallest: not kept. Larger: it replaces the smallest.
+        idle.keep(sparse(dir.path(), "equal", 3 * mib), &runtime);
+        idle.keep(sparse(dir.path(), "larger", 10 * mib), &runtime);
         assert_eq!(gauge.get(), IDLE_SPOOLS as i64);
-        assert_eq!(idle.take().unwrap().metadata().unwrap().len(), 3 * mib);
-        idle.release();
+        let mut lens: Vec<u64> = std::iter::from_fn(|| idle.take())
+            .map(|f| f.metadata().unwrap().len() / mib)
+            .collect();
+        lens.sort();
+        assert_eq!(lens, [4, 5, 6, 10]);
+        assert_eq!(gauge.get(), 0);
+        // Released: none kept until the time given.
+        idle.keep(sparse(dir.path(), "before", 2 * mib), &runtime);
+        idle.release(Instant::now() + Duration::from_secs(60));
+        assert_eq!(gauge.get(), 0);
+        idle.keep(sparse(dir.path(), "after", 2 * mib), &runtime);
+        assert_eq!(gauge.get(), 0);
+        assert!(idle.take().is_none());
+    }
+
+    /// A kept file nobody took is closed after [`IDLE_SPOOL_KEEP`].
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_spool_file_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let gauge = Gauge::default();
+        let idle = Arc::new(IdleSpools::new(gauge.clone()));
+        let runtime = tokio::runtime::Handle::current();
+        idle.keep(sparse(dir.path(), "a", 2 << 20), &runtime);
+        tokio::time::sleep(IDLE_SPOOL_KEEP - Duration::from_secs(1)).await;
+        assert_eq!(gauge.get(), 1);
+        tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(gauge.get(), 0);
         assert!(idle.take().is_none());
     }
