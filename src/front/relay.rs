@@ -101,8 +101,6 @@ pub struct Relay {
     flights: Mutex<HashMap<String, Arc<Flight>>>,
     idle: Arc<IdleSpools>,
     files: AtomicU64,
-    /// Until when blobs are fetched unshared, after the spool could not be written.
-    spool_broken_until: Mutex<Option<Instant>>,
     metrics: RelayMetrics,
 }
 
@@ -218,8 +216,9 @@ impl Drop for Spool {
 struct IdleSpools {
     files: Mutex<Vec<IdleSpool>>,
     next: AtomicU64,
-    /// Until when no file is kept: the volume was full or failing.
-    refused_until: Mutex<Option<Instant>>,
+    /// Until when no file is kept, and blobs are fetched unshared: the spool could not be
+    /// written (the volume full or failing).
+    broken_until: Mutex<Option<Instant>>,
     gauge: Gauge,
 }
 
@@ -234,7 +233,7 @@ impl IdleSpools {
         IdleSpools {
             files: Mutex::new(Vec::new()),
             next: AtomicU64::new(0),
-            refused_until: Mutex::new(None),
+            broken_until: Mutex::new(None),
             gauge,
         }
     }
@@ -264,8 +263,7 @@ impl IdleSpools {
     /// Keeps `file` if there is room, cut to what is left of [`IDLE_SPOOL_BYTES`], and closes
     /// it after [`IDLE_SPOOL_KEEP`] unless a download took it (blocking).
     fn keep(self: &Arc<Self>, file: std::fs::File, runtime: &tokio::runtime::Handle) {
-        let refused = *self.refused_until.lock().unwrap_or_else(|e| e.into_inner());
-        if refused.is_some_and(|until| Instant::now() < until) {
+        if self.broken() {
             return;
         }
         let Ok(mut len) = file.metadata().map(|m| m.len()) else {
@@ -333,16 +331,22 @@ impl IdleSpools {
         (room >= IDLE_SPOOL_MIN).then_some((evict, room))
     }
 
-    /// Closes every kept file, and keeps none until `until`: the volume is full or failing
-    /// (blocking).
-    fn release(&self, until: Instant) {
-        *self.refused_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(until);
-        let files = {
-            let mut files = self.lock();
-            self.gauge.set(0);
-            std::mem::take(&mut *files)
-        };
-        drop(files);
+    /// Whether the spool could not be written a moment ago.
+    fn broken(&self) -> bool {
+        self.broken_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    /// The spool is broken until `until`: keeps no file until then, and gives back every kept
+    /// file, to be closed off the runtime's threads.
+    #[must_use]
+    fn release(&self, until: Instant) -> Vec<IdleSpool> {
+        *self.broken_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(until);
+        let mut files = self.lock();
+        self.gauge.set(0);
+        std::mem::take(&mut *files)
     }
 }
 
@@ -391,7 +395,6 @@ impl Relay {
             flights: Mutex::new(HashMap::new()),
             idle: Arc::new(IdleSpools::new(metrics.spools_idle.clone())),
             files: AtomicU64::new(0),
-            spool_broken_until: Mutex::new(None),
             metrics,
         };
         relay
@@ -514,12 +517,7 @@ impl Relay {
         if let Some((file, state)) = self.join(path, head) {
             return Some((file, state, None));
         }
-        let broken = self
-            .spool_broken_until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some_and(|until| Instant::now() < until);
-        if broken {
+        if self.idle.broken() {
             return None;
         }
         let relay = self.clone();
@@ -726,14 +724,9 @@ impl Relay {
                     Ok(Err(e)) => {
                         // Full or failing: fetch unshared for a while, and give the volume
                         // the kept files' space back.
-                        let until = Instant::now() + SPOOL_BACKOFF;
-                        *self
-                            .spool_broken_until
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner()) = Some(until);
                         flight.file.keep.store(false, Ordering::Relaxed);
-                        let idle = self.idle.clone();
-                        tokio::task::spawn_blocking(move || idle.release(until));
+                        let kept = self.idle.release(Instant::now() + SPOOL_BACKOFF);
+                        tokio::task::spawn_blocking(move || drop(kept));
                         break Some(format!("cannot spool the blob: {e}"));
                     }
                     Err(e) => break Some(format!("cannot spool the blob: {e}")),
@@ -1075,7 +1068,7 @@ mod tests {
         assert_eq!(gauge.get(), 0);
         // Released: none kept until the time given.
         idle.keep(sparse(dir.path(), "before", 2 * mib), &runtime);
-        idle.release(Instant::now() + Duration::from_secs(60));
+        drop(idle.release(Instant::now() + Duration::from_secs(60)));
         assert_eq!(gauge.get(), 0);
         idle.keep(sparse(dir.path(), "after", 2 * mib), &runtime);
         assert_eq!(gauge.get(), 0);
