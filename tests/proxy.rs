@@ -338,11 +338,16 @@ fn relay_send(addr: &str, method: &str, path: &str) -> std::net::TcpStream {
 
 /// One plain HTTP/1.1 request to the relay at `addr`, without a body: the whole answer as
 /// read until the relay closed the connection (or 10 s passed).
-fn relay_request(addr: &str, method: &str, path: &str) -> String {
+fn relay_answer(addr: &str, method: &str, path: &str) -> Vec<u8> {
     let mut stream = relay_send(addr, method, path);
     let mut answer = Vec::new();
     let _ = std::io::Read::read_to_end(&mut stream, &mut answer);
-    String::from_utf8_lossy(&answer).into_owned()
+    answer
+}
+
+/// [`relay_answer`] as text.
+fn relay_request(addr: &str, method: &str, path: &str) -> String {
+    String::from_utf8_lossy(&relay_answer(addr, method, path)).into_owned()
 }
 
 /// Pulls `repo:tag` whole (manifest, config and layers, digests checked); the bytes read.
@@ -974,9 +979,7 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_foreve
         std::thread::sleep(Duration::from_millis(20));
     }
     let get = || {
-        let mut stream = relay_send(&relay, "GET", &format!("/v2/team/app/blobs/{digest}"));
-        let mut answer = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut stream, &mut answer);
+        let answer = relay_answer(&relay, "GET", &format!("/v2/team/app/blobs/{digest}"));
         let at = answer
             .windows(4)
             .position(|w| w == b"\r\n\r\n")
