@@ -350,6 +350,18 @@ fn relay_request(addr: &str, method: &str, path: &str) -> String {
     String::from_utf8_lossy(&relay_answer(addr, method, path)).into_owned()
 }
 
+/// [`relay_answer`] split: its head, lowercase, and its body (as sent: the relay's blobs have
+/// a Content-Length).
+fn relay_head_body(addr: &str, method: &str, path: &str) -> (String, Vec<u8>) {
+    let answer = relay_answer(addr, method, path);
+    let at = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no answer: {}", String::from_utf8_lossy(&answer)));
+    let head = String::from_utf8_lossy(&answer[..at]).to_ascii_lowercase();
+    (head, answer[at + 4..].to_vec())
+}
+
 /// Pulls `repo:tag` whole (manifest, config and layers, digests checked); the bytes read.
 async fn pull(reg: &Registry, repo: &str, tag: &str) -> Result<u64, String> {
     let manifest = reg
@@ -978,17 +990,8 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_foreve
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let get = || {
-        let answer = relay_answer(&relay, "GET", &format!("/v2/team/app/blobs/{digest}"));
-        let at = answer
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .expect("no answer");
-        let head = String::from_utf8_lossy(&answer[..at]).to_ascii_lowercase();
-        (head, answer[at + 4..].to_vec())
-    };
     for reader in ["keeping up", "after the download"] {
-        let (head, body) = get();
+        let (head, body) = relay_head_body(&relay, "GET", &format!("/v2/team/app/blobs/{digest}"));
         assert!(head.starts_with("http/1.1 200"), "{reader}: {head}");
         assert!(head.contains("content-length: 1572864"), "{reader}: {head}");
         assert!(
@@ -1063,4 +1066,54 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_foreve
     }
     let log = std::fs::read_to_string(&front.log).unwrap();
     assert!(log.contains("hashes to sha256:"), "{log}");
+}
+
+/// A download whose spool cannot be written ends there, its readers never given a whole blob
+/// that was not checked, and the requests after it are sent to the upstream unshared and
+/// answered whole: the spool directory is gone here, so its first write finds no file.
+#[test]
+fn the_relay_fetches_unshared_once_its_spool_cannot_be_written() {
+    tools_present();
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let content: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+    let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&content)));
+    let (_server, _upstream, front, relay) = relay_before_python(
+        dir,
+        r#"
+import http.server, sys
+content = bytes(i % 241 for i in range(300000))
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(content)))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        self.wfile.write(content)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#,
+        &[],
+    );
+    std::fs::remove_dir_all(dir.join("spool")).unwrap();
+    let path = format!("/v2/team/app/blobs/{digest}");
+    let (head, body) = relay_head_body(&relay, "GET", &path);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(
+        body.len() < content.len(),
+        "a download that could not be spooled was given out whole"
+    );
+    for attempt in 0..2 {
+        let (head, body) = relay_head_body(&relay, "GET", &path);
+        assert!(head.starts_with("http/1.1 200"), "{attempt}: {head}");
+        assert!(body == content, "{attempt}: {} bytes", body.len());
+    }
+    // Only the first was a shared download.
+    assert_eq!(
+        front.counter("registry_addon_front_relay_blob_downloads_total"),
+        1
+    );
+    assert_eq!(front.counter("registry_addon_front_relay_spools_idle"), 0);
 }

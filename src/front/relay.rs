@@ -70,14 +70,15 @@ const UNREAD_LIMIT: Duration = Duration::from_secs(2);
 /// The largest answer other than 200 that is kept to give every waiting request.
 const WHOLE_LIMIT: usize = 1 << 20;
 /// Spool files kept once their download is forgotten, for the next downloads to write over
-/// (see [`IdleSpools`]).
+/// (see [`Spools`]).
 const IDLE_SPOOLS: usize = 4;
 /// The most bytes the kept spool files hold together: a larger file is cut to what is left.
 const IDLE_SPOOL_BYTES: u64 = 1 << 30;
 /// How long a kept spool file waits for a download before it is closed.
 const IDLE_SPOOL_KEEP: Duration = Duration::from_secs(300);
-/// The smallest spool file kept: a smaller one would keep a slot for few pages (a spool never
-/// written, for an answer other than the blob, has none).
+/// The smallest spool file kept, and the smallest blob spooled into a kept file: a smaller file
+/// would keep a slot for few pages, and a smaller blob allocates few pages of its own and would
+/// hold a kept file a large blob may need.
 const IDLE_SPOOL_MIN: u64 = BATCH as u64;
 
 /// Metrics of the relay, registered by the front.
@@ -96,11 +97,9 @@ pub struct RelayMetrics {
 /// The relay of one front.
 pub struct Relay {
     remote: Arc<Remote>,
-    spool: PathBuf,
     /// The blob downloads under way or recently finished, by the cache's request path.
     flights: Mutex<HashMap<String, Arc<Flight>>>,
-    idle: Arc<IdleSpools>,
-    files: AtomicU64,
+    spools: Arc<Spools>,
     metrics: RelayMetrics,
 }
 
@@ -159,30 +158,42 @@ struct Piece {
     before: Option<Arc<Piece>>,
 }
 
-/// A spool file, unlinked when created. When the download is forgotten (10 s after it
-/// finished) and its last reader is done, the file is kept for a later download to write over
-/// (see [`IdleSpools`]), or closed, which frees its space.
+/// The spool of one download: its file, given to it by its first write, once the blob's size
+/// is known (a kept file that fits it, see [`Spools`], or a new one, unlinked when created).
+/// When the download is forgotten (10 s after it finished) and its last reader is done, the
+/// file is kept for a later download to write over, or closed, which frees its space.
 struct Spool {
-    file: Option<std::fs::File>,
-    idle: Arc<IdleSpools>,
+    file: std::sync::OnceLock<std::fs::File>,
+    spools: Arc<Spools>,
     /// Cleared when a write to it failed: a full or failing volume gets its space back.
     keep: std::sync::atomic::AtomicBool,
 }
 
 impl Spool {
-    fn new(file: std::fs::File, idle: &Arc<IdleSpools>) -> Self {
+    fn new(spools: &Arc<Spools>) -> Self {
         Spool {
-            file: Some(file),
-            idle: idle.clone(),
+            file: std::sync::OnceLock::new(),
+            spools: spools.clone(),
             keep: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
+    /// The file, for reading what was spooled.
     fn file(&self) -> std::io::Result<&std::fs::File> {
-        // Only `drop` takes the file out.
+        // Set by the first write, before anything is spooled.
         self.file
-            .as_ref()
-            .ok_or_else(|| std::io::Error::other("the spool is closed"))
+            .get()
+            .ok_or_else(|| std::io::Error::other("the spool has no file"))
+    }
+
+    /// The file, for writing: given by the first write, for a blob of `len` bytes (blocking).
+    fn file_to_write(&self, len: Option<u64>) -> std::io::Result<&std::fs::File> {
+        if let Some(file) = self.file.get() {
+            return Ok(file);
+        }
+        // One write at a time: nothing else sets it.
+        let file = self.spools.file_for(len)?;
+        Ok(self.file.get_or_init(|| file))
     }
 }
 
@@ -192,19 +203,20 @@ impl Drop for Spool {
         // may cut it: not on the runtime's threads.
         if let (Some(file), Ok(runtime)) = (self.file.take(), tokio::runtime::Handle::try_current())
         {
-            let idle = self.idle.clone();
+            let spools = self.spools.clone();
             let keep = self.keep.load(Ordering::Relaxed);
             let handle = runtime.clone();
             runtime.spawn_blocking(move || {
                 if keep {
-                    idle.keep(file, &handle);
+                    spools.keep(file, &handle);
                 }
             });
         }
     }
 }
 
-/// The spool files of forgotten downloads, kept for the next ones to write over, newest last.
+/// The relay's spool directory: new spool files, and those of forgotten downloads, kept for
+/// the next downloads to write over.
 ///
 /// A file's pages stay in the page cache while it is open: a download written into a kept
 /// file copies its bytes into memory the kernel already holds, where a new file allocates a
@@ -212,14 +224,20 @@ impl Drop for Spool {
 /// about as much as the rest of the relay's work per byte where the machine's free memory is
 /// handed back to a hypervisor. At most [`IDLE_SPOOLS`] files of [`IDLE_SPOOL_BYTES`] in all
 /// are kept, each for [`IDLE_SPOOL_KEEP`]; the kernel may write their pages to the volume
-/// meanwhile, as it does for any file kept open that long.
-struct IdleSpools {
+/// meanwhile, as it does for any file kept open that long. A download takes the smallest kept
+/// file that holds its blob, or the largest when none does, and none for a blob under
+/// [`IDLE_SPOOL_MIN`].
+struct Spools {
+    dir: PathBuf,
+    /// Spool files created, for their names.
+    created: AtomicU64,
     files: Mutex<Vec<IdleSpool>>,
     next: AtomicU64,
     /// Until when no file is kept, and blobs are fetched unshared: the spool could not be
     /// written (the volume full or failing).
     broken_until: Mutex<Option<Instant>>,
     gauge: Gauge,
+    reused: Counter,
 }
 
 struct IdleSpool {
@@ -228,14 +246,42 @@ struct IdleSpool {
     file: std::fs::File,
 }
 
-impl IdleSpools {
-    fn new(gauge: Gauge) -> Self {
-        IdleSpools {
+impl Spools {
+    fn new(dir: &Path, gauge: Gauge, reused: Counter) -> Self {
+        Spools {
+            dir: dir.to_path_buf(),
+            created: AtomicU64::new(0),
             files: Mutex::new(Vec::new()),
             next: AtomicU64::new(0),
             broken_until: Mutex::new(None),
             gauge,
+            reused,
         }
+    }
+
+    /// A spool file for a blob of `len` bytes (unknown: `None`), at its start: a kept one if
+    /// one is for it, else a new one (blocking).
+    fn file_for(&self, len: Option<u64>) -> std::io::Result<std::fs::File> {
+        match self.take(len) {
+            Some(file) => {
+                self.reused.inc();
+                Ok(file)
+            }
+            None => self.create(),
+        }
+    }
+
+    /// A new spool file, unlinked at once.
+    fn create(&self) -> std::io::Result<std::fs::File> {
+        let n = self.created.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.join(format!(".relay-{}-{n}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        std::fs::remove_file(&path)?;
+        Ok(file)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<IdleSpool>> {
@@ -243,13 +289,23 @@ impl IdleSpools {
         self.files.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The newest kept file, its position at the start (blocking).
-    fn take(&self) -> Option<std::fs::File> {
+    /// The kept file for a blob of `len` bytes (unknown: `None`), its position at the start:
+    /// the smallest that holds it, else the largest, whose pages hold its start; none for a
+    /// blob under [`IDLE_SPOOL_MIN`] (blocking).
+    fn take(&self, len: Option<u64>) -> Option<std::fs::File> {
         use std::io::Seek;
+        if len.is_some_and(|len| len < IDLE_SPOOL_MIN) {
+            return None;
+        }
         loop {
             let mut file = {
                 let mut files = self.lock();
-                let taken = files.pop()?.file;
+                let by_len = || files.iter().enumerate().map(|(at, f)| (f.len, at));
+                let fitting = by_len()
+                    .filter(|(held, _)| len.is_some_and(|len| *held >= len))
+                    .min();
+                let (_, at) = fitting.or_else(|| by_len().max())?;
+                let taken = files.remove(at).file;
                 self.gauge.set(files.len() as i64);
                 taken
             };
@@ -389,18 +445,20 @@ enum State {
 impl Relay {
     /// Checks that blobs can be spooled in `spool`.
     pub fn new(remote: Arc<Remote>, spool: &Path, metrics: RelayMetrics) -> anyhow::Result<Self> {
-        let relay = Relay {
-            remote,
-            spool: spool.to_path_buf(),
-            flights: Mutex::new(HashMap::new()),
-            idle: Arc::new(IdleSpools::new(metrics.spools_idle.clone())),
-            files: AtomicU64::new(0),
-            metrics,
-        };
-        relay
-            .spool_file()
+        let spools = Spools::new(
+            spool,
+            metrics.spools_idle.clone(),
+            metrics.spools_reused.clone(),
+        );
+        spools
+            .create()
             .map_err(|e| anyhow::anyhow!("--relay-spool {}: {e}", spool.display()))?;
-        Ok(relay)
+        Ok(Relay {
+            remote,
+            flights: Mutex::new(HashMap::new()),
+            spools: Arc::new(spools),
+            metrics,
+        })
     }
 
     /// Serves the relay on `listener` (plain HTTP/1.1).
@@ -440,7 +498,7 @@ impl Relay {
         }
         let head = method == Method::HEAD;
         let (parts, body) = request.into_parts();
-        let Some((file, receiver, _)) = self.join_or_start(&path, &parts, head).await else {
+        let Some((file, receiver, _)) = self.join_or_start(&path, &parts, head) else {
             return self.remote.forward(Request::from_parts(parts, body)).await;
         };
         if head {
@@ -475,7 +533,7 @@ impl Relay {
             }
         }
         let (parts, ()) = flight_request.into_parts();
-        let (file, mut receiver, outcome) = self.join_or_start(path, &parts, false).await?;
+        let (file, mut receiver, outcome) = self.join_or_start(path, &parts, false)?;
         let tell = outcome.map(|outcome| Finished {
             outcome,
             _reading: receiver.clone(),
@@ -508,37 +566,20 @@ impl Relay {
     /// Joins the download of `path` under way, or starts it: the spool and its state to read
     /// the blob from, and, when this request started it, its outcome once it ended. `None`
     /// when it cannot be spooled, to be fetched unshared.
-    async fn join_or_start(
+    fn join_or_start(
         self: &Arc<Self>,
         path: &str,
         request: &http::request::Parts,
         head: bool,
     ) -> Option<(Arc<Spool>, watch::Receiver<State>, Option<Outcome>)> {
-        if let Some((file, state)) = self.join(path, head) {
-            return Some((file, state, None));
-        }
-        if self.idle.broken() {
-            return None;
-        }
-        let relay = self.clone();
-        let created = tokio::task::spawn_blocking(move || match relay.idle.take() {
-            Some(file) => Ok((file, true)),
-            None => relay.spool_file().map(|file| (file, false)),
-        })
-        .await;
-        let (spool, reused) = match created {
-            Ok(Ok((file, reused))) => (Arc::new(Spool::new(file, &self.idle)), reused),
-            Ok(Err(e)) => {
-                tracing::warn!(spool = %self.spool.display(), error = %e, "cannot spool a blob; fetching it unshared");
-                return None;
-            }
-            Err(_) => return None,
-        };
         let mut flights = self.lock();
-        // Another request may have started it meanwhile.
         if let Some((file, state)) = self.join_in(&flights, path, head) {
             return Some((file, state, None));
         }
+        if self.spools.broken() {
+            return None;
+        }
+        let spool = Arc::new(Spool::new(&self.spools));
         let (state, receiver) = watch::channel(State::Asking);
         let flight = Arc::new(Flight {
             file: spool.clone(),
@@ -546,10 +587,8 @@ impl Relay {
             outcome: watch::Sender::new(None),
         });
         flights.insert(path.to_string(), flight.clone());
+        drop(flights);
         self.metrics.downloads.inc();
-        if reused {
-            self.metrics.spools_reused.inc();
-        }
         // Whatever started it, the download is an unconditional GET of the whole blob.
         let mut headers = HeaderMap::new();
         for name in [header::ACCEPT, header::USER_AGENT] {
@@ -566,10 +605,6 @@ impl Relay {
     }
 
     /// The download of `path` under way (not failed), joined.
-    fn join(&self, path: &str, head: bool) -> Option<(Arc<Spool>, watch::Receiver<State>)> {
-        self.join_in(&self.lock(), path, head)
-    }
-
     fn join_in(
         &self,
         flights: &HashMap<String, Arc<Flight>>,
@@ -582,21 +617,6 @@ impl Relay {
             self.metrics.shared.inc();
         }
         Some((flight.file.clone(), flight.state.subscribe()))
-    }
-
-    /// A new spool file, unlinked at once.
-    fn spool_file(&self) -> std::io::Result<std::fs::File> {
-        let n = self.files.fetch_add(1, Ordering::Relaxed);
-        let path = self
-            .spool
-            .join(format!(".relay-{}-{n}", std::process::id()));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
-        std::fs::remove_file(&path)?;
-        Ok(file)
     }
 
     /// Downloads the blob into the flight's spool, and forgets the flight when it failed or
@@ -725,7 +745,7 @@ impl Relay {
                         // Full or failing: fetch unshared for a while, and give the volume
                         // the kept files' space back.
                         flight.file.keep.store(false, Ordering::Relaxed);
-                        let kept = self.idle.release(Instant::now() + SPOOL_BACKOFF);
+                        let kept = self.spools.release(Instant::now() + SPOOL_BACKOFF);
                         tokio::task::spawn_blocking(move || drop(kept));
                         break Some(format!("cannot spool the blob: {e}"));
                     }
@@ -767,7 +787,7 @@ impl Relay {
                     }
                     // Written in order at the file's position: only this download's writes,
                     // one at a time, move it (readers read at an offset).
-                    write_all_vectored(spool.file()?, &pieces)?;
+                    write_all_vectored(spool.file_to_write(expected)?, &pieces)?;
                     Ok::<_, std::io::Error>(digesting)
                 });
                 write = Some((task, len as u64));
@@ -1023,13 +1043,17 @@ mod tests {
         file
     }
 
+    fn spools(dir: &Path, gauge: &Gauge) -> Arc<Spools> {
+        Arc::new(Spools::new(dir, gauge.clone(), Counter::default()))
+    }
+
     /// At most [`IDLE_SPOOLS`] files of [`IDLE_SPOOL_BYTES`] in all are kept, a larger one cut
-    /// to what is left; the newest is taken first.
+    /// to what is left.
     #[tokio::test]
     async fn kept_spool_files_are_bounded() {
         let dir = tempfile::tempdir().unwrap();
         let gauge = Gauge::default();
-        let idle = Arc::new(IdleSpools::new(gauge.clone()));
+        let idle = spools(dir.path(), &gauge);
         let runtime = tokio::runtime::Handle::current();
         let mib = 1u64 << 20;
         idle.keep(sparse(dir.path(), "a", 900 * mib), &runtime);
@@ -1037,14 +1061,16 @@ mod tests {
         // Nothing left for a third.
         idle.keep(sparse(dir.path(), "c", 10 * mib), &runtime);
         assert_eq!(gauge.get(), 2);
-        let newest = idle.take().unwrap();
         assert_eq!(
-            newest.metadata().unwrap().len(),
+            idle.take(None).unwrap().metadata().unwrap().len(),
+            900 * mib
+        );
+        assert_eq!(
+            idle.take(None).unwrap().metadata().unwrap().len(),
             124 * mib,
             "not cut to the room left"
         );
-        assert_eq!(idle.take().unwrap().metadata().unwrap().len(), 900 * mib);
-        assert!(idle.take().is_none());
+        assert!(idle.take(None).is_none());
         assert_eq!(gauge.get(), 0);
         // Too small to be worth a slot.
         idle.keep(sparse(dir.path(), "tiny", 4096), &runtime);
@@ -1060,7 +1086,7 @@ mod tests {
         idle.keep(sparse(dir.path(), "equal", 3 * mib), &runtime);
         idle.keep(sparse(dir.path(), "larger", 10 * mib), &runtime);
         assert_eq!(gauge.get(), IDLE_SPOOLS as i64);
-        let mut lens: Vec<u64> = std::iter::from_fn(|| idle.take())
+        let mut lens: Vec<u64> = std::iter::from_fn(|| idle.take(None))
             .map(|f| f.metadata().unwrap().len() / mib)
             .collect();
         lens.sort();
@@ -1072,7 +1098,38 @@ mod tests {
         assert_eq!(gauge.get(), 0);
         idle.keep(sparse(dir.path(), "after", 2 * mib), &runtime);
         assert_eq!(gauge.get(), 0);
-        assert!(idle.take().is_none());
+        assert!(idle.take(None).is_none());
+    }
+
+    /// A download takes the smallest kept file that holds its blob, else the largest; a small
+    /// blob takes none, leaving them to large ones, and gets a new file.
+    #[tokio::test]
+    async fn a_download_takes_the_kept_file_that_fits_its_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let gauge = Gauge::default();
+        let reused = Counter::default();
+        let idle = Arc::new(Spools::new(dir.path(), gauge.clone(), reused.clone()));
+        let runtime = tokio::runtime::Handle::current();
+        let mib = 1u64 << 20;
+        for (name, len) in [("a", 8 * mib), ("b", 2 * mib), ("c", 32 * mib)] {
+            idle.keep(sparse(dir.path(), name, len), &runtime);
+        }
+        let taken = |len: u64| idle.file_for(Some(len)).unwrap().metadata().unwrap().len() / mib;
+        // Small: a new, empty file; the kept ones stay.
+        assert_eq!(taken(100 * 1024), 0);
+        assert_eq!((gauge.get(), reused.get()), (3, 0));
+        assert_eq!(taken(5 * mib), 8);
+        assert_eq!(taken(64 * mib), 32, "none holds it: the largest");
+        assert_eq!(taken(mib), 2);
+        assert_eq!((gauge.get(), reused.get()), (0, 3));
+        assert_eq!(taken(5 * mib), 0, "none kept: a new file");
+        // The new files were unlinked at once.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with(".relay-"))
+            .collect();
+        assert!(names.is_empty(), "{names:?}");
     }
 
     /// A kept file nobody took is closed after [`IDLE_SPOOL_KEEP`].
@@ -1080,14 +1137,14 @@ mod tests {
     async fn a_kept_spool_file_expires() {
         let dir = tempfile::tempdir().unwrap();
         let gauge = Gauge::default();
-        let idle = Arc::new(IdleSpools::new(gauge.clone()));
+        let idle = spools(dir.path(), &gauge);
         let runtime = tokio::runtime::Handle::current();
         idle.keep(sparse(dir.path(), "a", 2 << 20), &runtime);
         tokio::time::sleep(IDLE_SPOOL_KEEP - Duration::from_secs(1)).await;
         assert_eq!(gauge.get(), 1);
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(gauge.get(), 0);
-        assert!(idle.take().is_none());
+        assert!(idle.take(None).is_none());
     }
 
     /// A kept file is given back at its start, to be written over from there.
@@ -1095,7 +1152,7 @@ mod tests {
     async fn a_kept_spool_file_is_taken_rewound() {
         use std::io::Write;
         let dir = tempfile::tempdir().unwrap();
-        let idle = Arc::new(IdleSpools::new(Gauge::default()));
+        let idle = spools(dir.path(), &Gauge::default());
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -1105,7 +1162,7 @@ mod tests {
             .unwrap();
         file.write_all(&[1u8; 3 << 20]).unwrap();
         idle.keep(file, &tokio::runtime::Handle::current());
-        let file = idle.take().unwrap();
+        let file = idle.take(Some(3 << 20)).unwrap();
         write_all_vectored(
             &file,
             &[Bytes::from_static(b"new"), Bytes::from_static(b"er")],
