@@ -316,13 +316,16 @@ for round in $(seq "$ROUNDS"); do
     done
 done
 
-# Where the CPU of one more cold pull of the large image goes (seconds of user + system time).
+# Where the CPU of one more cold pull of the large image goes (seconds of user + system time),
+# and how many pages the front faulted in meanwhile (fresh memory, costly on a VM).
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 stop_cache
 start_cache
 declare -A CPU_BEFORE
 for p in upstream:$UPSTREAM_PID front:$FRONT_PID cache:$CACHE_PID; do CPU_BEFORE[${p%%:*}]=$(cpu "${p#*:}"); done
+faults_before=$(awk '{print $10}' "/proc/$FRONT_PID/stat")
 cold_once=$(pull "https://127.0.0.1:$FRONT" large-cpu)
+faults=$(($(awk '{print $10}' "/proc/$FRONT_PID/stat") - faults_before))
 wait_cached cache-volume large-cpu
 ticks=$(getconf CLK_TCK)
 cpu_report="cold pull of the large image once more: ${cold_once}s; CPU seconds:"
@@ -354,7 +357,7 @@ for repo, label in (("large", f"1 blob of {big} MiB"), ("small", f"{layers} laye
 print("targets: local/warm >= 0.9, cold/upstream <= 1.3")
 print("alone: a cold pull through Distribution 2.8's own proxy to the upstream (no relay), for comparison")
 EOF
-echo "$cpu_report (front includes its relay)"
+echo "$cpu_report (front includes its relay); the front's minor page faults during the pull: $faults"
 # Every round's times of the large image's pulls by one client, and what the relay did.
 for side in upstream cold; do
     line="$side, 1 blob, 1 client, per round:"
