@@ -878,6 +878,29 @@ fn relay_before_python(
     (server, upstream, front, relay)
 }
 
+/// A Python HTTP/1.1 server for [`relay_before_python`] answering every GET 200 with the bytes
+/// of the expression `body` (over `self`), sent by the statements `send` (eight spaces in;
+/// `body` is bound).
+fn python_blob_server(body: &str, send: &str) -> String {
+    format!(
+        r#"
+import http.server, os, sys, time
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = {body}
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+{send}
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#
+    )
+}
+
 /// A request keeping up with a download gets the blob's bytes as they arrive, not once a
 /// spool write is full or the blob is whole: the upstream sends 60 000 of its 100 000 bytes
 /// and waits; the reader has those meanwhile, then the rest, the whole blob checked.
@@ -891,25 +914,14 @@ fn the_relay_gives_out_a_blobs_bytes_as_they_arrive() {
     let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&content)));
     let (_server, _upstream, _front, relay) = relay_before_python(
         dir,
-        r#"
-import http.server, os, sys, time
-content = bytes(i % 251 for i in range(100000))
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(content)))
-        self.send_header("Content-Type", "application/octet-stream")
-        self.end_headers()
-        self.wfile.write(content[:60000])
+        &python_blob_server(
+            "bytes(i % 251 for i in range(100000))",
+            "        self.wfile.write(body[:60000])
         self.wfile.flush()
         while not os.path.exists(sys.argv[2]):
             time.sleep(0.01)
-        self.wfile.write(content[60000:])
-    def log_message(self, *args):
-        pass
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-"#,
+        self.wfile.write(body[60000:])",
+        ),
         &[release.to_str().unwrap()],
     );
     let mut stream = relay_send(&relay, "GET", &format!("/v2/team/app/blobs/{digest}"));
@@ -954,23 +966,10 @@ fn the_relay_writes_a_later_blob_over_a_kept_spool_file() {
     let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&content)));
     let (_server, _upstream, front, relay) = relay_before_python(
         dir,
-        r#"
-import http.server, sys
-good = bytes(i * 7 % 253 for i in range(1572864))
-bad = b"x" * (3 << 20)
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        body = good if self.path.endswith(sys.argv[2]) else bad
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Content-Type", "application/octet-stream")
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-"#,
+        &python_blob_server(
+            r#"bytes(i * 7 % 253 for i in range(1572864)) if self.path.endswith(sys.argv[2]) else b"x" * (3 << 20)"#,
+            "        self.wfile.write(body)",
+        ),
         &[&digest],
     );
     let wrong = format!("sha256:{}", "cd".repeat(32));
@@ -1080,21 +1079,10 @@ fn the_relay_fetches_unshared_once_its_spool_cannot_be_written() {
     let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&content)));
     let (_server, _upstream, front, relay) = relay_before_python(
         dir,
-        r#"
-import http.server, sys
-content = bytes(i % 241 for i in range(300000))
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(content)))
-        self.send_header("Content-Type", "application/octet-stream")
-        self.end_headers()
-        self.wfile.write(content)
-    def log_message(self, *args):
-        pass
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-"#,
+        &python_blob_server(
+            "bytes(i % 241 for i in range(300000))",
+            "        self.wfile.write(body)",
+        ),
         &[],
     );
     std::fs::remove_dir_all(dir.join("spool")).unwrap();
